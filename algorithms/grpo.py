@@ -1,0 +1,850 @@
+# GRPO: "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models" (arXiv 2402.03300). README: #grpo
+"""Group Relative Policy Optimization with a KL penalty to a frozen reference, in one file.
+
+Intended objective per prompt x, pi_ref the frozen initial model:
+    J(theta) = E_{y ~ pi_theta}[r(x, y)] - beta * KL(pi_theta || pi_ref),   optimum pi* = pi_ref e^{r/beta} / Z.
+Loss (per token t of completion o_i in a group of G, rho = pi_theta / pi_old, delta = log pi_ref - log pi_theta):
+    l_it = -min(rho_it A_i, clip(rho_it, 1 - eps, 1 + eps_high) A_i) + beta * kappa_it,
+    A_i  = (r_i - mean_group r) / (std_group r + 1e-4)          (Bessel std; --scale_rewards),
+    kappa = k3 = e^delta - 1 - delta                             (--kl_estimator, --kl_importance_weight),
+aggregated over tokens and sequences by --loss_agg (default: mean over sequences of the token mean).
+What this estimator really regularizes:
+  * k3 without importance weight (the paper's default) has the value of the reverse KL but the expected
+    gradient of the FORWARD KL, KL(pi_ref || pi_theta), at every visited state. With --kl_importance_weight
+    (rho * k3, DeepSeek-V3.2's "unbiased KL") the gradient is that of the reverse KL.
+  * The KL term shares the policy term's aggregation, so relative to the advantage beta acts on the per-token
+    KL summed over the sequence (then divided by |o| like the advantage term).
+  * Any per-token KL in the loss gives the per-state KL gradient with the state distribution held fixed, not the
+    gradient of the sequence KL (that would need the log-ratio as a reward). We implement the paper's
+    KL-in-loss.
+  * The group mean includes the sample itself, so the reward gradient is (1 - 1/G) grad E[r] (RLOO would
+    remove the factor; we keep the paper's baseline).
+"""
+
+import contextlib
+import inspect
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for `common`
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import tyro
+
+from common import TINY_POLICY
+from common.tasks import TaskError, load_task
+
+
+@dataclass
+class Args:
+    # ---- experiment ---------------------------------------------------------------------------------------
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """global seed; prompt draws use it on every rank, sampling uses seed + rank"""
+    torch_deterministic: bool = True
+    """`torch.backends.cudnn.deterministic = True`"""
+    cuda: bool = True
+    """use the GPU when one is present"""
+    track: bool = False
+    """also log to TensorBoard and Weights & Biases, each when installed"""
+    wandb_project_name: str = "klrl"
+    """the W&B project"""
+    wandb_entity: Optional[str] = None
+    """the W&B entity (team)"""
+    run_name: Optional[str] = None
+    """default `{task}__{exp_name}__{seed}__{unix_time}`"""
+    output_dir: str = "runs"
+    """outputs go to `{output_dir}/{run_name}/`"""
+    # ---- model and data -----------------------------------------------------------------------------------
+    model_name_or_path: str = TINY_POLICY
+    """any Hugging Face causal LM (local folder or hub id); default: the shipped tiny policy"""
+    task: str = "arithmetic"
+    """`arithmetic` (built in), `jsonl` (with --train_file/--eval_file) or `hf:<dataset>[:<config>]`"""
+    train_file: Optional[str] = None
+    """JSONL training prompts (with --task jsonl)"""
+    eval_file: Optional[str] = None
+    """JSONL held-out prompts (with --task jsonl)"""
+    prompt_field: str = "prompt"
+    """JSON field holding the prompt"""
+    answer_field: str = "answer"
+    """JSON field holding the reference answer (GSM8K `#### 42` and `\\boxed{}` are reduced to the answer)"""
+    no_chat_template: bool = False
+    """do not apply the tokenizer's chat template (it is applied when the tokenizer has one)"""
+    max_prompt_length: Optional[int] = None
+    """prompt token limit; longer prompts are an error, never truncated (default per task: 16 arithmetic, 512)"""
+    max_new_tokens: Optional[int] = None
+    """completion token limit (default per task: 4 arithmetic, 1024 real data)"""
+    temperature: float = 1.0
+    """sampling temperature, also used for every log-prob (policy, old, reference)"""
+    # ---- training -----------------------------------------------------------------------------------------
+    total_steps: int = 150
+    """rollout steps (one generation phase each). Tiny-tuned"""
+    prompts_per_step: int = 16
+    """prompts per step, all ranks together. Tiny-tuned; paper: 1024 (x 64 samples)"""
+    num_generations: int = 8
+    """G, completions per prompt (a group). Paper 64, TRL 8"""
+    num_iterations: int = 1
+    """mu, passes over each rollout batch (paper 1)"""
+    num_minibatches: int = 1
+    """optimizer steps per pass; 1 x 1 is strictly on-policy (ratio 1, clip fractions 0)"""
+    micro_batch_size: int = 128
+    """sequences per forward/backward on one device (gradient accumulation below the mini-batch)"""
+    gen_batch_size: int = 512
+    """sequences per generate call on one device"""
+    learning_rate: float = 2e-3
+    """AdamW learning rate, constant after warm-up. Tiny-tuned; paper 1e-6 for 7B models"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip"""
+    warmup_steps: int = 0
+    """linear LR warm-up, in optimizer steps"""
+    # ---- GRPO ---------------------------------------------------------------------------------------------
+    beta: float = 0.04
+    """KL coefficient (paper 0.04; TRL default 0.0; RPG's GRPO baseline 1e-3). 0 removes the KL term"""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """per-token KL estimator of KL(pi_theta || pi_ref): k1 = -delta, k2 = delta^2/2, k3 = e^delta - 1 - delta"""
+    kl_importance_weight: bool = False
+    """multiply the KL term by rho = pi_theta/pi_old (not detached): with k1/k3 the gradient becomes that of the
+    reverse KL (DeepSeek-V3.2; TRL use_bias_correction_kl). Off: k3's gradient is the forward KL's"""
+    epsilon: float = 0.2
+    """lower clip range of the ratio"""
+    epsilon_high: Optional[float] = None
+    """upper clip range (None = epsilon; DAPO uses 0.28)"""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """advantage scaling: (r - mean_g)/(std + 1e-4) with the group's (paper) or the batch's Bessel std, or
+    none (Dr. GRPO)"""
+    loss_agg: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = "seq_mean_token_mean"
+    """seq_mean_token_mean (paper; TRL `grpo`), token_mean (DAPO; TRL `dapo`), seq_mean_token_sum_norm
+    (Dr. GRPO; TRL `dr_grpo`: token sum / max_new_tokens)"""
+    mask_truncated_completions: bool = False
+    """completions without EOS contribute no tokens and no counts (as TRL)"""
+    # ---- evaluation, logging, checkpoints -----------------------------------------------------------------
+    eval_every: int = 25
+    """held-out eval every this many steps (and always at step 0); 0 = only at the start and the end"""
+    eval_num_prompts: int = 500
+    """held-out prompts per eval (all of the arithmetic held-out split)"""
+    eval_samples_per_prompt: int = 4
+    """samples per held-out prompt at `temperature`; pass@1 = mean correctness"""
+    eval_kl: bool = True
+    """log eval/kl_init_rkl_exact_seq (GRPO's reference is the initial policy, so no extra model)"""
+    log_every: int = 10
+    """print a one-line summary every this many steps (metrics.jsonl gets every step)"""
+    save_every: int = 0
+    """checkpoint every this many steps (0 = only at the end)"""
+    resume: Optional[str] = None
+    """a run folder or checkpoint folder to resume from (restores model, optimizer, step and RNG)"""
+    bf16: Optional[bool] = None
+    """bf16 autocast for forward passes (parameters and optimizer stay float32); default: on with CUDA"""
+    gradient_checkpointing: bool = False
+    """trade compute for memory on real models"""
+    # ---- filled in at runtime -----------------------------------------------------------------------------
+    world_size: int = 0
+    """number of processes (computed at runtime)"""
+    local_prompts: int = 0
+    """prompts per step on one rank (computed at runtime)"""
+
+
+class UserError(ValueError):
+    """Bad flags or inputs: printed as one line (`error: ...`), exit status 2."""
+
+
+# ==========================================================================================================
+# ALGO LOGIC: pure functions (tensors in, tensors out; tested against closed forms in tests/test_grpo.py)
+# ==========================================================================================================
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
+                     batch_std: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A_i = (r_i - mean_g) / (s + eps), one advantage per completion, groups contiguous in `rewards`.
+
+    scale = "group": s = Bessel std of the group (ddof 1, two-pass); "batch": s = `batch_std` (Bessel, over the
+    global batch; computed here from `rewards` when not given); "none": A_i = r_i - mean_g (Dr. GRPO).
+    A group whose rewards are all equal gets A = 0 exactly (no division).
+    """
+    r = rewards.view(-1, group_size)
+    centered = r - r.mean(dim=1, keepdim=True)
+    if scale == "group":
+        std = (centered.pow(2).sum(dim=1, keepdim=True) / (group_size - 1)).sqrt()  # two-pass, Bessel
+        adv = centered / (std + eps)
+    elif scale == "batch":
+        if batch_std is None:
+            batch_std = rewards.std(correction=1)
+        adv = centered / (batch_std + eps)
+    elif scale == "none":
+        adv = centered
+    else:
+        raise ValueError(f"unknown scale_rewards {scale!r}")
+    all_equal = (r == r[:, :1]).all(dim=1, keepdim=True)
+    return torch.where(all_equal, torch.zeros_like(adv), adv).view(-1)
+
+
+def kl_term(lp: torch.Tensor, lp_ref: torch.Tensor, lp_old: torch.Tensor, estimator: str = "k3",
+            importance_weight: bool = False) -> torch.Tensor:
+    """Per-token KL penalty kappa, delta = lp_ref - lp (log pi_ref - log pi_theta at the sampled token):
+
+        k1 = -delta,   k2 = delta^2 / 2,   k3 = e^delta - 1 - delta  (computed as expm1(delta) - delta).
+    All three estimate KL(pi_theta || pi_ref) in value on samples from pi_theta (k2 with a bias). Expected
+    gradients on-policy: grad k1 -> 0; grad k2 -> grad KL(pi_theta || pi_ref); grad k3 -> grad KL(pi_ref ||
+    pi_theta), the FORWARD KL. With `importance_weight`, kappa <- rho * kappa with rho = exp(lp - lp_old) not
+    detached: E_old[grad rho k1] = E_old[grad rho k3] = grad KL(pi_theta || pi_ref) for every theta.
+    """
+    delta = lp_ref - lp
+    if estimator == "k1":
+        kappa = -delta
+    elif estimator == "k2":
+        kappa = 0.5 * delta.pow(2)
+    elif estimator == "k3":
+        kappa = torch.expm1(delta) - delta
+    else:
+        raise ValueError(f"unknown kl_estimator {estimator!r}")
+    return torch.exp(lp - lp_old) * kappa if importance_weight else kappa
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str, num_seqs, num_tokens,
+              max_new_tokens: int) -> torch.Tensor:
+    """This micro-batch's share of the global loss; summing it over micro-batches and ranks gives L.
+
+    seq_mean_token_mean:     L = (1/N_seq) sum_i (1/|o_i|) sum_t l_it
+    token_mean:              L = sum_{i,t} l_it / sum_i |o_i|
+    seq_mean_token_sum_norm: L = (1/N_seq) sum_i sum_t l_it / max_new_tokens
+    `num_seqs` (sequences with at least one unmasked token) and `num_tokens` are GLOBAL counts over ranks and
+    micro-batches, so the result does not depend on how the batch is split.
+    """
+    masked = per_token * mask
+    if loss_agg == "seq_mean_token_mean":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / max(num_seqs, 1)
+    if loss_agg == "token_mean":
+        return masked.sum() / max(num_tokens, 1)
+    if loss_agg == "seq_mean_token_sum_norm":
+        return masked.sum() / (max(num_seqs, 1) * max_new_tokens)
+    raise ValueError(f"unknown loss_agg {loss_agg!r}")
+
+
+def grpo_loss(lp: torch.Tensor, lp_old: torch.Tensor, lp_ref: Optional[torch.Tensor], advantages: torch.Tensor,
+              mask: torch.Tensor, *, beta: float, kl_estimator: str = "k3", kl_importance_weight: bool = False,
+              epsilon: float = 0.2, epsilon_high: Optional[float] = None, loss_agg: str = "seq_mean_token_mean",
+              num_seqs, num_tokens, max_new_tokens: int):
+    """GRPO loss of one micro-batch: aggregate(l_it) with
+        l_it = -min(rho_it A_i, clip(rho_it, 1 - eps, 1 + eps_high) A_i) + beta * kappa_it,  rho = e^{lp - lp_old}.
+
+    Token gradient: -rho A grad lp where unclipped, 0 in the clipped regions (rho > 1 + eps_high with A > 0, or
+    rho < 1 - eps with A < 0), plus beta grad kappa. At rho = 1 (one optimizer step per rollout) the policy-loss
+    VALUE is exactly 0 under seq_mean_token_mean (group advantages sum to 0) while its gradient is not.
+    Shapes: lp, lp_old, lp_ref, mask [B, T]; advantages [B]. `lp_ref` None = no KL term.
+    Returns (loss, stats); every stat is this micro-batch's share of a global mean (sum over micro-batches and
+    ranks to get the mean): token means over `num_tokens`, `_seq` means over `num_seqs`.
+    """
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.to(lp.dtype)
+    agg = lambda x: aggregate(x, mask, loss_agg, num_seqs, num_tokens, max_new_tokens)  # noqa: E731
+    tok_mean = lambda x: (x * mask).sum() / max(num_tokens, 1)  # noqa: E731
+    log_ratio = lp - lp_old
+    ratio = torch.exp(log_ratio)
+    adv = advantages.to(lp.dtype).unsqueeze(-1)
+    pg = -torch.min(ratio * adv, torch.clamp(ratio, 1 - epsilon, 1 + eps_high) * adv)
+    policy_loss = agg(pg)
+    loss = policy_loss
+    with torch.no_grad():
+        low = ((ratio < 1 - epsilon) & (adv < 0)).to(lp.dtype)
+        high = ((ratio > 1 + eps_high) & (adv > 0)).to(lp.dtype)
+        stats = {"policy_loss": policy_loss.detach(), "clipfrac_low": tok_mean(low), "clipfrac_high": tok_mean(high),
+                 "clipfrac": tok_mean(low + high),
+                 "kl_old_fkl_k1": tok_mean(-log_ratio), "kl_old_fkl_k3": tok_mean(torch.expm1(log_ratio) - log_ratio)}
+    if lp_ref is not None:
+        kl_penalty = beta * agg(kl_term(lp, lp_ref, lp_old, kl_estimator, kl_importance_weight))
+        loss = loss + kl_penalty
+        with torch.no_grad():
+            delta = lp_ref - lp
+            stats["kl_penalty"] = kl_penalty.detach()
+            stats["kl_ref_rkl_k3"] = tok_mean(torch.expm1(delta) - delta)
+            stats["kl_ref_rkl_k1_seq"] = (-delta * mask).sum() / max(num_seqs, 1)
+    stats["loss"] = loss.detach()
+    return loss, stats
+
+
+# ==========================================================================================================
+# Rollout and log-probs
+# ==========================================================================================================
+def left_pad(seqs: list, pad_id: int, device) -> tuple:
+    """Token lists -> (ids [B, P], attention mask [B, P]), padded on the left."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def completion_mask_from(tokens: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor:
+    """1 for every generated token up to and including the first EOS, 0 after it. [B, C] long."""
+    is_eos = torch.isin(tokens, eos_ids)
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    return (~after_eos).long()
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float, eos_ids: torch.Tensor,
+             pad_id: int, generator: torch.Generator, amp=contextlib.nullcontext):
+    """Sample completions with the KV cache from exactly softmax(logits / T): no top-k, top-p or penalties, so
+    the sampling law is the one every log-prob assumes. Returns (tokens [B, C], completion mask [B, C])."""
+    from transformers import DynamicCache
+
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = DynamicCache()
+    attn = prompt_mask
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
+    inputs = prompt_ids
+    done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+    tokens = []
+    for _ in range(max_new_tokens):
+        with amp():
+            logits = model(input_ids=inputs, attention_mask=attn, position_ids=pos, use_cache=True,
+                           logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        tokens.append(tok)
+        done |= torch.isin(tok, eos_ids)
+        if done.all():
+            break
+        inputs, pos = tok[:, None], pos[:, -1:] + 1
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+    tokens = torch.stack(tokens, dim=1)
+    return tokens, completion_mask_from(tokens, eos_ids)
+
+
+def completion_log_softmax(model, input_ids, attention_mask, completion_len: int, temperature: float):
+    """log softmax(logits / T) at the positions that predict the last `completion_len` tokens: [B, C, V].
+    Logits are upcast to at least float32; position ids follow the attention mask (left padding)."""
+    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False,
+                   logits_to_keep=completion_len + 1).logits[:, :-1]
+    return (logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature).log_softmax(-1)
+
+
+def token_logprobs(log_probs_all: torch.Tensor, completion_ids: torch.Tensor) -> torch.Tensor:
+    return log_probs_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def batched_logprobs(model, input_ids, attention_mask, completion_len, temperature, micro_batch_size,
+                     amp=contextlib.nullcontext) -> torch.Tensor:
+    """No-grad per-token log-probs of the completions, in micro-batches (reference / old policy)."""
+    out = []
+    for i in range(0, input_ids.shape[0], micro_batch_size):
+        sl = slice(i, i + micro_batch_size)
+        with amp():
+            lsm = completion_log_softmax(model, input_ids[sl], attention_mask[sl], completion_len, temperature)
+        out.append(token_logprobs(lsm, input_ids[sl, -completion_len:]))
+    return torch.cat(out)
+
+
+def sample_batch(model, prompts: list, args, eos_ids, pad_id, generator, device, amp):
+    """Generate for a list of prompt token lists (in chunks); returns teacher-forcing inputs and masks."""
+    chunks = []
+    for i in range(0, len(prompts), args.gen_batch_size):
+        p_ids, p_mask = left_pad(prompts[i: i + args.gen_batch_size], pad_id, device)
+        toks, cmask = generate(model, p_ids, p_mask, args.max_new_tokens, args.temperature, eos_ids, pad_id,
+                               generator, amp)
+        chunks.append((p_ids, p_mask, toks, cmask))
+    P = max(c[0].shape[1] for c in chunks)
+    C = max(c[2].shape[1] for c in chunks)
+    pad_l = lambda x, v: torch.nn.functional.pad(x, (P - x.shape[1], 0), value=v)  # noqa: E731
+    pad_r = lambda x, v: torch.nn.functional.pad(x, (0, C - x.shape[1]), value=v)  # noqa: E731
+    p_ids = torch.cat([pad_l(c[0], pad_id) for c in chunks])
+    p_mask = torch.cat([pad_l(c[1], 0) for c in chunks])
+    toks = torch.cat([pad_r(c[2], pad_id) for c in chunks])
+    cmask = torch.cat([pad_r(c[3], 0) for c in chunks])
+    input_ids = torch.cat([p_ids, toks], dim=1)
+    attention_mask = torch.cat([p_mask, torch.ones_like(toks)], dim=1)  # after EOS: masked out of every loss
+    truncated = ~torch.isin(toks, eos_ids).any(-1)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_ids": toks,
+            "completion_mask": cmask, "truncated": truncated}
+
+
+def decode_completions(tokenizer, batch) -> list:
+    ids, mask = batch["completion_ids"].tolist(), batch["completion_mask"].tolist()
+    return tokenizer.batch_decode([[t for t, m in zip(r, mr) if m] for r, mr in zip(ids, mask)],
+                                  skip_special_tokens=True)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def global_mean_std(x: torch.Tensor) -> tuple:
+    """Mean and Bessel std of `x` over all ranks, two passes (never E[x^2] - mean^2)."""
+    n_sum = all_reduce_sum(torch.stack([x.new_tensor(float(x.numel())), x.sum()]))
+    mean = n_sum[1] / n_sum[0]
+    ss = all_reduce_sum((x - mean).pow(2).sum().reshape(1))[0]
+    return mean, (ss / (n_sum[0] - 1).clamp(min=1)).sqrt()
+
+
+# ==========================================================================================================
+# Policy update (importable: the data-parallel invariance test drives it on a fixed batch)
+# ==========================================================================================================
+def update_policy(model, optimizer, scheduler, batch: dict, args, shuffle_seed: int, amp=contextlib.nullcontext):
+    """`num_iterations` passes x `num_minibatches` AdamW steps over this rank's rollout batch.
+
+    Counts (sequences, tokens) are all-reduced over ranks and micro-batches BEFORE the loss is formed, and each
+    rank backpropagates local_sum / global_count * world_size (DDP averages over ranks), so the update does not
+    depend on the number of ranks or micro-batches. Returns global, count-weighted metrics.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = batch["input_ids"].shape[0]
+    C = batch["completion_ids"].shape[1]
+    sums, grad_norms, steps = {}, [], 0
+    for it in range(args.num_iterations):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed * 1000 + it))  # same on all ranks
+        for mb_idx in perm.tensor_split(args.num_minibatches):
+            mask = batch["loss_mask"][mb_idx]  # counts of this mini-batch, over all ranks
+            counts = all_reduce_sum(torch.stack([(mask.sum(-1) > 0).sum(), mask.sum()]).double())
+            num_seqs, num_tokens = counts[0].item(), counts[1].item()
+            micro = mb_idx.split(args.micro_batch_size)
+            for k, idx in enumerate(micro):
+                sync = k == len(micro) - 1 or not hasattr(model, "no_sync")
+                with (contextlib.nullcontext() if sync else model.no_sync()):
+                    with amp():
+                        lsm = completion_log_softmax(model, batch["input_ids"][idx], batch["attention_mask"][idx],
+                                                     C, args.temperature)
+                    lp = token_logprobs(lsm, batch["completion_ids"][idx])
+                    lp_old = batch["old_logprobs"][idx] if batch.get("old_logprobs") is not None else lp.detach()
+                    lp_ref = batch["ref_logprobs"][idx] if batch.get("ref_logprobs") is not None else None
+                    loss, stats = grpo_loss(
+                        lp, lp_old, lp_ref, batch["advantages"][idx], batch["loss_mask"][idx],
+                        beta=args.beta, kl_estimator=args.kl_estimator,
+                        kl_importance_weight=args.kl_importance_weight, epsilon=args.epsilon,
+                        epsilon_high=args.epsilon_high, loss_agg=args.loss_agg, num_seqs=num_seqs,
+                        num_tokens=num_tokens, max_new_tokens=args.max_new_tokens)
+                    (loss * world).backward()
+                with torch.no_grad():
+                    ent = -(lsm.exp() * lsm).sum(-1)
+                    stats["entropy"] = (ent * batch["loss_mask"][idx]).sum() / max(num_tokens, 1)
+                for key, v in stats.items():
+                    sums[key] = sums.get(key, 0.0) + v.detach().double()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            if not torch.isfinite(grad_norm):  # identical on every rank after DDP's all-reduce: all stop together
+                optimizer.zero_grad(set_to_none=True)
+                raise FloatingPointError("non-finite loss or gradient (grad norm "
+                                         f"{grad_norm.item()}); no optimizer step was taken")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            grad_norms.append(grad_norm.item())
+            steps += 1
+    keys = sorted(sums)
+    reduced = all_reduce_sum(torch.stack([sums[k] for k in keys])) / steps
+    metrics = {f"losses/{k}": v for k, v in zip(keys, reduced.tolist())}
+    if args.num_iterations * args.num_minibatches == 1:  # drift from the rollout policy is 0 by construction
+        metrics.pop("losses/kl_old_fkl_k1"), metrics.pop("losses/kl_old_fkl_k3")
+    metrics["charts/grad_norm"] = sum(grad_norms) / len(grad_norms)
+    return metrics
+
+
+# ==========================================================================================================
+# Setup helpers: models, prompts, checkpoints
+# ==========================================================================================================
+def load_model(path: str, device, trainable: bool):
+    """AutoModelForCausalLM in float32 with dropout off; a missing path gives a one-line error."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        where = "local folder" if os.path.isdir(path) else "not a local folder, and not loadable from the hub (offline?)"
+        raise UserError(f"could not load model {path!r} ({where}): {str(e).splitlines()[0]}") from None
+    for m in model.modules():  # ratios must be exactly 1 at theta = theta_old: no dropout anywhere
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+    model.to(device)
+    model.train(trainable)
+    model.requires_grad_(trainable)
+    return model
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load tokenizer {path!r}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def encode_prompts(tokenizer, examples, args, split: str) -> list:
+    """Token ids per prompt (chat template when the tokenizer has one); too long is an error, not a truncation."""
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) and not args.no_chat_template
+    out = []
+    for i, ex in enumerate(examples):
+        if use_chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": ex.prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(ex.prompt)["input_ids"]
+        if len(ids) > args.max_prompt_length:
+            raise UserError(f"{split} prompt {i} has {len(ids)} tokens > --max_prompt_length "
+                            f"{args.max_prompt_length}: {ex.prompt[:60]!r}")
+        out.append(ids)
+    return out
+
+
+def find_checkpoint(path: str) -> str:
+    """`--resume` accepts a checkpoint folder or a run folder (then its latest checkpoint, `final` included)."""
+    if os.path.isfile(os.path.join(path, "trainer_state.pt")):
+        return path
+    candidates = [os.path.join(path, "final")]
+    ckpt_dir = os.path.join(path, "checkpoints")
+    if os.path.isdir(ckpt_dir):
+        candidates += [os.path.join(ckpt_dir, d) for d in os.listdir(ckpt_dir)]
+    found = [c for c in candidates if os.path.isfile(os.path.join(c, "trainer_state.pt"))]
+    if not found:
+        raise UserError(f"--resume {path!r}: no checkpoint (trainer_state.pt) found there")
+    return max(found, key=lambda c: torch.load(os.path.join(c, "trainer_state.pt"), weights_only=False)["step"])
+
+
+def rng_state(generator) -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "sampler": generator.get_state()}
+
+
+def set_rng_state(state: dict, generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["sampler"])
+
+
+def save_checkpoint(path, policy, tokenizer, optimizer, scheduler, step, elapsed, generator, args, rank) -> None:
+    """save_pretrained (model + tokenizer) plus trainer_state.pt (optimizer, scheduler, step, every rank's RNG).
+    Written to a temporary folder first and renamed, so an interrupted save never leaves a corrupt checkpoint."""
+    states = [None] * args.world_size if dist.is_initialized() else None
+    if dist.is_initialized():
+        dist.all_gather_object(states, rng_state(generator))
+    else:
+        states = [rng_state(generator)]
+    if rank == 0:
+        tmp = path + ".tmp"
+        policy.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "elapsed_s": elapsed, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": states, "args": asdict(args)},
+                   os.path.join(tmp, "trainer_state.pt"))
+        if os.path.isdir(path):
+            import shutil
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ==========================================================================================================
+# Evaluation
+# ==========================================================================================================
+@torch.no_grad()
+def evaluate(policy, init_model, tokenizer, prompts, answers, reward_fn, args, eos_ids, device, amp, rank) -> dict:
+    """Held-out pass@1 at `temperature` and KL(pi_theta || pi_init) summed along each sampled completion, exact
+    over the vocabulary at every visited position. Prompts are interleaved over ranks; sums are all-reduced.
+    The sampler is re-seeded for every eval, so evals at different steps share their random numbers."""
+    gen = torch.Generator(device=device).manual_seed(10_000_019 * (args.seed + 1) + rank)
+    mine = list(range(rank, len(prompts), args.world_size))
+    rep = [prompts[i] for i in mine for _ in range(args.eval_samples_per_prompt)]
+    ans = [answers[i] for i in mine for _ in range(args.eval_samples_per_prompt)]
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # reward, correct, length, kl
+    count = torch.zeros(1, dtype=torch.float64, device=device)
+    for i in range(0, len(rep), args.gen_batch_size):
+        b = sample_batch(policy, rep[i: i + args.gen_batch_size], args, eos_ids, tokenizer.pad_token_id, gen, device, amp)
+        rewards = torch.tensor([reward_fn(c, a) for c, a in zip(decode_completions(tokenizer, b), ans[i:])],
+                               dtype=torch.float64, device=device)
+        cmask = b["completion_mask"]
+        sums[0] += rewards.sum()
+        sums[1] += (rewards >= 1.0).double().sum()
+        sums[2] += cmask.sum()
+        if init_model is not None:
+            C = cmask.shape[1]
+            for j in range(0, cmask.shape[0], args.micro_batch_size):
+                sl = slice(j, j + args.micro_batch_size)
+                with amp():
+                    p = completion_log_softmax(policy, b["input_ids"][sl], b["attention_mask"][sl], C, args.temperature)
+                    q = completion_log_softmax(init_model, b["input_ids"][sl], b["attention_mask"][sl], C,
+                                               args.temperature)
+                sums[3] += ((p.exp() * (p - q)).sum(-1) * cmask[sl]).sum().double()
+        count += cmask.shape[0]
+    total = all_reduce_sum(torch.cat([sums, count]))
+    n = total[4].clamp(min=1)
+    out = {"eval/pass@1": (total[1] / n).item(), "eval/reward_mean": (total[0] / n).item(),
+           "eval/completion_len_mean": (total[2] / n).item()}
+    if init_model is not None:
+        out["eval/kl_init_rkl_exact_seq"] = (total[3] / n).item()
+    return out
+
+
+# ==========================================================================================================
+# Main: args, setup, training loop
+# ==========================================================================================================
+def parse_args() -> Args:
+    """tyro flags; with `--resume`, the resumed run's saved args are the defaults that flags override."""
+    default = Args()
+    argv = sys.argv[1:]
+    for i, a in enumerate(argv):
+        if a.startswith("--resume"):
+            path = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+            ckpt = find_checkpoint(path) if path else None
+            if ckpt:
+                saved = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)["args"]
+                default = Args(**{k: v for k, v in saved.items() if k in Args.__dataclass_fields__})
+    return tyro.cli(Args, default=default, use_underscores=True)
+
+
+def check_args(args: Args, world_size: int) -> None:
+    if args.temperature <= 0:
+        raise UserError("--temperature must be > 0 (sampling and log-probs use softmax(logits / T))")
+    if args.num_generations < 2:
+        raise UserError("--num_generations must be >= 2 (group std and baseline need two samples)")
+    if args.prompts_per_step % world_size:
+        raise UserError(f"--prompts_per_step {args.prompts_per_step} is not divisible by the world size {world_size}")
+    local_seqs = args.prompts_per_step // world_size * args.num_generations
+    if local_seqs % args.num_minibatches:
+        raise UserError(f"{local_seqs} sequences per rank are not divisible by --num_minibatches {args.num_minibatches}")
+    for name in ("total_steps", "micro_batch_size", "gen_batch_size", "num_iterations", "num_minibatches",
+                 "eval_num_prompts", "eval_samples_per_prompt", "max_new_tokens", "max_prompt_length", "log_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1")
+
+
+def main() -> None:
+    try:
+        train(parse_args())
+    except (UserError, TaskError) as e:
+        sys.exit(f"error: {e}")
+    except FloatingPointError as e:
+        sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args: Args) -> None:
+    # ---- distributed setup and seeding (TRY NOT TO MODIFY) --------------------------------------------------
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = args.cuda and torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    task = load_task(args.task, args.train_file, args.eval_file, args.prompt_field, args.answer_field)
+    args.max_prompt_length = args.max_prompt_length or task.max_prompt_length
+    args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
+    args.bf16 = use_cuda if args.bf16 is None else args.bf16
+    check_args(args, world_size)
+    args.world_size, args.local_prompts = world_size, args.prompts_per_step // world_size
+    resume_ckpt = find_checkpoint(args.resume) if args.resume else None
+    if resume_ckpt is None:
+        args.run_name = args.run_name or f"{task.name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, args.run_name)
+    if resume_ckpt is None and os.path.exists(run_dir):
+        raise UserError(f"{run_dir} already exists; pass --resume {run_dir} to continue it, or another --run_name")
+    if world_size > 1:
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
+
+    # ---- models, data, optimizer -------------------------------------------------------------------------
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    policy = load_model(resume_ckpt or args.model_name_or_path, device, trainable=True)
+    ref = load_model(args.model_name_or_path, device, trainable=False) if args.beta > 0 or args.eval_kl else None
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = policy
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[local_rank] if use_cuda else None)
+    train_prompts = encode_prompts(tokenizer, task.train, args, "train")
+    eval_examples = task.eval[: args.eval_num_prompts]
+    eval_prompts = encode_prompts(tokenizer, eval_examples, args, "eval")
+    if args.prompts_per_step > len(train_prompts):
+        raise UserError(f"--prompts_per_step {args.prompts_per_step} > {len(train_prompts)} training prompts")
+    eos_ids = {tokenizer.eos_token_id} | set(np.atleast_1d(policy.generation_config.eos_token_id or []).tolist())
+    eos_ids = torch.tensor(sorted(i for i in eos_ids if i is not None), device=device)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps) if args.warmup_steps > 0 else 1.0)
+    sampler = torch.Generator(device=device).manual_seed(args.seed + rank)  # per-rank sampling RNG
+    start_step, elapsed0 = 0, 0.0
+    if resume_ckpt is not None:
+        state = torch.load(os.path.join(resume_ckpt, "trainer_state.pt"), weights_only=False, map_location="cpu")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, elapsed0 = state["step"], state["elapsed_s"]
+        if len(state["rng"]) == world_size:
+            set_rng_state(state["rng"][rank], sampler)
+        elif rank == 0:
+            print(f"warning: checkpoint has {len(state['rng'])} ranks' RNG states, now {world_size}: reseeding")
+
+    # ---- logging ------------------------------------------------------------------------------------------
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    writers = []
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        if resume_ckpt is not None and os.path.exists(metrics_path):  # drop what was logged after the checkpoint
+            with open(metrics_path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+            with open(metrics_path, "w") as f:
+                f.writelines(kept)
+        if args.track:
+            writers = make_trackers(args, run_dir)
+    t_start = time.time() - elapsed0
+
+    def log(step: int, metrics: dict) -> None:
+        if rank != 0:
+            return
+        record = {"step": step, "time_s": round(time.time() - t_start, 3), **metrics}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for w in writers:
+            w(step, metrics)
+
+    def run_eval() -> dict:
+        t = time.time()
+        out = evaluate(policy, ref if args.eval_kl else None, tokenizer, eval_prompts,
+                       [e.answer for e in eval_examples], task.reward_fn, args, eos_ids, device, amp, rank)
+        out["perf/eval_s"] = time.time() - t
+        return out
+
+    if start_step == 0:
+        m = run_eval()
+        log(0, m)
+        if rank == 0:
+            print(f"step 0: eval/pass@1 {m['eval/pass@1']:.4f}")
+
+    # ---- training loop ------------------------------------------------------------------------------------
+    G = args.num_generations
+    bar = None
+    if rank == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=args.total_steps, initial=start_step, desc="grpo", dynamic_ncols=True)
+    for step in range(start_step + 1, args.total_steps + 1):
+        t0 = time.time()
+        # 1. prompts: the same global draw on every rank (from seed and step), then this rank's shard
+        order = np.random.default_rng([args.seed, step]).choice(len(train_prompts), args.prompts_per_step,
+                                                                replace=False)
+        mine = order[rank * args.local_prompts: (rank + 1) * args.local_prompts]
+        policy.eval()  # no dropout either way; eval() only switches off gradient checkpointing for generation
+        batch = sample_batch(policy, [train_prompts[i] for i in mine for _ in range(G)], args, eos_ids,
+                             tokenizer.pad_token_id, sampler, device, amp)
+        policy.train()
+        t_gen = time.time()
+        # 2. rewards and group advantages (each group lives on one rank)
+        answers = [task.train[i].answer for i in mine for _ in range(G)]
+        rewards = torch.tensor([task.reward_fn(c, a) for c, a in zip(decode_completions(tokenizer, batch), answers)],
+                               dtype=torch.float32, device=device)
+        reward_mean, reward_std = global_mean_std(rewards)
+        batch["advantages"] = group_advantages(rewards, G, args.scale_rewards,
+                                               batch_std=reward_std if args.scale_rewards == "batch" else None)
+        batch["loss_mask"] = batch["completion_mask"].clone()
+        if args.mask_truncated_completions:
+            batch["loss_mask"][batch["truncated"]] = 0
+        # 3. log-probs of the rollout policy (only if it will differ from the policy being trained) and reference
+        C = batch["completion_ids"].shape[1]
+        if args.num_iterations * args.num_minibatches > 1:
+            batch["old_logprobs"] = batched_logprobs(policy, batch["input_ids"], batch["attention_mask"], C,
+                                                     args.temperature, args.micro_batch_size, amp)
+        if ref is not None:
+            batch["ref_logprobs"] = batched_logprobs(ref, batch["input_ids"], batch["attention_mask"], C,
+                                                     args.temperature, args.micro_batch_size, amp)
+        t_lp = time.time()
+        # 4. policy update
+        try:
+            metrics = update_policy(model, optimizer, scheduler, batch, args, shuffle_seed=args.seed * 100_003 + step,
+                                    amp=amp)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"step {step}: {e}; stopping without saving") from None
+        t_train = time.time()
+        # 5. metrics, eval, checkpoints
+        zero_std = (rewards.view(-1, G) == rewards.view(-1, G)[:, :1]).all(1).float().repeat_interleave(G)
+        counters = all_reduce_sum(torch.stack([batch["completion_mask"].sum().double(),
+                                               batch["truncated"].sum().double(), zero_std.sum().double(),
+                                               torch.tensor(float(rewards.numel()), dtype=torch.float64,
+                                                            device=device)]))
+        n_seq = counters[3].item()
+        metrics.update({
+            "charts/reward_mean": reward_mean.item(), "charts/reward_std": reward_std.item(),
+            "charts/completion_len_mean": counters[0].item() / n_seq, "charts/truncated_frac": counters[1].item() / n_seq,
+            "charts/frac_reward_zero_std": counters[2].item() / n_seq,
+            "charts/learning_rate": scheduler.get_last_lr()[0], "charts/prompts_seen": step * args.prompts_per_step,
+            "charts/optimizer_steps": step * args.num_iterations * args.num_minibatches,
+            "perf/generate_s": t_gen - t0, "perf/logprob_s": t_lp - t_gen, "perf/train_s": t_train - t_lp})
+        metrics["charts/step_time_s"] = time.time() - t0
+        metrics["charts/tokens_per_s"] = counters[0].item() / metrics["charts/step_time_s"]
+        if (args.eval_every and step % args.eval_every == 0) or step == args.total_steps:
+            metrics.update(run_eval())
+        log(step, metrics)
+        if args.save_every and step % args.save_every == 0 and step != args.total_steps:
+            save_checkpoint(os.path.join(run_dir, "checkpoints", f"step_{step:06d}"), policy, tokenizer, optimizer,
+                            scheduler, step, time.time() - t_start, sampler, args, rank)
+        if rank == 0:
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['charts/reward_mean']:.3f}")
+            if step % args.log_every == 0 or "eval/pass@1" in metrics:
+                summary = (f"step {step}: reward {metrics['charts/reward_mean']:.3f} "
+                           f"loss {metrics['losses/loss']:.4f} tokens/s {metrics['charts/tokens_per_s']:.0f}")
+                if "eval/pass@1" in metrics:
+                    summary += f" eval/pass@1 {metrics['eval/pass@1']:.4f}"
+                bar.write(summary)
+    if bar is not None:
+        bar.close()
+    save_checkpoint(os.path.join(run_dir, "final"), policy, tokenizer, optimizer, scheduler, args.total_steps,
+                    time.time() - t_start, sampler, args, rank)
+    if rank == 0:
+        print(f"done: {run_dir}")
+
+
+def make_trackers(args: Args, run_dir: str) -> list:
+    """TensorBoard and W&B writers, each only when its package is installed (both optional)."""
+    writers = []
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(run_dir)
+        tb.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        writers.append(lambda step, m: [tb.add_scalar(k, v, step) for k, v in m.items()])
+    except ImportError:
+        print("warning: --track: tensorboard is not installed, skipping TensorBoard")
+    try:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=args.run_name, config=asdict(args),
+                   dir=run_dir)
+        writers.append(lambda step, m: wandb.log(m, step=step))
+    except ImportError:
+        print("warning: --track: wandb is not installed, skipping W&B")
+    return writers
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Tasks and data shared by every algorithm file.
+
+A task is a list of training prompts, a list of held-out prompts, and a reward function. Three sources:
+  * ``arithmetic`` (default): built-in ``a+b=`` prompts with an exact integer answer. No files, no network.
+  * ``jsonl``: ``--train_file`` / ``--eval_file``, one JSON object per line, with configurable field names.
+  * ``hf:<dataset>[:<config>]``: a Hugging Face hub dataset, through the optional ``datasets`` package.
+
+Answers in files are reduced to their final value when written in a known style: GSM8K's ``... #### 42`` and
+MATH's ``... \\boxed{42}``. Any problem with the input raises ``TaskError`` with a one-line message that
+names the file and line; the algorithm scripts print it and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from common.rewards import exact_match_reward, last_boxed, math_reward
+
+
+class TaskError(ValueError):
+    """Bad user input (task name, data file, lengths): reported as one line, never a traceback."""
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str
+
+
+@dataclass
+class Task:
+    name: str
+    train: list[Example]
+    eval: list[Example]
+    reward_fn: Callable[[str, str], float]  # (completion text, reference answer) -> finite reward
+    max_prompt_length: int  # task default for --max_prompt_length (tokens)
+    max_new_tokens: int  # task default for --max_new_tokens
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Built-in arithmetic task
+# ----------------------------------------------------------------------------------------------------------
+ARITHMETIC_MAX_OPERAND = 99  # operands a, b in 0..99; answers have at most 3 digits (+ EOS = 4 tokens)
+ARITHMETIC_NUM_EVAL = 500  # held-out pairs, never trained on (neither by the tiny models nor by RL)
+ARITHMETIC_SPLIT_SEED = 1234  # fixed, independent of --seed: every run and every algorithm sees the same split
+
+
+def arithmetic_task() -> Task:
+    """All 100 x 100 pairs ``a+b=``, split once by a fixed permutation into 9500 train / 500 held-out."""
+    pairs = [(a, b) for a in range(ARITHMETIC_MAX_OPERAND + 1) for b in range(ARITHMETIC_MAX_OPERAND + 1)]
+    order = np.random.default_rng(ARITHMETIC_SPLIT_SEED).permutation(len(pairs))
+    examples = [Example(f"{pairs[i][0]}+{pairs[i][1]}=", str(sum(pairs[i]))) for i in order]
+    return Task("arithmetic", examples[ARITHMETIC_NUM_EVAL:], examples[:ARITHMETIC_NUM_EVAL],
+                exact_match_reward, max_prompt_length=16, max_new_tokens=4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Answer extraction (GSM8K "#### 42", MATH "\boxed{42}")
+# ----------------------------------------------------------------------------------------------------------
+def extract_answer(text: str) -> str:
+    """Final answer of a reference solution: after the last ``####`` (GSM8K), else the last ``\\boxed{}``
+    (MATH), else the whole text. GSM8K thousands separators are dropped (``1,000`` -> ``1000``)."""
+    if "####" in text:
+        return text.rsplit("####", 1)[1].strip().replace(",", "")
+    boxed = last_boxed(text)
+    return boxed if boxed is not None else text.strip()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# JSONL files and hub datasets
+# ----------------------------------------------------------------------------------------------------------
+def load_jsonl(path: str, prompt_field: str, answer_field: str) -> list[Example]:
+    """One JSON object per non-blank line; ``answer_field`` goes through ``extract_answer``."""
+    if not os.path.isfile(path):
+        raise TaskError(f"data file not found: {path}")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise TaskError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            examples.append(_example_from_row(row, prompt_field, answer_field, f"{path}:{lineno}"))
+    if not examples:
+        raise TaskError(f"{path}: empty dataset (no examples)")
+    return examples
+
+
+def _example_from_row(row: dict, prompt_field: str, answer_field: str, where: str) -> Example:
+    for field in (prompt_field, answer_field):
+        if field not in row:
+            raise TaskError(f"{where}: missing field {field!r} (has {sorted(row)}); "
+                            f"set --prompt_field / --answer_field")
+    prompt, answer = row[prompt_field], row[answer_field]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise TaskError(f"{where}: field {prompt_field!r} must be a non-empty string")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str) or not answer.strip():
+        raise TaskError(f"{where}: field {answer_field!r} must be a non-empty string or number")
+    return Example(prompt, extract_answer(answer))
+
+
+def load_hub_dataset(spec: str, prompt_field: str, answer_field: str) -> tuple[list[Example], list[Example]]:
+    """``hf:openai/gsm8k:main`` -> (train split, test split) via the optional ``datasets`` package."""
+    parts = spec[len("hf:"):].split(":")
+    if not parts[0] or len(parts) > 2:
+        raise TaskError(f"bad hub task {spec!r}: expected hf:<dataset>[:<config>], e.g. hf:openai/gsm8k:main")
+    try:
+        import datasets
+    except ImportError:
+        raise TaskError(f"task {spec!r} needs the optional package `datasets` (pip install datasets); "
+                        f"or export the data to JSONL and use --task jsonl --train_file ...") from None
+    try:
+        ds = datasets.load_dataset(parts[0], parts[1] if len(parts) == 2 else None)
+    except Exception as e:  # offline, unknown name, ...: one line, not a deep traceback
+        raise TaskError(f"could not load hub dataset {spec!r}: {type(e).__name__}: {str(e).splitlines()[0]}") \
+            from None
+    splits = {}
+    for name in ("train", "test"):
+        if name not in ds:
+            raise TaskError(f"hub dataset {spec!r} has no {name!r} split (has {list(ds)})")
+        rows = [_example_from_row(r, prompt_field, answer_field, f"{spec}[{name}][{i}]")
+                for i, r in enumerate(ds[name])]
+        if not rows:
+            raise TaskError(f"hub dataset {spec!r}: empty {name!r} split")
+        splits[name] = rows
+    return splits["train"], splits["test"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry point used by every algorithm file
+# ----------------------------------------------------------------------------------------------------------
+def load_task(task: str, train_file: str | None = None, eval_file: str | None = None,
+              prompt_field: str = "prompt", answer_field: str = "answer") -> Task:
+    """Resolve ``--task`` (+ files) into a Task. Real-data tasks are scored by ``math_reward``."""
+    if task == "arithmetic":
+        if train_file or eval_file:
+            raise TaskError("--train_file / --eval_file need --task jsonl (the arithmetic task is built in)")
+        return arithmetic_task()
+    if task == "jsonl":
+        if not train_file or not eval_file:
+            raise TaskError("--task jsonl needs both --train_file and --eval_file")
+        train = load_jsonl(train_file, prompt_field, answer_field)
+        held_out = load_jsonl(eval_file, prompt_field, answer_field)
+        return Task("jsonl", train, held_out, math_reward, max_prompt_length=512, max_new_tokens=1024)
+    if task.startswith("hf:"):
+        train, held_out = load_hub_dataset(task, prompt_field, answer_field)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", task[3:])
+        return Task(name, train, held_out, math_reward, max_prompt_length=512, max_new_tokens=1024)
+    raise TaskError(f"unknown task {task!r}: use 'arithmetic', 'jsonl' (with --train_file/--eval_file) "
+                    f"or 'hf:<dataset>[:<config>]'")

@@ -162,6 +162,13 @@ class UserError(ValueError):
 # ==========================================================================================================
 # ALGO LOGIC: pure functions (tensors in, tensors out; tested against closed forms in tests/test_grpo.py)
 # ==========================================================================================================
+def group_std(grouped: torch.Tensor) -> torch.Tensor:
+    """Bessel-corrected std of each row of [num_groups, G], two-pass: sqrt(sum (r - mean)^2 / (G - 1)).
+    Never E[r^2] - mean^2, which cancels catastrophically in low precision (0 for 8 float32 rewards of 10)."""
+    centered = grouped - grouped.mean(dim=-1, keepdim=True)
+    return (centered.pow(2).sum(dim=-1, keepdim=True) / (grouped.shape[-1] - 1)).sqrt()
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
                      batch_std: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A_i = (r_i - mean_g) / (s + eps), one advantage per completion, groups contiguous in `rewards`.
@@ -173,8 +180,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     r = rewards.view(-1, group_size)
     centered = r - r.mean(dim=1, keepdim=True)
     if scale == "group":
-        std = (centered.pow(2).sum(dim=1, keepdim=True) / (group_size - 1)).sqrt()  # two-pass, Bessel
-        adv = centered / (std + eps)
+        adv = centered / (group_std(r) + eps)
     elif scale == "batch":
         if batch_std is None:
             batch_std = rewards.std(correction=1)

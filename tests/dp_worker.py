@@ -1,0 +1,70 @@
+"""One GRPO update on a fixed global batch, run plainly or under `torchrun --nproc_per_node=N` (gloo).
+
+Every rank builds the same global batch (the tiny policy sampled with a fixed seed on CPU), keeps its shard of
+whole groups, and calls `grpo.update_policy` -- the function the training loop calls. Rank 0 writes the
+updated parameters (SGD, lr 1: the update is minus the clipped gradient) to OUT, so tests can compare 1 process against 2 and 1 micro-batch against several.
+Usage: python tests/dp_worker.py OUT [key=value ...]   (keys: Args fields, e.g. micro_batch_size=3)
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.distributed as dist
+
+from common import TINY_POLICY
+from common.tasks import arithmetic_task
+from tests.harness import load_algorithm
+
+
+def main():
+    out, overrides = sys.argv[1], dict(kv.split("=", 1) for kv in sys.argv[2:])
+    grpo = load_algorithm("grpo")
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1:
+        dist.init_process_group("gloo")
+    args = grpo.Args(prompts_per_step=4, num_generations=4, max_new_tokens=4, max_prompt_length=16,
+                     micro_batch_size=16, learning_rate=1.0, loss_agg="token_mean", beta=0.1)
+    for k, v in overrides.items():
+        setattr(args, k, type(getattr(grpo.Args(), k))(v) if getattr(grpo.Args(), k) is not None else v)
+    args.world_size = world
+    torch.manual_seed(0)
+    tok = grpo.load_tokenizer(TINY_POLICY)
+    policy = grpo.load_model(TINY_POLICY, "cpu", trainable=True)
+    ref = grpo.load_model(TINY_POLICY, "cpu", trainable=False)
+    task = arithmetic_task()
+    examples = task.train[: args.prompts_per_step]
+    G = args.num_generations
+    prompts = [tok(e.prompt)["input_ids"] for e in examples for _ in range(G)]
+    eos = torch.tensor([tok.eos_token_id])
+    batch = grpo.sample_batch(policy, prompts, args, eos, tok.pad_token_id, torch.Generator().manual_seed(123),
+                              "cpu", grpo.contextlib.nullcontext)
+    texts = grpo.decode_completions(tok, batch)
+    rewards = torch.tensor([task.reward_fn(t, e.answer) for t, e in zip(texts, [e for e in examples for _ in range(G)])])
+    rewards[0] = 1.0 - rewards[1]  # make sure the first group has signal
+    batch["advantages"] = grpo.group_advantages(rewards, G)
+    batch["loss_mask"] = batch["completion_mask"].clone()
+    C = batch["completion_ids"].shape[1]
+    batch["ref_logprobs"] = grpo.batched_logprobs(ref, batch["input_ids"], batch["attention_mask"], C, 1.0, 64)
+    if args.num_iterations * args.num_minibatches > 1:
+        batch["old_logprobs"] = grpo.batched_logprobs(policy, batch["input_ids"], batch["attention_mask"], C, 1.0, 64)
+    per_rank = len(prompts) // world
+    shard = {k: v[rank * per_rank: (rank + 1) * per_rank] for k, v in batch.items()}
+    init = torch.cat([p.detach().reshape(-1) for p in policy.parameters()])
+    model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
+    # plain SGD: parameter differences are gradient differences (Adam's g / sqrt(v) would amplify float rounding
+    # on parameters whose gradient is ~0 into differences of order lr)
+    opt = torch.optim.SGD(policy.parameters(), lr=args.learning_rate)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    metrics = grpo.update_policy(model, opt, sched, shard, args, shuffle_seed=7)
+    if rank == 0:
+        flat = torch.cat([p.detach().reshape(-1) for p in policy.parameters()])
+        torch.save({"params": flat, "init": init, "metrics": metrics}, out)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Exact-enumeration harness shared by every algorithm's tests.
+
+Tabular softmax policies in float64, expectations by summation over every outcome (no sampling), reference
+gradients by autograd on the closed-form objective. Two settings:
+  * a K-way categorical (one token per "sequence"): `random_logits(K)`, `enumerate_groups(K, G)`;
+  * a tiny token tree: `TokenTree(vocab=3, max_len=2)`, every prefix is a state with its own logits, optionally
+    with an EOS token that ends a sequence early (`TokenTree(vocab=3, max_len=4, eos=0)`).
+Tests feed the log-prob tensors built here to the pure loss functions of `algorithms/*.py`, so the code under
+test is the code that trains.
+"""
+
+import importlib.util
+import itertools
+import os
+
+import torch
+
+DT = torch.float64
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_algorithm(name: str):
+    """Import `algorithms/<name>.py` as a module (importing has no side effects by convention)."""
+    spec = importlib.util.spec_from_file_location(f"algo_{name}", os.path.join(ROOT, "algorithms", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def random_logits(shape, seed: int, scale: float = 1.0, requires_grad: bool = True) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=DT) * scale).requires_grad_(requires_grad)
+
+
+def kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) along the last axis, from log-probabilities."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def grad(value: torch.Tensor, wrt: torch.Tensor) -> torch.Tensor:
+    return torch.autograd.grad(value, wrt, retain_graph=True)[0]
+
+
+def enumerate_groups(K: int, G: int) -> torch.Tensor:
+    """Every ordered G-tuple of outcomes in 0..K-1: [K^G, G]."""
+    return torch.tensor(list(itertools.product(range(K), repeat=G)), dtype=torch.long)
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+class TokenTree:
+    """All sequences over `vocab` tokens up to `max_len`; with `eos`, a sequence ends at its first EOS.
+
+    States are the prefixes that can still be extended; each has its own row of logits, so a policy is a
+    [num_states, vocab] tensor. Sequences are padded to max_len with a mask.
+    """
+
+    def __init__(self, vocab: int = 3, max_len: int = 2, eos=None):
+        self.V, self.L, self.eos = vocab, max_len, eos
+        seqs = []
+        for n in range(1, max_len + 1):
+            for s in itertools.product(range(vocab), repeat=n):
+                ends_here = eos is not None and s[-1] == eos
+                has_early_eos = eos is not None and eos in s[:-1]
+                if has_early_eos or (n < max_len and not ends_here):
+                    continue
+                seqs.append(s)
+        self.seq_list = seqs
+        self.states = sorted({s[:t] for s in seqs for t in range(len(s))}, key=lambda p: (len(p), p))
+        index = {p: i for i, p in enumerate(self.states)}
+        self.tokens = torch.zeros(len(seqs), max_len, dtype=torch.long)
+        self.mask = torch.zeros(len(seqs), max_len, dtype=DT)
+        self.seq_states = torch.zeros(len(seqs), max_len, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            self.tokens[i, : len(s)] = torch.tensor(s)
+            self.mask[i, : len(s)] = 1.0
+            self.seq_states[i, : len(s)] = torch.tensor([index[s[:t]] for t in range(len(s))])
+        self.num_states = len(self.states)
+
+    def random_logits(self, seed: int, scale: float = 1.0) -> torch.Tensor:
+        return random_logits((self.num_states, self.V), seed, scale)
+
+    def token_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        """log pi(y_t | y_<t) for every sequence and position, 0 where masked: [N, max_len]."""
+        lsm = torch.log_softmax(logits, -1)
+        return lsm[self.seq_states, self.tokens] * self.mask
+
+    def seq_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.token_logprobs(logits).sum(-1)
+
+    def state_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """d(s) = probability that a sampled sequence passes through prefix s: [num_states]."""
+        lsm = torch.log_softmax(logits, -1)
+        d = []
+        for p in self.states:
+            d.append(sum(lsm[self.states.index(p[:t]), p[t]] for t in range(len(p))) if p else lsm.new_zeros(()))
+        return torch.stack(d).exp()
+
+    def seq_kl(self, logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+        """KL(P || Q) between the sequence distributions."""
+        lp, lq = self.seq_logprobs(logits_p), self.seq_logprobs(logits_q)
+        return (lp.exp() * (lp - lq)).sum()
+
+    def per_state_kl(self, logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+        """KL(p(.|s) || q(.|s)) for every state: [num_states]."""
+        return kl(torch.log_softmax(logits_p, -1), torch.log_softmax(logits_q, -1))

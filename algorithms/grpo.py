@@ -23,6 +23,7 @@ What this estimator really regularizes:
 
 import contextlib
 import inspect
+import io
 import json
 import math
 import os
@@ -156,7 +157,7 @@ class Args:
 
 
 class UserError(ValueError):
-    """Bad flags or inputs: printed as one line (`error: ...`), exit status 2."""
+    """Bad flags or inputs: printed as one line (`error: ...`), exit status 1, nothing written."""
 
 
 # ==========================================================================================================
@@ -464,6 +465,15 @@ def update_policy(model, optimizer, scheduler, batch: dict, args, shuffle_seed: 
 # ==========================================================================================================
 # Setup helpers: models, prompts, checkpoints
 # ==========================================================================================================
+def load_error(path: str, what: str, e: Exception) -> UserError:
+    """One line that says whether `path` was read as a local folder or as a hub id (and why that failed)."""
+    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
+    if looks_local and not os.path.isdir(path):
+        return UserError(f"{what} {path!r} not found: no such local folder")
+    where = "local folder" if os.path.isdir(path) else "not a local folder; tried as a Hugging Face hub id"
+    return UserError(f"could not load {what} {path!r} ({where}): {str(e).strip().splitlines()[0]}")
+
+
 def load_model(path: str, device, trainable: bool):
     """AutoModelForCausalLM in float32 with dropout off; a missing path gives a one-line error."""
     from transformers import AutoModelForCausalLM
@@ -471,8 +481,7 @@ def load_model(path: str, device, trainable: bool):
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:
-        where = "local folder" if os.path.isdir(path) else "not a local folder, and not loadable from the hub (offline?)"
-        raise UserError(f"could not load model {path!r} ({where}): {str(e).splitlines()[0]}") from None
+        raise load_error(path, "model", e) from None
     for m in model.modules():  # ratios must be exactly 1 at theta = theta_old: no dropout anywhere
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -490,7 +499,7 @@ def load_tokenizer(path: str):
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise UserError(f"could not load tokenizer {path!r}: {str(e).splitlines()[0]}") from None
+        raise load_error(path, "model", e) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -621,7 +630,20 @@ def parse_args() -> Args:
             if ckpt:
                 saved = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)["args"]
                 default = Args(**{k: v for k, v in saved.items() if k in Args.__dataclass_fields__})
-    return tyro.cli(Args, default=default, use_underscores=True)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return tyro.cli(Args, default=default, use_underscores=True)
+    except SystemExit as e:
+        if not e.code:  # --help
+            raise
+        # tyro draws a multi-line box; keep its first section as our one-line error
+        text = []
+        for line in err.getvalue().splitlines()[1:]:
+            if "──" in line or line.startswith("╰"):
+                break
+            text.append(line.strip("│ "))
+        raise UserError(" ".join(text) + " (see --help)") from None
 
 
 def check_args(args: Args, world_size: int) -> None:
@@ -642,7 +664,8 @@ def check_args(args: Args, world_size: int) -> None:
 
 def main() -> None:
     try:
-        train(parse_args())
+        args = parse_args()
+        train(args)
     except (UserError, TaskError) as e:
         sys.exit(f"error: {e}")
     except FloatingPointError as e:
@@ -681,6 +704,10 @@ def train(args: Args) -> None:
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
 
     # ---- models, data, optimizer -------------------------------------------------------------------------
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()  # our own progress bar and one-line errors only
+    transformers.utils.logging.disable_progress_bar()
     tokenizer = load_tokenizer(args.model_name_or_path)
     policy = load_model(resume_ckpt or args.model_name_or_path, device, trainable=True)
     ref = load_model(args.model_name_or_path, device, trainable=False) if args.beta > 0 or args.eval_kl else None

@@ -7,7 +7,7 @@ A task is a list of training prompts, a list of held-out prompts, and a reward f
 
 Answers in files are reduced to their final value when written in a known style: GSM8K's ``... #### 42`` and
 MATH's ``... \\boxed{42}``. Any problem with the input raises ``TaskError`` with a one-line message that
-names the file and line; the algorithm scripts print it and exit with status 2.
+names the file and line; the algorithm scripts print it as one line and exit with status 1.
 """
 
 from __future__ import annotations

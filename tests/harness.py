@@ -11,7 +11,10 @@ test is the code that trains.
 
 import importlib.util
 import itertools
+import json
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -106,3 +109,32 @@ class TokenTree:
     def per_state_kl(self, logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
         """KL(p(.|s) || q(.|s)) for every state: [num_states]."""
         return kl(torch.log_softmax(logits_p, -1), torch.log_softmax(logits_q, -1))
+
+
+# ---- running the scripts ----------------------------------------------------------------------------------
+# Small settings that make any default run take seconds: flags shared by the smoke tests of every script.
+TINY_RUN = ["--prompts_per_step", "4", "--eval_num_prompts", "8", "--eval_samples_per_prompt", "2",
+            "--total_steps", "2", "--eval_every", "1"]
+
+
+def run_script(name: str, *flags: str, cwd=None, timeout: int = 300, nproc: int = 1) -> subprocess.CompletedProcess:
+    """`python algorithms/<name>.py *flags` (or torchrun with nproc > 1), offline, one thread per process."""
+    path = os.path.join(ROOT, "algorithms", f"{name}.py")
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([*launcher, path, *flags], cwd=cwd or ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_metrics(run_dir) -> list:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The failure message, asserting it is a single `error: ...` line on stderr and a non-zero exit status."""
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    return lines[0]

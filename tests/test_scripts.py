@@ -66,7 +66,7 @@ def bad_cases(tmp):
     good = '{"prompt": "1+1=", "answer": "2"}\n'
     return {
         "unknown task": (["--task", "nope"], "unknown task 'nope'"),
-        "missing local model": (["--model_name_or_path", str(tmp / "no_such_model")], "could not load"),
+        "missing local model": (["--model_name_or_path", str(tmp / "no_such_model")], "no such local folder"),
         "missing hub model offline": (["--model_name_or_path", "nobody-xyz/no-such-model"], "could not load"),
         "malformed jsonl": (["--task", "jsonl", "--train_file", write(tmp / "bad.jsonl", good + "{oops\n"),
                              "--eval_file", write(tmp / "ok.jsonl", good)], "bad.jsonl:2: malformed JSON"),

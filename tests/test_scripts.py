@@ -96,3 +96,50 @@ def test_existing_run_folder_is_not_overwritten(tmp_path):
     proc = run_script("grpo", *TINY_RUN, "--output_dir", str(tmp_path), "--run_name", "taken")
     assert "already exists" in one_line_error(proc)
     assert (tmp_path / "taken" / "metrics.jsonl").read_text() == "keep me\n"
+
+
+# ---- any causal LM, chat templates ------------------------------------------------------------------------
+CHAT = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def chat_tokenizer():
+    from transformers import AutoTokenizer
+
+    from common import TINY_POLICY
+
+    tok = AutoTokenizer.from_pretrained(TINY_POLICY)
+    tok.chat_template = CHAT
+    return tok
+
+
+def test_chat_template_is_applied_unless_disabled():
+    from common.tasks import Example
+    from tests.harness import load_algorithm
+
+    grpo = load_algorithm("grpo")
+    tok, ex = chat_tokenizer(), [Example("37+58=", "95")]
+    args = grpo.Args(max_prompt_length=32)
+    assert tok.decode(grpo.encode_prompts(tok, ex, args, "train")[0]) == "<user>37+58=\n<assistant>"
+    args.no_chat_template = True
+    assert tok.decode(grpo.encode_prompts(tok, ex, args, "train")[0], skip_special_tokens=True) == "37+58="
+
+
+def test_other_architecture_with_chat_template(tmp_path):
+    """The real-model path on CPU: a Qwen2-architecture model built from a config, a tokenizer with a chat
+    template, bf16 autocast and gradient checkpointing."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = chat_tokenizer()
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "qwen")
+    tok.save_pretrained(tmp_path / "qwen")
+    proc = run_script("grpo", *TINY_RUN, "--model_name_or_path", str(tmp_path / "qwen"), "--max_prompt_length", "32",
+                      "--bf16", "True", "--gradient_checkpointing", "--output_dir", str(tmp_path), "--run_name", "q")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(tmp_path / "q")
+    assert [r["step"] for r in rows] == [0, 1, 2]  # (a random model scores 0: no reward signal to check)
+    assert rows[2]["losses/entropy"] > 0 and "eval/kl_init_rkl_exact_seq" in rows[2]

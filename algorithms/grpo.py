@@ -306,6 +306,8 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: f
     the sampling law is the one every log-prob assumes. Returns (tokens [B, C], completion mask [B, C])."""
     from transformers import DynamicCache
 
+    was_training = model.training
+    model.eval()  # in train mode, gradient checkpointing would silently switch the KV cache off
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     cache = DynamicCache()
     attn = prompt_mask
@@ -326,6 +328,7 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: f
             break
         inputs, pos = tok[:, None], pos[:, -1:] + 1
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+    model.train(was_training)
     tokens = torch.stack(tokens, dim=1)
     return tokens, completion_mask_from(tokens, eos_ids)
 
@@ -491,6 +494,14 @@ def load_model(path: str, device, trainable: bool):
     model.train(trainable)
     model.requires_grad_(trainable)
     return model
+
+
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing; transformers >= 5.2x renamed the method."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load_tokenizer(path: str):
@@ -712,7 +723,7 @@ def train(args: Args) -> None:
     policy = load_model(resume_ckpt or args.model_name_or_path, device, trainable=True)
     ref = load_model(args.model_name_or_path, device, trainable=False) if args.beta > 0 or args.eval_kl else None
     if args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(policy)
     model = policy
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[local_rank] if use_cuda else None)
@@ -788,10 +799,8 @@ def train(args: Args) -> None:
         order = np.random.default_rng([args.seed, step]).choice(len(train_prompts), args.prompts_per_step,
                                                                 replace=False)
         mine = order[rank * args.local_prompts: (rank + 1) * args.local_prompts]
-        policy.eval()  # no dropout either way; eval() only switches off gradient checkpointing for generation
         batch = sample_batch(policy, [train_prompts[i] for i in mine for _ in range(G)], args, eos_ids,
                              tokenizer.pad_token_id, sampler, device, amp)
-        policy.train()
         t_gen = time.time()
         # 2. rewards and group advantages (each group lives on one rank)
         answers = [task.train[i].answer for i in mine for _ in range(G)]

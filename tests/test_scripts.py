@@ -143,3 +143,26 @@ def test_other_architecture_with_chat_template(tmp_path):
     rows = read_metrics(tmp_path / "q")
     assert [r["step"] for r in rows] == [0, 1, 2]  # (a random model scores 0: no reward signal to check)
     assert rows[2]["losses/entropy"] > 0 and "eval/kl_init_rkl_exact_seq" in rows[2]
+
+
+def test_generation_uses_the_kv_cache_under_gradient_checkpointing():
+    """HF switches the cache off for a training-mode model with gradient checkpointing; `generate` must not let
+    that happen (it would feed single tokens without their past)."""
+    from tests.harness import load_algorithm
+
+    from common import TINY_POLICY
+
+    grpo = load_algorithm("grpo")
+    tok = grpo.load_tokenizer(TINY_POLICY)
+    prompts = [tok(p)["input_ids"] for p in ("12+34=", "5+6=", "99+99=")]
+    ids, mask = grpo.left_pad(prompts, tok.pad_token_id, "cpu")
+    eos = torch.tensor([tok.eos_token_id])
+    outs = []
+    for checkpointing in (False, True):
+        model = grpo.load_model(TINY_POLICY, "cpu", trainable=True)
+        if checkpointing:
+            grpo.enable_checkpointing(model)
+        toks, _ = grpo.generate(model, ids, mask, 4, 1.0, eos, tok.pad_token_id, torch.Generator().manual_seed(0))
+        assert model.training  # mode restored
+        outs.append(toks)
+    assert torch.equal(outs[0], outs[1])

@@ -432,6 +432,8 @@ def update_policy(model, optimizer, scheduler, batch: dict, args, shuffle_seed: 
                         lsm = completion_log_softmax(model, batch["input_ids"][idx], batch["attention_mask"][idx],
                                                      C, args.temperature)
                     lp = token_logprobs(lsm, batch["completion_ids"][idx])
+                    with torch.no_grad():  # exact per-position entropy, a metric only
+                        entropy = (-(lsm.exp() * lsm).sum(-1) * batch["loss_mask"][idx]).sum() / max(num_tokens, 1)
                     lp_old = batch["old_logprobs"][idx] if batch.get("old_logprobs") is not None else lp.detach()
                     lp_ref = batch["ref_logprobs"][idx] if batch.get("ref_logprobs") is not None else None
                     loss, stats = grpo_loss(
@@ -441,9 +443,7 @@ def update_policy(model, optimizer, scheduler, batch: dict, args, shuffle_seed: 
                         epsilon_high=args.epsilon_high, loss_agg=args.loss_agg, num_seqs=num_seqs,
                         num_tokens=num_tokens, max_new_tokens=args.max_new_tokens)
                     (loss * world).backward()
-                with torch.no_grad():
-                    ent = -(lsm.exp() * lsm).sum(-1)
-                    stats["entropy"] = (ent * batch["loss_mask"][idx]).sum() / max(num_tokens, 1)
+                stats["entropy"] = entropy
                 for key, v in stats.items():
                     sums[key] = sums.get(key, 0.0) + v.detach().double()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)

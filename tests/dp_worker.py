@@ -1,9 +1,10 @@
-"""One GRPO update on a fixed global batch, run plainly or under `torchrun --nproc_per_node=N` (gloo).
+"""One policy update on a fixed global batch, run plainly or under `torchrun --nproc_per_node=N` (gloo).
 
 Every rank builds the same global batch (the tiny policy sampled with a fixed seed on CPU), keeps its shard of
-whole groups, and calls `grpo.update_policy` -- the function the training loop calls. Rank 0 writes the
-updated parameters (SGD, lr 1: the update is minus the clipped gradient) to OUT, so tests can compare 1 process against 2 and 1 micro-batch against several.
-Usage: python tests/dp_worker.py OUT [key=value ...]   (keys: Args fields, e.g. micro_batch_size=3)
+whole groups, and calls the algorithm's `update_policy` -- the function its training loop calls. Rank 0 writes
+the updated parameters (SGD, lr 1: the update is minus the clipped gradient) to OUT, so tests can compare 1
+process against 2 and 1 micro-batch against several.
+Usage: python tests/dp_worker.py ALGO OUT [key=value ...]   (ALGO: grpo, rpg_fkl, ...; keys: Args fields)
 """
 
 import os
@@ -19,37 +20,51 @@ from common.tasks import arithmetic_task
 from tests.harness import load_algorithm
 
 
+def fill_grpo(algo, batch, rewards, G, frozen_logprobs):
+    batch["advantages"] = algo.group_advantages(rewards, G)
+    batch["ref_logprobs"] = frozen_logprobs
+
+
+def fill_rpg(algo, batch, rewards, G, frozen_logprobs):
+    batch["advantages"] = algo.group_mean_advantages(rewards, G)
+    batch["anchor_logprobs"] = frozen_logprobs  # used with kl_anchor=init
+
+
+FILL = {"grpo": fill_grpo, "rpg_fkl": fill_rpg, "rpg_rkl": fill_rpg}
+
+
 def main():
-    out, overrides = sys.argv[1], dict(kv.split("=", 1) for kv in sys.argv[2:])
-    grpo = load_algorithm("grpo")
+    name, out, overrides = sys.argv[1], sys.argv[2], dict(kv.split("=", 1) for kv in sys.argv[3:])
+    algo = load_algorithm(name)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1:
         dist.init_process_group("gloo")
-    args = grpo.Args(prompts_per_step=4, num_generations=4, max_new_tokens=4, max_prompt_length=16,
-                     micro_batch_size=16, learning_rate=1.0, loss_agg="token_mean", beta=0.1)
+    args = algo.Args(prompts_per_step=4, num_generations=4, max_new_tokens=4, max_prompt_length=16,
+                     micro_batch_size=16, num_minibatches=1, learning_rate=1.0, loss_agg="token_mean", beta=0.1)
     for k, v in overrides.items():
-        setattr(args, k, type(getattr(grpo.Args(), k))(v) if getattr(grpo.Args(), k) is not None else v)
+        default = getattr(algo.Args(), k)
+        setattr(args, k, v if default is None else (v == "True") if isinstance(default, bool) else type(default)(v))
     args.world_size = world
     torch.manual_seed(0)
-    tok = grpo.load_tokenizer(TINY_POLICY)
-    policy = grpo.load_model(TINY_POLICY, "cpu", trainable=True)
-    ref = grpo.load_model(TINY_POLICY, "cpu", trainable=False)
+    tok = algo.load_tokenizer(TINY_POLICY)
+    policy = algo.load_model(TINY_POLICY, "cpu", trainable=True)
+    ref = algo.load_model(TINY_POLICY, "cpu", trainable=False)
     task = arithmetic_task()
     examples = task.train[: args.prompts_per_step]
     G = args.num_generations
     prompts = [tok(e.prompt)["input_ids"] for e in examples for _ in range(G)]
     eos = torch.tensor([tok.eos_token_id])
-    batch = grpo.sample_batch(policy, prompts, args, eos, tok.pad_token_id, torch.Generator().manual_seed(123),
-                              "cpu", grpo.contextlib.nullcontext)
-    texts = grpo.decode_completions(tok, batch)
+    batch = algo.sample_batch(policy, prompts, args, eos, tok.pad_token_id, torch.Generator().manual_seed(123),
+                              "cpu", algo.contextlib.nullcontext)
+    texts = algo.decode_completions(tok, batch)
     rewards = torch.tensor([task.reward_fn(t, e.answer) for t, e in zip(texts, [e for e in examples for _ in range(G)])])
     rewards[0] = 1.0 - rewards[1]  # make sure the first group has signal
-    batch["advantages"] = grpo.group_advantages(rewards, G)
     batch["loss_mask"] = batch["completion_mask"].clone()
     C = batch["completion_ids"].shape[1]
-    batch["ref_logprobs"] = grpo.batched_logprobs(ref, batch["input_ids"], batch["attention_mask"], C, 1.0, 64)
+    frozen = algo.batched_logprobs(ref, batch["input_ids"], batch["attention_mask"], C, 1.0, 64)
+    FILL[name](algo, batch, rewards, G, frozen)
     if args.num_iterations * args.num_minibatches > 1:
-        batch["old_logprobs"] = grpo.batched_logprobs(policy, batch["input_ids"], batch["attention_mask"], C, 1.0, 64)
+        batch["old_logprobs"] = algo.batched_logprobs(policy, batch["input_ids"], batch["attention_mask"], C, 1.0, 64)
     per_rank = len(prompts) // world
     shard = {k: v[rank * per_rank: (rank + 1) * per_rank] for k, v in batch.items()}
     init = torch.cat([p.detach().reshape(-1) for p in policy.parameters()])
@@ -58,7 +73,7 @@ def main():
     # on parameters whose gradient is ~0 into differences of order lr)
     opt = torch.optim.SGD(policy.parameters(), lr=args.learning_rate)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    metrics = grpo.update_policy(model, opt, sched, shard, args, shuffle_seed=7)
+    metrics = algo.update_policy(model, opt, sched, shard, args, shuffle_seed=7)
     if rank == 0:
         flat = torch.cat([p.detach().reshape(-1) for p in policy.parameters()])
         torch.save({"params": flat, "init": init, "metrics": metrics}, out)

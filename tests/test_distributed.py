@@ -1,4 +1,4 @@
-"""Data-parallel and gradient-accumulation invariance of grpo.update_policy (spec T10), via tests/dp_worker.py.
+"""Data-parallel and gradient-accumulation invariance of each script's `update_policy`, via tests/dp_worker.py.
 
 A 2-process gloo torchrun update on a fixed global batch must give the same parameters as 1 process (1e-6),
 and several micro-batches the same as one. The negative control for the normalizer (averaging per-rank token
@@ -17,27 +17,32 @@ from tests.harness import ROOT
 WORKER = os.path.join(ROOT, "tests", "dp_worker.py")
 
 
-def run_worker(tmp_path, name, nproc=1, **overrides):
-    out = str(tmp_path / f"{name}.pt")
+def run_worker(tmp_path, algo, name, nproc=1, **overrides):
+    out = str(tmp_path / f"{algo}_{name}.pt")
     kv = [f"{k}={v}" for k, v in overrides.items()]
     if nproc == 1:
-        cmd = [sys.executable, WORKER, out, *kv]
+        cmd = [sys.executable, WORKER, algo, out, *kv]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               WORKER, out, *kv]
+               WORKER, algo, out, *kv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out)
 
 
-@pytest.mark.parametrize("overrides", [
-    {"loss_agg": "token_mean"},
-    {"loss_agg": "seq_mean_token_mean", "num_iterations": 2, "kl_estimator": "k2"},
-])
-def test_two_processes_equal_one(tmp_path, overrides):
-    one = run_worker(tmp_path, "one", 1, **overrides)
-    two = run_worker(tmp_path, "two", 2, **overrides)
+CASES = [
+    ("grpo", {"loss_agg": "token_mean"}),
+    ("grpo", {"loss_agg": "seq_mean_token_mean", "num_iterations": 2, "kl_estimator": "k2"}),
+    ("rpg_fkl", {"num_iterations": 2, "unnormalized": True, "kl_anchor": "init"}),
+    ("rpg_rkl", {"num_iterations": 2, "form": "reinforce", "ratio_level": "sequence"}),
+]
+
+
+@pytest.mark.parametrize("algo,overrides", CASES, ids=[f"{a}-{'-'.join(map(str, o.values()))}" for a, o in CASES])
+def test_two_processes_equal_one(tmp_path, algo, overrides):
+    one = run_worker(tmp_path, algo, "one", 1, **overrides)
+    two = run_worker(tmp_path, algo, "two", 2, **overrides)
     assert (one["params"] - one["init"]).abs().max() > 1e-3  # the update did move the parameters
     assert (one["params"] - two["params"]).abs().max() < 1e-6
     for k, v in one["metrics"].items():
@@ -45,6 +50,6 @@ def test_two_processes_equal_one(tmp_path, overrides):
 
 
 def test_micro_batches_equal_one_batch(tmp_path):
-    whole = run_worker(tmp_path, "whole", 1, micro_batch_size=16)
-    split = run_worker(tmp_path, "split", 1, micro_batch_size=3)
+    whole = run_worker(tmp_path, "grpo", "whole", 1, micro_batch_size=16)
+    split = run_worker(tmp_path, "grpo", "split", 1, micro_batch_size=3)
     assert (whole["params"] - split["params"]).abs().max() < 1e-6

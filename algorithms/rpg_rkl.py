@@ -530,20 +530,17 @@ def load_tokenizer(path: str):
 
 def encode_prompts(tokenizer, examples, args, split: str) -> list:
     """Token ids per prompt (chat template when the tokenizer has one); too long is an error, not a truncation."""
-    use_chat = bool(getattr(tokenizer, "chat_template", None)) and not args.no_chat_template
-    out = []
-    for i, ex in enumerate(examples):
-        if use_chat:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": ex.prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(ex.prompt)["input_ids"]
-        if len(ids) > args.max_prompt_length:
-            raise UserError(f"{split} prompt {i} has {len(ids)} tokens > --max_prompt_length "
-                            f"{args.max_prompt_length}: {ex.prompt[:60]!r}")
-        out.append(ids)
-    return out
+    if getattr(tokenizer, "chat_template", None) and not args.no_chat_template:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": ex.prompt}], tokenize=False,
+                                               add_generation_prompt=True) for ex in examples]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # the template already has any BOS
+    else:
+        ids = tokenizer([ex.prompt for ex in examples])["input_ids"]
+    for i, seq in enumerate(ids):
+        if len(seq) > args.max_prompt_length:
+            raise UserError(f"{split} prompt {i} has {len(seq)} tokens > --max_prompt_length "
+                            f"{args.max_prompt_length}: {examples[i].prompt[:60]!r}")
+    return ids
 
 
 def find_checkpoint(path: str) -> str:

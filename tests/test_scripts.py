@@ -1,4 +1,4 @@
-"""Smoke tests of algorithms/grpo.py as a program: --help, a 2-step run, save then resume, torchrun, bad input."""
+"""Smoke tests of the scripts as programs: --help, a 2-step run, save then resume, torchrun, bad input."""
 
 import json
 import os
@@ -9,35 +9,47 @@ import torch
 from tests.harness import TINY_RUN, one_line_error, read_metrics, run_script
 
 TIMING = ("time_s", "perf/", "charts/step_time_s", "charts/tokens_per_s")
+SCRIPTS = ["grpo", "rpg_fkl", "rpg_rkl"]
+FLAGS = {  # flags each script must document in --help
+    "grpo": ["--beta", "--kl_estimator", "--kl_importance_weight", "--epsilon_high", "--num_iterations",
+             "--scale_rewards", "--loss_agg"],
+    "rpg_fkl": ["--unnormalized", "--form", "--kl_anchor", "--ratio_level", "--clip_eps_low", "--clip_c"],
+    "rpg_rkl": ["--unnormalized", "--form", "--kl_anchor", "--ratio_level", "--clip_eps_high", "--no_clip"],
+}
 
 
 def untimed(rows):
     return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
 
 
-def test_help():
-    proc = run_script("grpo", "--help")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(script):
+    proc = run_script(script, "--help")
     assert proc.returncode == 0
-    for flag in ("--beta", "--kl_estimator", "--kl_importance_weight", "--epsilon_high", "--num_iterations",
-                 "--scale_rewards", "--loss_agg", "--resume"):
-        assert flag in proc.stdout
+    for flag in FLAGS[script] + ["--resume", "--model_name_or_path", "--task"]:
+        assert flag in proc.stdout, flag
 
 
-def test_two_steps_then_resume_equals_uninterrupted(tmp_path):
+KEYS = {"grpo": ["losses/kl_ref_rkl_k3"], "rpg_fkl": ["losses/kl_term", "losses/ratio_max", "losses/clipfrac_high"],
+        "rpg_rkl": ["losses/kl_old_rkl_k3w", "losses/ratio_min", "losses/clipfrac_dual"]}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_two_steps_then_resume_equals_uninterrupted(tmp_path, script):
     from transformers import AutoModelForCausalLM
 
     flags = [*TINY_RUN, "--output_dir", str(tmp_path), "--eval_every", "2"]
-    full = run_script("grpo", *flags, "--total_steps", "4", "--run_name", "full")
+    full = run_script(script, *flags, "--total_steps", "4", "--run_name", "full")
     assert full.returncode == 0, full.stderr[-3000:]
-    part = run_script("grpo", *flags, "--total_steps", "2", "--run_name", "part")
+    part = run_script(script, *flags, "--total_steps", "2", "--run_name", "part")
     assert part.returncode == 0, part.stderr[-3000:]
     rows = read_metrics(tmp_path / "part")
     assert [r["step"] for r in rows] == [0, 1, 2]
-    for key in ("eval/pass@1", "eval/kl_init_rkl_exact_seq", "charts/reward_mean", "losses/loss",
-                "losses/kl_ref_rkl_k3", "losses/entropy", "charts/grad_norm", "charts/tokens_per_s"):
+    for key in ["eval/pass@1", "eval/kl_init_rkl_exact_seq", "charts/reward_mean", "losses/loss",
+                "losses/entropy", "charts/grad_norm", "charts/tokens_per_s"] + KEYS[script]:
         assert key in rows[2] and torch.isfinite(torch.tensor(rows[2][key])), key
     assert abs(rows[0]["eval/kl_init_rkl_exact_seq"]) < 1e-6  # the policy starts at the reference
-    res = run_script("grpo", "--resume", str(tmp_path / "part"), "--total_steps", "4")
+    res = run_script(script, "--resume", str(tmp_path / "part"), "--total_steps", "4")
     assert res.returncode == 0, res.stderr[-3000:]
     assert untimed(read_metrics(tmp_path / "part")) == untimed(read_metrics(tmp_path / "full"))
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "final")
@@ -48,8 +60,9 @@ def test_two_steps_then_resume_equals_uninterrupted(tmp_path):
         assert json.load(f)["total_steps"] == 4
 
 
-def test_torchrun_two_processes(tmp_path):
-    proc = run_script("grpo", *TINY_RUN, "--output_dir", str(tmp_path), "--run_name", "ddp", nproc=2)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_torchrun_two_processes(tmp_path, script):
+    proc = run_script(script, *TINY_RUN, "--output_dir", str(tmp_path), "--run_name", "ddp", nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(tmp_path / "ddp")
     assert [r["step"] for r in rows] == [0, 1, 2]

@@ -30,7 +30,11 @@ def fill_rpg(algo, batch, rewards, G, frozen_logprobs):
     batch["anchor_logprobs"] = frozen_logprobs  # used with kl_anchor=init
 
 
-FILL = {"grpo": fill_grpo, "rpg_fkl": fill_rpg, "rpg_rkl": fill_rpg}
+def fill_pmd(algo, batch, rewards, G, frozen_logprobs):
+    batch["advantages"] = algo.pmd_advantages(rewards, G, "loo", 0.1)
+
+
+FILL = {"grpo": fill_grpo, "rpg_fkl": fill_rpg, "rpg_rkl": fill_rpg, "pmd_mean": fill_pmd}
 
 
 def main():
@@ -40,7 +44,10 @@ def main():
     if world > 1:
         dist.init_process_group("gloo")
     args = algo.Args(prompts_per_step=4, num_generations=4, max_new_tokens=4, max_prompt_length=16,
-                     micro_batch_size=16, num_minibatches=1, learning_rate=1.0, loss_agg="token_mean", beta=0.1)
+                     micro_batch_size=16, num_minibatches=1, learning_rate=1.0)
+    for k, v in {"loss_agg": "token_mean", "beta": 0.1}.items():  # where the script has these knobs
+        if hasattr(args, k):
+            setattr(args, k, v)
     for k, v in overrides.items():
         default = getattr(algo.Args(), k)
         setattr(args, k, v if default is None else (v == "True") if isinstance(default, bool) else type(default)(v))

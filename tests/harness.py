@@ -138,3 +138,38 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
     return lines[0]
+
+
+# ---- special functions and minimizers (float64) -------------------------------------------------------------
+def lambert_w0_exp(s: torch.Tensor) -> torch.Tensor:
+    """W0(e^s) for real s: the w > 0 with w + log w = s, by Newton on x = log w (stable for very large and very
+    negative s, i.e. tiny tau)."""
+    x = torch.where(s > 1, torch.log(s.clamp(min=1.0)), s)
+    for _ in range(40):  # quadratic convergence: a handful of steps suffice from this start
+        x = x - (torch.exp(x) + x - s) / (torch.exp(x) + 1)
+    return torch.exp(x)
+
+
+def bisect(f, lo: float, hi: float, iters: int = 100) -> float:
+    """Root of a decreasing function f on [lo, hi]."""
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def lbfgs_minimize(loss_fn, z0: torch.Tensor, max_iter: int = 1000) -> torch.Tensor:
+    """argmin of loss_fn(z) from z0 by L-BFGS with a strong-Wolfe line search, in float64."""
+    z = z0.detach().clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([z], lr=1.0, max_iter=max_iter, tolerance_grad=1e-15, tolerance_change=1e-20,
+                            history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(z)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    return z.detach()

@@ -36,6 +36,7 @@ CASES = [
     ("grpo", {"loss_agg": "seq_mean_token_mean", "num_iterations": 2, "kl_estimator": "k2"}),
     ("rpg_fkl", {"num_iterations": 2, "unnormalized": True, "kl_anchor": "init"}),
     ("rpg_rkl", {"num_iterations": 2, "form": "reinforce", "ratio_level": "sequence"}),
+    ("pmd_mean", {"num_iterations": 2}),
 ]
 
 

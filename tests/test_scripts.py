@@ -9,12 +9,13 @@ import torch
 from tests.harness import TINY_RUN, one_line_error, read_metrics, run_script
 
 TIMING = ("time_s", "perf/", "charts/step_time_s", "charts/tokens_per_s")
-SCRIPTS = ["grpo", "rpg_fkl", "rpg_rkl"]
+SCRIPTS = ["grpo", "rpg_fkl", "rpg_rkl", "pmd_mean"]
 FLAGS = {  # flags each script must document in --help
     "grpo": ["--beta", "--kl_estimator", "--kl_importance_weight", "--epsilon_high", "--num_iterations",
              "--scale_rewards", "--loss_agg"],
     "rpg_fkl": ["--unnormalized", "--form", "--kl_anchor", "--ratio_level", "--clip_eps_low", "--clip_c"],
     "rpg_rkl": ["--unnormalized", "--form", "--kl_anchor", "--ratio_level", "--clip_eps_high", "--no_clip"],
+    "pmd_mean": ["--tau", "--baseline", "--length_norm", "--no_length_norm", "--num_minibatches"],
 }
 
 
@@ -31,7 +32,9 @@ def test_help(script):
 
 
 KEYS = {"grpo": ["losses/kl_ref_rkl_k3"], "rpg_fkl": ["losses/kl_term", "losses/ratio_max", "losses/clipfrac_high"],
-        "rpg_rkl": ["losses/kl_old_rkl_k3w", "losses/ratio_min", "losses/clipfrac_dual"]}
+        "rpg_rkl": ["losses/kl_old_rkl_k3w", "losses/ratio_min", "losses/clipfrac_dual"],
+        "pmd_mean": ["losses/pmd_loss", "losses/residual_abs_mean", "losses/delta_max", "losses/ratio_seq_min",
+                     "losses/kl_old_fkl_k1"]}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

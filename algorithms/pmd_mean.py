@@ -97,7 +97,7 @@ class Args:
     about 4-16 for 0.5B-1.5B models with 1K-token completions on one 80 GB GPU"""
     gen_batch_size: int = 512
     """sequences per generate call on one device"""
-    learning_rate: float = 5e-4
+    learning_rate: float = 3e-4
     """AdamW learning rate, constant after warm-up. Tiny-tuned; OpenKimi 1e-6"""
     weight_decay: float = 0.0
     """AdamW weight decay"""

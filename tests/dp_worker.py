@@ -34,7 +34,13 @@ def fill_pmd(algo, batch, rewards, G, frozen_logprobs):
     batch["advantages"] = algo.pmd_advantages(rewards, G, "loo", 0.1)
 
 
-FILL = {"grpo": fill_grpo, "rpg_fkl": fill_rpg, "rpg_rkl": fill_rpg, "pmd_mean": fill_pmd}
+def fill_a_star_po(algo, batch, rewards, G, frozen_logprobs):
+    batch["rewards"], batch["ref_logprobs"] = rewards, frozen_logprobs
+    batch["v_hat"] = torch.linspace(0.1, 0.9, rewards.numel())  # any fixed stage-1 values
+
+
+FILL = {"grpo": fill_grpo, "rpg_fkl": fill_rpg, "rpg_rkl": fill_rpg, "pmd_mean": fill_pmd,
+        "a_star_po": fill_a_star_po}
 
 
 def main():
@@ -43,11 +49,13 @@ def main():
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1:
         dist.init_process_group("gloo")
-    args = algo.Args(prompts_per_step=4, num_generations=4, max_new_tokens=4, max_prompt_length=16,
-                     micro_batch_size=16, num_minibatches=1, learning_rate=1.0)
-    for k, v in {"loss_agg": "token_mean", "beta": 0.1}.items():  # where the script has these knobs
+    args = algo.Args(max_new_tokens=4, max_prompt_length=16, micro_batch_size=16, num_minibatches=1,
+                     learning_rate=1.0)
+    # 16 sequences: 4 prompts x 4 samples, or 16 prompts x 1 sample where a script samples once per prompt
+    for k, v in {"loss_agg": "token_mean", "beta": 0.1, "num_generations": 4}.items():  # where the script has them
         if hasattr(args, k):
             setattr(args, k, v)
+    args.prompts_per_step = 16 // getattr(args, "num_generations", 1)
     for k, v in overrides.items():
         default = getattr(algo.Args(), k)
         setattr(args, k, v if default is None else (v == "True") if isinstance(default, bool) else type(default)(v))
@@ -58,7 +66,7 @@ def main():
     ref = algo.load_model(TINY_POLICY, "cpu", trainable=False)
     task = arithmetic_task()
     examples = task.train[: args.prompts_per_step]
-    G = args.num_generations
+    G = getattr(args, "num_generations", 1)
     prompts = [tok(e.prompt)["input_ids"] for e in examples for _ in range(G)]
     eos = torch.tensor([tok.eos_token_id])
     batch = algo.sample_batch(policy, prompts, args, eos, tok.pad_token_id, torch.Generator().manual_seed(123),

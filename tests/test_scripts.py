@@ -9,13 +9,15 @@ import torch
 from tests.harness import TINY_RUN, one_line_error, read_metrics, run_script
 
 TIMING = ("time_s", "perf/", "charts/step_time_s", "charts/tokens_per_s")
-SCRIPTS = ["grpo", "rpg_fkl", "rpg_rkl", "pmd_mean"]
+SCRIPTS = ["grpo", "rpg_fkl", "rpg_rkl", "pmd_mean", "a_star_po"]
+EXTRA = {"a_star_po": ["--max_train_prompts", "32", "--num_ref_samples", "2"]}  # a short stage 1
 FLAGS = {  # flags each script must document in --help
     "grpo": ["--beta", "--kl_estimator", "--kl_importance_weight", "--epsilon_high", "--num_iterations",
              "--scale_rewards", "--loss_agg"],
     "rpg_fkl": ["--unnormalized", "--form", "--kl_anchor", "--ratio_level", "--clip_eps_low", "--clip_c"],
     "rpg_rkl": ["--unnormalized", "--form", "--kl_anchor", "--ratio_level", "--clip_eps_high", "--no_clip"],
     "pmd_mean": ["--tau", "--baseline", "--length_norm", "--no_length_norm", "--num_minibatches"],
+    "a_star_po": ["--num_ref_samples", "--beta1", "--beta2", "--entropy_coef", "--filter_unsolved", "--value_cache"],
 }
 
 
@@ -34,14 +36,15 @@ def test_help(script):
 KEYS = {"grpo": ["losses/kl_ref_rkl_k3"], "rpg_fkl": ["losses/kl_term", "losses/ratio_max", "losses/clipfrac_high"],
         "rpg_rkl": ["losses/kl_old_rkl_k3w", "losses/ratio_min", "losses/clipfrac_dual"],
         "pmd_mean": ["losses/pmd_loss", "losses/residual_abs_mean", "losses/delta_max", "losses/ratio_seq_min",
-                     "losses/kl_old_fkl_k1"]}
+                     "losses/kl_old_fkl_k1"],
+        "a_star_po": ["losses/regression_loss", "losses/kl_ref_rkl_k1_seq", "losses/adv_mean", "perf/stage2_s"]}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_two_steps_then_resume_equals_uninterrupted(tmp_path, script):
     from transformers import AutoModelForCausalLM
 
-    flags = [*TINY_RUN, "--output_dir", str(tmp_path), "--eval_every", "2"]
+    flags = [*TINY_RUN, *EXTRA.get(script, []), "--output_dir", str(tmp_path), "--eval_every", "2"]
     full = run_script(script, *flags, "--total_steps", "4", "--run_name", "full")
     assert full.returncode == 0, full.stderr[-3000:]
     part = run_script(script, *flags, "--total_steps", "2", "--run_name", "part")
@@ -65,7 +68,8 @@ def test_two_steps_then_resume_equals_uninterrupted(tmp_path, script):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_torchrun_two_processes(tmp_path, script):
-    proc = run_script(script, *TINY_RUN, "--output_dir", str(tmp_path), "--run_name", "ddp", nproc=2)
+    proc = run_script(script, *TINY_RUN, *EXTRA.get(script, []), "--output_dir", str(tmp_path), "--run_name", "ddp",
+                      nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(tmp_path / "ddp")
     assert [r["step"] for r in rows] == [0, 1, 2]

@@ -1,0 +1,897 @@
+# A*-PO: "Accelerating RL for LLM Reasoning with Optimal Advantage Regression" (arXiv 2505.20686). README: #a-po
+"""A*-PO: regress the optimal advantage of the KL-regularized objective, in one file, two stages.
+
+Objective with the frozen reference pi_ref (the initial model), sequence-level KL:
+    J_beta(pi) = E_x[ E_{y ~ pi}[r(x, y)] - beta KL(pi(.|x) || pi_ref(.|x)) ],   pi* = pi_ref e^{r/beta} / Z,
+    V*(x) = beta log E_{y ~ pi_ref}[e^{r(x, y)/beta}],   A*(x, y) = r - V*(x) = beta log(pi*(y|x) / pi_ref(y|x)).
+Stage 1 (once): N reference samples per training prompt give
+    V_hat(x) = beta1 (logsumexp_i(r_i / beta1) - log N)    (beta1 = 0: the plain mean, as the original code).
+Stage 2: one on-policy sample per prompt, Delta_ref = sum_t (log pi_theta - log pi_ref) over its tokens,
+    loss = mean_x (beta2 Delta_ref + V_hat(x) - r(x, y))^2  -  entropy_coef * H.
+Per sample the gradient is -2 beta2 (r - beta2 Delta_ref - V_hat) grad log pi_theta(y): REINFORCE on the KL-shaped
+reward r - beta2 log(pi/pi_ref) with baseline V_hat, so the expected on-policy gradient is -2 beta2 grad J_beta2
+whatever the error of V_hat, and with the exact V* the loss is 0 at pi* for any sampler.
+"""
+
+import contextlib
+import inspect
+import io
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for `common`
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import tyro
+
+from common import TINY_POLICY
+from common.tasks import TaskError, load_task
+
+
+@dataclass
+class Args:
+    # ---- experiment ---------------------------------------------------------------------------------------
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """global seed; prompt draws use it on every rank, sampling uses seed + rank"""
+    torch_deterministic: bool = True
+    """`torch.backends.cudnn.deterministic = True`"""
+    cuda: bool = True
+    """use the GPU when one is present"""
+    track: bool = False
+    """also log to TensorBoard and Weights & Biases, each when installed"""
+    wandb_project_name: str = "klrl"
+    """the W&B project"""
+    wandb_entity: Optional[str] = None
+    """the W&B entity (team)"""
+    run_name: Optional[str] = None
+    """default `{task}__{exp_name}__{seed}__{unix_time}`"""
+    output_dir: str = "runs"
+    """outputs go to `{output_dir}/{run_name}/`"""
+    # ---- model and data -----------------------------------------------------------------------------------
+    model_name_or_path: str = TINY_POLICY
+    """any Hugging Face causal LM (local folder or hub id); default: the shipped tiny policy"""
+    task: str = "arithmetic"
+    """`arithmetic` (built in), `jsonl` (with --train_file/--eval_file) or `hf:<dataset>[:<config>]`"""
+    train_file: Optional[str] = None
+    """JSONL training prompts (with --task jsonl)"""
+    eval_file: Optional[str] = None
+    """JSONL held-out prompts (with --task jsonl)"""
+    prompt_field: str = "prompt"
+    """JSON field holding the prompt"""
+    answer_field: str = "answer"
+    """JSON field holding the reference answer (GSM8K `#### 42` and `\\boxed{}` are reduced to the answer)"""
+    no_chat_template: bool = False
+    """do not apply the tokenizer's chat template (it is applied when the tokenizer has one)"""
+    max_prompt_length: Optional[int] = None
+    """prompt token limit; longer prompts are an error, never truncated (default per task: 16 arithmetic, 512)"""
+    max_new_tokens: Optional[int] = None
+    """completion token limit (default per task: 4 arithmetic, 1024 real data)"""
+    temperature: float = 1.0
+    """sampling temperature, also used for every log-prob (policy, old, reference)"""
+    # ---- training -----------------------------------------------------------------------------------------
+    total_steps: int = 200
+    """rollout steps (one generation phase each). Tiny-tuned (about 2 minutes on 2 CPU cores)"""
+    prompts_per_step: int = 64
+    """prompts per step, all ranks together, one sample each. Tiny-tuned; original 256"""
+    num_iterations: int = 1
+    """mu, passes over each rollout batch (paper 1)"""
+    num_minibatches: int = 2
+    """optimizer steps per pass on disjoint halves (original: 256 prompts, 2 mini-batches of 128; the second step
+    is slightly off-policy, uncorrected)"""
+    micro_batch_size: int = 512
+    """sequences per forward/backward on one device (gradient accumulation below the mini-batch). Tiny-tuned;
+    about 4-16 for 0.5B-1.5B models with 1K-token completions on one 80 GB GPU"""
+    gen_batch_size: int = 512
+    """sequences per generate call on one device"""
+    learning_rate: float = 5e-4
+    """AdamW learning rate, constant after warm-up. Tiny-tuned; original 1e-6, no warm-up, weight decay 0.01"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip"""
+    warmup_steps: int = 0
+    """linear LR warm-up, in optimizer steps"""
+    # ---- A*-PO -------------------------------------------------------------------------------------------
+    num_ref_samples: int = 8
+    """N, stage-1 samples per training prompt from pi_ref (original `data.num_gen_to_use`, TRL `num_value_samples`)"""
+    beta1: float = 0.5
+    """stage-1 smoothing, V_hat = beta1 (logsumexp(r / beta1) - log N). 0 = the plain mean (the original code's
+    convention: it is the beta1 -> infinity limit; beta1 -> 0 would be the max). Must be >= 0"""
+    beta2: float = 1e-3
+    """KL coefficient of the objective (paper 1e-3): the regression target is beta2 log(pi / pi_ref)"""
+    entropy_coef: float = 0.001
+    """entropy bonus weight, minus entropy_coef x token-mean entropy (original code 0.001; the TRL port has none)"""
+    filter_unsolved: bool = False
+    """drop training prompts whose N reference samples all score 0 (original default off; TRL port on)"""
+    value_cache: Optional[str] = None
+    """stage-1 cache file (prompt id, rewards, V_hat); default `{run_dir}/value_estimates.jsonl`. An existing cache
+    written under the same settings is read instead of sampling again (rerun, resume, or another run)"""
+    max_train_prompts: Optional[int] = None
+    """use only the first N training prompts (stage 1 samples every training prompt); default all"""
+    # ---- evaluation, logging, checkpoints -----------------------------------------------------------------
+    eval_every: int = 25
+    """held-out eval every this many steps (and always at step 0); 0 = only at the start and the end"""
+    eval_num_prompts: int = 500
+    """held-out prompts per eval (all of the arithmetic held-out split)"""
+    eval_samples_per_prompt: int = 4
+    """samples per held-out prompt at `temperature`; pass@1 = mean correctness"""
+    eval_kl: bool = True
+    """log eval/kl_init_rkl_exact_seq (the reference is the initial policy, so no extra model)"""
+    log_every: int = 10
+    """print a one-line summary every this many steps (metrics.jsonl gets every step)"""
+    save_every: int = 0
+    """checkpoint every this many steps (0 = only at the end)"""
+    resume: Optional[str] = None
+    """a run folder or checkpoint folder to resume from (restores model, optimizer, step and RNG)"""
+    bf16: Optional[bool] = None
+    """bf16 autocast for forward passes (parameters and optimizer stay float32); default: on with CUDA"""
+    gradient_checkpointing: bool = False
+    """trade compute for memory on real models"""
+    # ---- filled in at runtime -----------------------------------------------------------------------------
+    world_size: int = 0
+    """number of processes (computed at runtime)"""
+    local_prompts: int = 0
+    """prompts per step on one rank (computed at runtime)"""
+
+
+class UserError(ValueError):
+    """Bad flags or inputs: printed as one line (`error: ...`), exit status 1, nothing written."""
+
+
+# ==========================================================================================================
+# ALGO LOGIC: pure functions (tensors in, tensors out; tested against closed forms in tests/test_a_star_po.py)
+# ==========================================================================================================
+def value_estimate(rewards: torch.Tensor, beta1: float) -> torch.Tensor:
+    """Stage-1 value of each prompt from its N reference rewards [P, N]:
+
+        beta1 > 0:  V_hat = beta1 (logsumexp_i(r_i / beta1) - log N)   (soft max; -> max as beta1 -> 0)
+        beta1 = 0:  V_hat = mean_i r_i   (the original code's convention: the beta1 -> infinity limit, not beta1 -> 0)
+    For binary rewards with k of N correct: beta1 log(1 - k/N + (k/N) e^{1/beta1}). By Jensen, E[V_hat] <= V* of
+    beta1: a value baseline below the optimum, the safe side for the regression.
+    """
+    if beta1 < 0:
+        raise ValueError(f"beta1 must be >= 0, got {beta1}")
+    if beta1 == 0:
+        return rewards.mean(-1)
+    return beta1 * (torch.logsumexp(rewards / beta1, dim=-1) - math.log(rewards.shape[-1]))
+
+
+def solved_mask(rewards: torch.Tensor) -> torch.Tensor:
+    """`--filter_unsolved` keeps the prompts with at least one nonzero stage-1 reward: [P] bool."""
+    return (rewards != 0).any(dim=-1)
+
+
+def a_star_po_loss(lp: torch.Tensor, lp_ref: torch.Tensor, mask: torch.Tensor, v_hat: torch.Tensor,
+                   rewards: torch.Tensor, *, beta2: float, entropy_sum: torch.Tensor, entropy_coef: float,
+                   num_prompts, num_tokens):
+    """A*-PO loss of one micro-batch, its share of the global mean:
+
+        L = (1/N_prompts) sum_i (beta2 Delta_i + V_hat_i - r_i)^2  -  entropy_coef * H,
+        Delta_i = sum_t m_it (lp_it - lp_ref_it)   (sequence SUM: a token mean would regress the wrong policy),
+    H = global token mean of the exact per-position entropy (`entropy_sum` = this micro-batch's sum, with grad).
+    No 1/2, no 1/L, no clipping, no ratio to pi_old (as the original). Gradient per sample (H aside):
+    -2 beta2 (r_i - beta2 Delta_i - V_hat_i) grad log pi_theta(y_i).
+    Shapes: lp, lp_ref, mask [B, T]; v_hat, rewards [B]. Returns (loss, stats): shares of global means.
+    """
+    m = mask.to(lp.dtype)
+    delta = ((lp - lp_ref) * m).sum(-1)
+    v_hat, rewards = v_hat.to(lp.dtype), rewards.to(lp.dtype)
+    residual = rewards - v_hat - beta2 * delta
+    regression = residual.pow(2).sum() / max(num_prompts, 1)
+    entropy = entropy_sum / max(num_tokens, 1)
+    loss = regression - entropy_coef * entropy
+    with torch.no_grad():
+        per = lambda x: x.sum() / max(num_prompts, 1)  # noqa: E731  prompt mean (share of the global mean)
+        stats = {"loss": loss.detach(), "regression_loss": regression.detach(), "entropy": entropy.detach(),
+                 "residual_mean": per(residual), "residual_abs_mean": per(residual.abs()),
+                 "adv_mean": per(rewards - v_hat), "kl_ref_rkl_k1_seq": per(delta),
+                 "kl_ref_rkl_k1": delta.sum() / max(num_tokens, 1)}
+    return loss, stats
+
+
+# ==========================================================================================================
+# Rollout and log-probs
+# ==========================================================================================================
+def left_pad(seqs: list, pad_id: int, device) -> tuple:
+    """Token lists -> (ids [B, P], attention mask [B, P]), padded on the left."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def completion_mask_from(tokens: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor:
+    """1 for every generated token up to and including the first EOS, 0 after it. [B, C] long."""
+    is_eos = torch.isin(tokens, eos_ids)
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    return (~after_eos).long()
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float, eos_ids: torch.Tensor,
+             pad_id: int, generator: torch.Generator, amp=contextlib.nullcontext, uniforms=None):
+    """Sample completions with the KV cache from exactly softmax(logits / T): no top-k, top-p or penalties, so
+    the sampling law is the one every log-prob assumes. With `uniforms` [B, max_new_tokens] the tokens are drawn
+    by inverse CDF from that per-row noise instead of `generator`. Returns (tokens [B, C], completion mask)."""
+    from transformers import DynamicCache
+
+    was_training = model.training
+    model.eval()  # in train mode, gradient checkpointing would silently switch the KV cache off
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = DynamicCache()
+    attn = prompt_mask
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
+    inputs = prompt_ids
+    done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+    tokens = []
+    for t in range(max_new_tokens):
+        with amp():
+            logits = model(input_ids=inputs, attention_mask=attn, position_ids=pos, use_cache=True,
+                           logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        if uniforms is None:
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:
+            cdf = probs.double().cumsum(-1)
+            tok = torch.searchsorted(cdf, uniforms[:, t: t + 1].double()).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        tokens.append(tok)
+        done |= torch.isin(tok, eos_ids)
+        if done.all():
+            break
+        inputs, pos = tok[:, None], pos[:, -1:] + 1
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+    model.train(was_training)
+    tokens = torch.stack(tokens, dim=1)
+    return tokens, completion_mask_from(tokens, eos_ids)
+
+
+def completion_log_softmax(model, input_ids, attention_mask, completion_len: int, temperature: float):
+    """log softmax(logits / T) at the positions that predict the last `completion_len` tokens: [B, C, V].
+    Logits are upcast to at least float32; position ids follow the attention mask (left padding)."""
+    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False,
+                   logits_to_keep=completion_len + 1).logits[:, :-1]
+    return (logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature).log_softmax(-1)
+
+
+def token_logprobs(log_probs_all: torch.Tensor, completion_ids: torch.Tensor) -> torch.Tensor:
+    return log_probs_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def batched_logprobs(model, input_ids, attention_mask, completion_len, temperature, micro_batch_size,
+                     amp=contextlib.nullcontext) -> torch.Tensor:
+    """No-grad per-token log-probs of the completions, in micro-batches (reference / old policy)."""
+    out = []
+    for i in range(0, input_ids.shape[0], micro_batch_size):
+        sl = slice(i, i + micro_batch_size)
+        with amp():
+            lsm = completion_log_softmax(model, input_ids[sl], attention_mask[sl], completion_len, temperature)
+        out.append(token_logprobs(lsm, input_ids[sl, -completion_len:]))
+    return torch.cat(out)
+
+
+def sample_batch(model, prompts: list, args, eos_ids, pad_id, generator, device, amp, uniforms=None):
+    """Generate for a list of prompt token lists (in chunks); returns teacher-forcing inputs and masks."""
+    chunks = []
+    for i in range(0, len(prompts), args.gen_batch_size):
+        p_ids, p_mask = left_pad(prompts[i: i + args.gen_batch_size], pad_id, device)
+        u = None if uniforms is None else uniforms[i: i + args.gen_batch_size]
+        toks, cmask = generate(model, p_ids, p_mask, args.max_new_tokens, args.temperature, eos_ids, pad_id,
+                               generator, amp, u)
+        chunks.append((p_ids, p_mask, toks, cmask))
+    P = max(c[0].shape[1] for c in chunks)
+    C = max(c[2].shape[1] for c in chunks)
+    pad_l = lambda x, v: torch.nn.functional.pad(x, (P - x.shape[1], 0), value=v)  # noqa: E731
+    pad_r = lambda x, v: torch.nn.functional.pad(x, (0, C - x.shape[1]), value=v)  # noqa: E731
+    p_ids = torch.cat([pad_l(c[0], pad_id) for c in chunks])
+    p_mask = torch.cat([pad_l(c[1], 0) for c in chunks])
+    toks = torch.cat([pad_r(c[2], pad_id) for c in chunks])
+    cmask = torch.cat([pad_r(c[3], 0) for c in chunks])
+    input_ids = torch.cat([p_ids, toks], dim=1)
+    attention_mask = torch.cat([p_mask, torch.ones_like(toks)], dim=1)  # after EOS: masked out of every loss
+    truncated = ~torch.isin(toks, eos_ids).any(-1)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_ids": toks,
+            "completion_mask": cmask, "truncated": truncated}
+
+
+def decode_completions(tokenizer, batch) -> list:
+    ids, mask = batch["completion_ids"].tolist(), batch["completion_mask"].tolist()
+    return tokenizer.batch_decode([[t for t, m in zip(r, mr) if m] for r, mr in zip(ids, mask)],
+                                  skip_special_tokens=True)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def global_mean_std(x: torch.Tensor) -> tuple:
+    """Mean and Bessel std of `x` over all ranks, two passes (never E[x^2] - mean^2)."""
+    n_sum = all_reduce_sum(torch.stack([x.new_tensor(float(x.numel())), x.sum()]))
+    mean = n_sum[1] / n_sum[0]
+    ss = all_reduce_sum((x - mean).pow(2).sum().reshape(1))[0]
+    return mean, (ss / (n_sum[0] - 1).clamp(min=1)).sqrt()
+
+
+# ==========================================================================================================
+# Policy update (importable: the data-parallel invariance test drives it on a fixed batch)
+# ==========================================================================================================
+def update_policy(model, optimizer, scheduler, batch: dict, args, shuffle_seed: int, amp=contextlib.nullcontext):
+    """`num_iterations` passes x `num_minibatches` AdamW steps over this rank's batch (one sample per prompt).
+    As the original, no importance correction: from the second mini-batch on the samples are slightly
+    off-policy. Prompt and token counts are all-reduced over ranks and micro-batches before the loss is formed
+    and each rank backpropagates local_sum / global_count * world_size, so the update does not depend on the
+    number of ranks or micro-batches. Returns global metrics."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = batch["input_ids"].shape[0]
+    C = batch["completion_ids"].shape[1]
+    sums, grad_norms, steps = {}, [], 0
+    for it in range(args.num_iterations):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed * 1000 + it))  # same on all ranks
+        for mb_idx in perm.tensor_split(args.num_minibatches):
+            mask = batch["loss_mask"][mb_idx]  # counts of this mini-batch, over all ranks
+            counts = all_reduce_sum(torch.stack([mask.new_tensor(len(mb_idx)), mask.sum()]).double())
+            num_prompts, num_tokens = counts[0].item(), counts[1].item()
+            micro = mb_idx.split(args.micro_batch_size)
+            for k, idx in enumerate(micro):
+                sync = k == len(micro) - 1 or not hasattr(model, "no_sync")
+                with (contextlib.nullcontext() if sync else model.no_sync()):
+                    with amp():
+                        lsm = completion_log_softmax(model, batch["input_ids"][idx], batch["attention_mask"][idx],
+                                                     C, args.temperature)
+                    lp = token_logprobs(lsm, batch["completion_ids"][idx])
+                    entropy_sum = (-(lsm.exp() * lsm).sum(-1) * batch["loss_mask"][idx]).sum()  # with grad
+                    loss, stats = a_star_po_loss(
+                        lp, batch["ref_logprobs"][idx], batch["loss_mask"][idx], batch["v_hat"][idx],
+                        batch["rewards"][idx], beta2=args.beta2, entropy_sum=entropy_sum,
+                        entropy_coef=args.entropy_coef, num_prompts=num_prompts, num_tokens=num_tokens)
+                    (loss * world).backward()
+                for key, v in stats.items():
+                    sums[key] = sums.get(key, 0.0) + v.detach().double()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            if not torch.isfinite(grad_norm):  # identical on every rank after DDP's all-reduce: all stop together
+                optimizer.zero_grad(set_to_none=True)
+                raise FloatingPointError("non-finite loss or gradient (grad norm "
+                                         f"{grad_norm.item()}); no optimizer step was taken")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            grad_norms.append(grad_norm.item())
+            steps += 1
+    keys = sorted(sums)
+    reduced = all_reduce_sum(torch.stack([sums[k] for k in keys])) / steps
+    metrics = {f"losses/{k}": v for k, v in zip(keys, reduced.tolist())}
+    metrics["charts/grad_norm"] = sum(grad_norms) / len(grad_norms)
+    return metrics
+
+
+# ==========================================================================================================
+# Stage 1: reference samples and the value estimate of every training prompt (cached on disk)
+# ==========================================================================================================
+def prompt_uniforms(seed: int, prompt_id: int, n: int, length: int) -> torch.Tensor:
+    """Sampling noise of one prompt's stage-1 samples, from (seed, prompt id) alone: V_hat does not depend on
+    the number of ranks or on how prompts are batched."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + prompt_id)
+    return torch.rand(n, length, generator=g, dtype=torch.float64)
+
+
+@torch.no_grad()
+def stage1_rewards(ref, tokenizer, prompts: list, answers: list, ids: list, reward_fn, args, eos_ids, device,
+                   amp) -> torch.Tensor:
+    """N = num_ref_samples rewards for each prompt in `ids` (this rank's share): [len(ids), N]."""
+    N = args.num_ref_samples
+    per_call = max(1, args.gen_batch_size // N)  # whole prompts per generate call
+    out = []
+    for i in range(0, len(ids), per_call):
+        chunk = ids[i: i + per_call]
+        u = torch.cat([prompt_uniforms(args.seed, p, N, args.max_new_tokens) for p in chunk]).to(device)
+        b = sample_batch(ref, [prompts[p] for p in chunk for _ in range(N)], args, eos_ids, tokenizer.pad_token_id,
+                         None, device, amp, uniforms=u)
+        texts = decode_completions(tokenizer, b)
+        out.append(torch.tensor([reward_fn(t, answers[p]) for t, p in zip(texts, [p for p in chunk for _ in range(N)])],
+                                dtype=torch.float64).view(len(chunk), N))
+    return torch.cat(out) if out else torch.zeros(0, N, dtype=torch.float64)
+
+
+def cache_meta(args, task_name: str, num_prompts: int) -> dict:
+    """What the cached values depend on; a cache written under other settings is refused."""
+    return {"task": task_name, "model": args.model_name_or_path, "num_prompts": num_prompts, "seed": args.seed,
+            "num_ref_samples": args.num_ref_samples, "temperature": args.temperature,
+            "max_new_tokens": args.max_new_tokens}
+
+
+def load_value_cache(path: str, meta: dict):
+    """(rewards [P, N], v_hat [P]) from a cache file, or None when there is none. A cache written under other
+    settings is an error (delete it or point --value_cache elsewhere)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    if not lines or lines[0].get("meta") != meta:
+        raise UserError(f"--value_cache {path} was written with other settings ({lines[0].get('meta') if lines else 'empty'}"
+                        f" vs {meta}); remove it or choose another path")
+    rows = sorted(lines[1:], key=lambda r: r["prompt_id"])
+    if [r["prompt_id"] for r in rows] != list(range(meta["num_prompts"])):
+        raise UserError(f"--value_cache {path} is incomplete; remove it to recompute stage 1")
+    return torch.tensor([r["rewards"] for r in rows], dtype=torch.float64)
+
+
+def write_value_cache(path: str, meta: dict, rewards: torch.Tensor, v_hat: torch.Tensor) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps({"meta": meta}) + "\n")
+        for i, (r, v) in enumerate(zip(rewards.tolist(), v_hat.tolist())):
+            f.write(json.dumps({"prompt_id": i, "rewards": r, "v_hat": v}) + "\n")
+    os.replace(tmp, path)
+
+
+# ==========================================================================================================
+# Setup helpers: models, prompts, checkpoints
+# ==========================================================================================================
+def load_error(path: str, what: str, e: Exception) -> UserError:
+    """One line that says whether `path` was read as a local folder or as a hub id (and why that failed)."""
+    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
+    if looks_local and not os.path.isdir(path):
+        return UserError(f"{what} {path!r} not found: no such local folder")
+    where = "local folder" if os.path.isdir(path) else "not a local folder; tried as a Hugging Face hub id"
+    return UserError(f"could not load {what} {path!r} ({where}): {str(e).strip().splitlines()[0]}")
+
+
+def load_model(path: str, device, trainable: bool):
+    """AutoModelForCausalLM in float32 with dropout off; a missing path gives a one-line error."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise load_error(path, "model", e) from None
+    for m in model.modules():  # ratios must be exactly 1 at theta = theta_old: no dropout anywhere
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+    model.to(device)
+    model.train(trainable)
+    model.requires_grad_(trainable)
+    return model
+
+
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing; transformers >= 5.2x renamed the method."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise load_error(path, "model", e) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def encode_prompts(tokenizer, examples, args, split: str) -> list:
+    """Token ids per prompt (chat template when the tokenizer has one); too long is an error, not a truncation."""
+    if getattr(tokenizer, "chat_template", None) and not args.no_chat_template:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": ex.prompt}], tokenize=False,
+                                               add_generation_prompt=True) for ex in examples]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # the template already has any BOS
+    else:
+        ids = tokenizer([ex.prompt for ex in examples])["input_ids"]
+    for i, seq in enumerate(ids):
+        if len(seq) > args.max_prompt_length:
+            raise UserError(f"{split} prompt {i} has {len(seq)} tokens > --max_prompt_length "
+                            f"{args.max_prompt_length}: {examples[i].prompt[:60]!r}")
+    return ids
+
+
+def find_checkpoint(path: str) -> str:
+    """`--resume` accepts a checkpoint folder or a run folder (then its latest checkpoint, `final` included)."""
+    if os.path.isfile(os.path.join(path, "trainer_state.pt")):
+        return path
+    candidates = [os.path.join(path, "final")]
+    ckpt_dir = os.path.join(path, "checkpoints")
+    if os.path.isdir(ckpt_dir):
+        candidates += [os.path.join(ckpt_dir, d) for d in os.listdir(ckpt_dir)]
+    found = [c for c in candidates if os.path.isfile(os.path.join(c, "trainer_state.pt"))]
+    if not found:
+        raise UserError(f"--resume {path!r}: no checkpoint (trainer_state.pt) found there")
+    return max(found, key=lambda c: torch.load(os.path.join(c, "trainer_state.pt"), weights_only=False)["step"])
+
+
+def rng_state(generator) -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "sampler": generator.get_state()}
+
+
+def set_rng_state(state: dict, generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["sampler"])
+
+
+def save_checkpoint(path, policy, tokenizer, optimizer, scheduler, step, elapsed, generator, args, rank) -> None:
+    """save_pretrained (model + tokenizer) plus trainer_state.pt (optimizer, scheduler, step, every rank's RNG).
+    Written to a temporary folder first and renamed, so an interrupted save never leaves a corrupt checkpoint."""
+    states = [None] * args.world_size if dist.is_initialized() else None
+    if dist.is_initialized():
+        dist.all_gather_object(states, rng_state(generator))
+    else:
+        states = [rng_state(generator)]
+    if rank == 0:
+        tmp = path + ".tmp"
+        policy.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "elapsed_s": elapsed, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": states, "args": asdict(args)},
+                   os.path.join(tmp, "trainer_state.pt"))
+        if os.path.isdir(path):
+            import shutil
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ==========================================================================================================
+# Evaluation
+# ==========================================================================================================
+@torch.no_grad()
+def evaluate(policy, init_model, tokenizer, prompts, answers, reward_fn, args, eos_ids, device, amp, rank) -> dict:
+    """Held-out pass@1 at `temperature` and KL(pi_theta || pi_init) summed along each sampled completion, exact
+    over the vocabulary at every visited position. Prompts are interleaved over ranks; sums are all-reduced.
+    The sampler is re-seeded for every eval, so evals at different steps share their random numbers."""
+    gen = torch.Generator(device=device).manual_seed(10_000_019 * (args.seed + 1) + rank)
+    mine = list(range(rank, len(prompts), args.world_size))
+    rep = [prompts[i] for i in mine for _ in range(args.eval_samples_per_prompt)]
+    ans = [answers[i] for i in mine for _ in range(args.eval_samples_per_prompt)]
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # reward, correct, length, kl
+    count = torch.zeros(1, dtype=torch.float64, device=device)
+    for i in range(0, len(rep), args.gen_batch_size):
+        b = sample_batch(policy, rep[i: i + args.gen_batch_size], args, eos_ids, tokenizer.pad_token_id, gen, device, amp)
+        rewards = torch.tensor([reward_fn(c, a) for c, a in zip(decode_completions(tokenizer, b), ans[i:])],
+                               dtype=torch.float64, device=device)
+        cmask = b["completion_mask"]
+        sums[0] += rewards.sum()
+        sums[1] += (rewards >= 1.0).double().sum()
+        sums[2] += cmask.sum()
+        if init_model is not None:
+            C = cmask.shape[1]
+            for j in range(0, cmask.shape[0], args.micro_batch_size):
+                sl = slice(j, j + args.micro_batch_size)
+                with amp():
+                    p = completion_log_softmax(policy, b["input_ids"][sl], b["attention_mask"][sl], C, args.temperature)
+                    q = completion_log_softmax(init_model, b["input_ids"][sl], b["attention_mask"][sl], C,
+                                               args.temperature)
+                sums[3] += ((p.exp() * (p - q)).sum(-1) * cmask[sl]).sum().double()
+        count += cmask.shape[0]
+    total = all_reduce_sum(torch.cat([sums, count]))
+    n = total[4].clamp(min=1)
+    out = {"eval/pass@1": (total[1] / n).item(), "eval/reward_mean": (total[0] / n).item(),
+           "eval/completion_len_mean": (total[2] / n).item()}
+    if init_model is not None:
+        out["eval/kl_init_rkl_exact_seq"] = (total[3] / n).item()
+    return out
+
+
+# ==========================================================================================================
+# Main: args, setup, training loop
+# ==========================================================================================================
+def parse_args() -> Args:
+    """tyro flags; with `--resume`, the resumed run's saved args are the defaults that flags override."""
+    default = Args()
+    argv = sys.argv[1:]
+    for i, a in enumerate(argv):
+        if a.startswith("--resume"):
+            path = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+            ckpt = find_checkpoint(path) if path else None
+            if ckpt:
+                saved = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)["args"]
+                default = Args(**{k: v for k, v in saved.items() if k in Args.__dataclass_fields__})
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return tyro.cli(Args, default=default, use_underscores=True)
+    except SystemExit as e:
+        if not e.code:  # --help
+            raise
+        # tyro draws a multi-line box; keep its first section as our one-line error
+        text = []
+        for line in err.getvalue().splitlines()[1:]:
+            if "──" in line or line.startswith("╰"):
+                break
+            text.append(line.strip("│ "))
+        raise UserError(" ".join(text) + " (see --help)") from None
+
+
+def check_args(args: Args, world_size: int) -> None:
+    if args.temperature <= 0:
+        raise UserError("--temperature must be > 0 (sampling and log-probs use softmax(logits / T))")
+    if args.beta1 < 0:
+        raise UserError(f"--beta1 must be >= 0 (0 = plain mean), got {args.beta1}")
+    if args.prompts_per_step % world_size:
+        raise UserError(f"--prompts_per_step {args.prompts_per_step} is not divisible by the world size {world_size}")
+    local_seqs = args.prompts_per_step // world_size
+    if local_seqs % args.num_minibatches:
+        raise UserError(f"{local_seqs} sequences per rank are not divisible by --num_minibatches {args.num_minibatches}")
+    for name in ("total_steps", "num_ref_samples", "micro_batch_size", "gen_batch_size", "num_iterations", "num_minibatches",
+                 "eval_num_prompts", "eval_samples_per_prompt", "max_new_tokens", "max_prompt_length", "log_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1")
+
+
+def main() -> None:
+    try:
+        args = parse_args()
+        train(args)
+    except (UserError, TaskError) as e:
+        sys.exit(f"error: {e}")
+    except FloatingPointError as e:
+        sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args: Args) -> None:
+    # ---- distributed setup and seeding (TRY NOT TO MODIFY) --------------------------------------------------
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = args.cuda and torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    task = load_task(args.task, args.train_file, args.eval_file, args.prompt_field, args.answer_field)
+    args.max_prompt_length = args.max_prompt_length or task.max_prompt_length
+    args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
+    args.bf16 = use_cuda if args.bf16 is None else args.bf16
+    check_args(args, world_size)
+    args.world_size, args.local_prompts = world_size, args.prompts_per_step // world_size
+    resume_ckpt = find_checkpoint(args.resume) if args.resume else None
+    if resume_ckpt is None:
+        args.run_name = args.run_name or f"{task.name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, args.run_name)
+    if resume_ckpt is None and os.path.exists(run_dir):
+        raise UserError(f"{run_dir} already exists; pass --resume {run_dir} to continue it, or another --run_name")
+    if world_size > 1:
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
+
+    # ---- models, data, optimizer -------------------------------------------------------------------------
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()  # our own progress bar and one-line errors only
+    transformers.utils.logging.disable_progress_bar()
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    policy = load_model(resume_ckpt or args.model_name_or_path, device, trainable=True)
+    ref = load_model(args.model_name_or_path, device, trainable=False)  # the anchor of the regression
+    if args.gradient_checkpointing:
+        enable_checkpointing(policy)
+    model = policy
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[local_rank] if use_cuda else None)
+    train_examples = task.train[: args.max_train_prompts]
+    train_prompts = encode_prompts(tokenizer, train_examples, args, "train")
+    eval_examples = task.eval[: args.eval_num_prompts]
+    eval_prompts = encode_prompts(tokenizer, eval_examples, args, "eval")
+    if args.prompts_per_step > len(train_prompts):
+        raise UserError(f"--prompts_per_step {args.prompts_per_step} > {len(train_prompts)} training prompts")
+    eos_ids = {tokenizer.eos_token_id} | set(np.atleast_1d(policy.generation_config.eos_token_id or []).tolist())
+    eos_ids = torch.tensor(sorted(i for i in eos_ids if i is not None), device=device)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps) if args.warmup_steps > 0 else 1.0)
+    sampler = torch.Generator(device=device).manual_seed(args.seed + rank)  # per-rank sampling RNG
+    start_step, elapsed0 = 0, 0.0
+    if resume_ckpt is not None:
+        state = torch.load(os.path.join(resume_ckpt, "trainer_state.pt"), weights_only=False, map_location="cpu")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, elapsed0 = state["step"], state["elapsed_s"]
+        if len(state["rng"]) == world_size:
+            set_rng_state(state["rng"][rank], sampler)
+        elif rank == 0:
+            print(f"warning: checkpoint has {len(state['rng'])} ranks' RNG states, now {world_size}: reseeding")
+
+    t1 = time.time()  # stage 1 starts here: a cache written under other settings fails before anything is written
+    value_cache = args.value_cache or os.path.join(run_dir, "value_estimates.jsonl")
+    meta = cache_meta(args, task.name, len(train_prompts))
+    stage1 = load_value_cache(value_cache, meta)
+
+    # ---- logging ------------------------------------------------------------------------------------------
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    writers = []
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        if resume_ckpt is not None and os.path.exists(metrics_path):  # drop what was logged after the checkpoint
+            with open(metrics_path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+            with open(metrics_path, "w") as f:
+                f.writelines(kept)
+        if args.track:
+            writers = make_trackers(args, run_dir)
+    t_start = time.time() - elapsed0
+
+    def log(step: int, metrics: dict) -> None:
+        if rank != 0:
+            return
+        record = {"step": step, "time_s": round(time.time() - t_start, 3), **metrics}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for w in writers:
+            w(step, metrics)
+
+    def run_eval() -> dict:
+        t = time.time()
+        out = evaluate(policy, ref if args.eval_kl else None, tokenizer, eval_prompts,
+                       [e.answer for e in eval_examples], task.reward_fn, args, eos_ids, device, amp, rank)
+        out["perf/eval_s"] = time.time() - t
+        return out
+
+    # ---- stage 1: V_hat of every training prompt from pi_ref samples, or from the cache -------------------------
+    generated = 0
+    if stage1 is None:  # prompts interleaved over ranks; per-prompt noise, so the result ignores the world size
+        mine = list(range(rank, len(train_prompts), world_size))
+        local = stage1_rewards(ref, tokenizer, train_prompts, [e.answer for e in train_examples], mine,
+                               task.reward_fn, args, eos_ids, device, amp)
+        parts = [(mine, local)]
+        if dist.is_initialized():
+            parts = [None] * world_size
+            dist.all_gather_object(parts, (mine, local))
+        stage1 = torch.zeros(len(train_prompts), args.num_ref_samples, dtype=torch.float64)
+        for ids, rows in parts:
+            stage1[ids] = rows
+        generated = stage1.numel()
+        if rank == 0:
+            write_value_cache(value_cache, meta, stage1, value_estimate(stage1, args.beta1))
+    v_hat = value_estimate(stage1, args.beta1).float().to(device)
+    solved = solved_mask(stage1)
+    train_ids = torch.nonzero(solved).view(-1).tolist() if args.filter_unsolved else list(range(len(train_prompts)))
+    if len(train_ids) < args.prompts_per_step:
+        raise UserError(f"only {len(train_ids)} training prompts left after --filter_unsolved, fewer than "
+                        f"--prompts_per_step {args.prompts_per_step}")
+    stage1_metrics = {"charts/value_mean": v_hat.mean().item(), "charts/value_std": v_hat.std().item(),
+                      "charts/frac_unsolved": 1.0 - solved.double().mean().item(),
+                      "charts/stage1_reward_mean": stage1.mean().item(), "charts/stage1_generated": generated,
+                      "perf/stage1_s": time.time() - t1}
+    if rank == 0:
+        print(f"stage 1: {'sampled' if generated else 'read from ' + value_cache} {stage1.numel()} reference "
+              f"rewards in {stage1_metrics['perf/stage1_s']:.1f} s; V_hat mean {stage1_metrics['charts/value_mean']:.3f}")
+    stage2_s = 0.0
+    if start_step > 0 and rank == 0:  # cumulative stage-2 time survives a resume
+        stage2_s = max([json.loads(line).get("perf/stage2_s", 0.0) for line in open(metrics_path)] + [0.0])
+
+    if start_step == 0:
+        m = {**stage1_metrics, **run_eval()}
+        log(0, m)
+        if rank == 0:
+            print(f"step 0: eval/pass@1 {m['eval/pass@1']:.4f}")
+
+    # ---- training loop ------------------------------------------------------------------------------------
+    bar = None
+    if rank == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=args.total_steps, initial=start_step, desc=args.exp_name, dynamic_ncols=True)
+    for step in range(start_step + 1, args.total_steps + 1):
+        t0 = time.time()
+        # 1. prompts: the same global draw on every rank (from seed and step), then this rank's shard
+        order = np.random.default_rng([args.seed, step]).choice(len(train_ids), args.prompts_per_step, replace=False)
+        mine = [train_ids[i] for i in order[rank * args.local_prompts: (rank + 1) * args.local_prompts]]
+        batch = sample_batch(policy, [train_prompts[i] for i in mine], args, eos_ids, tokenizer.pad_token_id,
+                             sampler, device, amp)
+        t_gen = time.time()
+        # 2. rewards, the stage-1 values of these prompts, and the reference log-probs (the anchor)
+        answers = [train_examples[i].answer for i in mine]
+        rewards = torch.tensor([task.reward_fn(c, a) for c, a in zip(decode_completions(tokenizer, batch), answers)],
+                               dtype=torch.float32, device=device)
+        reward_mean, reward_std = global_mean_std(rewards)
+        batch["rewards"], batch["v_hat"] = rewards, v_hat[mine]
+        batch["loss_mask"] = batch["completion_mask"]
+        C = batch["completion_ids"].shape[1]
+        batch["ref_logprobs"] = batched_logprobs(ref, batch["input_ids"], batch["attention_mask"], C,
+                                                 args.temperature, args.micro_batch_size, amp)
+        t_lp = time.time()
+        # 4. policy update
+        try:
+            metrics = update_policy(model, optimizer, scheduler, batch, args, shuffle_seed=args.seed * 100_003 + step,
+                                    amp=amp)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"step {step}: {e}; stopping without saving") from None
+        t_train = time.time()
+        # 5. metrics, eval, checkpoints
+        counters = all_reduce_sum(torch.stack([batch["completion_mask"].sum().double(),
+                                               batch["truncated"].sum().double(),
+                                               torch.tensor(float(rewards.numel()), dtype=torch.float64,
+                                                            device=device)]))
+        n_seq = counters[2].item()
+        metrics.update({
+            "charts/reward_mean": reward_mean.item(), "charts/reward_std": reward_std.item(),
+            "charts/completion_len_mean": counters[0].item() / n_seq, "charts/truncated_frac": counters[1].item() / n_seq,
+            "charts/learning_rate": scheduler.get_last_lr()[0], "charts/prompts_seen": step * args.prompts_per_step,
+            "charts/optimizer_steps": step * args.num_iterations * args.num_minibatches,
+            "perf/generate_s": t_gen - t0, "perf/logprob_s": t_lp - t_gen, "perf/train_s": t_train - t_lp})
+        metrics["charts/step_time_s"] = time.time() - t0
+        stage2_s += metrics["charts/step_time_s"]
+        metrics["perf/stage2_s"] = stage2_s
+        metrics["charts/tokens_per_s"] = counters[0].item() / metrics["charts/step_time_s"]
+        if (args.eval_every and step % args.eval_every == 0) or step == args.total_steps:
+            metrics.update(run_eval())
+        log(step, metrics)
+        if args.save_every and step % args.save_every == 0 and step != args.total_steps:
+            save_checkpoint(os.path.join(run_dir, "checkpoints", f"step_{step:06d}"), policy, tokenizer, optimizer,
+                            scheduler, step, time.time() - t_start, sampler, args, rank)
+        if rank == 0:
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['charts/reward_mean']:.3f}")
+            if step % args.log_every == 0 or "eval/pass@1" in metrics:
+                summary = (f"step {step}: reward {metrics['charts/reward_mean']:.3f} "
+                           f"loss {metrics['losses/loss']:.4f} tokens/s {metrics['charts/tokens_per_s']:.0f}")
+                if "eval/pass@1" in metrics:
+                    summary += f" eval/pass@1 {metrics['eval/pass@1']:.4f}"
+                bar.write(summary)
+    if bar is not None:
+        bar.close()
+    save_checkpoint(os.path.join(run_dir, "final"), policy, tokenizer, optimizer, scheduler, args.total_steps,
+                    time.time() - t_start, sampler, args, rank)
+    if rank == 0:
+        print(f"done: {run_dir}")
+
+
+def make_trackers(args: Args, run_dir: str) -> list:
+    """TensorBoard and W&B writers, each only when its package is installed (both optional)."""
+    writers = []
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(run_dir)
+        tb.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        writers.append(lambda step, m: [tb.add_scalar(k, v, step) for k, v in m.items()])
+    except ImportError:
+        print("warning: --track: tensorboard is not installed, skipping TensorBoard")
+    try:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=args.run_name, config=asdict(args),
+                   dir=run_dir)
+        writers.append(lambda step, m: wandb.log(m, step=step))
+    except ImportError:
+        print("warning: --track: wandb is not installed, skipping W&B")
+    return writers
+
+
+if __name__ == "__main__":
+    main()

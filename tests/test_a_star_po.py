@@ -1,0 +1,175 @@
+"""Closed-form checks of algorithms/a_star_po.py (spec a_star_po.md section 4, P1-P9).
+
+Categorical (K arms) and token-tree policies in float64; population losses are exact expectations of the file's
+own `a_star_po_loss` under a sampler mu; minimizers by L-BFGS.
+"""
+
+import math
+import os
+
+import torch
+
+from tests.harness import (DT, TINY_RUN, TokenTree, grad, kl, lbfgs_minimize, load_algorithm, max_abs, random_logits,
+                           read_metrics, run_script)
+
+apo = load_algorithm("a_star_po")
+TOL, GAP = 1e-10, 1e-3
+
+
+def loss_one(lp, lp_ref, v_hat, r, beta, length_normalized=False):
+    """The file's loss on one sequence given as token log-probs [1, T]. `length_normalized` feeds token means
+    instead of sums (the per-token bug the tree test must catch)."""
+    T = lp.shape[-1]
+    scale = 1.0 / T if length_normalized else 1.0
+    zero = lp.new_zeros(())
+    return apo.a_star_po_loss(lp * scale, lp_ref * scale, torch.ones_like(lp), v_hat.view(1), r.view(1), beta2=beta,
+                              entropy_sum=zero, entropy_coef=0.0, num_prompts=1, num_tokens=T)[0]
+
+
+def categorical(K=7, seed=0, beta=0.4):
+    lp_ref = torch.log_softmax(random_logits(K, seed, requires_grad=False), -1)
+    r = (torch.rand(K, generator=torch.Generator().manual_seed(seed + 1)) > 0.5).to(DT)
+    r[0], r[1] = 1.0, 0.0  # both values present
+    v_star = beta * torch.logsumexp(lp_ref + r / beta, -1)
+    pi_star = torch.softmax(lp_ref + r / beta, -1)
+    return lp_ref, r, v_star, pi_star
+
+
+def sampler_loss(z, lp_ref, r, v_hat, beta, mu):
+    lp = torch.log_softmax(z, -1)
+    return sum(mu[y] * loss_one(lp[y].view(1, 1), lp_ref[y].view(1, 1), v_hat, r[y], beta) for y in range(len(r)))
+
+
+# ---- P1, P2 exact V* and a biased V_hat with a fixed sampler --------------------------------------------------------
+def test_p1_p2_exact_value_gives_pi_star_for_any_sampler():
+    beta = 0.4
+    lp_ref, r, v_star, pi_star = categorical(beta=beta)
+    mu = torch.softmax(random_logits(7, 9, requires_grad=False), -1)  # arbitrary full-support sampler
+    assert sampler_loss(torch.log(pi_star), lp_ref, r, v_star, beta, mu).abs() < 1e-12
+    z = lbfgs_minimize(lambda z: sampler_loss(z, lp_ref, r, v_star, beta, mu), torch.zeros(7, dtype=DT))
+    assert max_abs(torch.softmax(z, -1), pi_star) < 1e-8
+    z_off = lbfgs_minimize(lambda z: sampler_loss(z, lp_ref, r, v_star + 0.3, beta, mu), torch.zeros(7, dtype=DT))
+    assert max_abs(torch.softmax(z_off, -1), pi_star) > 0.05  # negative control (observed 0.38 in the spec)
+
+
+# ---- P3 on-policy gradient ignores the offset ------------------------------------------------------------------------
+def test_p3_on_policy_gradient_is_minus_2_beta_grad_j():
+    beta = 0.4
+    lp_ref, r, v_star, _ = categorical(beta=beta)
+    theta = random_logits(7, 3)
+    lp = torch.log_softmax(theta, -1)
+    J = (lp.exp() * r).sum() - beta * kl(lp, lp_ref)
+    for c in (0.0, 0.3, -1.7):
+        w = lp.exp().detach()
+        total = sum(w[y] * loss_one(lp[y].view(1, 1), lp_ref[y].view(1, 1), v_star + c, r[y], beta) for y in range(7))
+        assert max_abs(grad(total, theta), -2 * beta * grad(J, theta)) < 1e-12
+
+
+# ---- P4 token tree: the sequence sum recovers the soft-Bellman policy ------------------------------------------------
+def test_p4_token_tree_soft_bellman():
+    beta, tree = 0.5, TokenTree(vocab=3, max_len=2)
+    theta_ref = tree.random_logits(1).detach()
+    R = torch.rand(len(tree.seq_list), generator=torch.Generator().manual_seed(2), dtype=DT)
+    lp_ref = tree.token_logprobs(theta_ref)
+    mu = torch.softmax(random_logits(len(tree.seq_list), 4, requires_grad=False), -1)  # sampler over 9 sequences
+    v_star = beta * torch.logsumexp(tree.seq_logprobs(theta_ref) + R / beta, -1)
+
+    def population(theta, length_normalized=False):
+        lp = tree.token_logprobs(theta)
+        return sum(mu[i] * loss_one(lp[i:i + 1], lp_ref[i:i + 1], v_star, R[i], beta, length_normalized)
+                   for i in range(len(R)))
+
+    # soft-Bellman: pi*(a2|a1) = pi_ref(a2|a1) e^{R/beta} / Z(a1), pi*(a1) proportional to pi_ref(a1) Z(a1)
+    ref = torch.softmax(theta_ref, -1)
+    first = [s for s in tree.states if len(s) == 1]
+    second = torch.stack([ref[tree.states.index(s)] * torch.exp(R[[tree.seq_list.index(s + (a,)) for a in range(3)]]
+                                                                 / beta) for s in first])
+    Z = second.sum(-1)
+    star_first = ref[0] * Z / (ref[0] * Z).sum()
+    star = torch.cat([star_first.view(1, 3), second / Z[:, None]])
+
+    def tree_policy(theta):
+        return torch.softmax(theta, -1)[[tree.states.index(()), *[tree.states.index(s) for s in first]]]
+
+    fit = lbfgs_minimize(population, torch.zeros(tree.num_states, 3, dtype=DT))
+    assert max_abs(tree_policy(fit), star) < 1e-8
+    fit_mean = lbfgs_minimize(lambda t: population(t, True), torch.zeros(tree.num_states, 3, dtype=DT))
+    assert max_abs(tree_policy(fit_mean), star) > 0.05  # negative control: a token-mean Delta (observed 0.2)
+
+
+# ---- P5 sampler frozen at pi*: safe when V_hat <= V* -------------------------------------------------------------------
+def test_p5_frozen_sampler_prefers_a_low_value_baseline():
+    beta = 0.4
+    lp_ref, r, v_star, pi_star = categorical(beta=beta)
+
+    def best_of_restarts(v_hat):
+        fits = [lbfgs_minimize(lambda z: sampler_loss(z, lp_ref, r, v_hat, beta, pi_star),
+                               random_logits(7, 20 + k, requires_grad=False)) for k in range(6)]
+        losses = [sampler_loss(z, lp_ref, r, v_hat, beta, pi_star).item() for z in fits]
+        return torch.softmax(fits[min(range(6), key=losses.__getitem__)], -1)
+
+    assert max_abs(best_of_restarts(v_star - 0.3), pi_star) < 1e-8
+    assert max_abs(best_of_restarts(v_star + 0.3), pi_star) > 0.05  # negative control (observed 0.52)
+
+
+# ---- P6, P7 stage 1 -------------------------------------------------------------------------------------------------------
+def test_p6_value_estimate_closed_forms():
+    N = 8
+    rows = torch.tensor([[1.0] * k + [0.0] * (N - k) for k in range(N + 1)], dtype=DT)
+    for beta1 in (0.5, 0.1, 2.0):
+        k = torch.arange(N + 1, dtype=DT)
+        expected = beta1 * torch.log(1 - k / N + k / N * math.exp(1 / beta1))
+        assert max_abs(apo.value_estimate(rows, beta1), expected) < 1e-12
+    r = torch.rand(5, N, generator=torch.Generator().manual_seed(0), dtype=DT)
+    assert (r.max(-1).values - apo.value_estimate(r, 1e-3)).abs().max() <= 1e-3 * math.log(N) + 1e-12
+    assert (r.mean(-1) - apo.value_estimate(r, 1e4)).abs().max() < 1e-4
+    assert torch.equal(apo.value_estimate(r, 0.0), r.mean(-1))
+    # Jensen: p = 0.3, N = 8, beta1 = 0.5
+    p, beta1 = 0.3, 0.5
+    v_star = beta1 * math.log(1 - p + p * math.exp(1 / beta1))
+    expected_v_hat = sum(math.comb(N, k) * p ** k * (1 - p) ** (N - k) * apo.value_estimate(rows[k:k + 1], beta1).item()
+                         for k in range(N + 1))
+    assert abs(v_star - 0.535229) < 1e-6 and abs(expected_v_hat - 0.499968) < 1e-6
+
+
+def test_p6_negative_beta1_is_an_error():
+    try:
+        apo.value_estimate(torch.zeros(1, 2), -0.1)
+    except ValueError as e:
+        assert "beta1" in str(e)
+    else:
+        raise AssertionError("beta1 < 0 accepted")
+
+
+def test_p7_filter_drops_exactly_the_unsolved_prompts():
+    r = torch.tensor([[0.0, 0, 0], [0, 1, 0], [0, 0, 0], [1, 1, 1], [0, 0, 0.5]])
+    assert apo.solved_mask(r).tolist() == [False, True, False, True, True]
+
+
+# ---- P8, P9 the script: cache and world-size independent stage 1 ---------------------------------------------------------
+STAGE1 = [*TINY_RUN, "--total_steps", "1", "--max_train_prompts", "12", "--num_ref_samples", "3"]
+
+
+def read_cache(path):
+    import json
+
+    with open(path) as f:
+        return [json.loads(line) for line in f][1:]
+
+
+def test_p8_p9_stage1_cache_and_world_size(tmp_path):
+    one = run_script("a_star_po", *STAGE1, "--output_dir", str(tmp_path), "--run_name", "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_script("a_star_po", *STAGE1, "--output_dir", str(tmp_path), "--run_name", "two", nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    cache = str(tmp_path / "one" / "value_estimates.jsonl")
+    assert read_cache(cache) == read_cache(tmp_path / "two" / "value_estimates.jsonl")  # per-prompt sampling noise
+    assert read_metrics(tmp_path / "one")[0]["charts/stage1_generated"] == 12 * 3
+    again = run_script("a_star_po", *STAGE1, "--output_dir", str(tmp_path), "--run_name", "again",
+                       "--value_cache", cache)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "read from" in again.stdout and read_metrics(tmp_path / "again")[0]["charts/stage1_generated"] == 0
+    assert not os.path.exists(tmp_path / "again" / "value_estimates.jsonl")
+    other = run_script("a_star_po", *STAGE1, "--num_ref_samples", "4", "--output_dir", str(tmp_path),
+                       "--run_name", "other", "--value_cache", cache)
+    assert other.returncode != 0 and "written with other settings" in other.stderr

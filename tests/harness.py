@@ -115,6 +115,17 @@ class TokenTree:
 # Small settings that make any default run take seconds: flags shared by the smoke tests of every script.
 TINY_RUN = ["--prompts_per_step", "4", "--eval_num_prompts", "8", "--eval_samples_per_prompt", "2",
             "--total_steps", "2", "--eval_every", "1"]
+TINY_FLAGS = {
+    "a_star_po": TINY_RUN + ["--max_train_prompts", "32", "--num_ref_samples", "2"],  # a short stage 1
+    "q_sharp": ["--prompts_per_round", "8", "--samples_per_prompt", "2", "--epochs_per_round", "1",
+                "--q_batch_size", "8", "--eval_num_prompts", "8", "--eval_samples_per_prompt", "2",
+                "--eval_etas", "0.1", "--num_rounds", "1"],
+}
+LENGTH_FLAG = {"q_sharp": "--num_rounds"}  # what sets the length of a run (default --total_steps)
+
+
+def tiny_flags(script: str) -> list:
+    return TINY_FLAGS.get(script, TINY_RUN)
 
 
 def run_script(name: str, *flags: str, cwd=None, timeout: int = 300, nproc: int = 1) -> subprocess.CompletedProcess:

@@ -6,11 +6,10 @@ import os
 import pytest
 import torch
 
-from tests.harness import TINY_RUN, one_line_error, read_metrics, run_script
+from tests.harness import LENGTH_FLAG, TINY_RUN, one_line_error, read_metrics, run_script, tiny_flags
 
 TIMING = ("time_s", "perf/", "charts/step_time_s", "charts/tokens_per_s")
-SCRIPTS = ["grpo", "rpg_fkl", "rpg_rkl", "pmd_mean", "a_star_po"]
-EXTRA = {"a_star_po": ["--max_train_prompts", "32", "--num_ref_samples", "2"]}  # a short stage 1
+SCRIPTS = ["grpo", "rpg_fkl", "rpg_rkl", "pmd_mean", "a_star_po", "q_sharp"]
 FLAGS = {  # flags each script must document in --help
     "grpo": ["--beta", "--kl_estimator", "--kl_importance_weight", "--epsilon_high", "--num_iterations",
              "--scale_rewards", "--loss_agg"],
@@ -18,6 +17,8 @@ FLAGS = {  # flags each script must document in --help
     "rpg_rkl": ["--unnormalized", "--form", "--kl_anchor", "--ratio_level", "--clip_eps_high", "--no_clip"],
     "pmd_mean": ["--tau", "--baseline", "--length_norm", "--no_length_norm", "--num_minibatches"],
     "a_star_po": ["--num_ref_samples", "--beta1", "--beta2", "--entropy_coef", "--filter_unsolved", "--value_cache"],
+    "q_sharp": ["--eta", "--head", "--num_atoms", "--v_min", "--top_k", "--topk_outside", "--num_rounds",
+                "--rollin_eta", "--only_switch_token", "--eval_etas", "--q_model_name_or_path"],
 }
 
 
@@ -37,42 +38,47 @@ KEYS = {"grpo": ["losses/kl_ref_rkl_k3"], "rpg_fkl": ["losses/kl_term", "losses/
         "rpg_rkl": ["losses/kl_old_rkl_k3w", "losses/ratio_min", "losses/clipfrac_dual"],
         "pmd_mean": ["losses/pmd_loss", "losses/residual_abs_mean", "losses/delta_max", "losses/ratio_seq_min",
                      "losses/kl_old_fkl_k1"],
-        "a_star_po": ["losses/regression_loss", "losses/kl_ref_rkl_k1_seq", "losses/adv_mean", "perf/stage2_s"]}
+        "a_star_po": ["losses/regression_loss", "losses/kl_ref_rkl_k1_seq", "losses/adv_mean", "perf/stage2_s"],
+        "q_sharp": ["losses/q_loss", "losses/q_loss_heldout", "charts/num_examples", "eval/sweep/cd_eta0.1/pass@1"]}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_two_steps_then_resume_equals_uninterrupted(tmp_path, script):
+    """A short run, resumed from its final checkpoint to twice its length, equals the long run bit for bit."""
     from transformers import AutoModelForCausalLM
 
-    flags = [*TINY_RUN, *EXTRA.get(script, []), "--output_dir", str(tmp_path), "--eval_every", "2"]
-    full = run_script(script, *flags, "--total_steps", "4", "--run_name", "full")
+    length = LENGTH_FLAG.get(script, "--total_steps")
+    short, long = ("1", "2") if script == "q_sharp" else ("2", "4")
+    flags = [*tiny_flags(script), "--output_dir", str(tmp_path)] + ([] if script == "q_sharp" else ["--eval_every", "2"])
+    full = run_script(script, *flags, length, long, "--run_name", "full")
     assert full.returncode == 0, full.stderr[-3000:]
-    part = run_script(script, *flags, "--total_steps", "2", "--run_name", "part")
+    part = run_script(script, *flags, length, short, "--run_name", "part")
     assert part.returncode == 0, part.stderr[-3000:]
     rows = read_metrics(tmp_path / "part")
-    assert [r["step"] for r in rows] == [0, 1, 2]
-    for key in ["eval/pass@1", "eval/kl_init_rkl_exact_seq", "charts/reward_mean", "losses/loss",
-                "losses/entropy", "charts/grad_norm", "charts/tokens_per_s"] + KEYS[script]:
-        assert key in rows[2] and torch.isfinite(torch.tensor(rows[2][key])), key
-    assert abs(rows[0]["eval/kl_init_rkl_exact_seq"]) < 1e-6  # the policy starts at the reference
-    res = run_script(script, "--resume", str(tmp_path / "part"), "--total_steps", "4")
+    assert rows[0]["step"] == 0 and "eval/pass@1" in rows[0] and "eval/pass@1" in rows[-1]
+    for key in ["eval/pass@1", "eval/kl_init_rkl_exact_seq"] + KEYS[script] + (
+            [] if script == "q_sharp" else ["charts/reward_mean", "losses/loss", "losses/entropy", "charts/grad_norm",
+                                            "charts/tokens_per_s"]):
+        assert key in rows[-1] and torch.isfinite(torch.tensor(rows[-1][key])), key
+    assert abs(rows[0]["eval/kl_init_rkl_exact_seq"]) < 1e-6  # the start is the reference
+    res = run_script(script, "--resume", str(tmp_path / "part"), length, long)
     assert res.returncode == 0, res.stderr[-3000:]
     assert untimed(read_metrics(tmp_path / "part")) == untimed(read_metrics(tmp_path / "full"))
-    a = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "final")
-    b = AutoModelForCausalLM.from_pretrained(tmp_path / "part" / "final")
+    sub = "q_backbone" if script == "q_sharp" else ""
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "final" / sub)
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "part" / "final" / sub)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
     with open(tmp_path / "part" / "args.json") as f:
-        assert json.load(f)["total_steps"] == 4
+        assert str(json.load(f)[length[2:]]) == long
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_torchrun_two_processes(tmp_path, script):
-    proc = run_script(script, *TINY_RUN, *EXTRA.get(script, []), "--output_dir", str(tmp_path), "--run_name", "ddp",
-                      nproc=2)
+    proc = run_script(script, *tiny_flags(script), "--output_dir", str(tmp_path), "--run_name", "ddp", nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(tmp_path / "ddp")
-    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[0]["step"] == 0 and "eval/pass@1" in rows[-1] and len(rows) >= 2
     assert os.path.isfile(tmp_path / "ddp" / "final" / "model.safetensors")
 
 

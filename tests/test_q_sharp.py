@@ -342,3 +342,14 @@ def test_q12_dataset_is_independent_of_world_size(tmp_path):
     read = lambda p: sorted(json.dumps(json.loads(x), sort_keys=True) for x in open(p))  # noqa: E731
     assert read(tmp_path / "one" / "final" / "examples.jsonl") == read(tmp_path / "two" / "final" / "examples.jsonl")
     assert ROOT
+
+
+# ---- the frontier comparison the script logs ------------------------------------------------------------------------
+def test_kl_at_equal_reward_interpolates_the_pareto_front():
+    front = [(0.3, 0.0), (0.5, 1.0), (0.7, 3.0), (0.6, 8.0)]  # the last point is dominated (more KL, less pass@1)
+    assert qs.kl_at_equal_reward(front, 0.4) == pytest.approx(0.5)
+    assert qs.kl_at_equal_reward(front, 0.65) == pytest.approx(2.5)  # between (0.5, 1) and (0.7, 3), not (0.6, 8)
+    assert math.isnan(qs.kl_at_equal_reward(front, 0.75)) and math.isnan(qs.kl_at_equal_reward(front, 0.2))
+    # negative control: interpolating the raw eta-ordered points through the dominated one gives another answer
+    assert abs(qs.kl_at_equal_reward(front, 0.65) - (3.0 + (8.0 - 3.0) * (0.65 - 0.7) / (0.6 - 0.7))) > 1
+

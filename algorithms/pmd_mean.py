@@ -22,6 +22,8 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -138,6 +140,11 @@ class Args:
     """number of processes (computed at runtime)"""
     local_prompts: int = 0
     """prompts per step on one rank (computed at runtime)"""
+
+
+class Preempted(Exception):
+    """SIGTERM (a scheduler's preemption, `kill`): the step in flight finishes, a checkpoint is written, and the
+    process exits with status 143 so `--resume` continues exactly."""
 
 
 class UserError(ValueError):
@@ -495,18 +502,30 @@ def save_checkpoint(path, policy, tokenizer, optimizer, scheduler, step, elapsed
     else:
         states = [rng_state(generator)]
     if rank == 0:
-        tmp = path + ".tmp"
-        policy.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "elapsed_s": elapsed, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": states, "args": asdict(args)},
-                   os.path.join(tmp, "trainer_state.pt"))
-        if os.path.isdir(path):
-            import shutil
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        tmp, old = path + ".tmp", path + ".old"
+        try:
+            policy.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            torch.save({"step": step, "elapsed_s": elapsed, "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "rng": states, "args": asdict(args)},
+                       os.path.join(tmp, "trainer_state.pt"))
+            if os.path.isdir(path):  # keep the previous checkpoint until the new one is in place
+                os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError as e:  # disk full, permissions: the previous checkpoints are untouched
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"could not save a checkpoint to {path}: {e.strerror or e}") from None
     if dist.is_initialized():
         dist.barrier()
+
+
+def sigterm_received(flag: dict, device) -> bool:
+    """Whether any rank got SIGTERM (all ranks must stop after the same step)."""
+    hit = torch.tensor([float(flag["sigterm"])], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(hit, op=dist.ReduceOp.MAX)
+    return bool(hit.item())
 
 
 # ==========================================================================================================
@@ -604,6 +623,9 @@ def main() -> None:
         sys.exit(f"error: {e}")
     except FloatingPointError as e:
         sys.exit(f"error: {e}")
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(143)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -687,6 +709,8 @@ def train(args: Args) -> None:
         if args.track:
             writers = make_trackers(args, run_dir)
     t_start = time.time() - elapsed0
+    flag = {"sigterm": False}
+    signal.signal(signal.SIGTERM, lambda signum, frame: flag.update(sigterm=True))
 
     def log(step: int, metrics: dict) -> None:
         if rank != 0:
@@ -764,9 +788,12 @@ def train(args: Args) -> None:
         if (args.eval_every and step % args.eval_every == 0) or step == args.total_steps:
             metrics.update(run_eval())
         log(step, metrics)
-        if args.save_every and step % args.save_every == 0 and step != args.total_steps:
+        preempted = step != args.total_steps and sigterm_received(flag, device)
+        if (args.save_every and step % args.save_every == 0 and step != args.total_steps) or preempted:
             save_checkpoint(os.path.join(run_dir, "checkpoints", f"step_{step:06d}"), policy, tokenizer, optimizer,
                             scheduler, step, time.time() - t_start, sampler, args, rank)
+        if preempted:
+            raise Preempted(f"SIGTERM: checkpoint of step {step} saved; continue with --resume {run_dir}")
         if rank == 0:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['charts/reward_mean']:.3f}")

@@ -22,6 +22,8 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -155,6 +157,11 @@ class Args:
     # ---- filled in at runtime -----------------------------------------------------------------------------
     world_size: int = 0
     """number of processes (computed at runtime)"""
+
+
+class Preempted(Exception):
+    """SIGTERM (a scheduler's preemption, `kill`): the round in flight finishes, a checkpoint is written, and
+    the process exits with status 143 so `--resume` continues exactly."""
 
 
 class UserError(ValueError):
@@ -624,20 +631,32 @@ def save_checkpoint(path, qmodel, tokenizer, optimizer, dataset, round_idx, step
     """`q_backbone/` (save_pretrained), `head.pt`, `examples.jsonl` (every collected example) and
     `trainer_state.pt`; written to a temporary folder and renamed, so an interrupted save leaves nothing corrupt."""
     if rank == 0:
-        tmp = path + ".tmp"
-        qmodel.backbone.save_pretrained(os.path.join(tmp, "q_backbone"), safe_serialization=True)
-        tokenizer.save_pretrained(os.path.join(tmp, "q_backbone"))
-        torch.save(qmodel.head.state_dict(), os.path.join(tmp, "head.pt"))
-        with open(os.path.join(tmp, "examples.jsonl"), "w") as f:
-            f.writelines(json.dumps(e) + "\n" for e in dataset)
-        torch.save({"round": round_idx, "step": step, "elapsed_s": elapsed, "optimizer": optimizer.state_dict(),
-                    "rng": torch.get_rng_state(), "args": asdict(args)}, os.path.join(tmp, "trainer_state.pt"))
-        if os.path.isdir(path):
-            import shutil
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        tmp, old = path + ".tmp", path + ".old"
+        try:
+            qmodel.backbone.save_pretrained(os.path.join(tmp, "q_backbone"), safe_serialization=True)
+            tokenizer.save_pretrained(os.path.join(tmp, "q_backbone"))
+            torch.save(qmodel.head.state_dict(), os.path.join(tmp, "head.pt"))
+            with open(os.path.join(tmp, "examples.jsonl"), "w") as f:
+                f.writelines(json.dumps(e) + "\n" for e in dataset)
+            torch.save({"round": round_idx, "step": step, "elapsed_s": elapsed, "optimizer": optimizer.state_dict(),
+                        "rng": torch.get_rng_state(), "args": asdict(args)}, os.path.join(tmp, "trainer_state.pt"))
+            if os.path.isdir(path):  # keep the previous checkpoint until the new one is in place
+                os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError as e:  # disk full, permissions: the previous checkpoints are untouched
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"could not save a checkpoint to {path}: {e.strerror or e}") from None
     if dist.is_initialized():
         dist.barrier()
+
+
+def sigterm_received(flag: dict, device) -> bool:
+    """Whether any rank got SIGTERM (all ranks must stop after the same round)."""
+    hit = torch.tensor([float(flag["sigterm"])], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(hit, op=dist.ReduceOp.MAX)
+    return bool(hit.item())
 
 
 # ==========================================================================================================
@@ -693,6 +712,9 @@ def main() -> None:
         train(parse_args())
     except (UserError, TaskError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(143)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -782,6 +804,8 @@ def train(args: Args) -> None:
         if args.track:
             writers = make_trackers(args, run_dir)
     t_start = time.time() - elapsed0
+    flag = {"sigterm": False}  # SIGTERM is acted on at the end of a round (its data and Q model are consistent)
+    signal.signal(signal.SIGTERM, lambda signum, frame: flag.update(sigterm=True))
 
     def log(at_step: int, metrics: dict) -> None:
         if rank != 0:
@@ -830,9 +854,13 @@ def train(args: Args) -> None:
         # 2. train the Q model on everything collected so far (warm start from the previous round)
         qmodel.train()
         for epoch in range(args.epochs_per_round):
-            loss, n = train_q_epoch(model, qmodel, optimizer, train_set, train_prompts, args, atoms,
-                                    tokenizer.pad_token_id, device, amp, shuffle_seed=(args.seed * 1000 + round_idx)
-                                    * 1000 + epoch)
+            try:
+                loss, n = train_q_epoch(model, qmodel, optimizer, train_set, train_prompts, args, atoms,
+                                        tokenizer.pad_token_id, device, amp,
+                                        shuffle_seed=(args.seed * 1000 + round_idx) * 1000 + epoch)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"round {round_idx}, epoch {epoch + 1} (after step {step}): {e}; "
+                                         "stopping without saving") from None
             step += n
             qmodel.eval()
             held = heldout_q_loss(qmodel, held_set, train_prompts, args, atoms, tokenizer.pad_token_id, device, amp) \
@@ -882,11 +910,14 @@ def train(args: Args) -> None:
                   f"(held-out {held:.4f}), guided eval/pass@1 {m['pass@1']:.4f} at eta {args.eta:g}, "
                   f"KL {m['kl_init_rkl_exact_seq']:.3f}")
         last = round_idx == args.num_rounds
-        if last or round_idx % args.save_every == 0:
+        preempted = not last and sigterm_received(flag, device)
+        if last or round_idx % args.save_every == 0 or preempted:
             path = os.path.join(run_dir, "final") if last else os.path.join(run_dir, "checkpoints",
                                                                             f"round_{round_idx:03d}")
             save_checkpoint(path, qmodel, tokenizer, optimizer, dataset, round_idx, step, time.time() - t_start,
                             args, rank)
+        if preempted:
+            raise Preempted(f"SIGTERM: checkpoint of round {round_idx} saved; continue with --resume {run_dir}")
     if rank == 0:
         print(f"done: {run_dir}")
 

@@ -24,8 +24,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_algorithm(name: str):
     """Import `algorithms/<name>.py` as a module (importing has no side effects by convention)."""
+    if f"algo_{name}" in sys.modules:
+        return sys.modules[f"algo_{name}"]
     spec = importlib.util.spec_from_file_location(f"algo_{name}", os.path.join(ROOT, "algorithms", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[f"algo_{name}"] = module  # registered: tyro reads the Args class's source through it
     spec.loader.exec_module(module)
     return module
 
@@ -115,6 +118,7 @@ class TokenTree:
 # Small settings that make any default run take seconds: flags shared by the smoke tests of every script.
 TINY_RUN = ["--prompts_per_step", "4", "--eval_num_prompts", "8", "--eval_samples_per_prompt", "2",
             "--total_steps", "2", "--eval_every", "1"]
+SCRIPTS = ["grpo", "rpg_fkl", "rpg_rkl", "pmd_mean", "a_star_po", "q_sharp"]  # every script in algorithms/
 TINY_FLAGS = {
     "a_star_po": TINY_RUN + ["--max_train_prompts", "32", "--num_ref_samples", "2"],  # a short stage 1
     "q_sharp": ["--prompts_per_round", "8", "--samples_per_prompt", "2", "--epochs_per_round", "1",
@@ -128,14 +132,24 @@ def tiny_flags(script: str) -> list:
     return TINY_FLAGS.get(script, TINY_RUN)
 
 
-def run_script(name: str, *flags: str, cwd=None, timeout: int = 300, nproc: int = 1) -> subprocess.CompletedProcess:
-    """`python algorithms/<name>.py *flags` (or torchrun with nproc > 1), offline, one thread per process."""
+def script_command(name: str, *flags: str, nproc: int = 1) -> tuple:
+    """(argv, env) of `python algorithms/<name>.py *flags` (or torchrun with nproc > 1), offline, one thread."""
     path = os.path.join(ROOT, "algorithms", f"{name}.py")
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([*launcher, path, *flags], cwd=cwd or ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return [*launcher, path, *flags], env
+
+
+def run_script(name: str, *flags: str, cwd=None, timeout: int = 300, nproc: int = 1) -> subprocess.CompletedProcess:
+    argv, env = script_command(name, *flags, nproc=nproc)
+    return subprocess.run(argv, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_script(name: str, *flags: str) -> subprocess.Popen:
+    """The same as run_script, in the background (to be signalled)."""
+    argv, env = script_command(name, *flags)
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def read_metrics(run_dir) -> list:

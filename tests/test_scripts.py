@@ -1,15 +1,13 @@
-"""Smoke tests of the scripts as programs: --help, a 2-step run, save then resume, torchrun, bad input."""
+"""Smoke tests of the scripts as programs: --help, a 2-process torchrun run with its metrics, a hub id offline,
+chat templates and other architectures. Resume, determinism and bad input: tests/test_reliability.py."""
 
-import json
 import os
 
 import pytest
 import torch
 
-from tests.harness import LENGTH_FLAG, TINY_RUN, one_line_error, read_metrics, run_script, tiny_flags
+from tests.harness import SCRIPTS, TINY_RUN, one_line_error, read_metrics, run_script, tiny_flags
 
-TIMING = ("time_s", "perf/", "charts/step_time_s", "charts/tokens_per_s")
-SCRIPTS = ["grpo", "rpg_fkl", "rpg_rkl", "pmd_mean", "a_star_po", "q_sharp"]
 FLAGS = {  # flags each script must document in --help
     "grpo": ["--beta", "--kl_estimator", "--kl_importance_weight", "--epsilon_high", "--num_iterations",
              "--scale_rewards", "--loss_agg"],
@@ -20,16 +18,6 @@ FLAGS = {  # flags each script must document in --help
     "q_sharp": ["--eta", "--head", "--num_atoms", "--v_min", "--top_k", "--topk_outside", "--num_rounds",
                 "--rollin_eta", "--only_switch_token", "--eval_etas", "--q_model_name_or_path"],
 }
-
-
-FINAL_ONLY = ("eval/sweep/", "eval/frontier/")  # q_sharp's eta sweep runs after the last round of a run only
-
-
-def untimed(rows):
-    """Rows without timing keys, and without the end-of-run sweep except on the last row (a run resumed past
-    its old end has that sweep on an inner row; an uninterrupted run has it only at its own end)."""
-    return [{k: v for k, v in r.items() if not k.startswith(TIMING) and (i == len(rows) - 1 or not k.startswith(
-        FINAL_ONLY))} for i, r in enumerate(rows)]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -49,86 +37,27 @@ KEYS = {"grpo": ["losses/kl_ref_rkl_k3"], "rpg_fkl": ["losses/kl_term", "losses/
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_two_steps_then_resume_equals_uninterrupted(tmp_path, script):
-    """A short run, resumed from its final checkpoint to twice its length, equals the long run bit for bit."""
-    from transformers import AutoModelForCausalLM
-
-    length = LENGTH_FLAG.get(script, "--total_steps")
-    short, long = ("1", "2") if script == "q_sharp" else ("2", "4")
-    flags = [*tiny_flags(script), "--output_dir", str(tmp_path)] + ([] if script == "q_sharp" else ["--eval_every", "2"])
-    full = run_script(script, *flags, length, long, "--run_name", "full")
-    assert full.returncode == 0, full.stderr[-3000:]
-    part = run_script(script, *flags, length, short, "--run_name", "part")
-    assert part.returncode == 0, part.stderr[-3000:]
-    rows = read_metrics(tmp_path / "part")
-    assert rows[0]["step"] == 0 and "eval/pass@1" in rows[0] and "eval/pass@1" in rows[-1]
-    for key in ["eval/pass@1", "eval/kl_init_rkl_exact_seq"] + KEYS[script] + (
-            [] if script == "q_sharp" else ["charts/reward_mean", "losses/loss", "losses/entropy", "charts/grad_norm",
-                                            "charts/tokens_per_s"]):
-        assert key in rows[-1] and torch.isfinite(torch.tensor(rows[-1][key])), key
-    assert abs(rows[0]["eval/kl_init_rkl_exact_seq"]) < 1e-6  # the start is the reference
-    res = run_script(script, "--resume", str(tmp_path / "part"), length, long)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert untimed(read_metrics(tmp_path / "part")) == untimed(read_metrics(tmp_path / "full"))
-    sub = "q_backbone" if script == "q_sharp" else ""
-    a = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "final" / sub)
-    b = AutoModelForCausalLM.from_pretrained(tmp_path / "part" / "final" / sub)
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        assert torch.equal(p, q), name
-    with open(tmp_path / "part" / "args.json") as f:
-        assert str(json.load(f)[length[2:]]) == long
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
 def test_torchrun_two_processes(tmp_path, script):
     proc = run_script(script, *tiny_flags(script), "--output_dir", str(tmp_path), "--run_name", "ddp", nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(tmp_path / "ddp")
-    assert rows[0]["step"] == 0 and "eval/pass@1" in rows[-1] and len(rows) >= 2
+    assert rows[0]["step"] == 0 and "eval/pass@1" in rows[0] and len(rows) >= 2
+    assert abs(rows[0]["eval/kl_init_rkl_exact_seq"]) < 1e-6  # the start is the reference
+    for key in ["eval/pass@1", "eval/kl_init_rkl_exact_seq"] + KEYS[script] + (
+            [] if script == "q_sharp" else ["charts/reward_mean", "losses/loss", "losses/entropy", "charts/grad_norm",
+                                            "charts/tokens_per_s"]):
+        assert key in rows[-1] and torch.isfinite(torch.tensor(rows[-1][key])), key
     weights = "q_backbone/model.safetensors" if script == "q_sharp" else "model.safetensors"
     assert os.path.isfile(tmp_path / "ddp" / "final" / weights)
 
 
 # ---- bad input: one line, non-zero exit, nothing written --------------------------------------------------
-def write(path, text):
-    path.write_text(text)
-    return str(path)
-
-
-def bad_cases(tmp):
-    good = '{"prompt": "1+1=", "answer": "2"}\n'
-    return {
-        "unknown task": (["--task", "nope"], "unknown task 'nope'"),
-        "missing local model": (["--model_name_or_path", str(tmp / "no_such_model")], "no such local folder"),
-        "missing hub model offline": (["--model_name_or_path", "nobody-xyz/no-such-model"], "could not load"),
-        "malformed jsonl": (["--task", "jsonl", "--train_file", write(tmp / "bad.jsonl", good + "{oops\n"),
-                             "--eval_file", write(tmp / "ok.jsonl", good)], "bad.jsonl:2: malformed JSON"),
-        "empty dataset": (["--task", "jsonl", "--train_file", write(tmp / "empty.jsonl", "\n"),
-                           "--eval_file", write(tmp / "ok2.jsonl", good)], "empty dataset"),
-        "prompt too long": (["--max_prompt_length", "4"], "> --max_prompt_length 4"),
-        "bad group split": (["--prompts_per_step", "3", "--num_minibatches", "5"], "not divisible"),
-    }
-
-
-BAD_CASES = ["unknown task", "missing local model", "missing hub model offline", "malformed jsonl", "empty dataset",
-             "prompt too long", "bad group split"]
-
-
-@pytest.mark.parametrize("case", BAD_CASES)
-def test_bad_input_gives_one_line_error(tmp_path, case):
-    flags, message = bad_cases(tmp_path)[case]
+def test_missing_hub_model_offline_is_one_line(tmp_path):
+    """(the other bad-input cases, for every script, are in tests/test_reliability.py)"""
     out = tmp_path / "runs"
-    proc = run_script("grpo", *TINY_RUN, "--output_dir", str(out), *flags)
-    assert message in one_line_error(proc)
-    assert not out.exists() or not any(out.iterdir())  # nothing written
-
-
-def test_existing_run_folder_is_not_overwritten(tmp_path):
-    (tmp_path / "taken").mkdir()
-    (tmp_path / "taken" / "metrics.jsonl").write_text("keep me\n")
-    proc = run_script("grpo", *TINY_RUN, "--output_dir", str(tmp_path), "--run_name", "taken")
-    assert "already exists" in one_line_error(proc)
-    assert (tmp_path / "taken" / "metrics.jsonl").read_text() == "keep me\n"
+    proc = run_script("grpo", *TINY_RUN, "--output_dir", str(out), "--model_name_or_path", "nobody-xyz/no-such-model")
+    assert "could not load" in one_line_error(proc)
+    assert not out.exists() or not any(out.iterdir())
 
 
 # ---- any causal LM, chat templates ------------------------------------------------------------------------

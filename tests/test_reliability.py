@@ -1,0 +1,215 @@
+"""Reliability of every script: a kill (SIGTERM, or SIGKILL after a checkpoint) and `--resume` reproduce an
+uninterrupted run bit for bit; the same seed gives the same run, another seed other samples; bad input gives a
+one-line error, a non-zero exit and writes nothing (the table at the bottom)."""
+
+import os
+import signal
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.harness import LENGTH_FLAG, SCRIPTS, load_algorithm, read_metrics, run_script, start_script, tiny_flags
+
+TIMING = ("time_s", "perf/", "charts/step_time_s", "charts/tokens_per_s")
+FINAL_ONLY = ("eval/sweep/", "eval/frontier/")  # q_sharp's eta sweep runs after the last round of a run only
+WEIGHTS = {"q_sharp": "q_backbone"}  # where a script's final model lies inside `final/`
+
+
+def untimed(rows):
+    """Rows without timing keys, and without the end-of-run sweep except on the last row (a run resumed past
+    its old end has that sweep on an inner row; an uninterrupted run has it only at its own end)."""
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING) and (i == len(rows) - 1 or not k.startswith(
+        FINAL_ONLY))} for i, r in enumerate(rows)]
+
+
+def final_params(run_dir, script):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "final", WEIGHTS.get(script, "")))
+    return dict(model.named_parameters())
+
+
+def kill_when(proc, ready, sig, timeout=240):
+    """Send `sig` once ready() holds; the process must still be running then (else the test would be vacuous)."""
+    t0 = time.time()
+    while not ready():
+        assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()[-3000:]}"
+        assert time.time() - t0 < timeout, "timed out waiting to kill"
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def logged_rows(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    return len(read_metrics(run_dir)) if os.path.exists(path) else 0
+
+
+def has_checkpoint(run_dir):
+    ckpt = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(ckpt) and any(os.path.isfile(os.path.join(ckpt, d, "trainer_state.pt"))
+                                       for d in os.listdir(ckpt) if not d.endswith((".tmp", ".old")))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_kill_then_resume_equals_uninterrupted_run(tmp_path, script):
+    length = LENGTH_FLAG.get(script, "--total_steps")
+    n = "4" if script == "q_sharp" else "10"
+    flags = [*tiny_flags(script), "--output_dir", str(tmp_path), length, n]
+    if script != "q_sharp":
+        flags += ["--eval_every", "3"]
+    full = run_script(script, *flags, "--run_name", "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    want = untimed(read_metrics(tmp_path / "full"))
+    # SIGTERM mid-run: the step (round) in flight finishes, a checkpoint is written, exit status 143
+    term = start_script(script, *flags, "--run_name", "term", "--save_every", "1000")
+    rc, err = kill_when(term, lambda: logged_rows(tmp_path / "term") >= 3, signal.SIGTERM)
+    assert rc == 143 and "stopped: SIGTERM" in err, err[-3000:]
+    assert has_checkpoint(tmp_path / "term")
+    # SIGKILL right after a periodic checkpoint: nothing is flushed, the checkpoint is what survives
+    kill = start_script(script, *flags, "--run_name", "kill", "--save_every", "2")
+    rc, _ = kill_when(kill, lambda: has_checkpoint(tmp_path / "kill"), signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    before = untimed(read_metrics(tmp_path / "kill"))
+    assert before == want[: len(before)]  # determinism: a fresh run with the same seed logs the same rows
+    for name in ("term", "kill"):
+        res = run_script(script, "--resume", str(tmp_path / name))
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert untimed(read_metrics(tmp_path / name)) == want, name  # nothing lost, nothing duplicated
+        a, b = final_params(tmp_path / "full", script), final_params(tmp_path / name, script)
+        for key, p in a.items():
+            assert torch.equal(p, b[key]), (name, key)
+    # another seed: other samples (its first logged training row differs)
+    other = run_script(script, *flags[:-2], length, "1", "--seed", "2", "--run_name", "seed2")
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert untimed(read_metrics(tmp_path / "seed2"))[1] != want[1]
+
+
+# ---- bad input: one line, exit status != 0, nothing written or overwritten ----------------------------------
+GOOD = '{"prompt": "1+1=", "answer": "2"}\n'
+SPLIT = {  # a batch that cannot be split as asked (N/A: the script has no such split)
+    "grpo": (["--prompts_per_step", "3", "--num_minibatches", "5"], "not divisible"),
+    "rpg_fkl": (["--prompts_per_step", "3", "--num_minibatches", "5"], "not divisible"),
+    "rpg_rkl": (["--prompts_per_step", "3", "--num_minibatches", "5"], "not divisible"),
+    "pmd_mean": (["--prompts_per_step", "3", "--num_minibatches", "5"], "not divisible"),
+    "a_star_po": (["--prompts_per_step", "3", "--num_minibatches", "2"], "not divisible"),
+}
+MISMATCH = {"q_sharp": "--q_model_name_or_path"}  # a second model that must share the tokenizer
+
+
+def bad_cases(script, tmp):
+    def write(name, text):
+        (tmp / name).write_text(text)
+        return str(tmp / name)
+
+    cases = {
+        "unknown flag value": (["--learning_rate", "fast"], "--learning_rate"),
+        "unknown task": (["--task", "nope"], "unknown task 'nope'"),
+        "missing local model": (["--model_name_or_path", str(tmp / "no_such_model")], "no such local folder"),
+        "malformed jsonl": (["--task", "jsonl", "--train_file", write("bad.jsonl", GOOD + "{oops\n"),
+                             "--eval_file", write("ok.jsonl", GOOD)], "bad.jsonl:2: malformed JSON"),
+        "empty dataset": (["--task", "jsonl", "--train_file", write("empty.jsonl", "\n"),
+                           "--eval_file", write("ok2.jsonl", GOOD)], "empty dataset"),
+        "prompt too long": (["--max_prompt_length", "4"], "> --max_prompt_length 4"),
+        "non-finite loss": (["--learning_rate", "1e30"], "stopping without saving"),
+    }
+    if script in SPLIT:
+        cases["batch split"] = SPLIT[script]
+    if script in MISMATCH:
+        other = tmp / "other_tokenizer"
+        make_other_tokenizer_model(other)
+        cases["tokenizer mismatch"] = ([MISMATCH[script], str(other)], "tokenizer")
+    return cases
+
+
+def make_other_tokenizer_model(path):
+    """The tiny policy's weights under a tokenizer whose vocabulary differs in one token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common import TINY_POLICY
+
+    AutoModelForCausalLM.from_pretrained(TINY_POLICY).save_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(TINY_POLICY)
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(path)
+
+
+def run_in_process(script, flags, capsys):
+    """main() with these flags in this process (no interpreter start-up per case): (exit code, stderr)."""
+    algo = load_algorithm(script)
+    torch.set_num_threads(1)  # as the subprocess runs (OMP_NUM_THREADS=1): xdist runs one worker per core
+    argv, code = sys.argv, 0
+    sys.argv = [f"{script}.py", *flags]
+    try:
+        algo.main()
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code, message):
+    assert isinstance(code, str) and code.startswith("error: ") and "\n" not in code, code
+    assert message in code, code
+
+
+CASE_NAMES = ["unknown flag value", "unknown task", "missing local model", "malformed jsonl", "empty dataset",
+              "prompt too long", "non-finite loss", "batch split", "tokenizer mismatch"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_input_table(tmp_path, script, capsys):
+    """Every case of the table for this script (cases that do not apply to it are listed in SPLIT / MISMATCH)."""
+    cases = bad_cases(script, tmp_path)
+    assert set(cases) <= set(CASE_NAMES)
+    for name, (flags, message) in cases.items():
+        out = tmp_path / f"runs_{name.replace(' ', '_')}"
+        code, err = run_in_process(script, [*tiny_flags(script), "--output_dir", str(out), *flags], capsys)
+        assert_one_line_error(code, message)
+        assert "Traceback" not in err, (name, err[-2000:])
+        written = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs] if out.exists() else []
+        if name == "non-finite loss":  # the run folder holds its log, but no model, final or intermediate
+            assert not any(f.endswith((".safetensors", ".pt")) for f in written), (script, written)
+        else:
+            assert written == [], (name, written)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_existing_run_folder_is_not_overwritten(tmp_path, script, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "metrics.jsonl").write_text("keep me\n")
+    code, _ = run_in_process(script, [*tiny_flags(script), "--output_dir", str(tmp_path), "--run_name", "taken"],
+                             capsys)
+    assert_one_line_error(code, "already exists")
+    assert (tmp_path / "taken" / "metrics.jsonl").read_text() == "keep me\n"
+    assert os.listdir(tmp_path / "taken") == ["metrics.jsonl"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_failed_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, script, capsys, monkeypatch):
+    """Disk full while saving the final model: one line, and the periodic checkpoint before it is intact."""
+    length = LENGTH_FLAG.get(script, "--total_steps")
+    flags = [*tiny_flags(script), "--output_dir", str(tmp_path), "--run_name", "r", length, "2", "--save_every", "1"]
+    real_save = torch.save
+
+    def disk_full(obj, f, *a, **k):
+        if "final" in str(f):
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    code, _ = run_in_process(script, flags, capsys)
+    assert_one_line_error(code, "No space left on device")
+    run = tmp_path / "r"
+    assert not (run / "final").exists() and not (run / "final.tmp").exists()
+    ckpts = os.listdir(run / "checkpoints")
+    assert len(ckpts) == 1 and os.path.isfile(run / "checkpoints" / ckpts[0] / "trainer_state.pt")
+    # and the run continues from that checkpoint once the disk has room again
+    monkeypatch.setattr(torch, "save", real_save)
+    code, _ = run_in_process(script, ["--resume", str(run)], capsys)
+    assert code == 0
+    assert (run / "final").is_dir()

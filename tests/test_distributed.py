@@ -38,6 +38,7 @@ CASES = [
     ("rpg_rkl", {"num_iterations": 2, "form": "reinforce", "ratio_level": "sequence"}),
     ("pmd_mean", {"num_iterations": 2}),
     ("a_star_po", {"num_iterations": 2, "entropy_coef": 0.01}),
+    ("q_sharp", {}),
 ]
 
 

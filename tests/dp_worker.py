@@ -39,8 +39,16 @@ def fill_a_star_po(algo, batch, rewards, G, frozen_logprobs):
     batch["v_hat"] = torch.linspace(0.1, 0.9, rewards.numel())  # any fixed stage-1 values
 
 
+def fill_dpo_kl(algo, batch, rewards, G, frozen_logprobs):
+    rewards = rewards.clone()
+    rewards[4], rewards[5] = 1.0, 0.0  # groups 0 and 1 (rank 0 of 2) have a pair
+    rewards[8:] = 0.0  # groups 2 and 3 (rank 1 of 2) tie: that rank runs only a zero-weighted backward
+    batch["pair_role"] = algo.pair_roles(rewards, G)
+    batch["ref_logprobs"] = frozen_logprobs
+
+
 FILL = {"grpo": fill_grpo, "rpg_fkl": fill_rpg, "rpg_rkl": fill_rpg, "pmd_mean": fill_pmd,
-        "a_star_po": fill_a_star_po}
+        "a_star_po": fill_a_star_po, "dpo_kl": fill_dpo_kl}
 
 
 def q_sharp_update(algo, out, world, rank):

@@ -39,6 +39,8 @@ CASES = [
     ("pmd_mean", {"num_iterations": 2}),
     ("a_star_po", {"num_iterations": 2, "entropy_coef": 0.01}),
     ("q_sharp", {}),
+    ("dpo_kl", {"num_iterations": 2}),
+    ("dpo_kl", {"divergence": "js", "loss": "robust", "label_smoothing": 0.2}),
 ]
 
 

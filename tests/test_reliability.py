@@ -97,6 +97,9 @@ SPLIT = {  # a batch that cannot be split as asked (N/A: the script has no such 
     "pmd_mean": (["--prompts_per_step", "3", "--num_minibatches", "5"], "not divisible"),
     "a_star_po": (["--prompts_per_step", "3", "--num_minibatches", "2"], "not divisible"),
 }
+NONFINITE = {  # flags that make an update non-finite (default: a learning rate of 1e30). DPO: after a 1e30 step
+    "dpo_kl": ["--loss", "ipo", "--beta", "1e-30"],  # no prompt has a pair (an honest 0 loss); IPO's 1/(2 beta) overflows
+}
 MISMATCH = {"q_sharp": "--q_model_name_or_path"}  # a second model that must share the tokenizer
 
 
@@ -114,7 +117,7 @@ def bad_cases(script, tmp):
         "empty dataset": (["--task", "jsonl", "--train_file", write("empty.jsonl", "\n"),
                            "--eval_file", write("ok2.jsonl", GOOD)], "empty dataset"),
         "prompt too long": (["--max_prompt_length", "4"], "> --max_prompt_length 4"),
-        "non-finite loss": (["--learning_rate", "1e30"], "stopping without saving"),
+        "non-finite loss": (NONFINITE.get(script, ["--learning_rate", "1e30"]), "stopping without saving"),
     }
     if script in SPLIT:
         cases["batch split"] = SPLIT[script]

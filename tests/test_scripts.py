@@ -17,6 +17,8 @@ FLAGS = {  # flags each script must document in --help
     "a_star_po": ["--num_ref_samples", "--beta1", "--beta2", "--entropy_coef", "--filter_unsolved", "--value_cache"],
     "q_sharp": ["--eta", "--head", "--num_atoms", "--v_min", "--top_k", "--topk_outside", "--num_rounds",
                 "--rollin_eta", "--only_switch_token", "--eval_etas", "--q_model_name_or_path"],
+    "dpo_kl": ["--beta", "--divergence", "--alpha", "--loss", "--label_smoothing", "--num_generations",
+               "--pairs_path"],
 }
 
 
@@ -33,7 +35,9 @@ KEYS = {"grpo": ["losses/kl_ref_rkl_k3"], "rpg_fkl": ["losses/kl_term", "losses/
         "pmd_mean": ["losses/pmd_loss", "losses/residual_abs_mean", "losses/delta_max", "losses/ratio_seq_min",
                      "losses/kl_old_fkl_k1"],
         "a_star_po": ["losses/regression_loss", "losses/kl_ref_rkl_k1_seq", "losses/adv_mean", "perf/stage2_s"],
-        "q_sharp": ["losses/q_loss", "losses/q_loss_heldout", "charts/num_examples", "eval/sweep/cd_eta0.1/pass@1"]}
+        "q_sharp": ["losses/q_loss", "losses/q_loss_heldout", "charts/num_examples", "eval/sweep/cd_eta0.1/pass@1"],
+        "dpo_kl": ["rewards/margins", "rewards/accuracies", "logps/chosen", "losses/kl_ref_rkl_k1_seq",
+                   "charts/kl_reg_objective", "charts/frac_usable_prompts", "losses/logratio_abs_max"]}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -1,0 +1,1027 @@
+# DPO-KL: "Direct Preference Optimization: Your Language Model is Secretly a Reward Model" (arXiv 2305.18290). README: #dpo-kl
+"""DPO as KL-regularized reward maximization, trained online on pairs built from the verifiable reward, in one file.
+Also H-DPO ("Entropy Controllable Direct Preference Optimization", arXiv 2411.07595) and f-DPO ("Beyond Reverse
+KL: Generalizing Direct Preference Optimization with Diverse Divergence Constraints", arXiv 2309.16240).
+
+Objective per prompt x, pi_ref the frozen initial model, SEQUENCE-level reverse KL:
+    J(pi) = E_{y ~ pi}[r(x, y)] - beta * KL(pi || pi_ref),   pi* = pi_ref e^{r/beta} / Z,   J(pi*) = beta log Z,
+so r = beta log(pi*/pi_ref) + beta log Z. Under Bradley-Terry, P(y_w > y_l) = sigma(r_w - r_l), Z cancels and
+    L = -E log sigma(h),   h = beta (s_w - s_l),   s = log pi_theta(y) - log pi_ref(y)   (sums over completion tokens)
+is the BT log-likelihood of the implied reward: with BT labels its expectation is stationary exactly at pi*,
+for any pair sampler with full support. Variants: H-DPO s = alpha lp - lr (optimum pi_ref^{1/alpha}
+e^{r/(alpha beta)}: alpha < 1 sharpens), f-DPO s = f'(pi/pi_ref) (forward KL -exp(-l), JS l - softplus(l)).
+Online pairs: K samples per prompt from the current policy, chosen = a best one, rejected = a worst one, ties
+dropped. These labels are deterministic, not BT samples: the plain loss has no finite minimizer (margins grow
+until the step budget stops them); `--label_smoothing sigma(-1)` restores the BT label law of a 0/1 reward gap.
+How beta compares with grpo.py and the RPG files: all three put beta on the SEQUENCE KL relative to the reward
+(GRPO's per-token KL shares the advantage's 1/|o| aggregation, so token vs sequence is not the difference). What
+differs: GRPO divides rewards by the group std (its beta acts like beta * std on raw rewards) and its group mean
+includes the sample (reward gradient times 1 - 1/G), so GRPO's fixed point with unscaled rewards is DPO's pi* at
+beta / (1 - 1/G). RPG uses raw rewards with a leave-in group mean as well. Compare runs by the logged KL, not beta.
+"""
+
+import contextlib
+import inspect
+import io
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for `common`
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import tyro
+
+from common import TINY_POLICY
+from common.tasks import Example, TaskError, load_task
+
+
+@dataclass
+class Args:
+    # ---- experiment ---------------------------------------------------------------------------------------
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """global seed; prompt draws use it on every rank, sampling uses seed + rank"""
+    torch_deterministic: bool = True
+    """`torch.backends.cudnn.deterministic = True`"""
+    cuda: bool = True
+    """use the GPU when one is present"""
+    track: bool = False
+    """also log to TensorBoard and Weights & Biases, each when installed"""
+    wandb_project_name: str = "klrl"
+    """the W&B project"""
+    wandb_entity: Optional[str] = None
+    """the W&B entity (team)"""
+    run_name: Optional[str] = None
+    """default `{task}__{exp_name}__{seed}__{unix_time}`"""
+    output_dir: str = "runs"
+    """outputs go to `{output_dir}/{run_name}/`"""
+    # ---- model and data -----------------------------------------------------------------------------------
+    model_name_or_path: str = TINY_POLICY
+    """any Hugging Face causal LM (local folder or hub id); default: the shipped tiny policy"""
+    task: str = "arithmetic"
+    """`arithmetic` (built in), `jsonl` (with --train_file/--eval_file) or `hf:<dataset>[:<config>]`"""
+    train_file: Optional[str] = None
+    """JSONL training prompts (with --task jsonl)"""
+    eval_file: Optional[str] = None
+    """JSONL held-out prompts (with --task jsonl)"""
+    prompt_field: str = "prompt"
+    """JSON field holding the prompt"""
+    answer_field: str = "answer"
+    """JSON field holding the reference answer (GSM8K `#### 42` and `\\boxed{}` are reduced to the answer)"""
+    no_chat_template: bool = False
+    """do not apply the tokenizer's chat template (it is applied when the tokenizer has one)"""
+    max_prompt_length: Optional[int] = None
+    """prompt token limit; longer prompts are an error, never truncated (default per task: 16 arithmetic, 512)"""
+    max_new_tokens: Optional[int] = None
+    """completion token limit (default per task: 4 arithmetic, 1024 real data); offline completions must fit too"""
+    temperature: float = 1.0
+    """sampling temperature, also used for every log-prob (policy and reference)"""
+    pairs_path: Optional[str] = None
+    """offline JSONL of {"prompt", "chosen", "rejected"} strings: replaces online sampling (the task still gives
+    the held-out eval). Default None: pairs are built online from K samples per prompt"""
+    # ---- training -----------------------------------------------------------------------------------------
+    total_steps: int = 100
+    """rollout steps (one generation phase each). Tiny-tuned (about 2.5 minutes on 2 CPU cores)"""
+    prompts_per_step: int = 128
+    """prompts per step, all ranks together (offline: pairs per step). Tiny-tuned: with one pair per prompt, 64
+    prompts per step learned more slowly (training reward 0.36 after 50 steps, held-out pass@1 0.34 after 25);
+    TRL online DPO: 8 per device"""
+    num_generations: int = 8
+    """K, completions per prompt; the pair is best vs worst. >= 2 enforced, >= 4 recommended (with K = 2 and 0/1
+    rewards most prompts tie). TRL OnlineDPOTrainer samples 2"""
+    num_iterations: int = 1
+    """passes over each step's pairs"""
+    num_minibatches: int = 1
+    """optimizer steps per pass, on disjoint sets of pairs"""
+    micro_batch_size: int = 512
+    """sequences per forward/backward on one device (a pair is 2). Tiny-tuned; about 4-16 for 0.5B-1.5B models
+    with 1K-token completions on one 80 GB GPU"""
+    gen_batch_size: int = 512
+    """sequences per generate call on one device"""
+    learning_rate: float = 5e-4
+    """AdamW learning rate, constant after warm-up. Tiny-tuned (1e-3 at 64 prompts per step went astray: sequence
+    KL 1.6, training reward 0.21 after 10 steps); TRL DPOConfig 1e-6, DPO paper 1e-6 (RMSprop)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip"""
+    warmup_steps: int = 0
+    """linear LR warm-up, in optimizer steps (DPO paper: 150)"""
+    # ---- DPO ----------------------------------------------------------------------------------------------
+    beta: float = 0.1
+    """KL coefficient on the SEQUENCE KL against raw rewards (DPO paper and TRL default 0.1). Must be > 0"""
+    divergence: Literal["reverse_kl", "forward_kl", "js"] = "reverse_kl"
+    """f-DPO regularizer D_f(pi || pi_ref), score s = f'(pi/pi_ref): reverse_kl (DPO) s = l, forward_kl
+    KL(pi_ref || pi) s = -exp(-l), js (Jensen-Shannon) s = l - softplus(l); l = sequence log-ratio
+    (TRL `f_divergence_type`). forward_kl explodes for very negative l: watch losses/logratio_abs_max"""
+    alpha: float = 1.0
+    """H-DPO entropy weight: s = alpha lp - lr, optimum pi_ref^{1/alpha} e^{r/(alpha beta)}; < 1 sharpens,
+    > 1 flattens, 1 = DPO. Only with --divergence reverse_kl. Must be > 0"""
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    """sigmoid (DPO; cDPO with --label_smoothing), ipo ((s_w - s_l - 1/(2 beta))^2 on sequence sums; TRL
+    averages per token), hinge (SLiC, relu(1 - h)), robust (rDPO, unbiased under label noise eps)"""
+    label_smoothing: float = 0.0
+    """eps, the assumed label-flip rate (sigmoid and robust only), in [0, 0.5). sigma(-1) = 0.2689 turns a 0/1
+    best-vs-worst pair into the BT label law of reward gap 1, whose per-pair optimum margin is h = 1 (pi*).
+    TRL default 0"""
+    # ---- evaluation, logging, checkpoints -----------------------------------------------------------------
+    eval_every: int = 25
+    """held-out eval every this many steps (and always at step 0); 0 = only at the start and the end"""
+    eval_num_prompts: int = 500
+    """held-out prompts per eval (all of the arithmetic held-out split)"""
+    eval_samples_per_prompt: int = 4
+    """samples per held-out prompt at `temperature`; pass@1 = mean correctness"""
+    eval_kl: bool = True
+    """log eval/kl_init_rkl_exact_seq (the reference is the initial policy, so no extra model)"""
+    log_every: int = 10
+    """print a one-line summary every this many steps (metrics.jsonl gets every step)"""
+    save_every: int = 0
+    """checkpoint every this many steps (0 = only at the end)"""
+    resume: Optional[str] = None
+    """a run folder or checkpoint folder to resume from (restores model, optimizer, step and RNG)"""
+    bf16: Optional[bool] = None
+    """bf16 autocast for forward passes (parameters and optimizer stay float32); default: on with CUDA"""
+    gradient_checkpointing: bool = False
+    """trade compute for memory on real models"""
+    # ---- filled in at runtime -----------------------------------------------------------------------------
+    world_size: int = 0
+    """number of processes (computed at runtime)"""
+    local_prompts: int = 0
+    """prompts (offline: pairs) per step on one rank (computed at runtime)"""
+
+
+class Preempted(Exception):
+    """SIGTERM (a scheduler's preemption, `kill`, Ctrl-\\ under torchrun): the step in flight finishes, a
+    checkpoint is written, and the process exits with status 143 so `--resume` continues exactly."""
+
+
+class UserError(ValueError):
+    """Bad flags or inputs: printed as one line (`error: ...`), exit status 1, nothing written."""
+
+
+# ==========================================================================================================
+# ALGO LOGIC: pure functions (tensors in, tensors out; tested against closed forms in tests/test_dpo_kl.py)
+# ==========================================================================================================
+def build_pairs(rewards: torch.Tensor, group_size: int) -> tuple:
+    """Best-vs-worst pairs, one per group of K = `group_size` contiguous samples.
+
+    chosen = the FIRST sample with the group's maximum reward, rejected = the first with its minimum (samples
+    are i.i.d., so "first" is a uniformly random tie-break). A group whose rewards are all equal has no pair.
+    Returns (chosen, rejected, usable), each [num_groups]: indices within each group and a bool mask.
+    """
+    r = rewards.view(-1, group_size)
+    pos = torch.arange(group_size, device=r.device).expand_as(r)
+    first = lambda hit: torch.where(hit, pos, group_size).min(dim=1).values  # noqa: E731
+    chosen = first(r == r.max(dim=1, keepdim=True).values)
+    rejected = first(r == r.min(dim=1, keepdim=True).values)
+    usable = (r != r[:, :1]).any(dim=1)
+    return chosen, rejected, usable
+
+
+def pair_roles(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-sample role for `update_policy`: +1 chosen, -1 rejected, 0 unused ([B] long; at most one +1 and one -1
+    per group, so the i-th chosen and the i-th rejected row of a batch belong to the same prompt)."""
+    chosen, rejected, usable = build_pairs(rewards, group_size)
+    roles = torch.zeros(rewards.view(-1, group_size).shape, dtype=torch.long, device=rewards.device)
+    rows = torch.arange(roles.shape[0], device=rewards.device)[usable]
+    roles[rows, chosen[usable]] = 1
+    roles[rows, rejected[usable]] = -1
+    return roles.view(-1)
+
+
+def dpo_scores(lp: torch.Tensor, lr: torch.Tensor, divergence: str = "reverse_kl", alpha: float = 1.0) -> torch.Tensor:
+    """Score s(y) whose scaled difference is the implied reward margin; l = lp - lr (sequence log-ratio):
+
+        reverse_kl:  s = alpha lp - lr          (alpha = 1: the log-ratio l, DPO; alpha != 1: H-DPO)
+        forward_kl:  s = -exp(-l)               (f'(u) = -1/u for D_f = KL(pi_ref || pi))
+        js:          s = l - softplus(l)        (= log(u / (1 + u)); f'(u) = log(2u / (1 + u)), log 2 cancels)
+    The f-DPO optimum satisfies beta f'(pi/pi_ref) = r - C, so beta (s_w - s_l) = r_w - r_l there.
+    """
+    if divergence == "reverse_kl":
+        return alpha * lp - lr if alpha != 1.0 else lp - lr
+    if alpha != 1.0:
+        raise ValueError("--alpha != 1 (H-DPO) is only defined with --divergence reverse_kl")
+    l = lp - lr
+    if divergence == "forward_kl":
+        return -torch.exp(-l)
+    if divergence == "js":
+        return l - F.softplus(l)
+    raise ValueError(f"unknown divergence {divergence!r}")
+
+
+def dpo_loss(s_w: torch.Tensor, s_l: torch.Tensor, beta: float, loss: str = "sigmoid", eps: float = 0.0,
+             num_pairs_global=None):
+    """This micro-batch's share of the pair-mean loss, h = beta (s_w - s_l), eps = label smoothing:
+
+        sigmoid:  -(1 - eps) log sigma(h) - eps log sigma(-h)           (DPO; eps > 0: cDPO, optimum log((1-eps)/eps))
+        ipo:      ((s_w - s_l) - 1/(2 beta))^2                          (IPO on sequence sums)
+        hinge:    relu(1 - h)                                           (SLiC; no gradient once h >= 1)
+        robust:   [-(1 - eps) log sigma(h) + eps log sigma(-h)] / (1 - 2 eps)   (rDPO; unbiased under flip rate eps)
+    L = sum over this micro-batch's pairs / `num_pairs_global` (pairs over all ranks and micro-batches).
+    Sigmoid gradient: beta (sigma(h) - (1 - eps)) (grad s_w - grad s_l); at eps = 0, -beta sigma(-h) (...), so
+    pairs already ranked right by a wide margin stop contributing.
+    """
+    n = max(num_pairs_global if num_pairs_global is not None else s_w.shape[0], 1)
+    d = s_w - s_l
+    h = beta * d
+    if loss == "sigmoid":
+        per = -(1 - eps) * F.logsigmoid(h) - eps * F.logsigmoid(-h) if eps else -F.logsigmoid(h)
+    elif loss == "ipo":
+        per = (d - 1 / (2 * beta)).pow(2)
+    elif loss == "hinge":
+        per = torch.relu(1 - h)
+    elif loss == "robust":
+        if not 0 <= eps < 0.5:
+            raise ValueError("robust loss needs 0 <= label_smoothing < 0.5")
+        per = (-(1 - eps) * F.logsigmoid(h) + eps * F.logsigmoid(-h)) / (1 - 2 * eps)
+    else:
+        raise ValueError(f"unknown loss {loss!r}")
+    out = per.sum() / n
+    return out, {"loss": out.detach()}
+
+
+def dpo_metrics(s_w: torch.Tensor, s_l: torch.Tensor, lp_w: torch.Tensor, lp_l: torch.Tensor, beta: float,
+                num_pairs_global=None) -> dict:
+    """TRL-named pair metrics as this micro-batch's share of global pair means (sum over micro-batches and ranks):
+    rewards/chosen = mean beta s_w, rewards/rejected = mean beta s_l, rewards/margins = mean h,
+    rewards/accuracies = mean [h > 0], logps/chosen, logps/rejected = mean policy sequence log-probs.
+    For reverse_kl with alpha = 1 these are TRL's definitions."""
+    n = max(num_pairs_global if num_pairs_global is not None else s_w.shape[0], 1)
+    with torch.no_grad():
+        h = beta * (s_w - s_l)
+        return {"rewards/chosen": (beta * s_w).sum() / n, "rewards/rejected": (beta * s_l).sum() / n,
+                "rewards/margins": h.sum() / n, "rewards/accuracies": (h > 0).to(h.dtype).sum() / n,
+                "logps/chosen": lp_w.detach().sum() / n, "logps/rejected": lp_l.detach().sum() / n}
+
+
+def divergence_estimate(lp: torch.Tensor, lr: torch.Tensor, divergence: str = "reverse_kl",
+                        alpha: float = 1.0) -> torch.Tensor:
+    """Per-sample term whose mean over y ~ pi estimates the regularizer the loss really uses (sequence level):
+
+        reverse_kl:  alpha lp - lr          -> alpha (-H(pi)) + CE(pi, pi_ref)  (= KL(pi || pi_ref) at alpha = 1)
+        forward_kl:  -l e^{-l}              -> KL(pi_ref || pi)                   (importance weight pi_ref/pi)
+        js:          l - (1 + e^{-l}) log((1 + e^l)/2)  -> sum pi_ref f(pi/pi_ref), f(u) = u log u - (u+1) log((u+1)/2)
+    (l = lp - lr). The forward-KL and JS estimates carry e^{-l}: high variance when pi has moved far from pi_ref.
+    """
+    l = lp - lr
+    if divergence == "reverse_kl":
+        return alpha * lp - lr
+    if divergence == "forward_kl":
+        return -l * torch.exp(-l)
+    if divergence == "js":
+        return l - (1 + torch.exp(-l)) * (F.softplus(l) - math.log(2))
+    raise ValueError(f"unknown divergence {divergence!r}")
+
+
+# ==========================================================================================================
+# Rollout and log-probs
+# ==========================================================================================================
+def left_pad(seqs: list, pad_id: int, device) -> tuple:
+    """Token lists -> (ids [B, P], attention mask [B, P]), padded on the left."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def completion_mask_from(tokens: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor:
+    """1 for every generated token up to and including the first EOS, 0 after it. [B, C] long."""
+    is_eos = torch.isin(tokens, eos_ids)
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    return (~after_eos).long()
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float, eos_ids: torch.Tensor,
+             pad_id: int, generator: torch.Generator, amp=contextlib.nullcontext):
+    """Sample completions with the KV cache from exactly softmax(logits / T): no top-k, top-p or penalties, so
+    the sampling law is the one every log-prob assumes. Returns (tokens [B, C], completion mask [B, C])."""
+    from transformers import DynamicCache
+
+    was_training = model.training
+    model.eval()  # in train mode, gradient checkpointing would silently switch the KV cache off
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = DynamicCache()
+    attn = prompt_mask
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
+    inputs = prompt_ids
+    done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+    tokens = []
+    for _ in range(max_new_tokens):
+        with amp():
+            logits = model(input_ids=inputs, attention_mask=attn, position_ids=pos, use_cache=True,
+                           logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        tokens.append(tok)
+        done |= torch.isin(tok, eos_ids)
+        if done.all():
+            break
+        inputs, pos = tok[:, None], pos[:, -1:] + 1
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+    model.train(was_training)
+    tokens = torch.stack(tokens, dim=1)
+    return tokens, completion_mask_from(tokens, eos_ids)
+
+
+def completion_log_softmax(model, input_ids, attention_mask, completion_len: int, temperature: float):
+    """log softmax(logits / T) at the positions that predict the last `completion_len` tokens: [B, C, V].
+    Logits are upcast to at least float32; position ids follow the attention mask (left padding)."""
+    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False,
+                   logits_to_keep=completion_len + 1).logits[:, :-1]
+    return (logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature).log_softmax(-1)
+
+
+def token_logprobs(log_probs_all: torch.Tensor, completion_ids: torch.Tensor) -> torch.Tensor:
+    return log_probs_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def batched_logprobs(model, input_ids, attention_mask, completion_len, temperature, micro_batch_size,
+                     amp=contextlib.nullcontext) -> torch.Tensor:
+    """No-grad per-token log-probs of the completions, in micro-batches (reference / old policy)."""
+    out = []
+    for i in range(0, input_ids.shape[0], micro_batch_size):
+        sl = slice(i, i + micro_batch_size)
+        with amp():
+            lsm = completion_log_softmax(model, input_ids[sl], attention_mask[sl], completion_len, temperature)
+        out.append(token_logprobs(lsm, input_ids[sl, -completion_len:]))
+    return torch.cat(out)
+
+
+def sample_batch(model, prompts: list, args, eos_ids, pad_id, generator, device, amp):
+    """Generate for a list of prompt token lists (in chunks); returns teacher-forcing inputs and masks."""
+    chunks = []
+    for i in range(0, len(prompts), args.gen_batch_size):
+        p_ids, p_mask = left_pad(prompts[i: i + args.gen_batch_size], pad_id, device)
+        toks, cmask = generate(model, p_ids, p_mask, args.max_new_tokens, args.temperature, eos_ids, pad_id,
+                               generator, amp)
+        chunks.append((p_ids, p_mask, toks, cmask))
+    P = max(c[0].shape[1] for c in chunks)
+    C = max(c[2].shape[1] for c in chunks)
+    pad_l = lambda x, v: torch.nn.functional.pad(x, (P - x.shape[1], 0), value=v)  # noqa: E731
+    pad_r = lambda x, v: torch.nn.functional.pad(x, (0, C - x.shape[1]), value=v)  # noqa: E731
+    p_ids = torch.cat([pad_l(c[0], pad_id) for c in chunks])
+    p_mask = torch.cat([pad_l(c[1], 0) for c in chunks])
+    toks = torch.cat([pad_r(c[2], pad_id) for c in chunks])
+    cmask = torch.cat([pad_r(c[3], 0) for c in chunks])
+    input_ids = torch.cat([p_ids, toks], dim=1)
+    attention_mask = torch.cat([p_mask, torch.ones_like(toks)], dim=1)  # after EOS: masked out of every loss
+    truncated = ~torch.isin(toks, eos_ids).any(-1)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_ids": toks,
+            "completion_mask": cmask, "truncated": truncated}
+
+
+def decode_completions(tokenizer, batch) -> list:
+    ids, mask = batch["completion_ids"].tolist(), batch["completion_mask"].tolist()
+    return tokenizer.batch_decode([[t for t, m in zip(r, mr) if m] for r, mr in zip(ids, mask)],
+                                  skip_special_tokens=True)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def global_mean_std(x: torch.Tensor) -> tuple:
+    """Mean and Bessel std of `x` over all ranks, two passes (never E[x^2] - mean^2)."""
+    n_sum = all_reduce_sum(torch.stack([x.new_tensor(float(x.numel())), x.sum()]))
+    mean = n_sum[1] / n_sum[0]
+    ss = all_reduce_sum((x - mean).pow(2).sum().reshape(1))[0]
+    return mean, (ss / (n_sum[0] - 1).clamp(min=1)).sqrt()
+
+
+def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
+@torch.no_grad()
+def sample_stats(model, batch: dict, temperature: float, micro_batch_size: int, amp=contextlib.nullcontext) -> tuple:
+    """One no-grad forward over all K samples: per-token log-probs [B, C] and per-token exact entropy [B, C]."""
+    C = batch["completion_ids"].shape[1]
+    lps, ents = [], []
+    for i in range(0, batch["input_ids"].shape[0], micro_batch_size):
+        sl = slice(i, i + micro_batch_size)
+        with amp():
+            lsm = completion_log_softmax(model, batch["input_ids"][sl], batch["attention_mask"][sl], C, temperature)
+        lps.append(token_logprobs(lsm, batch["completion_ids"][sl]))
+        ents.append(-(lsm.exp() * lsm).sum(-1))
+    return torch.cat(lps), torch.cat(ents)
+
+
+def pair_batch(pairs: list, pad_id: int, device) -> dict:
+    """Offline pairs [(prompt ids, chosen ids, rejected ids)] -> teacher-forcing rows chosen_0, rejected_0, ...
+    (left-padded prompts, right-padded completions that already end with EOS), with `pair_role` +1 / -1."""
+    prompts = [p for p, _, _ in pairs for _ in range(2)]
+    comps = [c for _, w, l in pairs for c in (w, l)]
+    p_ids, p_mask = left_pad(prompts, pad_id, device)
+    C = max(len(c) for c in comps)
+    toks = torch.full((len(comps), C), pad_id, dtype=torch.long)
+    cmask = torch.zeros((len(comps), C), dtype=torch.long)
+    for i, c in enumerate(comps):
+        toks[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        cmask[i, : len(c)] = 1
+    toks, cmask = toks.to(device), cmask.to(device)
+    return {"input_ids": torch.cat([p_ids, toks], 1), "attention_mask": torch.cat([p_mask, torch.ones_like(toks)], 1),
+            "completion_ids": toks, "completion_mask": cmask,
+            "pair_role": torch.tensor([1, -1] * len(pairs), dtype=torch.long, device=device)}
+
+
+# ==========================================================================================================
+# Policy update (importable: the data-parallel invariance test drives it on a fixed batch)
+# ==========================================================================================================
+METRIC_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+               "logps/rejected"]
+
+
+def update_policy(model, optimizer, scheduler, batch: dict, args, shuffle_seed: int, amp=contextlib.nullcontext):
+    """`num_iterations` passes x `num_minibatches` AdamW steps over this rank's pairs.
+
+    `batch` holds every sample of this rank (groups contiguous) with `pair_role` (+1 chosen, -1 rejected, 0 unused)
+    and `ref_logprobs`; only the pair rows are forwarded with gradient. The pair count of each mini-batch is
+    all-reduced over ranks before the loss is formed and each rank backpropagates local_sum / global_pairs *
+    world_size, so the update does not depend on the number of ranks or micro-batches (with one mini-batch). A
+    rank without pairs still runs one zero-weighted forward/backward, keeping DDP's collectives in lockstep.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    params = [p for p in model.parameters() if p.requires_grad]
+    roles, mask = batch["pair_role"], batch["completion_mask"]
+    w_rows, l_rows = (roles == 1).nonzero().view(-1), (roles == -1).nonzero().view(-1)
+    if len(w_rows) != len(l_rows):
+        raise ValueError("pair_role needs as many chosen (+1) as rejected (-1) rows")
+    lr_seq = (batch["ref_logprobs"] * mask).sum(-1)
+    C = batch["completion_ids"].shape[1]
+    per_micro = max(1, args.micro_batch_size // 2)
+    dtype = torch.float64
+    sums = {k: torch.zeros((), dtype=dtype) for k in METRIC_KEYS}  # every rank stacks the same keys
+    abs_max = torch.zeros((), dtype=dtype, device=mask.device)
+    grad_norms, steps = [], 0
+    for it in range(args.num_iterations):
+        perm = torch.randperm(len(w_rows), generator=torch.Generator().manual_seed(shuffle_seed * 1000 + it))
+        for mb in perm.tensor_split(args.num_minibatches):
+            num_pairs = all_reduce_sum(torch.tensor([float(len(mb))], dtype=dtype, device=mask.device))[0].item()
+            micro = list(mb.split(per_micro)) if len(mb) else [mb]
+            for k, idx in enumerate(micro):
+                sync = k == len(micro) - 1 or not hasattr(model, "no_sync")
+                rows = torch.cat([w_rows[idx], l_rows[idx]]) if len(idx) else roles.new_zeros(1)
+                with (contextlib.nullcontext() if sync else model.no_sync()):
+                    with amp():
+                        lsm = completion_log_softmax(model, batch["input_ids"][rows], batch["attention_mask"][rows],
+                                                     C, args.temperature)
+                    lp = (token_logprobs(lsm, batch["completion_ids"][rows]) * mask[rows]).sum(-1)
+                    if len(idx) == 0:  # nothing to learn here: zero-weighted, but the same collectives
+                        (lp.sum() * 0.0).backward()
+                        continue
+                    m, lref = len(idx), lr_seq[rows].to(lp.dtype)
+                    s = dpo_scores(lp, lref, args.divergence, args.alpha)
+                    loss, stats = dpo_loss(s[:m], s[m:], args.beta, args.loss, args.label_smoothing, num_pairs)
+                    (loss * world).backward()
+                stats.update(dpo_metrics(s[:m], s[m:], lp[:m], lp[m:], args.beta, num_pairs))
+                for key in METRIC_KEYS:
+                    sums[key] = sums[key] + stats[key].detach().to(dtype).cpu()
+                abs_max = torch.maximum(abs_max, (lp.detach() - lref).abs().max().to(dtype))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            if not torch.isfinite(grad_norm):  # identical on every rank after DDP's all-reduce: all stop together
+                optimizer.zero_grad(set_to_none=True)
+                raise FloatingPointError("non-finite loss or gradient (grad norm "
+                                         f"{grad_norm.item()}); no optimizer step was taken")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            grad_norms.append(grad_norm.item())
+            steps += 1
+    reduced = all_reduce_sum(torch.stack([sums[k] for k in METRIC_KEYS]).to(mask.device)) / steps
+    metrics = {(k if "/" in k else f"losses/{k}"): v for k, v in zip(METRIC_KEYS, reduced.tolist())}
+    metrics["losses/logratio_abs_max"] = all_reduce_max(abs_max).item()
+    metrics["charts/grad_norm"] = sum(grad_norms) / len(grad_norms)
+    return metrics
+
+
+# ==========================================================================================================
+# Setup helpers: models, prompts, checkpoints
+# ==========================================================================================================
+def load_error(path: str, what: str, e: Exception) -> UserError:
+    """One line that says whether `path` was read as a local folder or as a hub id (and why that failed)."""
+    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
+    if looks_local and not os.path.isdir(path):
+        return UserError(f"{what} {path!r} not found: no such local folder")
+    where = "local folder" if os.path.isdir(path) else "not a local folder; tried as a Hugging Face hub id"
+    return UserError(f"could not load {what} {path!r} ({where}): {str(e).strip().splitlines()[0]}")
+
+
+def load_model(path: str, device, trainable: bool):
+    """AutoModelForCausalLM in float32 with dropout off; a missing path gives a one-line error."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise load_error(path, "model", e) from None
+    for m in model.modules():  # ratios must be exactly 1 at theta = theta_old: no dropout anywhere
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+    model.to(device)
+    model.train(trainable)
+    model.requires_grad_(trainable)
+    return model
+
+
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing; transformers >= 5.2x renamed the method."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise load_error(path, "model", e) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def encode_prompts(tokenizer, examples, args, split: str) -> list:
+    """Token ids per prompt (chat template when the tokenizer has one); too long is an error, not a truncation."""
+    if getattr(tokenizer, "chat_template", None) and not args.no_chat_template:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": ex.prompt}], tokenize=False,
+                                               add_generation_prompt=True) for ex in examples]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # the template already has any BOS
+    else:
+        ids = tokenizer([ex.prompt for ex in examples])["input_ids"]
+    for i, seq in enumerate(ids):
+        if len(seq) > args.max_prompt_length:
+            raise UserError(f"{split} prompt {i} has {len(seq)} tokens > --max_prompt_length "
+                            f"{args.max_prompt_length}: {examples[i].prompt[:60]!r}")
+    return ids
+
+
+def find_checkpoint(path: str) -> str:
+    """`--resume` accepts a checkpoint folder or a run folder (then its latest checkpoint, `final` included)."""
+    if os.path.isfile(os.path.join(path, "trainer_state.pt")):
+        return path
+    candidates = [os.path.join(path, "final")]
+    ckpt_dir = os.path.join(path, "checkpoints")
+    if os.path.isdir(ckpt_dir):
+        candidates += [os.path.join(ckpt_dir, d) for d in os.listdir(ckpt_dir)]
+    found = [c for c in candidates if os.path.isfile(os.path.join(c, "trainer_state.pt"))]
+    if not found:
+        raise UserError(f"--resume {path!r}: no checkpoint (trainer_state.pt) found there")
+    return max(found, key=lambda c: torch.load(os.path.join(c, "trainer_state.pt"), weights_only=False)["step"])
+
+
+def rng_state(generator) -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "sampler": generator.get_state()}
+
+
+def set_rng_state(state: dict, generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["sampler"])
+
+
+def save_checkpoint(path, policy, tokenizer, optimizer, scheduler, step, elapsed, generator, args, rank) -> None:
+    """save_pretrained (model + tokenizer) plus trainer_state.pt (optimizer, scheduler, step, every rank's RNG).
+    Written to a temporary folder first and renamed, so an interrupted save never leaves a corrupt checkpoint."""
+    states = [None] * args.world_size if dist.is_initialized() else None
+    if dist.is_initialized():
+        dist.all_gather_object(states, rng_state(generator))
+    else:
+        states = [rng_state(generator)]
+    if rank == 0:
+        tmp, old = path + ".tmp", path + ".old"
+        try:
+            policy.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            torch.save({"step": step, "elapsed_s": elapsed, "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "rng": states, "args": asdict(args)},
+                       os.path.join(tmp, "trainer_state.pt"))
+            if os.path.isdir(path):  # keep the previous checkpoint until the new one is in place
+                os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError as e:  # disk full, permissions: the previous checkpoints are untouched
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"could not save a checkpoint to {path}: {e.strerror or e}") from None
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def sigterm_received(flag: dict, device) -> bool:
+    """Whether any rank got SIGTERM (all ranks must stop after the same step)."""
+    hit = torch.tensor([float(flag["sigterm"])], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(hit, op=dist.ReduceOp.MAX)
+    return bool(hit.item())
+
+
+def load_pairs(path: str, tokenizer, args, eos_id: int) -> list:
+    """Offline pairs from JSONL, one {"prompt", "chosen", "rejected"} object per non-blank line; every problem is
+    a one-line error naming the file and line. Completions get EOS appended (it is part of the sequence log-prob)
+    and must fit --max_new_tokens; prompts go through the chat template like the task's prompts."""
+    if not os.path.isfile(path):
+        raise UserError(f"--pairs_path {path!r}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}:{n}: expected a JSON object with prompt, chosen, rejected")
+            for key in ("prompt", "chosen", "rejected"):
+                if not isinstance(obj.get(key), str) or not obj[key]:
+                    raise UserError(f"{path}:{n}: field {key!r} must be a non-empty string")
+            if obj["chosen"] == obj["rejected"]:
+                raise UserError(f"{path}:{n}: chosen and rejected are identical")
+            rows.append((n, obj))
+    if not rows:
+        raise UserError(f"{path}: empty file (no pairs)")
+    prompt_ids = encode_prompts(tokenizer, [Example(o["prompt"], "") for _, o in rows], args, "pairs")
+    pairs = []
+    for (n, obj), p in zip(rows, prompt_ids):
+        comps = [tokenizer(obj[k], add_special_tokens=False)["input_ids"] + [eos_id] for k in ("chosen", "rejected")]
+        for key, c in zip(("chosen", "rejected"), comps):
+            if len(c) > args.max_new_tokens:
+                raise UserError(f"{path}:{n}: {key} has {len(c)} tokens with EOS > --max_new_tokens "
+                                f"{args.max_new_tokens}")
+        pairs.append((p, comps[0], comps[1]))
+    return pairs
+
+
+# ==========================================================================================================
+# Evaluation
+# ==========================================================================================================
+@torch.no_grad()
+def evaluate(policy, init_model, tokenizer, prompts, answers, reward_fn, args, eos_ids, device, amp, rank) -> dict:
+    """Held-out pass@1 at `temperature` and KL(pi_theta || pi_init) summed along each sampled completion, exact
+    over the vocabulary at every visited position. Prompts are interleaved over ranks; sums are all-reduced.
+    The sampler is re-seeded for every eval, so evals at different steps share their random numbers."""
+    gen = torch.Generator(device=device).manual_seed(10_000_019 * (args.seed + 1) + rank)
+    mine = list(range(rank, len(prompts), args.world_size))
+    rep = [prompts[i] for i in mine for _ in range(args.eval_samples_per_prompt)]
+    ans = [answers[i] for i in mine for _ in range(args.eval_samples_per_prompt)]
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # reward, correct, length, kl
+    count = torch.zeros(1, dtype=torch.float64, device=device)
+    for i in range(0, len(rep), args.gen_batch_size):
+        b = sample_batch(policy, rep[i: i + args.gen_batch_size], args, eos_ids, tokenizer.pad_token_id, gen, device, amp)
+        rewards = torch.tensor([reward_fn(c, a) for c, a in zip(decode_completions(tokenizer, b), ans[i:])],
+                               dtype=torch.float64, device=device)
+        cmask = b["completion_mask"]
+        sums[0] += rewards.sum()
+        sums[1] += (rewards >= 1.0).double().sum()
+        sums[2] += cmask.sum()
+        if init_model is not None:
+            C = cmask.shape[1]
+            for j in range(0, cmask.shape[0], args.micro_batch_size):
+                sl = slice(j, j + args.micro_batch_size)
+                with amp():
+                    p = completion_log_softmax(policy, b["input_ids"][sl], b["attention_mask"][sl], C, args.temperature)
+                    q = completion_log_softmax(init_model, b["input_ids"][sl], b["attention_mask"][sl], C,
+                                               args.temperature)
+                sums[3] += ((p.exp() * (p - q)).sum(-1) * cmask[sl]).sum().double()
+        count += cmask.shape[0]
+    total = all_reduce_sum(torch.cat([sums, count]))
+    n = total[4].clamp(min=1)
+    out = {"eval/pass@1": (total[1] / n).item(), "eval/reward_mean": (total[0] / n).item(),
+           "eval/completion_len_mean": (total[2] / n).item()}
+    if init_model is not None:
+        out["eval/kl_init_rkl_exact_seq"] = (total[3] / n).item()
+    return out
+
+
+# ==========================================================================================================
+# Main: args, setup, training loop
+# ==========================================================================================================
+def parse_args() -> Args:
+    """tyro flags; with `--resume`, the resumed run's saved args are the defaults that flags override."""
+    default = Args()
+    argv = sys.argv[1:]
+    for i, a in enumerate(argv):
+        if a.startswith("--resume"):
+            path = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+            ckpt = find_checkpoint(path) if path else None
+            if ckpt:
+                saved = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)["args"]
+                default = Args(**{k: v for k, v in saved.items() if k in Args.__dataclass_fields__})
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return tyro.cli(Args, default=default, use_underscores=True)
+    except SystemExit as e:
+        if not e.code:  # --help
+            raise
+        # tyro draws a multi-line box; keep its first section as our one-line error
+        text = []
+        for line in err.getvalue().splitlines()[1:]:
+            if "──" in line or line.startswith("╰"):
+                break
+            text.append(line.strip("│ "))
+        raise UserError(" ".join(text) + " (see --help)") from None
+
+
+def check_args(args: Args, world_size: int) -> None:
+    if args.temperature <= 0:
+        raise UserError("--temperature must be > 0 (sampling and log-probs use softmax(logits / T))")
+    if args.beta <= 0:
+        raise UserError("--beta must be > 0 (DPO's implied reward is beta log(pi / pi_ref))")
+    if args.alpha <= 0:
+        raise UserError("--alpha must be > 0")
+    if args.alpha != 1.0 and args.divergence != "reverse_kl":
+        raise UserError("--alpha != 1 (H-DPO) is only defined with --divergence reverse_kl")
+    if not 0 <= args.label_smoothing < 0.5:
+        raise UserError("--label_smoothing must be in [0, 0.5)")
+    if args.label_smoothing and args.loss not in ("sigmoid", "robust"):
+        raise UserError(f"--label_smoothing is used by the sigmoid and robust losses only, not --loss {args.loss}")
+    if args.num_generations < 2:
+        raise UserError("--num_generations must be >= 2 (a pair needs two samples; >= 4 recommended)")
+    if args.prompts_per_step % world_size:
+        raise UserError(f"--prompts_per_step {args.prompts_per_step} is not divisible by the world size {world_size}")
+    for name in ("total_steps", "micro_batch_size", "gen_batch_size", "num_iterations", "num_minibatches",
+                 "eval_num_prompts", "eval_samples_per_prompt", "max_new_tokens", "max_prompt_length", "log_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1")
+
+
+def main() -> None:
+    try:
+        args = parse_args()
+        train(args)
+    except (UserError, TaskError) as e:
+        sys.exit(f"error: {e}")
+    except FloatingPointError as e:
+        sys.exit(f"error: {e}")
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(143)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args: Args) -> None:
+    # ---- distributed setup and seeding (TRY NOT TO MODIFY) --------------------------------------------------
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = args.cuda and torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    task = load_task(args.task, args.train_file, args.eval_file, args.prompt_field, args.answer_field)
+    args.max_prompt_length = args.max_prompt_length or task.max_prompt_length
+    args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
+    args.bf16 = use_cuda if args.bf16 is None else args.bf16
+    check_args(args, world_size)
+    args.world_size, args.local_prompts = world_size, args.prompts_per_step // world_size
+    resume_ckpt = find_checkpoint(args.resume) if args.resume else None
+    if resume_ckpt is None:
+        args.run_name = args.run_name or f"{task.name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, args.run_name)
+    if resume_ckpt is None and os.path.exists(run_dir):
+        raise UserError(f"{run_dir} already exists; pass --resume {run_dir} to continue it, or another --run_name")
+    if world_size > 1:
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
+
+    # ---- models, data, optimizer -------------------------------------------------------------------------
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()  # our own progress bar and one-line errors only
+    transformers.utils.logging.disable_progress_bar()
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    policy = load_model(resume_ckpt or args.model_name_or_path, device, trainable=True)
+    ref = load_model(args.model_name_or_path, device, trainable=False)  # DPO always needs the frozen reference
+    if args.gradient_checkpointing:
+        enable_checkpointing(policy)
+    model = policy
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[local_rank] if use_cuda else None)
+    eos_ids = {tokenizer.eos_token_id} | set(np.atleast_1d(policy.generation_config.eos_token_id or []).tolist())
+    eos_ids = torch.tensor(sorted(i for i in eos_ids if i is not None), device=device)
+    if args.pairs_path:  # offline: the pairs replace the task's training prompts
+        train_prompts = load_pairs(args.pairs_path, tokenizer, args, tokenizer.eos_token_id)
+    else:
+        train_prompts = encode_prompts(tokenizer, task.train, args, "train")
+    eval_examples = task.eval[: args.eval_num_prompts]
+    eval_prompts = encode_prompts(tokenizer, eval_examples, args, "eval")
+    if args.prompts_per_step > len(train_prompts):
+        raise UserError(f"--prompts_per_step {args.prompts_per_step} > {len(train_prompts)} training "
+                        f"{'pairs' if args.pairs_path else 'prompts'}")
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps) if args.warmup_steps > 0 else 1.0)
+    sampler = torch.Generator(device=device).manual_seed(args.seed + rank)  # per-rank sampling RNG
+    start_step, elapsed0 = 0, 0.0
+    if resume_ckpt is not None:
+        state = torch.load(os.path.join(resume_ckpt, "trainer_state.pt"), weights_only=False, map_location="cpu")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, elapsed0 = state["step"], state["elapsed_s"]
+        if len(state["rng"]) == world_size:
+            set_rng_state(state["rng"][rank], sampler)
+        elif rank == 0:
+            print(f"warning: checkpoint has {len(state['rng'])} ranks' RNG states, now {world_size}: reseeding")
+
+    # ---- logging ------------------------------------------------------------------------------------------
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    writers = []
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        if resume_ckpt is not None and os.path.exists(metrics_path):  # drop what was logged after the checkpoint
+            with open(metrics_path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+            with open(metrics_path, "w") as f:
+                f.writelines(kept)
+        if args.track:
+            writers = make_trackers(args, run_dir)
+    t_start = time.time() - elapsed0
+    flag = {"sigterm": False}
+    signal.signal(signal.SIGTERM, lambda signum, frame: flag.update(sigterm=True))
+
+    def log(step: int, metrics: dict) -> None:
+        if rank != 0:
+            return
+        record = {"step": step, "time_s": round(time.time() - t_start, 3), **metrics}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for w in writers:
+            w(step, metrics)
+
+    def run_eval() -> dict:
+        t = time.time()
+        out = evaluate(policy, ref if args.eval_kl else None, tokenizer, eval_prompts,
+                       [e.answer for e in eval_examples], task.reward_fn, args, eos_ids, device, amp, rank)
+        out["perf/eval_s"] = time.time() - t
+        return out
+
+    if start_step == 0:
+        m = run_eval()
+        log(0, m)
+        if rank == 0:
+            print(f"step 0: eval/pass@1 {m['eval/pass@1']:.4f}")
+
+    # ---- training loop ------------------------------------------------------------------------------------
+    K = 1 if args.pairs_path else args.num_generations
+    bar = None
+    if rank == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=args.total_steps, initial=start_step, desc="dpo_kl", dynamic_ncols=True)
+    for step in range(start_step + 1, args.total_steps + 1):
+        t0 = time.time()
+        # 1. prompts (offline: pairs): the same global draw on every rank (from seed and step), then this rank's shard
+        order = np.random.default_rng([args.seed, step]).choice(len(train_prompts), args.prompts_per_step,
+                                                                replace=False)
+        mine = order[rank * args.local_prompts: (rank + 1) * args.local_prompts]
+        metrics = {}
+        if args.pairs_path:
+            batch = pair_batch([train_prompts[i] for i in mine], tokenizer.pad_token_id, device)
+            t_gen = time.time()
+        else:
+            batch = sample_batch(policy, [train_prompts[i] for i in mine for _ in range(K)], args, eos_ids,
+                                 tokenizer.pad_token_id, sampler, device, amp)
+            t_gen = time.time()
+            # 2. rewards and best-vs-worst pairs (each candidate set lives on one rank)
+            answers = [task.train[i].answer for i in mine for _ in range(K)]
+            texts = decode_completions(tokenizer, batch)
+            rewards = torch.tensor([task.reward_fn(c, a) for c, a in zip(texts, answers)], dtype=torch.float32,
+                                   device=device)
+            reward_mean, reward_std = global_mean_std(rewards)
+            batch["pair_role"] = pair_roles(rewards, K)
+        # 3. reference log-probs of every sample; the policy's (no grad) for the sampled KL of fresh samples
+        C = batch["completion_ids"].shape[1]
+        cmask = batch["completion_mask"]
+        batch["ref_logprobs"] = batched_logprobs(ref, batch["input_ids"], batch["attention_mask"], C,
+                                                 args.temperature, args.micro_batch_size, amp)
+        if not args.pairs_path:
+            lp_tok, ent_tok = sample_stats(policy, batch, args.temperature, args.micro_batch_size, amp)
+            lp_seq, lr_seq = (lp_tok * cmask).sum(-1), (batch["ref_logprobs"] * cmask).sum(-1)
+            sums = all_reduce_sum(torch.stack([
+                (lp_seq - lr_seq).sum(), divergence_estimate(lp_seq, lr_seq, args.divergence, args.alpha).sum(),
+                (ent_tok * cmask).sum(), cmask.sum(), batch["truncated"].sum(), (batch["pair_role"] == 1).sum(),
+                torch.tensor(rewards.numel(), device=device)]).double())
+            n_seq = sums[6].item()
+            kl_seq, div_seq = sums[0].item() / n_seq, sums[1].item() / n_seq
+            metrics.update({
+                "charts/reward_mean": reward_mean.item(), "charts/reward_std": reward_std.item(),
+                "charts/completion_len_mean": sums[3].item() / n_seq, "charts/truncated_frac": sums[4].item() / n_seq,
+                "charts/frac_usable_prompts": sums[5].item() / args.prompts_per_step,
+                "charts/num_pairs": sums[5].item(), "losses/entropy": sums[2].item() / max(sums[3].item(), 1),
+                "losses/kl_ref_rkl_k1_seq": kl_seq, "losses/div_ref_seq": div_seq,
+                "charts/kl_reg_objective": reward_mean.item() - args.beta * kl_seq,
+                "charts/div_reg_objective": reward_mean.item() - args.beta * div_seq})
+            gen_tokens = sums[3].item()
+        else:
+            gen_tokens = all_reduce_sum(cmask.sum().double()).item()  # offline: completion tokens trained on
+            metrics["charts/num_pairs"] = float(args.prompts_per_step)
+        t_lp = time.time()
+        # 4. policy update on the pairs
+        try:
+            metrics.update(update_policy(model, optimizer, scheduler, batch, args,
+                                         shuffle_seed=args.seed * 100_003 + step, amp=amp))
+        except FloatingPointError as e:
+            raise FloatingPointError(f"step {step}: {e}; stopping without saving") from None
+        t_train = time.time()
+        # 5. metrics, eval, checkpoints
+        metrics.update({
+            "charts/learning_rate": scheduler.get_last_lr()[0], "charts/prompts_seen": step * args.prompts_per_step,
+            "charts/optimizer_steps": step * args.num_iterations * args.num_minibatches,
+            "perf/generate_s": t_gen - t0, "perf/logprob_s": t_lp - t_gen, "perf/train_s": t_train - t_lp})
+        metrics["charts/step_time_s"] = time.time() - t0
+        metrics["charts/tokens_per_s"] = gen_tokens / metrics["charts/step_time_s"]
+        if (args.eval_every and step % args.eval_every == 0) or step == args.total_steps:
+            metrics.update(run_eval())
+        log(step, metrics)
+        preempted = step != args.total_steps and sigterm_received(flag, device)
+        if (args.save_every and step % args.save_every == 0 and step != args.total_steps) or preempted:
+            save_checkpoint(os.path.join(run_dir, "checkpoints", f"step_{step:06d}"), policy, tokenizer, optimizer,
+                            scheduler, step, time.time() - t_start, sampler, args, rank)
+        if preempted:
+            raise Preempted(f"SIGTERM: checkpoint of step {step} saved; continue with --resume {run_dir}")
+        if rank == 0:
+            bar.update(1)
+            bar.set_postfix(margin=f"{metrics['rewards/margins']:.3f}")
+            if step % args.log_every == 0 or "eval/pass@1" in metrics:
+                summary = (f"step {step}: loss {metrics['losses/loss']:.4f} "
+                           f"margin {metrics['rewards/margins']:.3f} acc {metrics['rewards/accuracies']:.3f}")
+                if "charts/reward_mean" in metrics:
+                    summary += (f" reward {metrics['charts/reward_mean']:.3f} "
+                                f"kl_seq {metrics['losses/kl_ref_rkl_k1_seq']:.3f}")
+                summary += f" tokens/s {metrics['charts/tokens_per_s']:.0f}"
+                if "eval/pass@1" in metrics:
+                    summary += f" eval/pass@1 {metrics['eval/pass@1']:.4f}"
+                bar.write(summary)
+    if bar is not None:
+        bar.close()
+    save_checkpoint(os.path.join(run_dir, "final"), policy, tokenizer, optimizer, scheduler, args.total_steps,
+                    time.time() - t_start, sampler, args, rank)
+    if rank == 0:
+        print(f"done: {run_dir}")
+
+
+def make_trackers(args: Args, run_dir: str) -> list:
+    """TensorBoard and W&B writers, each only when its package is installed (both optional)."""
+    writers = []
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(run_dir)
+        tb.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        writers.append(lambda step, m: [tb.add_scalar(k, v, step) for k, v in m.items()])
+    except ImportError:
+        print("warning: --track: tensorboard is not installed, skipping TensorBoard")
+    try:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=args.run_name, config=asdict(args),
+                   dir=run_dir)
+        writers.append(lambda step, m: wandb.log(m, step=step))
+    except ImportError:
+        print("warning: --track: wandb is not installed, skipping W&B")
+    return writers
+
+
+if __name__ == "__main__":
+    main()

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import torch.distributed as dist
 
-from common import TINY_POLICY
+from common import TINY_POLICY, TINY_TEACHER
 from common.tasks import arithmetic_task
 from tests.harness import load_algorithm
 
@@ -47,8 +47,14 @@ def fill_dpo_kl(algo, batch, rewards, G, frozen_logprobs):
     batch["ref_logprobs"] = frozen_logprobs
 
 
+def fill_gkd(algo, batch, rewards, G, frozen_logprobs):
+    pass  # the target is the teacher's logits, computed inside update_policy (EXTRA_KWARGS)
+
+
 FILL = {"grpo": fill_grpo, "rpg_fkl": fill_rpg, "rpg_rkl": fill_rpg, "pmd_mean": fill_pmd,
-        "a_star_po": fill_a_star_po, "dpo_kl": fill_dpo_kl}
+        "a_star_po": fill_a_star_po, "dpo_kl": fill_dpo_kl, "gkd": fill_gkd}
+# update_policy keyword arguments beyond the common ones (GKD's frozen teacher runs inside the update)
+EXTRA_KWARGS = {"gkd": lambda algo: {"teacher": algo.load_model(TINY_TEACHER, "cpu", trainable=False)}}
 
 
 def q_sharp_update(algo, out, world, rank):
@@ -129,7 +135,8 @@ def main():
     # on parameters whose gradient is ~0 into differences of order lr)
     opt = torch.optim.SGD(policy.parameters(), lr=args.learning_rate)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    metrics = algo.update_policy(model, opt, sched, shard, args, shuffle_seed=7)
+    metrics = algo.update_policy(model, opt, sched, shard, args, shuffle_seed=7,
+                                 **EXTRA_KWARGS.get(name, lambda a: {})(algo))
     if rank == 0:
         flat = torch.cat([p.detach().reshape(-1) for p in policy.parameters()])
         torch.save({"params": flat, "init": init, "metrics": metrics}, out)

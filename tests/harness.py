@@ -118,7 +118,7 @@ class TokenTree:
 # Small settings that make any default run take seconds: flags shared by the smoke tests of every script.
 TINY_RUN = ["--prompts_per_step", "4", "--eval_num_prompts", "8", "--eval_samples_per_prompt", "2",
             "--total_steps", "2", "--eval_every", "1"]
-SCRIPTS = ["grpo", "rpg_fkl", "rpg_rkl", "pmd_mean", "a_star_po", "q_sharp", "dpo_kl"]  # every script in algorithms/
+SCRIPTS = ["grpo", "rpg_fkl", "rpg_rkl", "pmd_mean", "a_star_po", "q_sharp", "dpo_kl", "gkd"]  # every script in algorithms/
 TINY_FLAGS = {
     "a_star_po": TINY_RUN + ["--max_train_prompts", "32", "--num_ref_samples", "2"],  # a short stage 1
     "q_sharp": ["--prompts_per_round", "8", "--samples_per_prompt", "2", "--epochs_per_round", "1",

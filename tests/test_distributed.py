@@ -39,8 +39,8 @@ CASES = [
     ("pmd_mean", {"num_iterations": 2}),
     ("a_star_po", {"num_iterations": 2, "entropy_coef": 0.01}),
     ("q_sharp", {}),
-    ("dpo_kl", {"num_iterations": 2}),
     ("dpo_kl", {"divergence": "js", "loss": "robust", "label_smoothing": 0.2}),
+    ("gkd", {"divergence": "akl", "num_iterations": 2, "micro_batch_size": 3}),
 ]
 
 

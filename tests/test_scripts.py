@@ -19,6 +19,8 @@ FLAGS = {  # flags each script must document in --help
                 "--rollin_eta", "--only_switch_token", "--eval_etas", "--q_model_name_or_path"],
     "dpo_kl": ["--beta", "--divergence", "--alpha", "--loss", "--label_smoothing", "--num_generations",
                "--pairs_path"],
+    "gkd": ["--lmbda", "--seq_kd", "--divergence", "--beta", "--skew_alpha", "--akl_mu", "--temperature",
+            "--teacher_name_or_path", "--divergence_chunk_size"],
 }
 
 
@@ -37,7 +39,9 @@ KEYS = {"grpo": ["losses/kl_ref_rkl_k3"], "rpg_fkl": ["losses/kl_term", "losses/
         "a_star_po": ["losses/regression_loss", "losses/kl_ref_rkl_k1_seq", "losses/adv_mean", "perf/stage2_s"],
         "q_sharp": ["losses/q_loss", "losses/q_loss_heldout", "charts/num_examples", "eval/sweep/cd_eta0.1/pass@1"],
         "dpo_kl": ["rewards/margins", "rewards/accuracies", "logps/chosen", "losses/kl_ref_rkl_k1_seq",
-                   "charts/kl_reg_objective", "charts/frac_usable_prompts", "losses/logratio_abs_max"]}
+                   "charts/kl_reg_objective", "charts/frac_usable_prompts", "losses/logratio_abs_max"],
+        "gkd": ["losses/kl_teacher_fkl_exact", "losses/kl_teacher_rkl_exact", "losses/entropy_teacher",
+                "charts/teacher_logprob_mean", "charts/on_policy_frac", "eval/kl_teacher_rkl_exact"]}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -1,0 +1,356 @@
+"""Closed-form checks of algorithms/gkd.py (spec gkd.md section 4, G1-G9; G10 in tests/test_distributed.py).
+
+Float64 categoricals (V = 4..8) and the vocabulary-3 token tree; every divergence is the file's own `divergence` /
+`gkd_loss`, every reference is written out independently here, and each check has a negative control.
+"""
+
+import math
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.harness import DT, TokenTree, grad, kl, load_algorithm, max_abs, one_line_error, random_logits, run_script
+
+gkd = load_algorithm("gkd")
+TOL, GAP = 1e-10, 1e-3
+KINDS = ["fkl", "rkl", "jsd", "skl", "srkl", "tv", "akl"]
+
+
+def div(a, z, kind, T=1.0, beta=0.5, alpha=0.1, mu=0.5):
+    return gkd.divergence(a, z, kind, beta=beta, skew_alpha=alpha, akl_mu=mu, temperature=T)
+
+
+def pair(seed, V=6, rows=5, scale=1.5):
+    """Teacher logits a (no grad) and student logits z (grad), [rows, V]."""
+    return random_logits((rows, V), seed, scale, requires_grad=False), random_logits((rows, V), seed + 1000, scale)
+
+
+def binary_entropy(b):
+    return -b * math.log(b) - (1 - b) * math.log(1 - b)
+
+
+def head_by_hand(t_row, mu):
+    """AKL head of one teacher row, written as a plain loop over the tokens in decreasing teacher probability."""
+    order = sorted(range(len(t_row)), key=lambda k: -t_row[k])
+    head, mass = set(), 0.0
+    for k in order:
+        if mass >= mu:
+            break
+        head.add(k)
+        mass += t_row[k]
+    return head
+
+
+# ---- G1 JSD(beta) bounds and symmetry -----------------------------------------------------------------------
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_g1_jsd_bounds(beta):
+    a, z = pair(1, rows=20)
+    d = div(a, z.detach(), "jsd", beta=beta)
+    assert (d > 0).all() and (d <= binary_entropy(beta)).all()
+    assert div(a, a, "jsd", beta=beta).abs().max() < 1e-15  # 0 iff equal
+    # nearly disjoint supports approach the bound H_b(beta) (so the bound is not, e.g., log 2 for every beta)
+    big = torch.eye(4, dtype=DT) * 60.0
+    d_far = div(big[:2], big[2:], "jsd", beta=beta)
+    assert (binary_entropy(beta) - d_far).abs().max() < 1e-6
+    if beta != 0.5:
+        assert abs(binary_entropy(beta) - math.log(2)) > GAP  # negative control: log 2 is the wrong bound here
+
+
+def test_g1_jsd_symmetric_only_at_one_half():
+    a, z = pair(2)
+    z = z.detach()
+    assert max_abs(div(a, z, "jsd", beta=0.5), div(z, a, "jsd", beta=0.5)) < TOL
+    assert max_abs(div(a, z, "jsd", beta=0.1), div(z, a, "jsd", beta=0.1)) > GAP  # negative control
+    # JSD(beta)(t, s) = JSD(1 - beta)(s, t): the weights and the mixture swap together
+    assert max_abs(div(a, z, "jsd", beta=0.1), div(z, a, "jsd", beta=0.9)) < TOL
+
+
+# ---- G2 limits and end points --------------------------------------------------------------------------------
+def test_g2_jsd_limits_are_fkl_and_rkl():
+    a, z = pair(3, scale=1.0)
+    z = z.detach()
+    fkl, rkl = div(a, z, "fkl"), div(a, z, "rkl")
+    eps = 1e-7
+    assert max_abs(div(a, z, "jsd", beta=eps) / eps, fkl) < 1e-6
+    assert max_abs(div(a, z, "jsd", beta=1 - eps) / eps, rkl) < 1e-6
+    # the end-point branches are the exact KLs (TRL's convention) ...
+    assert torch.equal(div(a, z, "jsd", beta=0.0), fkl) and torch.equal(div(a, z, "jsd", beta=1.0), rkl)
+    # ... which is discontinuous in magnitude: next to the end points the raw formula is ~beta * fkl ~ 0
+    assert max_abs(div(a, z, "jsd", beta=eps), fkl) > GAP and max_abs(div(a, z, "jsd", beta=1 - eps), rkl) > GAP
+    # negative control for the direction: JSD(beta)/beta does not approach the reverse KL
+    assert max_abs(div(a, z, "jsd", beta=eps) / eps, rkl) > GAP
+
+
+# ---- G3 gradients w.r.t. the student logits ------------------------------------------------------------------
+def closed_form_grad(kind, a, z, T, beta=0.5, alpha=0.1, mu=0.5):
+    """d D / d z for each row, written from the spec's formulas (s = softmax(z/T), t = softmax(a/T))."""
+    t, s = torch.softmax(a / T, -1), torch.softmax(z.detach() / T, -1)
+    centred = lambda g: s * (g - (s * g).sum(-1, keepdim=True))  # noqa: E731  softmax Jacobian applied to g
+    rkl = (s * (s / t).log()).sum(-1, keepdim=True)
+    if kind == "fkl":
+        g = s - t
+    elif kind == "rkl":
+        g = s * ((s / t).log() - rkl)
+    elif kind == "jsd":
+        m = beta * t + (1 - beta) * s
+        g = (1 - beta) * s * ((s / m).log() - (s * (s / m).log()).sum(-1, keepdim=True))
+    elif kind == "skl":
+        m = alpha * t + (1 - alpha) * s
+        g = (1 - alpha) * s * ((s * t / m).sum(-1, keepdim=True) - t / m)
+    elif kind == "srkl":
+        m = (1 - alpha) * t + alpha * s
+        g = centred((s / m).log() + 1 - alpha * s / m)
+    elif kind == "tv":
+        g = centred(0.5 * torch.sign(s - t))
+    elif kind == "akl":
+        w_head = torch.zeros(t.shape[0], 1, dtype=DT)
+        for i in range(t.shape[0]):
+            head = head_by_hand(t[i].tolist(), mu)
+            gap = (t[i] - s[i]).abs()
+            g_head = sum(gap[k] for k in head)
+            w_head[i] = g_head / gap.sum()
+        g = w_head * (s - t) + (1 - w_head) * s * ((s / t).log() - rkl)
+    return g / T
+
+
+@pytest.mark.parametrize("T", [1.0, 0.7])
+@pytest.mark.parametrize("kind", KINDS)
+def test_g3_gradient_matches_closed_form(kind, T):
+    a, z = pair(4, V=7)
+    beta = 0.3 if kind == "jsd" else 0.5  # an asymmetric beta, so a swapped weight would show
+    g = grad(div(a, z, kind, T=T, beta=beta).sum(), z)
+    expected = closed_form_grad(kind, a, z, T, beta=beta)
+    assert max_abs(g, expected) < TOL
+    assert g.sum(-1).abs().max() < 1e-12  # softmax: every row sums to 0
+    if T != 1.0:
+        assert max_abs(g, expected * T) > GAP  # negative control: the gradient without the 1/T factor
+
+
+def test_g3_negative_control_directions_differ():
+    a, z = pair(5)
+    g_f, g_r = grad(div(a, z, "fkl").sum(), z), grad(div(a, z, "rkl").sum(), z)
+    assert max_abs(g_f, g_r) > GAP
+    assert max_abs(g_f, closed_form_grad("rkl", a, z, 1.0)) > GAP
+
+
+def test_g3_akl_weights_are_detached():
+    """With the weights back-propagated the gradient would differ: compute that version by hand and compare."""
+    a, z = pair(6)
+    ours = grad(div(a, z, "akl").sum(), z)
+    t, s = torch.softmax(a, -1), torch.softmax(z, -1)
+    head = gkd.akl_head_mask(t, 0.5).to(DT)
+    g_h, g_t = ((t - s).abs() * head).sum(-1), ((t - s).abs() * (1 - head)).sum(-1)
+    attached = (g_h * kl(t.log(), s.log()) + g_t * kl(s.log(), t.log())) / (g_h + g_t)
+    assert max_abs(grad(attached.sum(), z), ours) > GAP
+
+
+# ---- G4 direction pinning against torch's kl_div --------------------------------------------------------------
+def test_g4_fkl_is_kl_teacher_student_and_kl_div_argument_order():
+    a, z = pair(7)
+    z = z.detach()
+    lt, ls = torch.log_softmax(a, -1), torch.log_softmax(z, -1)
+    hand = (lt.exp() * (lt - ls)).sum(-1)
+    ours_f, ours_r = div(a, z, "fkl"), div(a, z, "rkl")
+    assert max_abs(ours_f, hand) < TOL
+    torch_f = torch.stack([F.kl_div(ls[i], lt[i], reduction="sum", log_target=True) for i in range(5)])
+    torch_swapped = torch.stack([F.kl_div(lt[i], ls[i], reduction="sum", log_target=True) for i in range(5)])
+    assert max_abs(ours_f, torch_f) < TOL
+    assert max_abs(ours_r, torch_swapped) < TOL  # swapped arguments give the OTHER direction ...
+    assert max_abs(ours_f, torch_swapped) > GAP  # ... negative control: not the forward KL
+
+
+# ---- G5 AKL head mask -------------------------------------------------------------------------------------
+T5 = torch.tensor([0.1, 0.6, 0.05, 0.25], dtype=DT)
+S5 = torch.tensor([0.4, 0.2, 0.3, 0.1], dtype=DT)
+
+
+def test_g5_akl_hand_example():
+    head = gkd.akl_head_mask(T5, 0.5)
+    assert head.tolist() == [False, True, False, False]
+    a, z = T5.log(), S5.log()
+    assert abs(div(a, z, "fkl").item() - 0.6600226) < 1e-7 and abs(div(a, z, "rkl").item() - 0.7806941) < 1e-7
+    assert abs(div(a, z, "akl", mu=0.5).item() - 0.7368135) < 1e-7
+    # negative control: the mask built in sorted order [1, 0, 0, 0] but applied to the unsorted gap vector
+    gap = (T5 - S5).abs()
+    sorted_mask = torch.tensor([1.0, 0, 0, 0], dtype=DT)
+    g_h, g_t = (gap * sorted_mask).sum(), (gap * (1 - sorted_mask)).sum()
+    buggy = (g_h * div(a, z, "fkl") + g_t * div(a, z, "rkl")) / (g_h + g_t)
+    assert abs(buggy.item() - 0.7477837) < 1e-7 and abs(buggy.item() - 0.7368135) > GAP
+
+
+def test_g5_akl_head_mask_on_random_rows_and_the_crossing_token():
+    t = torch.softmax(random_logits((50, 8), 8, 2.0, requires_grad=False), -1)
+    for mu in (0.1, 0.5, 0.9):
+        mask = gkd.akl_head_mask(t, mu)
+        for i in range(50):
+            assert {k for k in range(8) if mask[i, k]} == head_by_hand(t[i].tolist(), mu)
+    # the head reaches mu exactly with the crossing token included, and not more
+    assert gkd.akl_head_mask(torch.tensor([0.2, 0.5, 0.3], dtype=DT), 0.5).tolist() == [False, True, False]
+    assert gkd.akl_head_mask(torch.tensor([0.2, 0.45, 0.35], dtype=DT), 0.5).tolist() == [False, True, True]
+
+
+def test_g5_akl_is_zero_at_equality():
+    a = random_logits((3, 5), 9, requires_grad=False)
+    z = a.clone().requires_grad_(True)
+    d = div(a, z, "akl")
+    assert d.abs().max() < 1e-15 and grad(d.sum(), z).abs().max() < 1e-15
+
+
+# ---- G6 masked reduction, ranks and chunks -------------------------------------------------------------------
+def ragged(seed=10, B=4, C=5, V=6):
+    a = random_logits((B, C, V), seed, 1.5, requires_grad=False)
+    z = random_logits((B, C, V), seed + 1, 1.5)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=DT)
+    return a, z, mask
+
+
+def loss_of(a, z, mask, n, **kw):
+    kw.setdefault("kind", "jsd")
+    return gkd.gkd_loss(a, z, mask, n, **kw)
+
+
+def test_g6_masked_token_mean():
+    a, z, mask = ragged()
+    n = int(mask.sum())
+    loss, stats = loss_of(a, z, mask, n)
+    d = div(a, z, "jsd")
+    assert abs(loss - d[mask.bool()].mean()) < TOL
+    # positions outside the mask contribute nothing: garbage there changes neither the loss nor the gradient
+    a2, z2 = a.clone(), z.detach().clone()
+    k = int((mask == 0).sum())
+    a2[mask == 0] = random_logits((k, 6), 20, 10.0, requires_grad=False)
+    z2[mask == 0] = random_logits((k, 6), 21, 10.0, requires_grad=False)
+    z2.requires_grad_(True)
+    loss2, _ = loss_of(a2, z2, mask, n)
+    assert abs(loss2 - loss) < TOL
+    g = grad(loss2, z2)
+    assert g[mask == 0].abs().max() == 0 and max_abs(g[mask == 1], grad(loss, z)[mask == 1]) < TOL
+    # the logged metrics are token means of the exact quantities
+    lt, ls = torch.log_softmax(a, -1), torch.log_softmax(z.detach(), -1)
+    assert abs(stats["kl_teacher_fkl_exact"] - kl(lt, ls)[mask.bool()].mean()) < TOL
+    assert abs(stats["kl_teacher_rkl_exact"] - kl(ls, lt)[mask.bool()].mean()) < TOL
+    assert abs(stats["entropy_teacher"] - (-(lt.exp() * lt).sum(-1))[mask.bool()].mean()) < TOL
+
+
+def test_g6_two_ranks_equal_one():
+    a, z, mask = ragged()
+    n = int(mask.sum())
+    whole, _ = loss_of(a, z, mask, n)
+    parts = [loss_of(a[sl], z[sl], mask[sl], n)[0] for sl in (slice(0, 2), slice(2, 4))]
+    assert abs(sum(parts) - whole) < TOL
+    assert max_abs(grad(sum(parts), z), grad(whole, z)) < TOL
+    # negative control: averaging per-rank token means of a ragged batch
+    local = [loss_of(a[sl], z[sl], mask[sl], int(mask[sl].sum()))[0] for sl in (slice(0, 2), slice(2, 4))]
+    assert abs(sum(local) / 2 - whole) > GAP
+
+
+@pytest.mark.parametrize("kind", ["jsd", "akl"])
+def test_g6_chunked_divergence_equals_one_chunk(kind):
+    a, z, mask = ragged()
+    n = int(mask.sum())
+    whole, s1 = loss_of(a, z, mask, n, kind=kind)
+    chunked, s2 = loss_of(a, z, mask, n, kind=kind, chunk_size=2)
+    assert abs(whole - chunked) < TOL and max_abs(grad(whole, z), grad(chunked, z)) < TOL
+    assert all(abs(s1[k] - s2[k]) < TOL for k in s1)
+
+
+# ---- G7 data-source coin ----------------------------------------------------------------------------------
+def test_g7_coin():
+    steps = range(1, 2001)
+    assert all(gkd.on_policy_coin(1, s, 1.0) for s in steps)
+    assert not any(gkd.on_policy_coin(1, s, 0.0) for s in steps)
+    half = [gkd.on_policy_coin(1, s, 0.5) for s in steps]
+    assert abs(sum(half) / 2000 - 0.5) < 4 * math.sqrt(0.25 / 2000)
+    # a function of (seed, step) only: no rank, no world size, no state, so a resumed run draws the same coins
+    assert [gkd.on_policy_coin(1, s, 0.5) for s in steps] == half
+    assert [gkd.on_policy_coin(2, s, 0.5) for s in steps] != half  # negative control: the seed matters
+    import inspect
+    assert list(inspect.signature(gkd.on_policy_coin).parameters) == ["seed", "step", "lmbda"]
+
+
+# ---- G8 the loss is exactly the named divergence ----------------------------------------------------------
+def test_g8_loss_is_textbook_js_and_nothing_else():
+    P, Q = [0.7, 0.2, 0.1], [0.1, 0.3, 0.6]
+    M = [(p + q) / 2 for p, q in zip(P, Q)]
+    js = 0.5 * sum(p * math.log(p / m) for p, m in zip(P, M)) + 0.5 * sum(q * math.log(q / m) for q, m in zip(Q, M))
+    a = torch.tensor(P, dtype=DT).log().view(1, 1, 3)
+    z = torch.tensor(Q, dtype=DT).log().view(1, 1, 3)
+    loss, _ = loss_of(a, z, torch.ones(1, 1, dtype=DT), 1, kind="jsd", beta=0.5)
+    assert abs(loss.item() - js) < TOL
+    ce = -sum(p * math.log(q) for p, q in zip(P, Q))
+    assert abs(loss.item() - (0.5 * js + 0.5 * ce)) > GAP  # negative control: TRL's old Liger mix 0.5 CE + 0.5 JSD
+
+
+# ---- G9 on-policy per-token RKL vs the sequence KL (MiniLLM) ---------------------------------------------------
+def test_g9_per_token_rkl_is_the_per_state_gradient_not_the_sequence_kl():
+    tree = TokenTree(vocab=3, max_len=2)
+    q = tree.random_logits(11)  # student
+    p = tree.random_logits(12).detach()  # teacher
+    w = tree.seq_logprobs(q).exp().detach()  # sampling is detached
+    ours = 0.0
+    for i in range(len(tree.seq_list)):
+        states = tree.seq_states[i: i + 1]
+        loss, _ = gkd.gkd_loss(p[states], q[states], tree.mask[i: i + 1], 1, kind="rkl")
+        ours = ours + w[i] * loss
+    g_ours = grad(ours, q)
+    d = tree.state_probs(q).detach()
+    g_state = grad((d * tree.per_state_kl(q, p)).sum(), q)
+    assert max_abs(g_ours, g_state) < TOL
+    g_seq = grad(tree.seq_kl(q, p), q)
+    assert max_abs(g_ours, g_seq) > GAP  # negative control: not the gradient of the sequence-level KL
+    # the sequence gradient is the MiniLLM score-function form with the reward-to-go of log(q/p)
+    log_ratio = (tree.token_logprobs(q) - tree.token_logprobs(p)).detach()
+    to_go = log_ratio.flip(-1).cumsum(-1).flip(-1)
+    surrogate = (w[:, None] * to_go * tree.token_logprobs(q)).sum()
+    assert max_abs(grad(surrogate, q), g_seq) < TOL
+
+
+# ---- data sources, tokenizer check -----------------------------------------------------------------------------
+def test_dataset_completions_layout():
+    from common import TINY_POLICY
+    from common.tasks import arithmetic_task
+
+    tok = gkd.load_tokenizer(TINY_POLICY)
+    task = arithmetic_task()
+    ex = task.train[:6]
+    args = gkd.Args(max_new_tokens=4, max_prompt_length=16)
+    prompts = gkd.encode_prompts(tok, ex, args, "train")
+    eos = torch.tensor([tok.eos_token_id])
+    b = gkd.dataset_batch(prompts, gkd.encode_completions(tok, ex, args), eos, tok.pad_token_id, "cpu")
+    assert gkd.decode_completions(tok, b) == [e.answer for e in ex]
+    assert not b["truncated"].any()
+    assert b["completion_mask"].sum(-1).tolist() == [len(e.answer) + 1 for e in ex]  # digits + EOS
+    args.max_new_tokens = 2
+    with pytest.raises(gkd.UserError, match="max_new_tokens"):
+        gkd.encode_completions(tok, ex, args)
+
+
+def test_tokenizer_mismatch_is_an_error():
+    from common import TINY_POLICY, TINY_TEACHER
+
+    s, t = gkd.load_tokenizer(TINY_POLICY), gkd.load_tokenizer(TINY_TEACHER)
+    gkd.check_same_vocabulary(s, t, 101, 101)  # the shipped pair passes
+    with pytest.raises(gkd.UserError, match="logit"):
+        gkd.check_same_vocabulary(s, t, 101, 128)
+    t.add_tokens(["<extra>"])
+    with pytest.raises(gkd.UserError, match="tokenizer differs"):
+        gkd.check_same_vocabulary(s, t, 101, 101)
+
+
+def test_script_reports_a_tokenizer_mismatch_in_one_line(tmp_path):
+    from transformers import AutoTokenizer
+
+    from common import TINY_TEACHER
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(TINY_TEACHER, teacher)
+    tok = AutoTokenizer.from_pretrained(teacher)
+    tok.add_special_tokens({"eos_token": "<eot>"})
+    tok.save_pretrained(teacher)
+    out = tmp_path / "runs"
+    proc = run_script("gkd", "--teacher_name_or_path", str(teacher), "--output_dir", str(out), "--total_steps", "1")
+    assert "tokenizer differs" in one_line_error(proc)
+    assert not os.path.exists(out) or not os.listdir(out)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 import tyro
 
 from common import TINY_POLICY
-from common.tasks import Example, TaskError, load_task
+from common.tasks import Example, TaskError, load_task, read_jsonl
 
 
 @dataclass
@@ -655,23 +655,13 @@ def load_pairs(path: str, tokenizer, args, eos_id: int) -> list:
     and must fit --max_new_tokens; prompts go through the chat template like the task's prompts."""
     if not os.path.isfile(path):
         raise UserError(f"--pairs_path {path!r}: no such file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{n}: expected a JSON object with prompt, chosen, rejected")
-            for key in ("prompt", "chosen", "rejected"):
-                if not isinstance(obj.get(key), str) or not obj[key]:
-                    raise UserError(f"{path}:{n}: field {key!r} must be a non-empty string")
-            if obj["chosen"] == obj["rejected"]:
-                raise UserError(f"{path}:{n}: chosen and rejected are identical")
-            rows.append((n, obj))
+    rows = read_jsonl(path)  # malformed JSON or a non-object: a TaskError naming file:line
+    for n, obj in rows:
+        for key in ("prompt", "chosen", "rejected"):
+            if not isinstance(obj.get(key), str) or not obj[key]:
+                raise UserError(f"{path}:{n}: field {key!r} must be a non-empty string")
+        if obj["chosen"] == obj["rejected"]:
+            raise UserError(f"{path}:{n}: chosen and rejected are identical")
     if not rows:
         raise UserError(f"{path}: empty file (no pairs)")
     prompt_ids = encode_prompts(tokenizer, [Example(o["prompt"], "") for _, o in rows], args, "pairs")

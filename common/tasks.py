@@ -75,11 +75,12 @@ def extract_answer(text: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # JSONL files and hub datasets
 # ----------------------------------------------------------------------------------------------------------
-def load_jsonl(path: str, prompt_field: str, answer_field: str) -> list[Example]:
-    """One JSON object per non-blank line; ``answer_field`` goes through ``extract_answer``."""
+def read_jsonl(path: str) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a missing file, malformed JSON or a non-object is a
+    TaskError naming the file and line."""
     if not os.path.isfile(path):
         raise TaskError(f"data file not found: {path}")
-    examples = []
+    rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -90,7 +91,14 @@ def load_jsonl(path: str, prompt_field: str, answer_field: str) -> list[Example]
                 raise TaskError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
                 raise TaskError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            examples.append(_example_from_row(row, prompt_field, answer_field, f"{path}:{lineno}"))
+            rows.append((lineno, row))
+    return rows
+
+
+def load_jsonl(path: str, prompt_field: str, answer_field: str) -> list[Example]:
+    """One JSON object per non-blank line; ``answer_field`` goes through ``extract_answer``."""
+    examples = [_example_from_row(row, prompt_field, answer_field, f"{path}:{lineno}")
+                for lineno, row in read_jsonl(path)]
     if not examples:
         raise TaskError(f"{path}: empty dataset (no examples)")
     return examples

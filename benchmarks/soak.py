@@ -48,8 +48,9 @@ def main() -> None:
     metrics = os.path.join(work, "soak", "metrics.jsonl")
     steps = sum(1 for _ in open(metrics)) - 1
     half = [rss for t, rss in samples if t >= samples[-1][0] / 2]
+    stop = [line for line in err.splitlines() if line.startswith("stopped:")]
     lines = [f"`{' '.join(['python', f'algorithms/{a.script}.py', *a.flags])}` for {a.minutes:g} min: {steps} steps, "
-             f"stopped by SIGTERM (exit {proc.returncode}: {err.strip().splitlines()[-1] if err.strip() else ''}).",
+             f"stopped by SIGTERM (exit {proc.returncode}: {stop[-1] if stop else 'no stop message'}).",
              "", f"RSS: start {samples[0][1]:.0f} MB, max {max(r for _, r in samples):.0f} MB, second half "
              f"{min(half):.0f}-{max(half):.0f} MB (growth over the second half: {half[-1] - half[0]:+.1f} MB).",
              "", "| minute | RSS (MB) |", "|---|---|"]

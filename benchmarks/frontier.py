@@ -54,6 +54,8 @@ def summarize(run_dir: str) -> dict:
 
 
 def fmt(values: list, digits: int) -> str:
+    if any(v != v for v in values):  # NaN: not logged by this script (Q# has no training tokens/s)
+        return "-"
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.pstdev(values):.{digits}f}"

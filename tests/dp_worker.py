@@ -85,6 +85,12 @@ def q_sharp_update(algo, out, world, rank):
         torch.save({"params": flat, "init": init, "metrics": {"q_loss": loss, "steps": steps}}, out)
 
 
+def logprobs(algo, model, batch, C):
+    if "prompt_index" in batch:  # scripts with the shared prompt cache take the whole batch
+        return algo.batched_logprobs(model, batch, 1.0, 64)
+    return algo.batched_logprobs(model, batch["input_ids"], batch["attention_mask"], C, 1.0, 64)
+
+
 def main():
     name, out, overrides = sys.argv[1], sys.argv[2], dict(kv.split("=", 1) for kv in sys.argv[3:])
     algo = load_algorithm(name)
@@ -109,8 +115,8 @@ def main():
     args.world_size = world
     torch.manual_seed(0)
     tok = algo.load_tokenizer(TINY_POLICY)
-    policy = algo.load_model(TINY_POLICY, "cpu", trainable=True)
-    ref = algo.load_model(TINY_POLICY, "cpu", trainable=False)
+    policy = algo.load_model(TINY_POLICY, "cpu", trainable=True).double()  # float64: rounding far below 1e-6
+    ref = algo.load_model(TINY_POLICY, "cpu", trainable=False).double()
     task = arithmetic_task()
     examples = task.train[: args.prompts_per_step]
     G = getattr(args, "num_generations", 1)
@@ -123,12 +129,14 @@ def main():
     rewards[0] = 1.0 - rewards[1]  # make sure the first group has signal
     batch["loss_mask"] = batch["completion_mask"].clone()
     C = batch["completion_ids"].shape[1]
-    frozen = algo.batched_logprobs(ref, batch["input_ids"], batch["attention_mask"], C, 1.0, 64)
+    frozen = logprobs(algo, ref, batch, C)
     FILL[name](algo, batch, rewards, G, frozen)
     if args.num_iterations * args.num_minibatches > 1:
-        batch["old_logprobs"] = algo.batched_logprobs(policy, batch["input_ids"], batch["attention_mask"], C, 1.0, 64)
+        batch["old_logprobs"] = logprobs(algo, policy, batch, C)
     per_rank = len(prompts) // world
-    shard = {k: v[rank * per_rank: (rank + 1) * per_rank] for k, v in batch.items()}
+    # prompt_ids/prompt_mask are the table of distinct prompts that the rows' prompt_index points into
+    shard = {k: v if k in ("prompt_ids", "prompt_mask") else v[rank * per_rank: (rank + 1) * per_rank]
+             for k, v in batch.items()}
     init = torch.cat([p.detach().reshape(-1) for p in policy.parameters()])
     model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
     # plain SGD: parameter differences are gradient differences (Adam's g / sqrt(v) would amplify float rounding

@@ -132,7 +132,7 @@ def test_generation_uses_the_kv_cache_under_gradient_checkpointing():
         model = grpo.load_model(TINY_POLICY, "cpu", trainable=True)
         if checkpointing:
             grpo.enable_checkpointing(model)
-        toks, _ = grpo.generate(model, ids, mask, 4, 1.0, eos, tok.pad_token_id, torch.Generator().manual_seed(0))
+        toks, _ = grpo.generate(model, ids, mask, torch.arange(3), 4, 1.0, eos, tok.pad_token_id, torch.Generator().manual_seed(0))
         assert model.training  # mode restored
         outs.append(toks)
     assert torch.equal(outs[0], outs[1])

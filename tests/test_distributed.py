@@ -51,6 +51,8 @@ def test_two_processes_equal_one(tmp_path, algo, overrides):
     assert (one["params"] - one["init"]).abs().max() > 1e-3  # the update did move the parameters
     assert (one["params"] - two["params"]).abs().max() < 1e-6
     for k, v in one["metrics"].items():
+        if k.startswith("perf/"):  # wall-clock timings
+            continue
         assert abs(v - two["metrics"][k]) < 1e-5 * max(1.0, abs(v)), k
 
 

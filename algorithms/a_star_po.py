@@ -286,7 +286,8 @@ def generate(model, prompt_ids, prompt_mask, rows, max_new_tokens: int, temperat
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         else:
             cdf = probs.double().cumsum(-1)
-            tok = torch.searchsorted(cdf, uniforms[:, t: t + 1].double().contiguous()).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+            u = uniforms[:, t: t + 1].double().contiguous()
+            tok = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         tokens.append(tok)
         done |= torch.isin(tok, eos_ids)

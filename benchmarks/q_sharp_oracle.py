@@ -9,6 +9,10 @@ with offsets ln(1 - p + p e^{1/eta}) (Q#, the exact soft Q*/eta) or p / eta (CD)
 Q model would give `algorithms/q_sharp.py`, and how far apart Q# and CD can be on this task at best.
 (Answers with surrounding spaces, e.g. " 95", also score 1; the tiny reference almost never writes them, which
 these sums ignore.)  Usage: python benchmarks/q_sharp_oracle.py [--etas 0.05 0.1 ...] [--num_prompts 500]
+
+`--q_model RUN/final` also compares a trained Q model (q_sharp.py's `final/` folder, head "q") with the exact law
+on the states along y*: the reference-weighted calibration of its p_hat(a) = P_theta(R = 1 | prefix, a) over
+every next token, and its mean p_hat on the correct and on the wrong next tokens (whose exact p is 0).
 """
 
 import argparse
@@ -16,7 +20,8 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import torch
 
@@ -42,6 +47,45 @@ def path_frontier(paths: list, offset, eta: float) -> tuple:
     return total_pass / len(paths), total_kl / len(paths)
 
 
+def calibration(paths: list, prompts: list, q_dir: str) -> None:
+    """Print p_hat against the exact p on every next token of the states along y*, weighted by pi_ref."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("q_sharp", os.path.join(ROOT, "algorithms", "q_sharp.py"))
+    qs = importlib.util.module_from_spec(spec)
+    sys.modules["q_sharp"] = qs
+    spec.loader.exec_module(qs)
+    V = paths[0][0].shape[-1]
+    qmodel = qs.QModel(qs.load_model(os.path.join(q_dir, "q_backbone"), "cpu", trainable=False, backbone_only=True),
+                       "q", 2, V)
+    qmodel.head.load_state_dict(torch.load(os.path.join(q_dir, "head.pt")))
+    qmodel = qmodel.double().eval()
+    p_hat, p_true, w = [], [], []
+    with torch.no_grad():
+        for (log_ref, y), prompt in zip(paths, prompts):
+            ids = torch.tensor([prompt + y.tolist()])
+            log_pmf = qmodel(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])[0]  # [L, V, 2]
+            tok_lp = log_ref[torch.arange(len(y)), y]
+            for t in range(len(y)):
+                exact = torch.zeros(V, dtype=torch.float64)
+                exact[y[t]] = tok_lp[t + 1:].sum().exp()
+                p_hat.append(log_pmf[len(prompt) - 1 + t, :, 1].exp())
+                p_true.append(exact)
+                w.append(log_ref[t].exp())
+    p_hat, p_true, w = torch.cat(p_hat), torch.cat(p_true), torch.cat(w)
+    mean = lambda x, m: ((w * x)[m].sum() / w[m].sum()).item()  # noqa: E731
+    right = p_true > 0
+    print(f"\nQ model {q_dir}: along y*, pi_ref-weighted. correct next token: p_hat {mean(p_hat, right):.3f} vs "
+          f"exact {mean(p_true, right):.3f}; wrong next tokens: p_hat {mean(p_hat, ~right):.3f} vs exact 0")
+    print("| p_hat bin | pi_ref mass | mean p_hat | mean exact p |\n|---|---|---|---|")
+    edges = [0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0 + 1e-9]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (p_hat >= lo) & (p_hat < hi)
+        if m.any():
+            print(f"| [{lo:g}, {min(hi, 1):g}) | {(w[m].sum() / w.sum()).item():.3f} | {mean(p_hat, m):.3f} | "
+                  f"{mean(p_true, m):.3f} |")
+
+
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -50,13 +94,15 @@ def main() -> None:
     ap.add_argument("--num_prompts", type=int, default=500)
     ap.add_argument("--model", default=TINY_POLICY)
     ap.add_argument("--max_new_tokens", type=int, default=4)
+    ap.add_argument("--q_model", default=None, help="a q_sharp.py final/ folder: also print its calibration")
     a = ap.parse_args()
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model).double().eval()
-    paths = []
+    paths, prompts = [], []
     with torch.no_grad():
         for ex in load_task("arithmetic").eval[: a.num_prompts]:
             prompt = tok(ex.prompt)["input_ids"]
+            prompts.append(prompt)
             y = (tok(ex.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])[: a.max_new_tokens]
             logits = model(torch.tensor([prompt + y])).logits[0, len(prompt) - 1: len(prompt) - 1 + len(y)]
             paths.append((torch.log_softmax(logits, -1), torch.tensor(y)))
@@ -75,6 +121,8 @@ def main() -> None:
         match = path_frontier(paths, cd, math.exp(lo))
         at = f"{match[1]:.3f} ({math.exp(lo):.3g})" if abs(match[0] - q[0]) < 1e-4 else "out of CD's range"
         print(f"| {eta:g} | {q[0]:.4f} | {q[1]:.3f} | {c[0]:.4f} | {c[1]:.3f} | {at} |")
+    if a.q_model:
+        calibration(paths, prompts, a.q_model)
 
 
 if __name__ == "__main__":

@@ -415,8 +415,9 @@ def completion_log_softmax(model, input_ids, attention_mask, completion_len: int
 @torch.no_grad()
 def batched_logprobs(model, input_ids, attention_mask, completion_len, temperature, micro_batch_size,
                      amp=contextlib.nullcontext) -> torch.Tensor:
-    """No-grad per-token log-probs of the completions, in micro-batches (the common helper of every script; GKD's
-    loss needs full distributions, so training uses `completion_logits` instead)."""
+    """No-grad per-token log-probs of the completions, in micro-batches, over full [prompt; completion] rows (one
+    sample per prompt, so the other scripts' shared prompt cache would save nothing here; GKD's loss needs full
+    distributions, so training uses `completion_logits` instead)."""
     out = []
     for i in range(0, input_ids.shape[0], micro_batch_size):
         sl = slice(i, i + micro_batch_size)

@@ -1,4 +1,5 @@
-# A*-PO: "Accelerating RL for LLM Reasoning with Optimal Advantage Regression" (arXiv 2505.20686). README: #a-po
+# docs: docs/a_star_po.md
+# A*-PO: "Accelerating RL for LLM Reasoning with Optimal Advantage Regression" (arXiv 2505.20686).
 """A*-PO: regress the optimal advantage of the KL-regularized objective, in one file, two stages.
 
 Objective with the frozen reference pi_ref (the initial model), sequence-level KL:

@@ -1,4 +1,5 @@
-# DPO-KL: "Direct Preference Optimization: Your Language Model is Secretly a Reward Model" (arXiv 2305.18290). README: #dpo-kl
+# docs: docs/dpo_kl.md
+# DPO-KL: "Direct Preference Optimization: Your Language Model is Secretly a Reward Model" (arXiv 2305.18290).
 """DPO as KL-regularized reward maximization, trained online on pairs built from the verifiable reward, in one file.
 Also H-DPO ("Entropy Controllable Direct Preference Optimization", arXiv 2411.07595) and f-DPO ("Beyond Reverse
 KL: Generalizing Direct Preference Optimization with Diverse Divergence Constraints", arXiv 2309.16240).

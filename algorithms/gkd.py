@@ -1,4 +1,5 @@
-# GKD: "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes" (arXiv 2306.13649). README: #gkd
+# docs: docs/gkd.md
+# GKD: "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes" (arXiv 2306.13649).
 """Generalized knowledge distillation: a student learns the full next-token distributions of a frozen teacher, in
 one file, with a zoo of per-token divergences.
 

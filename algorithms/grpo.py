@@ -1,4 +1,5 @@
-# GRPO: "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models" (arXiv 2402.03300). README: #grpo
+# docs: docs/grpo.md
+# GRPO: "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models" (arXiv 2402.03300).
 """Group Relative Policy Optimization with a KL penalty to a frozen reference, in one file.
 
 Intended objective per prompt x, pi_ref the frozen initial model:

@@ -1,4 +1,5 @@
-# PMD-mean: "Approximation of Log-Partition Function in Policy Mirror Descent Induces Implicit Regularization for LLM Post-Training" (arXiv 2602.05933). README: #pmd-mean
+# docs: docs/pmd_mean.md
+# PMD-mean: "Approximation of Log-Partition Function in Policy Mirror Descent Induces Implicit Regularization for LLM Post-Training" (arXiv 2602.05933).
 """Policy mirror descent with the mean-reward approximation of the log-partition function, in one file.
 
 Each rollout step is one mirror-descent step anchored at the rollout policy pi_t (no reference model):

@@ -1,4 +1,5 @@
-# Q-sharp: "Q#: Provably Optimal Distributional RL for LLM Post-Training" (arXiv 2502.20548). README: #q-sharp
+# docs: docs/q_sharp.md
+# Q-sharp: "Q#: Provably Optimal Distributional RL for LLM Post-Training" (arXiv 2502.20548).
 """Q#: learn the return distribution of the frozen reference pi_ref, then sample from pi_ref exp(Q*/eta), in one file.
 
 Token MDP (state = prompt + tokens so far, action = next token, episode ends at EOS or max_new_tokens), outcome
@@ -278,7 +279,8 @@ class QModel(torch.nn.Module):
                              use_cache=cache is not None, **kw).last_hidden_state
 
     def log_pmf(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.head(hidden).float()
+        logits = self.head(hidden)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if self.head_type == "q":
             logits = logits.view(*hidden.shape[:-1], self.vocab_size, self.num_atoms)
         return torch.log_softmax(logits, dim=-1)
@@ -409,7 +411,8 @@ def sample(ref, qmodel, prompts: list, uniforms: torch.Tensor, mode: str, eta: f
     ref_cache, q_cache = DynamicCache(), DynamicCache()
     with amp():
         ref_logits = ref(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
-                         **{cache_kwarg(ref): ref_cache}).logits[:, -1].float()
+                         **{cache_kwarg(ref): ref_cache}).logits[:, -1]
+        ref_logits = ref_logits.to(torch.promote_types(ref_logits.dtype, torch.float32))
         if mode != "ref":
             q_hidden = qmodel.hidden(ids, attn, pos, cache=q_cache)[:, -1]
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -438,7 +441,8 @@ def sample(ref, qmodel, prompts: list, uniforms: torch.Tensor, mode: str, eta: f
         pos = pos[:, -1:] + 1
         with amp():
             ref_logits = ref(input_ids=tok[:, None], attention_mask=attn, position_ids=pos, use_cache=True,
-                             **{cache_kwarg(ref): ref_cache}).logits[:, -1].float()
+                             **{cache_kwarg(ref): ref_cache}).logits[:, -1]
+            ref_logits = ref_logits.to(torch.promote_types(ref_logits.dtype, torch.float32))
             if mode != "ref":
                 q_hidden = qmodel.hidden(tok[:, None], attn, pos, cache=q_cache)[:, -1]
     tokens = torch.stack(tokens, dim=1)

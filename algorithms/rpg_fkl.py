@@ -1,4 +1,5 @@
-# RPG-FKL / RPG-UFKL: "On the Design of KL-Regularized Policy Gradient Algorithms for LLM Reasoning" (arXiv 2505.17508). README: #rpg
+# docs: docs/rpg.md
+# RPG-FKL / RPG-UFKL: "On the Design of KL-Regularized Policy Gradient Algorithms for LLM Reasoning" (arXiv 2505.17508).
 """Regularized Policy Gradient with the FORWARD KL (FKL) or the unnormalized forward KL (UFKL), in one file.
 
 Objective (x = a whole response, samples from pi_old, anchor pi_a = pi_old by default):

@@ -1,4 +1,5 @@
-# RPG-RKL / RPG-URKL: "On the Design of KL-Regularized Policy Gradient Algorithms for LLM Reasoning" (arXiv 2505.17508). README: #rpg
+# docs: docs/rpg.md
+# RPG-RKL / RPG-URKL: "On the Design of KL-Regularized Policy Gradient Algorithms for LLM Reasoning" (arXiv 2505.17508).
 """Regularized Policy Gradient with the REVERSE KL (RKL) or the unnormalized reverse KL (URKL), in one file.
 
 Objective (x = a whole response, samples from pi_old, anchor pi_a = pi_old by default):

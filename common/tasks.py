@@ -13,6 +13,7 @@ names the file and line; the algorithm scripts print it as one line and exit wit
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -41,6 +42,32 @@ class Task:
     reward_fn: Callable[[str, str], float]  # (completion text, reference answer) -> finite reward
     max_prompt_length: int  # task default for --max_prompt_length (tokens)
     max_new_tokens: int  # task default for --max_new_tokens
+
+    def score(self, completions: list[str], answers: list[str]) -> list[float]:
+        """Rewards of completion texts against reference answers; a non-finite reward stops the run (TaskError
+        naming the reward function and the completion) instead of reaching a loss or a histogram."""
+        rewards = [float(self.reward_fn(c, a)) for c, a in zip(completions, answers)]
+        for r, c in zip(rewards, completions):
+            if not math.isfinite(r):
+                raise TaskError(f"reward function {getattr(self.reward_fn, '__name__', self.reward_fn)} returned {r} "
+                                f"for the completion {c[:80]!r}")
+        return rewards
+
+
+def encode_prompts(tokenizer, examples: list[Example], chat_template: bool, max_length: int, split: str) -> list:
+    """Token ids of each prompt, wrapped in the tokenizer's chat template when it has one (and `chat_template`);
+    a prompt longer than `max_length` tokens is an error, never truncated."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": e.prompt}], tokenize=False,
+                                               add_generation_prompt=True) for e in examples]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # the template already has any BOS
+    else:
+        ids = tokenizer([e.prompt for e in examples])["input_ids"]
+    for i, seq in enumerate(ids):
+        if len(seq) > max_length:
+            raise TaskError(f"{split} prompt {i} has {len(seq)} tokens > --max_prompt_length {max_length}: "
+                            f"{examples[i].prompt[:60]!r}")
+    return ids
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -152,6 +152,21 @@ def start_script(name: str, *flags: str) -> subprocess.Popen:
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def run_in_process(script, flags, capsys):
+    """main() with these flags in this process (no interpreter start-up per case): (exit code, stderr)."""
+    algo = load_algorithm(script)
+    torch.set_num_threads(1)  # as the subprocess runs (OMP_NUM_THREADS=1): xdist runs one worker per core
+    argv, code = sys.argv, 0
+    sys.argv = [f"{script}.py", *flags]
+    try:
+        algo.main()
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+    return code, capsys.readouterr().err
+
+
 def read_metrics(run_dir) -> list:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]

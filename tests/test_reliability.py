@@ -4,13 +4,12 @@ one-line error, a non-zero exit and writes nothing (the table at the bottom)."""
 
 import os
 import signal
-import sys
 import time
 
 import pytest
 import torch
 
-from tests.harness import LENGTH_FLAG, SCRIPTS, load_algorithm, read_metrics, run_script, start_script, tiny_flags
+from tests.harness import LENGTH_FLAG, SCRIPTS, read_metrics, run_in_process, run_script, start_script, tiny_flags
 
 TIMING = ("time_s", "perf/", "charts/step_time_s", "charts/tokens_per_s")
 FINAL_ONLY = ("eval/sweep/", "eval/frontier/")  # q_sharp's eta sweep runs after the last round of a run only
@@ -139,21 +138,6 @@ def make_other_tokenizer_model(path):
     tok = AutoTokenizer.from_pretrained(TINY_POLICY)
     tok.add_tokens(["<extra>"])
     tok.save_pretrained(path)
-
-
-def run_in_process(script, flags, capsys):
-    """main() with these flags in this process (no interpreter start-up per case): (exit code, stderr)."""
-    algo = load_algorithm(script)
-    torch.set_num_threads(1)  # as the subprocess runs (OMP_NUM_THREADS=1): xdist runs one worker per core
-    argv, code = sys.argv, 0
-    sys.argv = [f"{script}.py", *flags]
-    try:
-        algo.main()
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = argv
-    return code, capsys.readouterr().err
 
 
 def assert_one_line_error(code, message):

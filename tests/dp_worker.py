@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 import torch.distributed as dist
+from transformers import AutoTokenizer
 
 from common import TINY_POLICY, TINY_TEACHER
 from common.tasks import arithmetic_task
@@ -86,9 +87,7 @@ def q_sharp_update(algo, out, world, rank):
 
 
 def logprobs(algo, model, batch, C):
-    if "prompt_index" in batch:  # scripts with the shared prompt cache take the whole batch
-        return algo.batched_logprobs(model, batch, 1.0, 64)
-    return algo.batched_logprobs(model, batch["input_ids"], batch["attention_mask"], C, 1.0, 64)
+    return algo.batched_logprobs(model, batch, algo.Args(temperature=1.0, micro_batch_size=64, bf16=False))
 
 
 def main():
@@ -103,7 +102,7 @@ def main():
             dist.destroy_process_group()
         return
     args = algo.Args(max_new_tokens=4, max_prompt_length=16, micro_batch_size=16, num_minibatches=1,
-                     learning_rate=1.0)
+                     learning_rate=1.0, bf16=False)
     # 16 sequences: 4 prompts x 4 samples, or 16 prompts x 1 sample where a script samples once per prompt
     for k, v in {"loss_agg": "token_mean", "beta": 0.1, "num_generations": 4}.items():  # where the script has them
         if hasattr(args, k):
@@ -112,19 +111,17 @@ def main():
     for k, v in overrides.items():
         default = getattr(algo.Args(), k)
         setattr(args, k, v if default is None else (v == "True") if isinstance(default, bool) else type(default)(v))
-    args.world_size = world
     torch.manual_seed(0)
-    tok = algo.load_tokenizer(TINY_POLICY)
-    policy = algo.load_model(TINY_POLICY, "cpu", trainable=True).double()  # float64: rounding far below 1e-6
-    ref = algo.load_model(TINY_POLICY, "cpu", trainable=False).double()
+    tok = AutoTokenizer.from_pretrained(TINY_POLICY)
+    policy = algo.load_model(TINY_POLICY, args, trainable=True).double()  # float64: rounding far below 1e-6
+    ref = algo.load_model(TINY_POLICY, args).double()
     task = arithmetic_task()
     examples = task.train[: args.prompts_per_step]
     G = getattr(args, "num_generations", 1)
     prompts = [tok(e.prompt)["input_ids"] for e in examples for _ in range(G)]
     eos = torch.tensor([tok.eos_token_id])
-    batch = algo.sample_batch(policy, prompts, args, eos, tok.pad_token_id, torch.Generator().manual_seed(123),
-                              "cpu", algo.contextlib.nullcontext)
-    texts = algo.decode_completions(tok, batch)
+    batch = algo.sample_batch(policy, prompts, args, eos, tok.pad_token_id, torch.Generator().manual_seed(123))
+    texts = algo.decode(tok, batch)
     rewards = torch.tensor([task.reward_fn(t, e.answer) for t, e in zip(texts, [e for e in examples for _ in range(G)])])
     rewards[0] = 1.0 - rewards[1]  # make sure the first group has signal
     batch["loss_mask"] = batch["completion_mask"].clone()
@@ -142,9 +139,7 @@ def main():
     # plain SGD: parameter differences are gradient differences (Adam's g / sqrt(v) would amplify float rounding
     # on parameters whose gradient is ~0 into differences of order lr)
     opt = torch.optim.SGD(policy.parameters(), lr=args.learning_rate)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    metrics = algo.update_policy(model, opt, sched, shard, args, shuffle_seed=7,
-                                 **EXTRA_KWARGS.get(name, lambda a: {})(algo))
+    metrics = algo.update_policy(model, opt, shard, args, 7, **EXTRA_KWARGS.get(name, lambda a: {})(algo))
     if rank == 0:
         flat = torch.cat([p.detach().reshape(-1) for p in policy.parameters()])
         torch.save({"params": flat, "init": init, "metrics": metrics}, out)

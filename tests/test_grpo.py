@@ -19,7 +19,7 @@ def one_token_loss(lp, adv, **kw):
     lp_ref = kw.pop("lp_ref", None)
     n = lp.shape[0]
     loss, _ = grpo.grpo_loss(lp[:, None], lp_old[:, None], None if lp_ref is None else lp_ref[:, None], adv,
-                             torch.ones(n, 1, dtype=DT), num_seqs=n, num_tokens=n, max_new_tokens=1, **kw)
+                             torch.ones(n, 1, dtype=DT), grpo.Args(max_new_tokens=1, **kw), n, n)
     return loss
 
 
@@ -61,7 +61,8 @@ def test_t1_none_and_batch_by_hand():
 def test_t1_two_pass_variance_in_float32():
     r32 = torch.full((1, 8), 10.0, dtype=torch.float32)
     r32[0, 0] += 1e-3
-    var32 = grpo.group_std(r32).double().pow(2)
+    adv = grpo.group_advantages(r32.view(-1), 8, eps=0.0)  # (r - mean) / std, std computed in float32
+    var32 = ((r32[0, 0] - r32.mean()) / adv[0]).double().pow(2)
     var64 = r32.double().var(correction=1)  # float64 on the same float32 values
     assert abs(var32 - var64).item() / var64.item() < 1e-4
     # negative control: the one-pass E[x^2] - mean^2 in float32 is off by more than 50% (it returns 0 here)
@@ -194,8 +195,8 @@ def test_t5_token_weights_per_aggregation(agg):
     mask = (torch.arange(4)[None] < lens[:, None]).to(DT)
     lp = torch.zeros(3, 4, dtype=DT, requires_grad=True)
     adv = torch.tensor([1.0, -2.0, 0.5], dtype=DT)
-    loss, _ = grpo.grpo_loss(lp, lp.detach(), None, adv, mask, beta=0.0, loss_agg=agg, num_seqs=3,
-                             num_tokens=int(lens.sum()), max_new_tokens=4)
+    loss, _ = grpo.grpo_loss(lp, lp.detach(), None, adv, mask, grpo.Args(beta=0.0, loss_agg=agg, max_new_tokens=4),
+                             3, int(lens.sum()))
     weight = {"seq_mean_token_mean": 1.0 / (3 * lens[:, None].to(DT)), "token_mean": 1.0 / lens.sum().to(DT),
               "seq_mean_token_sum_norm": torch.tensor(1.0 / (3 * 4), dtype=DT)}[agg]
     expected = -adv[:, None] * weight * mask
@@ -218,8 +219,8 @@ def test_t6_clip_regions_with_asymmetric_eps():
     # negative control: with the symmetric 0.2 clip, rho = 1.25 with A > 0 would be clipped
     g_sym = grad(one_token_loss(lp, adv, lp_old=lp_old, beta=0.0, epsilon=0.2, loss_agg="token_mean"), lp)
     assert abs(g_sym[0] - g[0]) > GAP
-    _, stats = grpo.grpo_loss(lp[:, None], lp_old[:, None], None, adv, torch.ones(n, 1, dtype=DT), beta=0.0,
-                              epsilon=0.2, epsilon_high=0.28, num_seqs=n, num_tokens=n, max_new_tokens=1)
+    _, stats = grpo.grpo_loss(lp[:, None], lp_old[:, None], None, adv, torch.ones(n, 1, dtype=DT),
+                              grpo.Args(beta=0.0, epsilon=0.2, epsilon_high=0.28, max_new_tokens=1), n, n)
     assert abs(stats["clipfrac_high"] - 1 / 6) < TOL and abs(stats["clipfrac_low"] - 1 / 6) < TOL
     assert abs(stats["clipfrac"] - 2 / 6) < TOL
 

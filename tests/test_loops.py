@@ -78,7 +78,8 @@ def run_spied(name, flags, tmp_path, monkeypatch, capsys, sampler="sample_batch"
     real_load, real_sample, real_update = algo.load_model, getattr(algo, sampler), getattr(algo, update)
 
     def load_model(*a, **k):  # float64: the recomputation below agrees to rounding (1e-12), not float32's 1e-6
-        return real_load(*a, **k).double()
+        model = real_load(*a, **k)
+        return model.double() if isinstance(model, torch.nn.Module) else model
 
     def sample(*a, **k):
         out = real_sample(*a, **k)
@@ -239,10 +240,7 @@ def grpo_expected(algo, args, rows, rollout, init, iterations):
     def loss_fn(model):
         lsm_rows = [(lg / T).log_softmax(-1) for lg in row_logits(model, rows)]
         lp = padded([x.gather(-1, torch.tensor(c)[:, None]).squeeze(-1) for x, (_, c) in zip(lsm_rows, rows)])
-        loss, stats = algo.grpo_loss(lp, lp_old, lp_ref, adv, mask, beta=args.beta, kl_estimator=args.kl_estimator,
-                                     kl_importance_weight=args.kl_importance_weight, epsilon=args.epsilon,
-                                     epsilon_high=args.epsilon_high, loss_agg=args.loss_agg, num_seqs=n_seq,
-                                     num_tokens=n_tok, max_new_tokens=args.max_new_tokens)
+        loss, stats = algo.grpo_loss(lp, lp_old, lp_ref, adv, mask, args, n_seq, n_tok)
         stats["entropy"] = sum(-(x.exp() * x).sum() for x in lsm_rows).detach() / n_tok
         if iterations == 1:  # one optimizer step per rollout: the drift from the rollout policy is 0, not logged
             stats.pop("kl_old_fkl_k1"), stats.pop("kl_old_fkl_k3")

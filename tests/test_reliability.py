@@ -90,12 +90,12 @@ def test_kill_then_resume_equals_uninterrupted_run(tmp_path, script, capsys):
 # ---- bad input: one line, exit status != 0, nothing written or overwritten ----------------------------------
 GOOD = '{"prompt": "1+1=", "answer": "2"}\n'
 SPLIT = {  # a batch that cannot be split as asked (N/A: the script has no such split)
-    "grpo": (["--prompts_per_step", "3", "--num_minibatches", "5"], "not divisible"),
-    "rpg_fkl": (["--prompts_per_step", "3", "--num_minibatches", "5"], "not divisible"),
-    "rpg_rkl": (["--prompts_per_step", "3", "--num_minibatches", "5"], "not divisible"),
-    "pmd_mean": (["--prompts_per_step", "3", "--num_minibatches", "5"], "not divisible"),
-    "a_star_po": (["--prompts_per_step", "3", "--num_minibatches", "2"], "not divisible"),
-    "gkd": (["--prompts_per_step", "3", "--num_minibatches", "2"], "not divisible"),
+    "grpo": (["--prompts_per_step", "3", "--num_minibatches", "5"], "does not split"),
+    "rpg_fkl": (["--prompts_per_step", "3", "--num_minibatches", "5"], "does not split"),
+    "rpg_rkl": (["--prompts_per_step", "3", "--num_minibatches", "5"], "does not split"),
+    "pmd_mean": (["--prompts_per_step", "3", "--num_minibatches", "5"], "does not split"),
+    "a_star_po": (["--prompts_per_step", "3", "--num_minibatches", "2"], "does not split"),
+    "gkd": (["--prompts_per_step", "3", "--num_minibatches", "2"], "does not split"),
 }
 NONFINITE = {  # flags that make an update non-finite (default: a learning rate of 1e30). DPO: after a 1e30 step
     "dpo_kl": ["--loss", "ipo", "--beta", "1e-30"],  # no prompt has a pair (an honest 0 loss); IPO's 1/(2 beta) overflows
@@ -140,7 +140,11 @@ def make_other_tokenizer_model(path):
     tok.save_pretrained(path)
 
 
-def assert_one_line_error(code, message):
+def assert_one_line_error(code, message, err=""):
+    """`error: ...` in one line naming `message`; or tyro's own usage error (exit status 2) naming the flag."""
+    if code == 2 and message.startswith("--"):
+        assert message in err, err
+        return
     assert isinstance(code, str) and code.startswith("error: ") and "\n" not in code, code
     assert message in code, code
 
@@ -157,7 +161,7 @@ def test_bad_input_table(tmp_path, script, capsys):
     for name, (flags, message) in cases.items():
         out = tmp_path / f"runs_{name.replace(' ', '_')}"
         code, err = run_in_process(script, [*tiny_flags(script), "--output_dir", str(out), *flags], capsys)
-        assert_one_line_error(code, message)
+        assert_one_line_error(code, message, err)
         assert "Traceback" not in err, (name, err[-2000:])
         written = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs] if out.exists() else []
         if name == "non-finite loss":  # the run folder holds its log, but no model, final or intermediate
@@ -179,13 +183,13 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, script, capsys):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_failed_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, script, capsys, monkeypatch):
-    """Disk full while saving the final model: one line, and the periodic checkpoint before it is intact."""
+    """Disk full while saving the last checkpoint: one line, and the periodic checkpoint before it is intact."""
     length = LENGTH_FLAG.get(script, "--total_steps")
     flags = [*tiny_flags(script), "--output_dir", str(tmp_path), "--run_name", "r", length, "2", "--save_every", "1"]
     real_save = torch.save
 
     def disk_full(obj, f, *a, **k):
-        if "final" in str(f):
+        if "_000002" in str(f):
             raise OSError(28, "No space left on device")
         return real_save(obj, f, *a, **k)
 
@@ -193,8 +197,8 @@ def test_failed_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, script,
     code, _ = run_in_process(script, flags, capsys)
     assert_one_line_error(code, "No space left on device")
     run = tmp_path / "r"
-    assert not (run / "final").exists() and not (run / "final.tmp").exists()
-    ckpts = os.listdir(run / "checkpoints")
+    assert not os.path.lexists(run / "final")
+    ckpts = os.listdir(run / "checkpoints")  # the interrupted save was removed, the one before it kept
     assert len(ckpts) == 1 and os.path.isfile(run / "checkpoints" / ckpts[0] / "trainer_state.pt")
     # and the run continues from that checkpoint once the disk has room again
     monkeypatch.setattr(torch, "save", real_save)

@@ -20,11 +20,10 @@ SAMPLERS = POLICY_SAMPLERS + ["a_star_po:external_noise", "q_sharp:guided"]
 
 
 def setup(algo, T):
-    tok = algo.load_tokenizer(TINY_POLICY)
-    model = algo.load_model(TINY_POLICY, "cpu", trainable=False)
-    args = algo.Args()
-    args.max_new_tokens, args.temperature, args.gen_batch_size = 2, T, N
-    return tok, model, args
+    from transformers import AutoTokenizer
+
+    args = algo.Args(max_new_tokens=2, temperature=T, gen_batch_size=N, bf16=False)
+    return AutoTokenizer.from_pretrained(TINY_POLICY), algo.load_model(TINY_POLICY, args), args
 
 
 def draw(sampler: str, T: float):
@@ -62,8 +61,7 @@ def draw(sampler: str, T: float):
     if kind == "external_noise":  # stage 1: inverse CDF from per-prompt noise instead of a generator
         extra = {"uniforms": torch.rand(N, 2, generator=gen, dtype=torch.float64)}
         gen = None
-    batch = algo.sample_batch(model, [prompt] * N, args, eos, tok.pad_token_id, gen, "cpu",
-                              algo.contextlib.nullcontext, **extra)
+    batch = algo.sample_batch(model, [prompt] * N, args, eos, tok.pad_token_id, gen, **extra)
     return batch["completion_ids"][:, :2], lambda prefix, temperature: torch.softmax(logits(prefix) / temperature, -1)
 
 

@@ -28,8 +28,9 @@ FLAGS = {  # flags each script must document in --help
 def test_help(script):
     proc = run_script(script, "--help")
     assert proc.returncode == 0
-    for flag in FLAGS[script] + ["--resume", "--model_name_or_path", "--task"]:
+    for flag in FLAGS[script] + ["--resume", "--model_name_or_path", "--task", "--chat_template, --no_chat_template"]:
         assert flag in proc.stdout, flag
+    assert "--no_no_" not in proc.stdout  # booleans read naturally
 
 
 KEYS = {"grpo": ["losses/kl_ref_rkl_k3"], "rpg_fkl": ["losses/kl_term", "losses/ratio_max", "losses/clipfrac_high"],
@@ -84,15 +85,11 @@ def chat_tokenizer():
 
 
 def test_chat_template_is_applied_unless_disabled():
-    from common.tasks import Example
-    from tests.harness import load_algorithm
+    from common.tasks import Example, encode_prompts
 
-    grpo = load_algorithm("grpo")
     tok, ex = chat_tokenizer(), [Example("37+58=", "95")]
-    args = grpo.Args(max_prompt_length=32)
-    assert tok.decode(grpo.encode_prompts(tok, ex, args, "train")[0]) == "<user>37+58=\n<assistant>"
-    args.no_chat_template = True
-    assert tok.decode(grpo.encode_prompts(tok, ex, args, "train")[0], skip_special_tokens=True) == "37+58="
+    assert tok.decode(encode_prompts(tok, ex, True, 32, "train")[0]) == "<user>37+58=\n<assistant>"
+    assert tok.decode(encode_prompts(tok, ex, False, 32, "train")[0], skip_special_tokens=True) == "37+58="
 
 
 def test_other_architecture_with_chat_template(tmp_path):
@@ -122,17 +119,18 @@ def test_generation_uses_the_kv_cache_under_gradient_checkpointing():
 
     from common import TINY_POLICY
 
+    from transformers import AutoTokenizer
+
     grpo = load_algorithm("grpo")
-    tok = grpo.load_tokenizer(TINY_POLICY)
+    tok = AutoTokenizer.from_pretrained(TINY_POLICY)
     prompts = [tok(p)["input_ids"] for p in ("12+34=", "5+6=", "99+99=")]
-    ids, mask = grpo.left_pad(prompts, tok.pad_token_id, "cpu")
     eos = torch.tensor([tok.eos_token_id])
     outs = []
     for checkpointing in (False, True):
-        model = grpo.load_model(TINY_POLICY, "cpu", trainable=True)
-        if checkpointing:
-            grpo.enable_checkpointing(model)
-        toks, _ = grpo.generate(model, ids, mask, torch.arange(3), 4, 1.0, eos, tok.pad_token_id, torch.Generator().manual_seed(0))
+        args = grpo.Args(max_new_tokens=4, gradient_checkpointing=checkpointing, bf16=False)
+        model = grpo.load_model(TINY_POLICY, args, trainable=True)
+        assert model.is_gradient_checkpointing == checkpointing
+        batch = grpo.sample_batch(model, prompts, args, eos, tok.pad_token_id, torch.Generator().manual_seed(0))
         assert model.training  # mode restored
-        outs.append(toks)
+        outs.append(batch["completion_ids"])
     assert torch.equal(outs[0], outs[1])

@@ -582,6 +582,8 @@ class Run:
         self.train_prompts = encode_prompts(self.tokenizer, self.task.train, template, limit, "train")
         self.eval_prompts = encode_prompts(self.tokenizer, evals, template, limit, "eval")
         self.eval_answers = [e.answer for e in evals]
+        if args.prompts_per_step > len(self.train_prompts):
+            raise UserError(f"--prompts_per_step {args.prompts_per_step} > {len(self.train_prompts)} training prompts")
 
     def start(self, policy, evaluate):
         """Wrap the trained model for data parallelism, make AdamW (restored when resuming), create the run folder
@@ -613,9 +615,9 @@ class Run:
         return self.model, self.optimizer
 
     def steps(self):
-        for step in range(self.state["step"] + 1, self.args.total_steps + 1):
+        for self.step in range(self.state["step"] + 1, self.args.total_steps + 1):
             self.clock = {"start": time.time(), "last": time.time()}
-            yield step
+            yield self.step
 
     def prompts(self, step: int):
         """This rank's share of the step's prompts, one draw from (seed, step) on every rank."""

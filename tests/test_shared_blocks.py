@@ -67,3 +67,28 @@ def test_negative_control_one_edited_copy_fails(tmp_path):
     edited = "def token_logprobs(log_softmax, tokens):\n    # edited\n"
     path.write_text(path.read_text().replace("def token_logprobs(log_softmax, tokens):\n", edited, 1))
     assert any(d.startswith("token_logprobs has 2 versions") for d in differences(str(tmp_path)))
+
+
+def sync(root: str = ROOT, source: str = "grpo") -> None:
+    """Copy `source`'s PLUMBING block, and its version of every helper another file also defines, into every
+    algorithm file: `python tests/test_shared_blocks.py --sync` after changing shared code in grpo.py."""
+    with open(os.path.join(root, "algorithms", f"{source}.py")) as f:
+        master = f.read()
+    shared = {k: v for k, v in definitions(master).items() if (k, "*") not in ALLOWED}
+    for s in SCRIPTS:
+        path = os.path.join(root, "algorithms", f"{s}.py")
+        with open(path) as f:
+            text = f.read()
+        text = text[: text.index(BANNER)] + plumbing(master)
+        for name, src in definitions(text).items():
+            if name in shared and text.count(src) == 1:
+                text = text.replace(src, shared[name])
+        with open(path, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--sync"]:
+        sync()

@@ -631,12 +631,13 @@ class Run:
         self.clock[f"perf/{name}_s"], self.clock["last"] = time.time() - self.clock["last"], time.time()
 
     def eval(self) -> dict:
+        step = getattr(self, "step", 0)
         if self.rank == 0:
-            print(f"step {self.state['step']}: evaluating", file=sys.stderr)
+            print(f"step {step}: evaluating", file=sys.stderr)
         metrics, shown = self.evaluate()
         if self.rank == 0 and shown:
             with open(os.path.join(self.run_dir, "completions.jsonl"), "a") as f:
-                f.writelines(json.dumps({"step": self.state["step"]} | row) + "\n" for row in shown)
+                f.writelines(json.dumps({"step": step} | row) + "\n" for row in shown)
         return metrics
 
     def log(self, step: int, metrics: dict) -> None:

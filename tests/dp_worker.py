@@ -58,32 +58,27 @@ FILL = {"grpo": fill_grpo, "rpg_fkl": fill_rpg, "rpg_rkl": fill_rpg, "pmd_mean":
 EXTRA_KWARGS = {"gkd": lambda algo: {"teacher": algo.load_model(TINY_TEACHER, "cpu", trainable=False)}}
 
 
-def q_sharp_update(algo, out, world, rank):
+def q_sharp_update(algo, out):
     """Q#'s update: one Q-model step (q_batch_size 16) on 16 round-1 examples collected from pi_ref; every rank
-    takes its slice of the global batch inside train_q_epoch."""
+    takes its slice of the global batch inside train_q_epoch. The script's own Run sets up the processes."""
     args = algo.Args(max_new_tokens=4, max_prompt_length=16, q_batch_size=16, micro_batch_size=16,
-                     samples_per_prompt=2, learning_rate=1.0, max_grad_norm=1e9)
-    args.world_size = world
-    tok = algo.load_tokenizer(TINY_POLICY)
-    ref = algo.load_model(TINY_POLICY, "cpu", trainable=False)
+                     samples_per_prompt=2, learning_rate=1.0, max_grad_norm=0.0, bf16=False, output_dir=out + ".runs")
+    run = algo.Run(args)
+    ref = algo.load_model(TINY_POLICY, args)
     torch.manual_seed(0)
-    qmodel = algo.QModel(algo.load_model(TINY_POLICY, "cpu", trainable=True, backbone_only=True), "q", 2,
-                         ref.config.vocab_size)
+    qmodel = algo.QModel(algo.load_model(TINY_POLICY, args, trainable=True).base_model, "q", 2, ref.config.vocab_size)
     torch.nn.init.normal_(qmodel.head.weight, std=0.1)
-    task = arithmetic_task()
-    prompts = [tok(e.prompt)["input_ids"] for e in task.train[:8]]
-    atoms, eos = torch.tensor([0.0, 1.0]), torch.tensor([tok.eos_token_id])
-    examples = algo.collect(1, ref, None, prompts, [e.answer for e in task.train[:8]], list(range(8)), task.reward_fn,
-                            tok, args, atoms, eos, "cpu", algo.contextlib.nullcontext)
+    atoms, eos = torch.tensor([0.0, 1.0]), torch.tensor([run.tokenizer.eos_token_id])
+    examples = algo.collect(1, ref, None, run, list(range(8))[run.rank :: run.world], atoms, eos)
+    examples = sorted((e for part in algo.all_gather(examples) for e in part), key=lambda e: (e["prompt_id"], e["sample"]))
     examples[0]["reward"] = 1.0  # both labels present
     init = torch.cat([p.detach().reshape(-1) for p in qmodel.parameters()])
-    model = torch.nn.parallel.DistributedDataParallel(qmodel) if world > 1 else qmodel
+    model = torch.nn.parallel.DistributedDataParallel(qmodel) if run.world > 1 else qmodel
     opt = torch.optim.SGD(qmodel.parameters(), lr=args.learning_rate)
-    loss, steps = algo.train_q_epoch(model, qmodel, opt, examples, prompts, args, atoms, tok.pad_token_id, "cpu",
-                                     algo.contextlib.nullcontext, shuffle_seed=7)
-    if rank == 0:
+    loss = algo.train_q_epoch(model, opt, examples, run, atoms, eos, seed=7)
+    if run.rank == 0:
         flat = torch.cat([p.detach().reshape(-1) for p in qmodel.parameters()])
-        torch.save({"params": flat, "init": init, "metrics": {"q_loss": loss, "steps": steps}}, out)
+        torch.save({"params": flat, "init": init, "metrics": {"q_loss": loss}}, out)
 
 
 def logprobs(algo, model, batch, C):
@@ -94,13 +89,13 @@ def main():
     name, out, overrides = sys.argv[1], sys.argv[2], dict(kv.split("=", 1) for kv in sys.argv[3:])
     algo = load_algorithm(name)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if world > 1:
-        dist.init_process_group("gloo")
     if name == "q_sharp":
-        q_sharp_update(algo, out, world, rank)
+        q_sharp_update(algo, out)
         if world > 1:
             dist.destroy_process_group()
         return
+    if world > 1:
+        dist.init_process_group("gloo")
     args = algo.Args(max_new_tokens=4, max_prompt_length=16, micro_batch_size=16, num_minibatches=1,
                      learning_rate=1.0, bf16=False)
     # 16 sequences: 4 prompts x 4 samples, or 16 prompts x 1 sample where a script samples once per prompt

@@ -121,11 +121,10 @@ TINY_RUN = ["--prompts_per_step", "4", "--eval_num_prompts", "8", "--eval_sample
 SCRIPTS = ["grpo", "rpg_fkl", "rpg_rkl", "pmd_mean", "a_star_po", "q_sharp", "dpo_kl", "gkd"]  # every script in algorithms/
 TINY_FLAGS = {
     "a_star_po": TINY_RUN + ["--max_train_prompts", "32", "--num_ref_samples", "2"],  # a short stage 1
-    "q_sharp": ["--prompts_per_round", "8", "--samples_per_prompt", "2", "--epochs_per_round", "1",
+    "q_sharp": ["--prompts_per_step", "8", "--samples_per_prompt", "2", "--epochs_per_round", "1",
                 "--q_batch_size", "8", "--eval_num_prompts", "8", "--eval_samples_per_prompt", "2",
-                "--eval_etas", "0.1", "--num_rounds", "1"],
+                "--eval_etas", "0.1", "--total_steps", "1"],
 }
-LENGTH_FLAG = {"q_sharp": "--num_rounds"}  # what sets the length of a run (default --total_steps)
 
 
 def tiny_flags(script: str) -> list:

@@ -9,8 +9,8 @@ import os
 
 import torch
 
-from tests.harness import (DT, TINY_RUN, TokenTree, grad, kl, lbfgs_minimize, load_algorithm, max_abs, random_logits,
-                           read_metrics, run_script)
+from tests.harness import (DT, TINY_RUN, TokenTree, grad, kl, lbfgs_minimize, load_algorithm, max_abs, one_line_error,
+                           random_logits, read_metrics, run_script)
 
 apo = load_algorithm("a_star_po")
 TOL, GAP = 1e-10, 1e-3
@@ -22,8 +22,9 @@ def loss_one(lp, lp_ref, v_hat, r, beta, length_normalized=False):
     T = lp.shape[-1]
     scale = 1.0 / T if length_normalized else 1.0
     zero = lp.new_zeros(())
-    return apo.a_star_po_loss(lp * scale, lp_ref * scale, torch.ones_like(lp), v_hat.view(1), r.view(1), beta2=beta,
-                              entropy_sum=zero, entropy_coef=0.0, num_prompts=1, num_tokens=T)[0]
+    args = apo.Args(beta2=beta, entropy_coef=0.0)
+    return apo.a_star_po_loss(lp * scale, lp_ref * scale, torch.ones_like(lp), v_hat.view(1), r.view(1), zero, args,
+                              1, T)[0]
 
 
 def categorical(K=7, seed=0, beta=0.4):
@@ -157,19 +158,35 @@ def read_cache(path):
         return [json.loads(line) for line in f][1:]
 
 
+def stage1_row(run_dir):
+    """The step-0 row of the stage-1 metrics (logged after the step-0 eval row)."""
+    return next(r for r in read_metrics(run_dir) if "charts/stage1_generated" in r)
+
+
 def test_p8_p9_stage1_cache_and_world_size(tmp_path):
     one = run_script("a_star_po", *STAGE1, "--output_dir", str(tmp_path), "--run_name", "one")
     assert one.returncode == 0, one.stderr[-3000:]
     two = run_script("a_star_po", *STAGE1, "--output_dir", str(tmp_path), "--run_name", "two", nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
-    cache = str(tmp_path / "one" / "value_estimates.jsonl")
+    cache = str(tmp_path / "one" / "value_estimates.jsonl")  # in the run folder, beside checkpoints/ and final
     assert read_cache(cache) == read_cache(tmp_path / "two" / "value_estimates.jsonl")  # per-prompt sampling noise
-    assert read_metrics(tmp_path / "one")[0]["charts/stage1_generated"] == 12 * 3
+    assert len(read_cache(cache)) == 12 and stage1_row(tmp_path / "one")["charts/stage1_generated"] == 12 * 3
+    assert os.readlink(tmp_path / "one" / "final") == os.path.join("checkpoints", "step_000001")
+    # the same run folder, resumed: stage 1 is read from its cache, nothing generated, nothing logged again
+    resumed = run_script("a_star_po", "--resume", str(tmp_path / "one"), "--total_steps", "2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"read from {cache}" in resumed.stdout
+    assert [r["step"] for r in read_metrics(tmp_path / "one")] == [0, 0, 1, 2]
+    assert os.readlink(tmp_path / "one" / "final") == os.path.join("checkpoints", "step_000002")
+    # another run given the cache: reads it, generates nothing, writes no cache of its own
     again = run_script("a_star_po", *STAGE1, "--output_dir", str(tmp_path), "--run_name", "again",
                        "--value_cache", cache)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "read from" in again.stdout and read_metrics(tmp_path / "again")[0]["charts/stage1_generated"] == 0
+    assert "read from" in again.stdout and stage1_row(tmp_path / "again")["charts/stage1_generated"] == 0
+    assert stage1_row(tmp_path / "again")["charts/value_mean"] == stage1_row(tmp_path / "one")["charts/value_mean"]
     assert not os.path.exists(tmp_path / "again" / "value_estimates.jsonl")
+    # a cache written under other settings: a one-line error before anything is written
     other = run_script("a_star_po", *STAGE1, "--num_ref_samples", "4", "--output_dir", str(tmp_path),
                        "--run_name", "other", "--value_cache", cache)
-    assert other.returncode != 0 and "written with other settings" in other.stderr
+    assert "written with other settings" in one_line_error(other)
+    assert not os.path.exists(tmp_path / "other")

@@ -10,8 +10,19 @@ import math
 import pytest
 import torch
 
-from tests.harness import (DT, TINY_RUN, TokenTree, bisect, grad, kl, load_algorithm, max_abs, random_logits,
-                           read_metrics, run_script)
+from tests.harness import (
+    DT,
+    TINY_RUN,
+    TokenTree,
+    bisect,
+    grad,
+    kl,
+    load_algorithm,
+    max_abs,
+    random_logits,
+    read_metrics,
+    run_script,
+)
 
 dpo = load_algorithm("dpo_kl")
 TOL, GAP = 1e-10, 1e-3
@@ -36,7 +47,7 @@ def bt_loss(lp, lp_ref, r, mu, beta, divergence="reverse_kl", alpha=1.0, seq_len
     for i in range(len(r)):
         for j in range(len(r)):
             if i != j:
-                loss, _ = dpo.dpo_loss(s[i:i + 1], s[j:j + 1], beta, "sigmoid", 0.0, 1)
+                loss, _ = dpo.dpo_loss(s[i : i + 1], s[j : j + 1], beta, "sigmoid", 0.0, 1)
                 total = total + mu[i] * mu[j] * torch.sigmoid(r[i] - r[j]) * loss
     return total
 
@@ -61,8 +72,14 @@ def test_d1_log2_and_gradients_at_the_reference(divergence):
     assert max_abs(g_w, torch.full_like(g_w, -beta * slope / P)) < TOL
     assert max_abs(g_l, -g_w) < TOL
     # negative control: a policy that moved (lp != lr) no longer gives log 2 / the same gradient
-    moved, _ = dpo.dpo_loss(dpo.dpo_scores(lp_w, lp_w.detach() - 1.0, divergence),
-                            dpo.dpo_scores(lp_l, lp_l.detach(), divergence), beta, "sigmoid", 0.0, P)
+    moved, _ = dpo.dpo_loss(
+        dpo.dpo_scores(lp_w, lp_w.detach() - 1.0, divergence),
+        dpo.dpo_scores(lp_l, lp_l.detach(), divergence),
+        beta,
+        "sigmoid",
+        0.0,
+        P,
+    )
     assert abs(moved.item() - math.log(2)) > GAP
     if divergence == "js":  # negative control: the reverse-KL slope is twice as steep
         assert max_abs(g_w, torch.full_like(g_w, -beta * 0.5 / P)) > GAP
@@ -184,9 +201,11 @@ def test_d4_f_dpo_optimum(divergence):
     # negative controls: the reverse-KL optimum is not stationary here (spec: 0.02 / 0.003)
     log_pi_star = torch.log_softmax(lp_ref + r / beta, -1)
     assert bt_grad_at(log_pi_star, lp_ref, r, mu, beta, divergence).abs().max() > GAP
+
     # the optimum maximizes E[r] - beta D_f with the file's divergence estimate (sum_y pi(y) term(y))
     def j_f(lp):
         return (lp.exp() * (r - beta * dpo.divergence_estimate(lp, lp_ref, divergence))).sum()
+
     for seed in range(3):
         bumped = torch.log_softmax(torch.log(pi) + 0.1 * random_logits(5, 70 + seed, requires_grad=False), -1)
         assert j_f(bumped) < j_f(torch.log(pi)) - 1e-6
@@ -215,8 +234,9 @@ def test_d5_robust_is_unbiased(eps):
     h = torch.tensor([-2.0, -0.3, 0.0, 0.7, 3.0], dtype=DT)
 
     def per_pair(hs, loss):
-        return torch.stack([dpo.dpo_loss((x / beta).view(1), torch.zeros(1, dtype=DT), beta, loss, eps, 1)[0]
-                            for x in hs])
+        return torch.stack(
+            [dpo.dpo_loss((x / beta).view(1), torch.zeros(1, dtype=DT), beta, loss, eps, 1)[0] for x in hs]
+        )
 
     mixed = (1 - eps) * per_pair(h, "robust") + eps * per_pair(-h, "robust")
     assert max_abs(mixed, -torch.nn.functional.logsigmoid(h)) < TOL
@@ -244,8 +264,14 @@ def test_d7_metrics_match_their_definitions():
     lp_l = torch.tensor([-4.0, -0.5, -6.0], dtype=DT)
     m = dpo.dpo_metrics(s_w, s_l, lp_w, lp_l, beta, 3)
     h = [0.4, -0.5, 1.5]
-    expect = {"rewards/chosen": 0.5 * (1.0 - 0.4 + 2.0) / 3, "rewards/rejected": 0.5 * (0.2 + 0.6 - 1.0) / 3,
-              "rewards/margins": sum(h) / 3, "rewards/accuracies": 2 / 3, "logps/chosen": -2.0, "logps/rejected": -3.5}
+    expect = {
+        "rewards/chosen": 0.5 * (1.0 - 0.4 + 2.0) / 3,
+        "rewards/rejected": 0.5 * (0.2 + 0.6 - 1.0) / 3,
+        "rewards/margins": sum(h) / 3,
+        "rewards/accuracies": 2 / 3,
+        "logps/chosen": -2.0,
+        "logps/rejected": -3.5,
+    }
     for k, v in expect.items():
         assert abs(m[k].item() - v) < TOL, k
     # shares of global means: a ragged split over two "ranks" with the global count adds up to the whole
@@ -253,8 +279,10 @@ def test_d7_metrics_match_their_definitions():
     b = dpo.dpo_metrics(s_w[1:], s_l[1:], lp_w[1:], lp_l[1:], beta, 3)
     assert all(abs((a[k] + b[k] - m[k]).item()) < TOL for k in m)
     # negative control: averaging the per-rank means differs
-    local = [dpo.dpo_metrics(s_w[:1], s_l[:1], lp_w[:1], lp_l[:1], beta), dpo.dpo_metrics(s_w[1:], s_l[1:],
-                                                                                           lp_w[1:], lp_l[1:], beta)]
+    local = [
+        dpo.dpo_metrics(s_w[:1], s_l[:1], lp_w[:1], lp_l[:1], beta),
+        dpo.dpo_metrics(s_w[1:], s_l[1:], lp_w[1:], lp_l[1:], beta),
+    ]
     assert abs((local[0]["rewards/margins"] + local[1]["rewards/margins"]) / 2 - m["rewards/margins"]) > GAP
 
 
@@ -280,8 +308,13 @@ def test_d7_divergence_estimates_are_unbiased():
     assert abs(mean("js") - js) < TOL
     assert abs(mean("forward_kl") - kl(lp, lr)) > GAP  # negative control: forward is not reverse
     # the JS term is 2 JS(pi, pi_ref) = KL(pi || m) + KL(pi_ref || m), m the mixture
-    assert abs(js - 0.5 * (kl(lp, torch.logaddexp(lp, lr) - math.log(2)) +
-                           kl(lr, torch.logaddexp(lp, lr) - math.log(2))) * 2) < TOL  # 2 JS(pi, pi_ref)
+    assert (
+        abs(
+            js
+            - 0.5 * (kl(lp, torch.logaddexp(lp, lr) - math.log(2)) + kl(lr, torch.logaddexp(lp, lr) - math.log(2))) * 2
+        )
+        < TOL
+    )  # 2 JS(pi, pi_ref)
 
 
 # ---- D8 pair builder -----------------------------------------------------------------------------------------
@@ -298,28 +331,33 @@ def test_d8_pair_builder():
 
 # ---- D9 the update: accumulation, a batch without pairs, and the scripts -------------------------------------
 def tiny_batch(rewards):
+    """16 samples of the tiny policy in float64 (float32's rounding depends on the forward's batch shape, which
+    the micro-batch comparison below would see at ~1e-6), reference log-probs from the same model, pair roles."""
+    from transformers import AutoTokenizer
+
     from common import TINY_POLICY
 
-    tok = dpo.load_tokenizer(TINY_POLICY)
-    policy = dpo.load_model(TINY_POLICY, "cpu", trainable=True)
+    tok = AutoTokenizer.from_pretrained(TINY_POLICY)
+    args = dpo.Args(max_new_tokens=4, gen_batch_size=64, micro_batch_size=64, bf16=False)
+    policy = dpo.load_model(TINY_POLICY, args, trainable=True).double()
     prompts = [tok(p)["input_ids"] for p in ("12+34=", "5+6=", "99+9=", "40+2=") for _ in range(4)]
-    args = dpo.Args(max_new_tokens=4, gen_batch_size=64)
-    batch = dpo.sample_batch(policy, prompts, args, torch.tensor([tok.eos_token_id]), tok.pad_token_id,
-                             torch.Generator().manual_seed(0), "cpu", dpo.contextlib.nullcontext)
-    batch["ref_logprobs"] = dpo.batched_logprobs(policy, batch, 1.0, 64)
+    batch = dpo.sample_batch(
+        policy, prompts, args, torch.tensor([tok.eos_token_id]), tok.pad_token_id, torch.Generator().manual_seed(0)
+    )
+    batch["ref_logprobs"] = dpo.batched_logprobs(policy, batch, args)
     batch["pair_role"] = dpo.pair_roles(torch.tensor(rewards), 4)
     return policy, batch
 
 
 def sgd_update(policy, batch, **kw):
-    """One update_policy call with SGD (lr 1, no clipping): the parameter change is minus the gradient."""
+    """One update_pairs call with SGD (lr 1: the update sets the optimizer's rate from --learning_rate; no
+    clipping): the parameter change is minus the gradient."""
     import copy
 
     model = copy.deepcopy(policy)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    args = dpo.Args(**{"micro_batch_size": 64, "max_grad_norm": 1e9, **kw})
-    metrics = dpo.update_policy(model, opt, sched, batch, args, shuffle_seed=3)
+    args = dpo.Args(**{"micro_batch_size": 64, "learning_rate": 1.0, "max_grad_norm": 1e9, "bf16": False, **kw})
+    metrics = dpo.update_pairs(model, opt, batch, args, 3)
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), metrics
 
 
@@ -332,8 +370,11 @@ def test_d9_global_pair_count_micro_batches_and_an_empty_batch():
     assert abs(m_whole["losses/loss"] - math.log(2)) < 1e-6  # pi = pi_ref at the first step
     # micro-batches, away from pi = pi_ref: there every margin is 0 up to float rounding, which depends on the
     # forward's batch shape, and rewards/accuracies (margin > 0) would compare rounding signs
-    off = {**batch, "ref_logprobs": batch["ref_logprobs"] + 0.1 * torch.randn(batch["ref_logprobs"].shape,
-                                                                               generator=torch.Generator().manual_seed(5))}
+    off = {
+        **batch,
+        "ref_logprobs": batch["ref_logprobs"]
+        + 0.1 * torch.randn(batch["ref_logprobs"].shape, generator=torch.Generator().manual_seed(5)),
+    }
     whole_off, m_off = sgd_update(policy, off)
     for mbs in (4, 2):  # ragged (2 + 1 pairs) and one pair per micro-batch
         split, m_split = sgd_update(policy, off, micro_batch_size=mbs)
@@ -357,8 +398,9 @@ def write_pairs(path, rows):
 
 
 def test_d9_offline_pairs_run(tmp_path):
-    pairs = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)}
-             for a in range(3) for b in range(3)]
+    pairs = [
+        {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)} for a in range(3) for b in range(3)
+    ]
     path = write_pairs(tmp_path / "pairs.jsonl", pairs)
     proc = run_script("dpo_kl", *TINY_RUN, "--pairs_path", path, "--output_dir", str(tmp_path), "--run_name", "off")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -369,32 +411,42 @@ def test_d9_offline_pairs_run(tmp_path):
     assert "charts/reward_mean" not in rows[1] and math.isfinite(rows[2]["eval/kl_init_rkl_exact_seq"])
 
 
-BAD_PAIRS = {"missing field": ({"prompt": "1+2=", "chosen": "3"}, "p.jsonl:2: field 'rejected'"),
-             "empty string": ({"prompt": "", "chosen": "3", "rejected": "4"}, "p.jsonl:2: field 'prompt'"),
-             "identical": ({"prompt": "1+2=", "chosen": "3", "rejected": "3"}, "p.jsonl:2: chosen and rejected"),
-             "too long": ({"prompt": "1+2=", "chosen": "3333", "rejected": "4"}, "p.jsonl:2: chosen has 5 tokens"),
-             "not an object": ("[1, 2]\n", "p.jsonl:2: expected a JSON object"),
-             "malformed": ("{oops\n", "p.jsonl:2: malformed JSON")}
+BAD_PAIRS = {
+    "missing field": ({"prompt": "1+2=", "chosen": "3"}, "p.jsonl:2: field 'rejected'"),
+    "empty string": ({"prompt": "", "chosen": "3", "rejected": "4"}, "p.jsonl:2: field 'prompt'"),
+    "identical": ({"prompt": "1+2=", "chosen": "3", "rejected": "3"}, "p.jsonl:2: chosen and rejected"),
+    "too long": ({"prompt": "1+2=", "chosen": "3333", "rejected": "4"}, "p.jsonl:2: chosen has 5 tokens"),
+    "not an object": ("[1, 2]\n", "p.jsonl:2: expected a JSON object"),
+    "malformed": ("{oops\n", "p.jsonl:2: malformed JSON"),
+}
 
 
 @pytest.mark.parametrize("case", list(BAD_PAIRS))
 def test_d9_bad_pairs_file(tmp_path, case):
+    from transformers import AutoTokenizer
+
     from common import TINY_POLICY
 
     row, message = BAD_PAIRS[case]
     path = write_pairs(tmp_path / "p.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}, row])
-    tok = dpo.load_tokenizer(TINY_POLICY)
+    tok = AutoTokenizer.from_pretrained(TINY_POLICY)
     with pytest.raises((dpo.UserError, dpo.TaskError), match=message.replace("(", r"\(")):
-        dpo.load_pairs(path, tok, dpo.Args(max_new_tokens=4, max_prompt_length=16), tok.eos_token_id)
+        dpo.load_pairs(path, tok, dpo.Args(max_new_tokens=4, max_prompt_length=16))
     good = write_pairs(tmp_path / "ok.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}])
-    (p, w, l), = dpo.load_pairs(good, tok, dpo.Args(max_new_tokens=4, max_prompt_length=16), tok.eos_token_id)
+    ((p, w, l),) = dpo.load_pairs(good, tok, dpo.Args(max_new_tokens=4, max_prompt_length=16))
     assert w[-1] == l[-1] == tok.eos_token_id and tok.decode(w[:-1]) == "2"  # EOS is part of the completion
 
 
-@pytest.mark.parametrize("flags,message", [
-    ({"alpha": 0.8, "divergence": "js"}, "reverse_kl"),
-    ({"label_smoothing": 0.1, "loss": "hinge"}, "sigmoid and robust"),
-    ({"label_smoothing": 0.5}, r"\[0, 0.5\)"), ({"beta": 0.0}, "beta"), ({"num_generations": 1}, "num_generations")])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        ({"alpha": 0.8, "divergence": "js"}, "reverse_kl"),
+        ({"label_smoothing": 0.1, "loss": "hinge"}, "sigmoid and robust"),
+        ({"label_smoothing": 0.5}, r"\[0, 0.5\)"),
+        ({"beta": 0.0}, "beta"),
+        ({"num_generations": 1}, "num_generations"),
+    ],
+)
 def test_d9_bad_flags(flags, message):
     args = dpo.Args(max_new_tokens=4, max_prompt_length=16, **flags)
     with pytest.raises(dpo.UserError, match=message):

@@ -207,15 +207,18 @@ def ragged(seed=10, B=4, C=5, V=6):
     return a, z, mask
 
 
-def loss_of(a, z, mask, n, **kw):
-    kw.setdefault("kind", "jsd")
-    return gkd.gkd_loss(a, z, mask, n, **kw)
+def loss_of(a, z, mask, n, kind="jsd", beta=0.5, chunk_size=0, ids=None):
+    """gkd_loss of teacher logits a and student logits z at T = 1 (ids: the batch tokens, for the log-prob stat)."""
+    args = gkd.Args(divergence=kind, beta=beta, divergence_chunk_size=chunk_size)
+    ids = torch.zeros(mask.shape, dtype=torch.long) if ids is None else ids
+    return gkd.gkd_loss(torch.log_softmax(a, -1), torch.log_softmax(z, -1), mask, ids, args, n)
 
 
 def test_g6_masked_token_mean():
     a, z, mask = ragged()
     n = int(mask.sum())
-    loss, stats = loss_of(a, z, mask, n)
+    ids = torch.randint(0, 6, mask.shape, generator=torch.Generator().manual_seed(0))
+    loss, stats = loss_of(a, z, mask, n, ids=ids)
     d = div(a, z, "jsd")
     assert abs(loss - d[mask.bool()].mean()) < TOL
     # positions outside the mask contribute nothing: garbage there changes neither the loss nor the gradient
@@ -233,6 +236,10 @@ def test_g6_masked_token_mean():
     assert abs(stats["kl_teacher_fkl_exact"] - kl(lt, ls)[mask.bool()].mean()) < TOL
     assert abs(stats["kl_teacher_rkl_exact"] - kl(ls, lt)[mask.bool()].mean()) < TOL
     assert abs(stats["entropy_teacher"] - (-(lt.exp() * lt).sum(-1))[mask.bool()].mean()) < TOL
+    teacher_lp = lt.gather(-1, ids[..., None]).squeeze(-1)[mask.bool()]
+    assert abs(stats["charts/teacher_logprob_mean"] - teacher_lp.mean()) < TOL
+    student_lp = ls.gather(-1, ids[..., None]).squeeze(-1)[mask.bool()]
+    assert abs(stats["charts/teacher_logprob_mean"] - student_lp.mean()) > GAP  # negative control: the student's
 
 
 def test_g6_two_ranks_equal_one():
@@ -268,6 +275,7 @@ def test_g7_coin():
     assert [gkd.on_policy_coin(1, s, 0.5) for s in steps] == half
     assert [gkd.on_policy_coin(2, s, 0.5) for s in steps] != half  # negative control: the seed matters
     import inspect
+
     assert list(inspect.signature(gkd.on_policy_coin).parameters) == ["seed", "step", "lmbda"]
 
 
@@ -292,8 +300,8 @@ def test_g9_per_token_rkl_is_the_per_state_gradient_not_the_sequence_kl():
     w = tree.seq_logprobs(q).exp().detach()  # sampling is detached
     ours = 0.0
     for i in range(len(tree.seq_list)):
-        states = tree.seq_states[i: i + 1]
-        loss, _ = gkd.gkd_loss(p[states], q[states], tree.mask[i: i + 1], 1, kind="rkl")
+        states = tree.seq_states[i : i + 1]
+        loss, _ = loss_of(p[states], q[states], tree.mask[i : i + 1], 1, kind="rkl")
         ours = ours + w[i] * loss
     g_ours = grad(ours, q)
     d = tree.state_probs(q).detach()
@@ -308,36 +316,57 @@ def test_g9_per_token_rkl_is_the_per_state_gradient_not_the_sequence_kl():
     assert max_abs(grad(surrogate, q), g_seq) < TOL
 
 
-# ---- data sources, tokenizer check -----------------------------------------------------------------------------
+# ---- data sources, tokenizer check, flag bounds -----------------------------------------------------------------
+def tokenizer(path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.pad_token = tok.pad_token or tok.eos_token  # as the script's Run
+    return tok
+
+
 def test_dataset_completions_layout():
     from common import TINY_POLICY
-    from common.tasks import arithmetic_task
+    from common.tasks import arithmetic_task, encode_prompts
 
-    tok = gkd.load_tokenizer(TINY_POLICY)
-    task = arithmetic_task()
-    ex = task.train[:6]
-    args = gkd.Args(max_new_tokens=4, max_prompt_length=16)
-    prompts = gkd.encode_prompts(tok, ex, args, "train")
+    tok = tokenizer(TINY_POLICY)
+    ex = arithmetic_task().train[:6]
+    prompts = encode_prompts(tok, ex, True, 16, "train")
     eos = torch.tensor([tok.eos_token_id])
-    b = gkd.dataset_batch(prompts, gkd.encode_completions(tok, ex, args), eos, tok.pad_token_id, "cpu")
-    assert gkd.decode_completions(tok, b) == [e.answer for e in ex]
+    b = gkd.make_batch(prompts, gkd.encode_completions(tok, ex, 4), eos, tok.pad_token_id)
+    assert gkd.decode(tok, b) == [e.answer for e in ex]
     assert not b["truncated"].any()
     assert b["completion_mask"].sum(-1).tolist() == [len(e.answer) + 1 for e in ex]  # digits + EOS
-    args.max_new_tokens = 2
     with pytest.raises(gkd.UserError, match="max_new_tokens"):
-        gkd.encode_completions(tok, ex, args)
+        gkd.encode_completions(tok, ex, 2)
 
 
 def test_tokenizer_mismatch_is_an_error():
     from common import TINY_POLICY, TINY_TEACHER
 
-    s, t = gkd.load_tokenizer(TINY_POLICY), gkd.load_tokenizer(TINY_TEACHER)
-    gkd.check_same_vocabulary(s, t, 101, 101)  # the shipped pair passes
+    s, t = tokenizer(TINY_POLICY), tokenizer(TINY_TEACHER)
+    gkd.check_same_vocabulary(s, t)  # the shipped pair passes, before and after the models load
+    gkd.check_same_vocabulary(s, t, 101, 101)
     with pytest.raises(gkd.UserError, match="logit"):
         gkd.check_same_vocabulary(s, t, 101, 128)
     t.add_tokens(["<extra>"])
     with pytest.raises(gkd.UserError, match="tokenizer differs"):
-        gkd.check_same_vocabulary(s, t, 101, 101)
+        gkd.check_same_vocabulary(s, t)
+
+
+def test_flag_bounds():
+    gkd.check_args(gkd.Args(divergence_chunk_size=0, lmbda=0.0, beta=1.0, akl_mu=1.0, skew_alpha=0.0), 1)
+    bad = {
+        "divergence_chunk_size": -1,
+        "lmbda": 1.5,
+        "beta": -0.1,
+        "skew_alpha": 1.0,
+        "akl_mu": 0.0,
+        "prompts_per_step": 3,
+    }
+    for k, v in bad.items():
+        with pytest.raises(gkd.UserError, match=k):
+            gkd.check_args(gkd.Args(**{k: v}, num_minibatches=2), 1)
 
 
 def test_script_reports_a_tokenizer_mismatch_in_one_line(tmp_path):

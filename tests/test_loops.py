@@ -421,7 +421,7 @@ def test_negative_controls(name, bug, tmp_path, monkeypatch, capsys):
 
 
 # ---- Q#: the collected data, the Q-model update and the guided eval ---------------------------------------------
-Q_FLAGS = ["--num_rounds", "1", "--prompts_per_round", "4", "--samples_per_prompt", "2", "--epochs_per_round", "2",
+Q_FLAGS = ["--total_steps", "1", "--prompts_per_step", "4", "--samples_per_prompt", "2", "--epochs_per_round", "2",
            "--q_batch_size", "8", "--micro_batch_size", "8", "--heldout_frac", "0", "--eval_num_prompts", "4",
            "--eval_samples_per_prompt", "2", "--eval_etas", "0.5", "--eta", "0.5", "--temperature", str(T),
            "--learning_rate", str(LR), "--max_grad_norm", str(CLIP)]

@@ -9,11 +9,10 @@ import time
 import pytest
 import torch
 
-from tests.harness import LENGTH_FLAG, SCRIPTS, read_metrics, run_in_process, run_script, start_script, tiny_flags
+from tests.harness import SCRIPTS, read_metrics, run_in_process, run_script, start_script, tiny_flags
 
 TIMING = ("time_s", "perf/", "charts/step_time_s", "charts/tokens_per_s")
 FINAL_ONLY = ("eval/sweep/", "eval/frontier/")  # q_sharp's eta sweep runs after the last round of a run only
-WEIGHTS = {"q_sharp": "q_backbone"}  # where a script's final model lies inside `final/`
 
 
 def untimed(rows):
@@ -26,7 +25,7 @@ def untimed(rows):
 def final_params(run_dir, script):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "final", WEIGHTS.get(script, "")))
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "final"))
     return dict(model.named_parameters())
 
 
@@ -55,9 +54,8 @@ def has_checkpoint(run_dir):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_kill_then_resume_equals_uninterrupted_run(tmp_path, script, capsys):
-    length = LENGTH_FLAG.get(script, "--total_steps")
     n = "3" if script == "q_sharp" else "6"
-    flags = [*tiny_flags(script), "--output_dir", str(tmp_path), length, n]
+    flags = [*tiny_flags(script), "--output_dir", str(tmp_path), "--total_steps", n]
     if script != "q_sharp":
         flags += ["--eval_every", "3"]
     full = run_script(script, *flags, "--run_name", "full")
@@ -82,7 +80,7 @@ def test_kill_then_resume_equals_uninterrupted_run(tmp_path, script, capsys):
         for key, p in a.items():
             assert torch.equal(p, b[key]), (name, key)
     # another seed: other samples (its first logged training row differs)
-    code, err = run_in_process(script, [*flags[:-2], length, "1", "--seed", "2", "--run_name", "seed2"], capsys)
+    code, err = run_in_process(script, [*flags[:-2], "--total_steps", "1", "--seed", "2", "--run_name", "seed2"], capsys)
     assert code == 0, err[-3000:]
     assert untimed(read_metrics(tmp_path / "seed2"))[1] != want[1]
 
@@ -184,8 +182,7 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, script, capsys):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_failed_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, script, capsys, monkeypatch):
     """Disk full while saving the last checkpoint: one line, and the periodic checkpoint before it is intact."""
-    length = LENGTH_FLAG.get(script, "--total_steps")
-    flags = [*tiny_flags(script), "--output_dir", str(tmp_path), "--run_name", "r", length, "2", "--save_every", "1"]
+    flags = [*tiny_flags(script), "--output_dir", str(tmp_path), "--run_name", "r", "--total_steps", "2", "--save_every", "1"]
     real_save = torch.save
 
     def disk_full(obj, f, *a, **k):

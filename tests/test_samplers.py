@@ -40,13 +40,13 @@ def draw(sampler: str, T: float):
 
     if kind == "guided":
         torch.manual_seed(0)
-        backbone = algo.load_model(TINY_POLICY, "cpu", trainable=False, backbone_only=True)
+        backbone = algo.load_model(TINY_POLICY, args).base_model
         qmodel = algo.QModel(backbone, "q", 2, model.config.vocab_size)
         torch.nn.init.normal_(qmodel.head.weight, std=0.5)  # a non-trivial learned law
         args.eta, args.top_k = ETA, 0
         u = torch.rand(N, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         toks, _, _ = algo.sample(model, qmodel, [prompt] * N, u, "qsharp", ETA, args, torch.tensor([0.0, 1.0]), eos,
-                                 tok.pad_token_id, "cpu", algo.contextlib.nullcontext)
+                                 tok.pad_token_id)
 
         @torch.no_grad()
         def law(prefix, temperature):

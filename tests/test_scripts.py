@@ -15,7 +15,7 @@ FLAGS = {  # flags each script must document in --help
     "rpg_rkl": ["--unnormalized", "--form", "--kl_anchor", "--ratio_level", "--clip_eps_high", "--no_clip"],
     "pmd_mean": ["--tau", "--baseline", "--length_norm", "--no_length_norm", "--num_minibatches"],
     "a_star_po": ["--num_ref_samples", "--beta1", "--beta2", "--entropy_coef", "--filter_unsolved", "--value_cache"],
-    "q_sharp": ["--eta", "--head", "--num_atoms", "--v_min", "--top_k", "--topk_outside", "--num_rounds",
+    "q_sharp": ["--eta", "--head", "--num_atoms", "--v_min", "--top_k", "--topk_outside", "--total_steps",
                 "--rollin_eta", "--only_switch_token", "--eval_etas", "--q_model_name_or_path"],
     "dpo_kl": ["--beta", "--divergence", "--alpha", "--loss", "--label_smoothing", "--num_generations",
                "--pairs_path"],
@@ -38,7 +38,7 @@ KEYS = {"grpo": ["losses/kl_ref_rkl_k3"], "rpg_fkl": ["losses/kl_term", "losses/
         "pmd_mean": ["losses/pmd_loss", "losses/residual_abs_mean", "losses/delta_max", "losses/ratio_seq_min",
                      "losses/kl_old_fkl_k1"],
         "a_star_po": ["losses/regression_loss", "losses/kl_ref_rkl_k1_seq", "losses/adv_mean", "perf/stage2_s"],
-        "q_sharp": ["losses/q_loss", "losses/q_loss_heldout", "charts/num_examples", "eval/sweep/cd_eta0.1/pass@1"],
+        "q_sharp": ["losses/q_loss", "charts/num_examples", "eval/sweep/cd_eta0.1/pass@1"],
         "dpo_kl": ["rewards/margins", "rewards/accuracies", "logps/chosen", "losses/kl_ref_rkl_k1_seq",
                    "charts/kl_reg_objective", "charts/frac_usable_prompts", "losses/logratio_abs_max"],
         "gkd": ["losses/kl_teacher_fkl_exact", "losses/kl_teacher_rkl_exact", "losses/entropy_teacher",
@@ -56,8 +56,7 @@ def test_torchrun_two_processes(tmp_path, script):
             [] if script == "q_sharp" else ["charts/reward_mean", "losses/loss", "losses/entropy", "charts/grad_norm",
                                             "charts/tokens_per_s"]):
         assert key in rows[-1] and torch.isfinite(torch.tensor(rows[-1][key])), key
-    weights = "q_backbone/model.safetensors" if script == "q_sharp" else "model.safetensors"
-    assert os.path.isfile(tmp_path / "ddp" / "final" / weights)
+    assert os.path.isfile(tmp_path / "ddp" / "final" / "model.safetensors")
 
 
 # ---- bad input: one line, non-zero exit, nothing written --------------------------------------------------

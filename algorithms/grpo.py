@@ -264,11 +264,11 @@ def make_batch(prompts: list, completions, eos, pad, batch=None) -> dict:
         left = lambda xs, v: torch.nn.utils.rnn.pad_sequence(xs, True, v, "left").to(eos.device)  # noqa: E731
         batch = {"prompt_ids": left([torch.tensor(p) for p in distinct], pad), "prompt_index": index}
         batch["prompt_mask"] = left([torch.ones(len(p), dtype=torch.long) for p in distinct], 0)
-    if completions is not None:
-        tokens = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(c) for c in completions], True, pad).to(eos.device)
+    if completions is not None:  # padded with -1 first: a pad id that is also an EOS id must not end a row
+        tokens = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(c) for c in completions], True, -1).to(eos.device)
         is_eos = torch.isin(tokens, eos).long()
-        batch |= {"completion_ids": tokens, "completion_mask": (is_eos.cumsum(-1) - is_eos == 0).long()}
-        batch["truncated"] = is_eos.sum(-1) == 0
+        batch["completion_mask"] = ((is_eos.cumsum(-1) - is_eos == 0) & (tokens >= 0)).long()
+        batch |= {"completion_ids": tokens.clamp(min=0) + (tokens < 0) * pad, "truncated": is_eos.sum(-1) == 0}
     return batch
 
 
@@ -445,6 +445,7 @@ def main() -> None:
     if int(os.environ.get("RANK", 0)) and {"-h", "--help"} & set(sys.argv):
         return
     resume = [b if a == "--resume" else a[9:] for a, b in zip(sys.argv, sys.argv[1:] + [""]) if a[:8] == "--resume"]
+    code = 0
     try:
         saved = json.load(open(os.path.join(resume[0], "args.json"))) if resume else None
         args = tyro.cli(Args, default=Args(**saved) if saved else None, use_underscores=True)
@@ -453,21 +454,22 @@ def main() -> None:
                 raise UserError(f"--{k} cannot change when resuming (the run has {saved[k]!r}); start a new run")
         train(args)
     except (UserError, TaskError, FloatingPointError, OSError) as e:
-        sys.exit(f"error: {str(e).strip().splitlines()[0]}")
+        code = f"error: {str(e).strip().splitlines()[0]}"
     except Stop as e:
         print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(143)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        code = 143
+    if dist.is_initialized():  # only now: the failed step's frames (holding DDP's reducer) are gone
+        dist.destroy_process_group()
+    sys.exit(code)
 
 
 def check_numbers(args, positive: tuple) -> None:
-    """No flag may be negative; sizes, lengths, counts and `positive` ones must be > 0."""
+    """No flag may be negative; `positive` ones, and sizes, lengths and counts not defaulting to 0, must be > 0."""
     for k, v in asdict(args).items():
-        strict = k in positive or k.endswith(("_size", "_length", "_tokens", "_steps", "per_step", "num_prompts"))
-        if type(v) in (int, float) and (v <= 0 if strict and k != "warmup_steps" else v < 0):
-            raise UserError(f"--{k} must be {'> 0' if strict else '>= 0'}, got {v}")
+        default = type(args).__dataclass_fields__[k].default
+        count = k.endswith(("_size", "_length", "_tokens", "_steps", "per_step", "num_prompts")) and default != 0
+        if type(v) in (int, float) and (v <= 0 if k in positive or count else v < 0):
+            raise UserError(f"--{k} must be {'> 0' if k in positive or count else '>= 0'}, got {v}")
 
 
 def seed_of(args, *keys) -> int:
@@ -552,8 +554,10 @@ class Run:
         DEVICE = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
         args.bf16 = cuda if args.bf16 is None else args.bf16
         self.task = load_task(args.task, args.train_file, args.eval_file, args.prompt_field, args.answer_field)
-        args.max_prompt_length = args.max_prompt_length or self.task.max_prompt_length
-        args.max_new_tokens = args.max_new_tokens or self.task.max_new_tokens
+        if args.max_prompt_length is None:  # task defaults (0 is refused by check_args, not replaced)
+            args.max_prompt_length = self.task.max_prompt_length
+        if args.max_new_tokens is None:
+            args.max_new_tokens = self.task.max_new_tokens
         check_args(args, self.world)
         name = args.run_name or f"{self.task.name}__{args.exp_name}__{args.seed}__{int(time.time())}_{os.getpid()}"
         self.run_dir, self.checkpoint = args.resume or os.path.join(args.output_dir, name), None
@@ -566,6 +570,8 @@ class Run:
                 raise UserError(f"{self.run_dir} has no checkpoint yet: delete it and start again")
         elif os.path.exists(self.run_dir):
             raise UserError(f"{self.run_dir} already exists: --resume it, or choose another --run_name")
+        else:
+            os.makedirs(args.output_dir, exist_ok=True)  # a read-only or file --output_dir fails here, before loading
         if self.world > 1:
             if cuda:
                 torch.cuda.set_device(DEVICE)
@@ -573,10 +579,17 @@ class Run:
         torch.manual_seed(args.seed)  # TRY NOT TO MODIFY: every other random draw is seed_of(args, step, ...)
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
+        if self.rank == 0:
+            print(f"loading {args.model_name_or_path}", flush=True)
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(local(args.model_name_or_path))
+            config = transformers.AutoConfig.from_pretrained(local(args.model_name_or_path))
         except OSError as e:
             raise UserError(f"could not load {args.model_name_or_path!r}: {str(e).strip().splitlines()[0]}") from None
+        if args.max_prompt_length + args.max_new_tokens > getattr(config, "max_position_embeddings", math.inf):
+            raise UserError(
+                f"--max_prompt_length + --max_new_tokens > the model's {config.max_position_embeddings} positions"
+            )
         self.tokenizer.pad_token = self.tokenizer.pad_token or self.tokenizer.eos_token
         limit, template, evals = args.max_prompt_length, args.chat_template, self.task.eval[: args.eval_num_prompts]
         self.train_prompts = encode_prompts(self.tokenizer, self.task.train, template, limit, "train")
@@ -633,7 +646,7 @@ class Run:
     def eval(self) -> dict:
         step = getattr(self, "step", 0)
         if self.rank == 0:
-            print(f"step {step}: evaluating", file=sys.stderr)
+            print(f"step {step}: evaluating", flush=True)
         metrics, shown = self.evaluate()
         if self.rank == 0 and shown:
             with open(os.path.join(self.run_dir, "completions.jsonl"), "a") as f:

@@ -105,11 +105,17 @@ def extract_answer(text: str) -> str:
 def read_jsonl(path: str) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; a missing file, malformed JSON or a non-object is a
     TaskError naming the file and line."""
+    if os.path.isdir(path):
+        raise TaskError(f"{path} is a directory, not a JSONL data file")
     if not os.path.isfile(path):
         raise TaskError(f"data file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:  # a UTF-8 byte-order mark on the first line is accepted
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise TaskError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
@@ -143,6 +149,8 @@ def _example_from_row(row: dict, prompt_field: str, answer_field: str, where: st
         answer = str(answer)
     if not isinstance(answer, str) or not answer.strip():
         raise TaskError(f"{where}: field {answer_field!r} must be a non-empty string or number")
+    if not extract_answer(answer):  # `####` or `\boxed{}` with nothing in it would match any completion ending so
+        raise TaskError(f"{where}: the answer {answer[-40:]!r} is empty after extracting its final value")
     return Example(prompt, extract_answer(answer))
 
 

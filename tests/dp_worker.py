@@ -49,13 +49,11 @@ def fill_dpo_kl(algo, batch, rewards, G, frozen_logprobs):
 
 
 def fill_gkd(algo, batch, rewards, G, frozen_logprobs):
-    pass  # the target is the teacher's logits, computed inside update_policy (EXTRA_KWARGS)
+    batch["teacher"] = algo.load_model(TINY_TEACHER, algo.Args()).double()  # micro_loss runs it per micro-batch
 
 
 FILL = {"grpo": fill_grpo, "rpg_fkl": fill_rpg, "rpg_rkl": fill_rpg, "pmd_mean": fill_pmd,
         "a_star_po": fill_a_star_po, "dpo_kl": fill_dpo_kl, "gkd": fill_gkd}
-# update_policy keyword arguments beyond the common ones (GKD's frozen teacher runs inside the update)
-EXTRA_KWARGS = {"gkd": lambda algo: {"teacher": algo.load_model(TINY_TEACHER, "cpu", trainable=False)}}
 
 
 def q_sharp_update(algo, out):
@@ -121,24 +119,25 @@ def main():
     rewards[0] = 1.0 - rewards[1]  # make sure the first group has signal
     batch["loss_mask"] = batch["completion_mask"].clone()
     C = batch["completion_ids"].shape[1]
-    frozen = logprobs(algo, ref, batch, C)
+    frozen = logprobs(algo, ref, batch, C) if hasattr(algo, "batched_logprobs") else None  # GKD: none
     FILL[name](algo, batch, rewards, G, frozen)
-    if args.num_iterations * args.num_minibatches > 1:
+    if args.num_iterations * args.num_minibatches > 1 and frozen is not None:
         batch["old_logprobs"] = logprobs(algo, policy, batch, C)
     per_rank = len(prompts) // world
     # prompt_ids/prompt_mask are the table of distinct prompts that the rows' prompt_index points into
-    shard = {k: v if k in ("prompt_ids", "prompt_mask") else v[rank * per_rank: (rank + 1) * per_rank]
+    shard = {k: v if k in ("prompt_ids", "prompt_mask", "teacher") else v[rank * per_rank: (rank + 1) * per_rank]
              for k, v in batch.items()}
     init = torch.cat([p.detach().reshape(-1) for p in policy.parameters()])
     model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
     # plain SGD: parameter differences are gradient differences (Adam's g / sqrt(v) would amplify float rounding
     # on parameters whose gradient is ~0 into differences of order lr)
     opt = torch.optim.SGD(policy.parameters(), lr=args.learning_rate)
-    metrics = algo.update_policy(model, opt, shard, args, 7, **EXTRA_KWARGS.get(name, lambda a: {})(algo))
+    metrics = algo.update_policy(model, opt, shard, args, 7)
     if rank == 0:
         flat = torch.cat([p.detach().reshape(-1) for p in policy.parameters()])
         torch.save({"params": flat, "init": init, "metrics": metrics}, out)
     if world > 1:
+        del model  # DDP's reducer must go before its process group (else gloo's teardown can hang)
         dist.destroy_process_group()
 
 

@@ -1,5 +1,6 @@
 """common/: the arithmetic task, JSONL and hub loaders, answer extraction, rewards, and the shipped tiny models."""
 
+import math
 import sys
 
 import pytest
@@ -81,12 +82,33 @@ def test_jsonl_loader_custom_fields(tmp_path):
     ('{"prompt": "a"}\n', "x.jsonl:1: missing field 'answer'"),
     ('{"prompt": "", "answer": "1"}\n', "x.jsonl:1: field 'prompt' must be a non-empty string"),
     ("\n\n", "empty dataset"),
+    ('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": "so ####"}\n', "x.jsonl:2: the answer 'so ####' is empty"),
+    ('{"prompt": "a", "answer": "\\\\boxed{}"}\n', "x.jsonl:1: the answer .* is empty"),
+    (b'{"prompt": "a", "answer": "1"}\n{"prompt": "\xff", "answer": "1"}\n', "x.jsonl:2: not UTF-8 text"),
 ])
 def test_jsonl_errors_name_file_and_line(tmp_path, content, message):
+    """Each bad line is named by file and line; an answer with nothing after `####` or in `\\boxed{}` would match
+    any completion ending that way, so it is a data error too."""
     f = tmp_path / "x.jsonl"
-    f.write_text(content)
+    f.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(TaskError, match=message.replace("[", r"\[")):
         load_jsonl(str(f), "prompt", "answer")
+
+
+def test_jsonl_byte_order_mark_and_directory(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "1+1=", "answer": "2"}\n')
+    assert load_jsonl(str(tmp_path / "bom.jsonl"), "prompt", "answer")[0].prompt == "1+1="
+    with pytest.raises(TaskError, match="is a directory, not a JSONL data file"):
+        load_jsonl(str(tmp_path), "prompt", "answer")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_reward_stops_with_the_completion_named(bad):
+    task = arithmetic_task()
+    task.reward_fn = lambda completion, answer: bad if completion == "7" else 1.0
+    assert task.score(["5", "6"], ["5", "6"]) == [1.0, 1.0]
+    with pytest.raises(TaskError, match=f"returned {bad} for the completion '7'"):
+        task.score(["5", "7"], ["5", "7"])
 
 
 def test_load_task_errors(tmp_path, monkeypatch):

@@ -215,7 +215,7 @@ def stat_errors(row: dict, name: str, stats: dict, charts: dict) -> dict:
     """Relative differences between the logged metrics of a step and their recomputation."""
     out = {}
     for k, v in [*stats.items(), *((f"charts/{k}", v) for k, v in charts.items())]:
-        key = RENAMED.get(name, {}).get(k, k if "/" in k else f"losses/{k}")
+        key = k if "/" in k else f"losses/{k}"
         out[key] = abs(row[key] - v) / max(1.0, abs(v))
     return out
 
@@ -330,21 +330,20 @@ def gkd_expected(algo, args, rows, rollout, init, iterations):
     teacher = tiny(TINY_TEACHER)
     mask = completion_mask(rows)
     with torch.no_grad():
-        t_logits = padded(row_logits(teacher, rows))
+        lt = (padded(row_logits(teacher, rows)) / T).log_softmax(-1)
     ids = padded([torch.tensor(c, dtype=torch.float64) for _, c in rows]).long()
 
     def loss_fn(model):
-        s_logits = padded(row_logits(model, rows))
-        return algo.gkd_loss(t_logits, s_logits, mask, float(mask.sum()), kind=args.divergence, beta=args.beta,
-                             skew_alpha=args.skew_alpha, akl_mu=args.akl_mu, temperature=T, completion_ids=ids,
-                             chunk_size=args.divergence_chunk_size)
+        ls = (padded(row_logits(model, rows)) / T).log_softmax(-1)
+        loss, stats = algo.gkd_loss(lt, ls, mask, ids, args, float(mask.sum()))
+        stats["entropy"] = (-(ls.exp() * ls).sum(-1) * mask).sum().detach() / mask.sum()
+        return loss, stats
 
     return loss_fn, {}
 
 
 EXPECTED = {"grpo": grpo_expected, "grpo:mu1": grpo_expected, "rpg_fkl": rpg_expected, "rpg_rkl": rpg_expected, "pmd_mean": pmd_expected,
             "a_star_po": a_star_po_expected, "dpo_kl": dpo_expected, "gkd": gkd_expected}
-RENAMED = {"gkd": {"teacher_logprob_mean": "charts/teacher_logprob_mean"}}  # stats logged outside losses/
 SKIP = {"loss"}  # checked through the update itself (and by name below)
 
 

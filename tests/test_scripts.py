@@ -42,7 +42,7 @@ KEYS = {"grpo": ["losses/kl_ref_rkl_k3"], "rpg_fkl": ["losses/kl_term", "losses/
         "dpo_kl": ["rewards/margins", "rewards/accuracies", "logps/chosen", "losses/kl_ref_rkl_k1_seq",
                    "charts/kl_reg_objective", "charts/frac_usable_prompts", "losses/logratio_abs_max"],
         "gkd": ["losses/kl_teacher_fkl_exact", "losses/kl_teacher_rkl_exact", "losses/entropy_teacher",
-                "charts/teacher_logprob_mean", "charts/on_policy_frac", "eval/kl_teacher_rkl_exact"]}
+                "charts/teacher_logprob_mean", "charts/on_policy_frac", "eval/kl_teacher_rkl_exact_seq"]}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -16,6 +16,9 @@ ALLOWED = {  # (name, files that may differ from the others): why
     ("check_args", "*"): "every script has its own constraints",
     ("train", "*"): "the algorithm's step loop",
     ("micro_loss", "*"): "the algorithm's loss of one micro-batch",
+    ("kl_surrogate", "*"): "rpg_fkl.py and rpg_rkl.py: the forward and reverse KL terms",
+    ("reinforce_coef", "*"): "rpg_fkl.py and rpg_rkl.py: the forward and reverse KL coefficients",
+    ("rpg_loss", "*"): "rpg_fkl.py and rpg_rkl.py: the same loss over their own KL terms",
 }
 
 
@@ -69,13 +72,13 @@ def test_negative_control_one_edited_copy_fails(tmp_path):
     assert any(d.startswith("token_logprobs has 2 versions") for d in differences(str(tmp_path)))
 
 
-def sync(root: str = ROOT, source: str = "grpo") -> None:
+def sync(root: str = ROOT, source: str = "grpo", scripts=SCRIPTS) -> None:
     """Copy `source`'s PLUMBING block, and its version of every helper another file also defines, into every
-    algorithm file: `python tests/test_shared_blocks.py --sync` after changing shared code in grpo.py."""
+    algorithm file: `python -m tests.test_shared_blocks --sync [script ...]` after changing shared code in grpo.py."""
     with open(os.path.join(root, "algorithms", f"{source}.py")) as f:
         master = f.read()
     shared = {k: v for k, v in definitions(master).items() if (k, "*") not in ALLOWED}
-    for s in SCRIPTS:
+    for s in scripts:
         path = os.path.join(root, "algorithms", f"{s}.py")
         with open(path) as f:
             text = f.read()
@@ -90,5 +93,5 @@ def sync(root: str = ROOT, source: str = "grpo") -> None:
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:] == ["--sync"]:
-        sync()
+    if sys.argv[1:2] == ["--sync"]:
+        sync(scripts=sys.argv[2:] or SCRIPTS)

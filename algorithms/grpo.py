@@ -467,7 +467,8 @@ def check_numbers(args, positive: tuple) -> None:
     """No flag may be negative; `positive` ones, and sizes, lengths and counts not defaulting to 0, must be > 0."""
     for k, v in asdict(args).items():
         default = type(args).__dataclass_fields__[k].default
-        count = k.endswith(("_size", "_length", "_tokens", "_steps", "per_step", "num_prompts")) and default != 0
+        suffix = k.endswith(("_size", "_length", "_tokens", "_steps", "_per_step", "_per_prompt", "_per_round"))
+        count = (k.startswith("num_") or suffix) and default != 0
         if type(v) in (int, float) and (v <= 0 if k in positive or count else v < 0):
             raise UserError(f"--{k} must be {'> 0' if k in positive or count else '>= 0'}, got {v}")
 

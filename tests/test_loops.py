@@ -257,11 +257,7 @@ def rpg_expected(algo, args, rows, rollout, init, iterations):
 
     def loss_fn(model):
         lp = token_logprobs(model, rows)
-        return algo.rpg_loss(lp, lp_old, lp_ref, adv, mask, beta=args.beta, unnormalized=args.unnormalized,
-                             form=args.form, ratio_level=args.ratio_level, clip=args.clip,
-                             clip_eps_low=args.clip_eps_low, clip_eps_high=args.clip_eps_high, clip_c=args.clip_c,
-                             loss_agg=args.loss_agg, num_seqs=float(len(rows)), num_tokens=float(mask.sum()),
-                             max_new_tokens=args.max_new_tokens, anchor=args.kl_anchor)
+        return algo.rpg_loss(lp, lp_old, lp_ref, adv, mask, args, float(len(rows)), float(mask.sum()))
 
     return loss_fn, {"reward_mean": float(rewards_of(rows).mean())}
 

@@ -18,7 +18,6 @@ ALLOWED = {  # (name, files that may differ from the others): why
     ("micro_loss", "*"): "the algorithm's loss of one micro-batch",
     ("kl_surrogate", "*"): "rpg_fkl.py and rpg_rkl.py: the forward and reverse KL terms",
     ("reinforce_coef", "*"): "rpg_fkl.py and rpg_rkl.py: the forward and reverse KL coefficients",
-    ("rpg_loss", "*"): "rpg_fkl.py and rpg_rkl.py: the same loss over their own KL terms",
 }
 
 

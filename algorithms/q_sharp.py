@@ -113,6 +113,7 @@ class Args:
     )
     bf16: Optional[bool] = None  # bf16 autocast of forwards (weights and optimizer stay float32); default: on CUDA
     gradient_checkpointing: bool = False  # trade compute for memory on real Q models
+    reshard_after_forward: bool = True  # under torchrun (FSDP2): free gathered weights after each forward (ZeRO-3)
 
 
 def check_args(args: Args, world: int) -> None:
@@ -242,6 +243,7 @@ def make_batch(prompts: list, completions, eos, pad, batch=None) -> dict:
         batch["prompt_mask"] = left([torch.ones(len(p), dtype=torch.long) for p in distinct], 0)
     if completions is not None:  # padded with -1 first: a pad id that is also an EOS id must not end a row
         tokens = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(c) for c in completions], True, -1).to(eos.device)
+        tokens = torch.nn.functional.pad(tokens, (0, max(0, 2 - tokens.shape[1])), value=-1)  # >= 2 columns
         is_eos = torch.isin(tokens, eos).long()
         batch["completion_mask"] = ((is_eos.cumsum(-1) - is_eos == 0) & (tokens >= 0)).long()
         batch |= {"completion_ids": tokens.clamp(min=0) + (tokens < 0) * pad, "truncated": is_eos.sum(-1) == 0}
@@ -329,45 +331,46 @@ def sample(ref, qmodel, prompts: list, uniforms, mode: str, eta: float, args, at
     pos = attn.sum(-1, keepdim=True) - 1  # the position of each row's last token
     tokens = torch.full((len(prompts), H), pad, device=DEVICE)
     kl, live = torch.zeros(len(prompts), dtype=torch.float64, device=DEVICE), torch.arange(len(prompts), device=DEVICE)
-    with autocast(args):  # each distinct prompt runs once in each model, its caches copied to its rows
-        ref_logits, ref_cache = prefill(ref, p_ids, p_mask, index)
-        if mode != "ref":
-            q_hidden = qmodel.hidden(p_ids, p_mask, (p_mask.cumsum(-1) - 1).clamp(min=0), q_cache)[index, -1]
-            keep_rows(q_cache, index)
-    for t in range(H):
-        ref_logits = ref_logits.to(torch.promote_types(ref_logits.dtype, torch.float32))
-        logits = ref_logits / args.temperature
-        if mode != "ref":
-            with autocast(args):
-                log_pmf = (
-                    qmodel.log_pmf(q_hidden)
-                    if qmodel.head_type == "q"
-                    else score_candidates(qmodel, q_cache, attn, pos, args.score_batch_size)
-                )
-            offsets = soft_q(log_pmf, atoms, eta) / eta if mode == "qsharp" else cd_value(log_pmf, atoms) / eta
-            logits = guided_logits(ref_logits, offsets, args.temperature, args.top_k, args.topk_outside)
-            kl[live] += seq_kl(
-                logits[:, None], (ref_logits / args.temperature)[:, None], torch.ones_like(live)[:, None]
-            ).double()
-        u = uniforms[live.cpu(), t, None].to(DEVICE, torch.float64)
-        tok = (
-            torch.searchsorted(torch.softmax(logits.double(), -1).cumsum(-1), u)
-            .squeeze(-1)
-            .clamp(max=logits.shape[-1] - 1)
-        )
-        tokens[live, t], done = tok, torch.isin(tok, eos)
-        if t == H - 1 or done.all():
-            break
-        if done.any():  # finished rows leave the batch and both caches
-            keep = (~done).nonzero().squeeze(-1)
-            for cache in (ref_cache, q_cache) if mode != "ref" else (ref_cache,):
-                keep_rows(cache, keep)
-            live, tok, attn, pos = live[keep], tok[keep], attn[keep], pos[keep]
-        attn, pos = torch.cat([attn, attn.new_ones(len(live), 1)], 1), pos + 1
-        with autocast(args):
-            ref_logits = forward(ref, tok[:, None], attn, pos, ref_cache, keep=1)[:, -1]
+    with gathered(qmodel, args):  # FSDP: the Q model's weights gathered once for the whole rollout
+        with autocast(args):  # each distinct prompt runs once in each model, its caches copied to its rows
+            ref_logits, ref_cache = prefill(ref, p_ids, p_mask, index)
             if mode != "ref":
-                q_hidden = qmodel.hidden(tok[:, None], attn, pos, q_cache)[:, -1]
+                q_hidden = qmodel.hidden(p_ids, p_mask, (p_mask.cumsum(-1) - 1).clamp(min=0), q_cache)[index, -1]
+                keep_rows(q_cache, index)
+        for t in range(H):
+            ref_logits = ref_logits.to(torch.promote_types(ref_logits.dtype, torch.float32))
+            logits = ref_logits / args.temperature
+            if mode != "ref":
+                with autocast(args):
+                    log_pmf = (
+                        qmodel.log_pmf(q_hidden)
+                        if qmodel.head_type == "q"
+                        else score_candidates(qmodel, q_cache, attn, pos, args.score_batch_size)
+                    )
+                offsets = soft_q(log_pmf, atoms, eta) / eta if mode == "qsharp" else cd_value(log_pmf, atoms) / eta
+                logits = guided_logits(ref_logits, offsets, args.temperature, args.top_k, args.topk_outside)
+                kl[live] += seq_kl(
+                    logits[:, None], (ref_logits / args.temperature)[:, None], torch.ones_like(live)[:, None]
+                ).double()
+            u = uniforms[live.cpu(), t, None].to(DEVICE, torch.float64)
+            tok = (
+                torch.searchsorted(torch.softmax(logits.double(), -1).cumsum(-1), u)
+                .squeeze(-1)
+                .clamp(max=logits.shape[-1] - 1)
+            )
+            tokens[live, t], done = tok, torch.isin(tok, eos)
+            if t == H - 1 or done.all():
+                break
+            if done.any():  # finished rows leave the batch and both caches
+                keep = (~done).nonzero().squeeze(-1)
+                for cache in (ref_cache, q_cache) if mode != "ref" else (ref_cache,):
+                    keep_rows(cache, keep)
+                live, tok, attn, pos = live[keep], tok[keep], attn[keep], pos[keep]
+            attn, pos = torch.cat([attn, attn.new_ones(len(live), 1)], 1), pos + 1
+            with autocast(args):
+                ref_logits = forward(ref, tok[:, None], attn, pos, ref_cache, keep=1)[:, -1]
+                if mode != "ref":
+                    q_hidden = qmodel.hidden(tok[:, None], attn, pos, q_cache)[:, -1]
     out = make_batch(prompts, tokens[:, : t + 1].unbind(), eos, pad)
     return out["completion_ids"], out["completion_mask"], kl
 
@@ -478,15 +481,16 @@ def train_q_epoch(model, optimizer, examples: list, run, atoms, eos, seed: int) 
 @torch.no_grad()
 def heldout_q_loss(qmodel, examples: list, run, atoms, eos) -> float:
     mine, total = examples[run.rank :: run.world], torch.zeros(2, dtype=torch.float64, device=DEVICE)
-    for i in range(0, len(mine), run.args.micro_batch_size):
-        batch = q_batch(mine[i : i + run.args.micro_batch_size], run, atoms, eos)
-        with autocast(run.args):
-            total += torch.stack(
-                [
-                    dist_loss(q_log_pmf(qmodel, batch), batch["bins"], batch["targets"], 1).double(),
-                    torch.tensor(len(batch["bins"]), dtype=torch.float64, device=DEVICE),
-                ]
-            )
+    with gathered(qmodel, run.args):  # ranks hold different numbers of held-out examples
+        for i in range(0, len(mine), run.args.micro_batch_size):
+            batch = q_batch(mine[i : i + run.args.micro_batch_size], run, atoms, eos)
+            with autocast(run.args):
+                total += torch.stack(
+                    [
+                        dist_loss(q_log_pmf(qmodel, batch), batch["bins"], batch["targets"], 1).double(),
+                        torch.tensor(len(batch["bins"]), dtype=torch.float64, device=DEVICE),
+                    ]
+                )
     total = all_reduce(total)
     return (total[0] / total[1]).item() if total[1] > 0 else math.nan
 
@@ -690,6 +694,7 @@ def optimizer_step(model, optimizer, args) -> dict:
     """Clip the gradient norm (0: no clipping), stop on a non-finite one (the same on every rank), step at the
     warm-up learning rate."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a distributed tensor
     if not torch.isfinite(norm):
         raise FloatingPointError(f"non-finite loss or gradient (norm {norm.item()}); stopping without saving")
     done = float(next(iter(optimizer.state.values()), {}).get("step", 0))  # optimizer steps so far
@@ -701,16 +706,50 @@ def optimizer_step(model, optimizer, args) -> dict:
 
 
 def load_model(path: str, args, trainable: bool = False):
-    """A causal LM in float32, dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained."""
+    """A causal LM, dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained: a trained one in
+    float32 (the optimizer's master weights), a frozen one in bf16 when --bf16 on CUDA (it computes in bf16 anyway)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(local(path), dtype=torch.float32)
+    bf16 = args.bf16 and DEVICE.type == "cuda" and not trainable
+    model = AutoModelForCausalLM.from_pretrained(local(path), dtype=torch.bfloat16 if bf16 else torch.float32)
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout) or hasattr(m, "attention_dropout"):
             m.p = m.attention_dropout = 0.0
     if trainable and args.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
     return model.to(DEVICE).train(trainable).requires_grad_(trainable)
+
+
+def shard(model, args):
+    """Under torchrun, FSDP2 (each decoder layer, then the root): weights, gradients and AdamW state are split over
+    the ranks; on CUDA bf16 weights in compute with float32 gradient reductions. One process: the model as it is."""
+    if not dist.is_initialized():
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if args.bf16 and DEVICE.type == "cuda" else None
+    kw = {"reshard_after_forward": args.reshard_after_forward, "mp_policy": mp or MixedPrecisionPolicy()}
+    layers = {n for m in model.modules() for n in getattr(m, "_no_split_modules", None) or []}
+    for m in [m for m in model.modules() if type(m).__name__ in layers]:
+        fully_shard(m, **kw)
+    return fully_shard(model, **kw)
+
+
+@contextlib.contextmanager
+def gathered(model, args):
+    """FSDP2: all-gather the weights once for a whole inference phase (a rollout, log-probs, an eval) rather than per
+    layer at every forward; no collective inside it, so ranks may run different numbers of forwards. Costs the
+    full weights' memory meanwhile. Anything else: nothing to do."""
+    sharded = [m for m in model.modules() if hasattr(m, "unshard")] if model is not None else []
+    for m in sharded:
+        m.unshard()
+    if sharded:
+        model.set_reshard_after_forward(False)
+    yield
+    if sharded:
+        model.set_reshard_after_forward(args.reshard_after_forward)
+        for m in sharded:
+            m.reshard()
 
 
 def local(path: str) -> str:
@@ -783,8 +822,8 @@ class Run:
         """Wrap the trained model for data parallelism, make AdamW (restored when resuming), create the run folder
         (exclusively: two runs never share one) and its log, evaluate at step 0. Returns (model, optimizer)."""
         args, self.evaluate, self.writers = self.args, evaluate, []
-        self.model = torch.nn.parallel.DistributedDataParallel(policy) if self.world > 1 else policy
-        self.optimizer = torch.optim.AdamW(policy.parameters(), args.learning_rate, weight_decay=args.weight_decay)
+        self.model = shard(policy, args)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), args.learning_rate, weight_decay=args.weight_decay)
         self.state = {"step": 0, "elapsed_s": 0.0, "prompts_seen": 0}
         if self.checkpoint:
             self.state = torch.load(os.path.join(self.checkpoint, "trainer_state.pt"), "cpu", weights_only=False)

@@ -103,6 +103,7 @@ class Args:
     resume: Optional[str] = None  # a run folder to continue, bit for bit; it keeps writing there
     bf16: Optional[bool] = None  # bf16 autocast of forwards (weights and optimizer stay float32); default: on CUDA
     gradient_checkpointing: bool = False  # trade compute for memory on real models
+    reshard_after_forward: bool = True  # under torchrun (FSDP2): free gathered weights after each forward (ZeRO-3)
 
 
 def check_args(args: Args, world: int) -> None:
@@ -279,11 +280,12 @@ def sample_batch(model, prompts: list, args, eos, pad, generator=None, uniforms=
     """One completion per entry of `prompts` (token lists; a group = G equal entries), gen_batch_size rows per
     generation call; the batch layout of `make_batch`."""
     batch, chunks = make_batch(prompts, None, eos, pad), []
-    for i in range(0, len(prompts), args.gen_batch_size):
-        uniq, rows = batch["prompt_index"][i : i + args.gen_batch_size].unique(return_inverse=True)
-        ids, mask = batch["prompt_ids"][uniq], batch["prompt_mask"][uniq]
-        u = None if uniforms is None else uniforms[i : i + args.gen_batch_size]
-        chunks += generate(model, ids, mask, rows, args, eos, pad, generator, u).unbind()
+    with gathered(model, args):
+        for i in range(0, len(prompts), args.gen_batch_size):
+            uniq, rows = batch["prompt_index"][i : i + args.gen_batch_size].unique(return_inverse=True)
+            ids, mask = batch["prompt_ids"][uniq], batch["prompt_mask"][uniq]
+            u = None if uniforms is None else uniforms[i : i + args.gen_batch_size]
+            chunks += generate(model, ids, mask, rows, args, eos, pad, generator, u).unbind()
     return make_batch(prompts, chunks, eos, pad, batch)
 
 
@@ -298,6 +300,7 @@ def make_batch(prompts: list, completions, eos, pad, batch=None) -> dict:
         batch["prompt_mask"] = left([torch.ones(len(p), dtype=torch.long) for p in distinct], 0)
     if completions is not None:  # padded with -1 first: a pad id that is also an EOS id must not end a row
         tokens = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(c) for c in completions], True, -1).to(eos.device)
+        tokens = torch.nn.functional.pad(tokens, (0, max(0, 2 - tokens.shape[1])), value=-1)  # >= 2 columns
         is_eos = torch.isin(tokens, eos).long()
         batch["completion_mask"] = ((is_eos.cumsum(-1) - is_eos == 0) & (tokens >= 0)).long()
         batch |= {"completion_ids": tokens.clamp(min=0) + (tokens < 0) * pad, "truncated": is_eos.sum(-1) == 0}
@@ -309,17 +312,15 @@ def completion_log_softmax(model, batch: dict, rows, temperature: float, cached:
     longest completion: [m, C, V], at least float32. cached: each distinct prompt runs once (`prefill`) and the
     completions on its cache (the full rows' logits to 1e-10 in float64); else full [prompt; completion] rows
     (needed under gradient checkpointing, which drops caches inside checkpointed layers)."""
-    C = int(batch["completion_mask"][rows].sum(-1).max())
+    C = max(int(batch["completion_mask"][rows].sum(-1).max()), 2)  # >= 2: the same forwards on every rank
     comp, prompt = batch["completion_ids"][rows, :C], batch["prompt_index"][rows]
     if cached:
         uniq, inv = prompt.unique(return_inverse=True)
         p_mask = batch["prompt_mask"][uniq]
-        logits, cache = prefill(model, batch["prompt_ids"][uniq], p_mask, inv)
-        logits = logits[:, None]
-        if C > 1:  # completion tokens 0..C-2 predict tokens 1..C-1
-            pos = p_mask.sum(-1)[inv, None] + torch.arange(C - 1, device=comp.device)
-            mask = torch.cat([p_mask[inv], torch.ones_like(comp[:, 1:])], 1)
-            logits = torch.cat([logits, forward(model, comp[:, :-1], mask, pos, cache)], 1)
+        first, cache = prefill(model, batch["prompt_ids"][uniq], p_mask, inv)
+        pos = p_mask.sum(-1)[inv, None] + torch.arange(C - 1, device=comp.device)  # tokens 0..C-2 predict 1..C-1
+        mask = torch.cat([p_mask[inv], torch.ones_like(comp[:, 1:])], 1)
+        logits = torch.cat([first[:, None], forward(model, comp[:, :-1], mask, pos, cache)], 1)
     else:
         mask = torch.cat([batch["prompt_mask"][prompt], torch.ones_like(comp)], 1)
         ids = torch.cat([batch["prompt_ids"][prompt], comp], 1)
@@ -335,11 +336,12 @@ def token_logprobs(log_softmax, tokens):
 def batched_logprobs(model, batch: dict, args):
     """No-grad log-probs [M, C] of every completion token (0 after the end), in micro-batches: old, reference."""
     out, ids = [], batch["completion_ids"]
-    for rows in torch.arange(len(ids), device=ids.device).split(args.micro_batch_size):
-        with autocast(args):
-            lp = token_logprobs(completion_log_softmax(model, batch, rows, args.temperature), ids[rows])
-        lp = lp * batch["completion_mask"][rows, : lp.shape[1]]
-        out.append(torch.nn.functional.pad(lp, (0, ids.shape[1] - lp.shape[1])))
+    with gathered(model, args):
+        for rows in torch.arange(len(ids), device=ids.device).split(args.micro_batch_size):
+            with autocast(args):
+                lp = token_logprobs(completion_log_softmax(model, batch, rows, args.temperature), ids[rows])
+            lp = lp * batch["completion_mask"][rows, : lp.shape[1]]
+            out.append(torch.nn.functional.pad(lp, (0, ids.shape[1] - lp.shape[1])))
     return torch.cat(out)
 
 
@@ -364,11 +366,12 @@ def evaluate(policy, kl_models: dict, run, eos) -> tuple:
     texts, mask = decode(tok, b), b["completion_mask"]
     r = torch.tensor(run.task.score(texts, [run.eval_answers[i] for i in mine]), device=DEVICE)
     sums = [(r >= 1).sum(), r.sum(), mask.sum()] + [r.new_zeros(()) for _ in kl_models]
-    for k, q in enumerate(kl_models.values()):
-        for rows in torch.arange(len(mine), device=DEVICE).split(args.micro_batch_size):
-            with autocast(args):
-                lp, lq = (completion_log_softmax(m, b, rows, args.temperature) for m in (policy, q))
-            sums[3 + k] += ((lp.exp() * (lp - lq)).sum(-1) * mask[rows, : lp.shape[1]]).sum()
+    with gathered(policy, args):  # ranks may hold different numbers of eval rows
+        for k, q in enumerate(kl_models.values()):
+            for rows in torch.arange(len(mine), device=DEVICE).split(args.micro_batch_size):
+                with autocast(args):
+                    lp, lq = (completion_log_softmax(m, b, rows, args.temperature) for m in (policy, q))
+                sums[3 + k] += ((lp.exp() * (lp - lq)).sum(-1) * mask[rows, : lp.shape[1]]).sum()
     s = all_reduce(torch.stack(sums).double()) / (len(run.eval_prompts) * args.eval_samples_per_prompt)
     keys = ["eval/pass@1", "eval/reward_mean", "eval/completion_len_mean"]
     keys += [f"eval/kl_{name}_rkl_exact_seq" for name in kl_models]
@@ -394,7 +397,7 @@ def micro_loss(lsm, batch: dict, rows, args, num_seqs, num_tokens):
 def update_policy(model, optimizer, batch: dict, args, step: int) -> dict:
     """num_iterations passes x num_minibatches optimizer steps over this rank's rollout. The sequence and token
     counts of a mini-batch are all-reduced BEFORE its loss is formed (global normalizers) and every rank
-    backpropagates loss x world size (DDP averages), so the update does not depend on the number of ranks or
+    backpropagates loss x world size (FSDP averages), so the update does not depend on the number of ranks or
     micro-batches. Returns the global metrics."""
     world, stats, mask = dist.get_world_size() if dist.is_initialized() else 1, [], batch["loss_mask"]
     for it in range(args.num_iterations):
@@ -403,13 +406,12 @@ def update_policy(model, optimizer, batch: dict, args, step: int) -> dict:
             counts = all_reduce(torch.stack([(mask[mb].sum(-1) > 0).sum(), mask[mb].sum()]).double()).tolist()
             micro = mb.split(args.micro_batch_size)
             for k, rows in enumerate(micro):
-                with model.no_sync() if k < len(micro) - 1 and world > 1 else contextlib.nullcontext():
-                    with autocast(args):
-                        lsm = completion_log_softmax(
-                            model, batch, rows, args.temperature, not args.gradient_checkpointing
-                        )
-                    loss, s = micro_loss(lsm, batch, rows, args, *counts)
-                    (loss * world).backward()
+                if world > 1:  # FSDP2: reduce-scatter the gradients once per mini-batch, after its last micro-batch
+                    model.set_requires_gradient_sync(k == len(micro) - 1)
+                with autocast(args):
+                    lsm = completion_log_softmax(model, batch, rows, args.temperature, not args.gradient_checkpointing)
+                loss, s = micro_loss(lsm, batch, rows, args, *counts)
+                (loss * world).backward()
                 entropy = (-(lsm.exp() * lsm).sum(-1) * mask[rows, : lsm.shape[1]]).sum() / max(counts[1], 1)
                 stats.append(s | {"entropy": entropy.detach()})
             stats[-1] |= optimizer_step(model, optimizer, args)
@@ -538,6 +540,7 @@ def optimizer_step(model, optimizer, args) -> dict:
     """Clip the gradient norm (0: no clipping), stop on a non-finite one (the same on every rank), step at the
     warm-up learning rate."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a distributed tensor
     if not torch.isfinite(norm):
         raise FloatingPointError(f"non-finite loss or gradient (norm {norm.item()}); stopping without saving")
     done = float(next(iter(optimizer.state.values()), {}).get("step", 0))  # optimizer steps so far
@@ -549,16 +552,50 @@ def optimizer_step(model, optimizer, args) -> dict:
 
 
 def load_model(path: str, args, trainable: bool = False):
-    """A causal LM in float32, dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained."""
+    """A causal LM, dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained: a trained one in
+    float32 (the optimizer's master weights), a frozen one in bf16 when --bf16 on CUDA (it computes in bf16 anyway)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(local(path), dtype=torch.float32)
+    bf16 = args.bf16 and DEVICE.type == "cuda" and not trainable
+    model = AutoModelForCausalLM.from_pretrained(local(path), dtype=torch.bfloat16 if bf16 else torch.float32)
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout) or hasattr(m, "attention_dropout"):
             m.p = m.attention_dropout = 0.0
     if trainable and args.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
     return model.to(DEVICE).train(trainable).requires_grad_(trainable)
+
+
+def shard(model, args):
+    """Under torchrun, FSDP2 (each decoder layer, then the root): weights, gradients and AdamW state are split over
+    the ranks; on CUDA bf16 weights in compute with float32 gradient reductions. One process: the model as it is."""
+    if not dist.is_initialized():
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if args.bf16 and DEVICE.type == "cuda" else None
+    kw = {"reshard_after_forward": args.reshard_after_forward, "mp_policy": mp or MixedPrecisionPolicy()}
+    layers = {n for m in model.modules() for n in getattr(m, "_no_split_modules", None) or []}
+    for m in [m for m in model.modules() if type(m).__name__ in layers]:
+        fully_shard(m, **kw)
+    return fully_shard(model, **kw)
+
+
+@contextlib.contextmanager
+def gathered(model, args):
+    """FSDP2: all-gather the weights once for a whole inference phase (a rollout, log-probs, an eval) rather than per
+    layer at every forward; no collective inside it, so ranks may run different numbers of forwards. Costs the
+    full weights' memory meanwhile. Anything else: nothing to do."""
+    sharded = [m for m in model.modules() if hasattr(m, "unshard")] if model is not None else []
+    for m in sharded:
+        m.unshard()
+    if sharded:
+        model.set_reshard_after_forward(False)
+    yield
+    if sharded:
+        model.set_reshard_after_forward(args.reshard_after_forward)
+        for m in sharded:
+            m.reshard()
 
 
 def local(path: str) -> str:
@@ -631,8 +668,8 @@ class Run:
         """Wrap the trained model for data parallelism, make AdamW (restored when resuming), create the run folder
         (exclusively: two runs never share one) and its log, evaluate at step 0. Returns (model, optimizer)."""
         args, self.evaluate, self.writers = self.args, evaluate, []
-        self.model = torch.nn.parallel.DistributedDataParallel(policy) if self.world > 1 else policy
-        self.optimizer = torch.optim.AdamW(policy.parameters(), args.learning_rate, weight_decay=args.weight_decay)
+        self.model = shard(policy, args)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), args.learning_rate, weight_decay=args.weight_decay)
         self.state = {"step": 0, "elapsed_s": 0.0, "prompts_seen": 0}
         if self.checkpoint:
             self.state = torch.load(os.path.join(self.checkpoint, "trainer_state.pt"), "cpu", weights_only=False)

@@ -70,13 +70,18 @@ def q_sharp_update(algo, out):
     examples = algo.collect(1, ref, None, run, list(range(8))[run.rank :: run.world], atoms, eos)
     examples = sorted((e for part in algo.all_gather(examples) for e in part), key=lambda e: (e["prompt_id"], e["sample"]))
     examples[0]["reward"] = 1.0  # both labels present
-    init = torch.cat([p.detach().reshape(-1) for p in qmodel.parameters()])
-    model = torch.nn.parallel.DistributedDataParallel(qmodel) if run.world > 1 else qmodel
-    opt = torch.optim.SGD(qmodel.parameters(), lr=args.learning_rate)
+    init = flat(qmodel)
+    model = algo.shard(qmodel, args)
+    opt = torch.optim.SGD(model.parameters(), lr=args.learning_rate)
     loss = algo.train_q_epoch(model, opt, examples, run, atoms, eos, seed=7)
+    params = flat(model)
     if run.rank == 0:
-        flat = torch.cat([p.detach().reshape(-1) for p in qmodel.parameters()])
-        torch.save({"params": flat, "init": init, "metrics": {"q_loss": loss}}, out)
+        torch.save({"params": params, "init": init, "metrics": {"q_loss": loss}}, out)
+
+
+def flat(model):
+    """Every parameter, whole (FSDP shards are gathered), as one vector."""
+    return torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().reshape(-1) for p in model.parameters()])
 
 
 def logprobs(algo, model, batch, C):
@@ -127,17 +132,17 @@ def main():
     # prompt_ids/prompt_mask are the table of distinct prompts that the rows' prompt_index points into
     shard = {k: v if k in ("prompt_ids", "prompt_mask", "teacher") else v[rank * per_rank: (rank + 1) * per_rank]
              for k, v in batch.items()}
-    init = torch.cat([p.detach().reshape(-1) for p in policy.parameters()])
-    model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
+    init = flat(policy)
+    model = algo.shard(policy, args)  # FSDP2 over the ranks, as the script's Run does
     # plain SGD: parameter differences are gradient differences (Adam's g / sqrt(v) would amplify float rounding
     # on parameters whose gradient is ~0 into differences of order lr)
-    opt = torch.optim.SGD(policy.parameters(), lr=args.learning_rate)
+    opt = torch.optim.SGD(model.parameters(), lr=args.learning_rate)
     metrics = algo.update_policy(model, opt, shard, args, 7)
+    params = flat(model)  # a collective under FSDP: every rank gathers
     if rank == 0:
-        flat = torch.cat([p.detach().reshape(-1) for p in policy.parameters()])
-        torch.save({"params": flat, "init": init, "metrics": metrics}, out)
+        torch.save({"params": params, "init": init, "metrics": metrics}, out)
     if world > 1:
-        del model  # DDP's reducer must go before its process group (else gloo's teardown can hang)
+        del model, opt  # the sharded model goes before its process group
         dist.destroy_process_group()
 
 

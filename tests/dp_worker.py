@@ -137,7 +137,8 @@ def main():
     # plain SGD: parameter differences are gradient differences (Adam's g / sqrt(v) would amplify float rounding
     # on parameters whose gradient is ~0 into differences of order lr)
     opt = torch.optim.SGD(model.parameters(), lr=args.learning_rate)
-    metrics = algo.update_policy(model, opt, shard, args, 7)
+    update = algo.update_pairs if name == "dpo_kl" else algo.update_policy  # DPO trains on chosen/rejected pairs
+    metrics = update(model, opt, shard, args, 7)
     params = flat(model)  # a collective under FSDP: every rank gathers
     if rank == 0:
         torch.save({"params": params, "init": init, "metrics": metrics}, out)

@@ -72,8 +72,9 @@ class Record:
     run_dir: str
 
 
-def run_spied(name, flags, tmp_path, monkeypatch, capsys, sampler="sample_batch", update="update_policy") -> Record:
+def run_spied(name, flags, tmp_path, monkeypatch, capsys, sampler="sample_batch", update=None) -> Record:
     algo = load_algorithm(name)
+    update = update or {"dpo_kl": "update_pairs"}.get(name, "update_policy")  # DPO's update trains on pairs
     rec = Record([], [], [], str(tmp_path / "run"))
     real_load, real_sample, real_update = algo.load_model, getattr(algo, sampler), getattr(algo, update)
 

@@ -7,22 +7,23 @@ Each rollout step is one mirror-descent step anchored at the rollout policy pi_t
 so tau log(pi_{t+1}/pi_t)(y) = r(y) - tau log Z_t is regressed on samples of pi_t. PMD-mean replaces tau log Z_t
 by the mean reward; per response y_i with sequence log-ratio Delta_i = sum_t (log pi_theta - log pi_t):
     l_i = 0.5 tau (A_i / tau - Delta_i)^2 / L_i,        A_i = r_i - baseline  (--baseline, --length_norm).
-Population solution (exact mean baseline, one prompt): pi_{t+1}(y) = pi_t(y) W0(lambda e^{a(y)}) / lambda with
-a = (r - E_{pi_t} r)/tau, W0 the Lambert W function and lambda > 0 the normalizer; it maximizes
-    E_pi[r] - tau KL(pi || pi_t) - (tau lambda / 2) chi2(pi || pi_t):
-the mean approximation adds an adaptive chi-squared penalty, a more conservative step than exact PMD.
-`--baseline partition` (PMD-part) uses the leave-one-out log-mean-exp of the group's rewards instead, which
-estimates tau log Z_t (biased low for finite groups). Kimi k1.5's OPMD is `--baseline mean_incl_self` (the same
-population solution with tau n/(n-1)).
+What this regression really solves:
+  * Population solution (exact mean baseline, one prompt): pi_{t+1}(y) = pi_t(y) W0(lambda e^{a(y)}) / lambda with
+    a = (r - E_{pi_t} r)/tau, W0 the Lambert W function and lambda > 0 the normalizer; it maximizes
+        E_pi[r] - tau KL(pi || pi_t) - (tau lambda / 2) chi2(pi || pi_t):
+    the mean approximation adds an adaptive chi-squared penalty, a more conservative step than exact PMD.
+  * The leave-one-out mean (default) has the same population minimizer; Kimi k1.5's OPMD (`--baseline
+    mean_incl_self`) is the same solution at tau n/(n-1); 1/L_i weights give a length-weighted chi-squared.
+  * `--baseline partition` (PMD-part) uses the leave-one-out log-mean-exp of the group's rewards, an estimate of
+    tau log Z_t (biased low for finite groups); with the exact tau log Z_t the minimizer is the exact step.
 """
 
 import contextlib
+import glob
 import inspect
-import io
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
@@ -30,860 +31,701 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for `common`
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # `common`, without an install step
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import tqdm
 import tyro
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
 
-from common import TINY_POLICY
-from common.tasks import TaskError, load_task
+from common.tasks import TaskError, encode_prompts, load_task
 
 
 @dataclass
 class Args:
-    # ---- experiment ---------------------------------------------------------------------------------------
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment (part of the run name)"""
-    seed: int = 1
-    """global seed; prompt draws use it on every rank, sampling uses seed + rank"""
-    torch_deterministic: bool = True
-    """`torch.backends.cudnn.deterministic = True`"""
-    cuda: bool = True
-    """use the GPU when one is present"""
-    track: bool = False
-    """also log to TensorBoard and Weights & Biases, each when installed"""
-    wandb_project_name: str = "klrl"
-    """the W&B project"""
-    wandb_entity: Optional[str] = None
-    """the W&B entity (team)"""
-    run_name: Optional[str] = None
-    """default `{task}__{exp_name}__{seed}__{unix_time}`"""
-    output_dir: str = "runs"
-    """outputs go to `{output_dir}/{run_name}/`"""
-    # ---- model and data -----------------------------------------------------------------------------------
-    model_name_or_path: str = TINY_POLICY
-    """any Hugging Face causal LM (local folder or hub id); default: the shipped tiny policy"""
-    task: str = "arithmetic"
-    """`arithmetic` (built in), `jsonl` (with --train_file/--eval_file) or `hf:<dataset>[:<config>]`"""
-    train_file: Optional[str] = None
-    """JSONL training prompts (with --task jsonl)"""
-    eval_file: Optional[str] = None
-    """JSONL held-out prompts (with --task jsonl)"""
-    prompt_field: str = "prompt"
-    """JSON field holding the prompt"""
-    answer_field: str = "answer"
-    """JSON field holding the reference answer (GSM8K `#### 42` and `\\boxed{}` are reduced to the answer)"""
-    no_chat_template: bool = False
-    """do not apply the tokenizer's chat template (it is applied when the tokenizer has one)"""
-    max_prompt_length: Optional[int] = None
-    """prompt token limit; longer prompts are an error, never truncated (default per task: 16 arithmetic, 512)"""
-    max_new_tokens: Optional[int] = None
-    """completion token limit (default per task: 4 arithmetic, 1024 real data)"""
-    temperature: float = 1.0
-    """sampling temperature, also used for every log-prob (policy, old, reference)"""
-    # ---- training -----------------------------------------------------------------------------------------
-    total_steps: int = 200
-    """rollout steps (one generation phase each). Tiny-tuned (about 2 minutes on 2 CPU cores)"""
-    prompts_per_step: int = 64
-    """prompts per step, all ranks together. Tiny-tuned; OpenKimi: 512 (x 16 samples)"""
-    num_generations: int = 8
-    """n, completions per prompt (a group, >= 2 for the baselines). OpenKimi 16"""
-    num_iterations: int = 1
-    """mu, passes over each rollout batch (paper 1)"""
-    num_minibatches: int = 4
-    """optimizer steps per pass over disjoint shuffled mini-batches, all anchored to the same pi_old (OpenKimi: 16
-    per 512 x 16 rollout batch)"""
-    micro_batch_size: int = 512
-    """sequences per forward/backward on one device (gradient accumulation below the mini-batch). Tiny-tuned;
-    about 4-16 for 0.5B-1.5B models with 1K-token completions on one 80 GB GPU"""
-    gen_batch_size: int = 512
-    """sequences per generate call on one device"""
-    learning_rate: float = 3e-4
-    """AdamW learning rate, constant after warm-up. Tiny-tuned; OpenKimi 1e-6"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
-    max_grad_norm: float = 1.0
-    """gradient-norm clip"""
-    warmup_steps: int = 0
-    """linear LR warm-up, in optimizer steps"""
-    # ---- PMD ---------------------------------------------------------------------------------------------
-    tau: float = 0.1
-    """mirror-descent step size tau (KL coefficient to the rollout policy), on 0/1 rewards. Tiny-task value;
-    OpenKimi scripts 0.01 on +-1 rewards (= 0.005 on 0/1), its 30B README figure 0.1"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of every random draw; step s on rank k samples from its own stream (seed, s, k)
+    cuda: bool = True  # use the GPU when there is one
+    track: bool = False  # also log to TensorBoard and Weights & Biases, each when installed
+    wandb_project_name: str = "klrl"  # the W&B project
+    run_name: Optional[str] = None  # default {task}__{exp_name}__{seed}__{unix time}_{pid}
+    output_dir: str = "runs"  # run folders go here
+    # model and data
+    model_name_or_path: str = "common/models/tiny-policy"  # any Hugging Face causal LM: local folder or hub id
+    task: str = "arithmetic"  # arithmetic (built in), jsonl (--train_file, --eval_file) or hf:<dataset>[:<config>]
+    train_file: Optional[str] = None  # JSONL training prompts (--task jsonl)
+    eval_file: Optional[str] = None  # JSONL held-out prompts (--task jsonl)
+    prompt_field: str = "prompt"  # JSON field of the prompt (GSM8K: question)
+    answer_field: str = "answer"  # JSON field of the answer (GSM8K `#### 42` and `\boxed{}` are reduced)
+    chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
+    max_prompt_length: Optional[int] = None  # longer prompts are an error (default: 16 arithmetic, 512 data)
+    max_new_tokens: Optional[int] = None  # completion token limit (default: 4 arithmetic, 1024 data)
+    temperature: float = 1.0  # sampling temperature, also of every log-prob (policy, old, reference)
+    # training
+    total_steps: int = 200  # rollout steps
+    prompts_per_step: int = 64  # prompts per step, all ranks together (OpenKimi 512)
+    num_generations: int = 8  # n, completions per prompt (OpenKimi 16)
+    num_iterations: int = 1  # mu, passes over each rollout (paper 1)
+    num_minibatches: int = 4  # optimizer steps per pass, all anchored to the same pi_t (OpenKimi 16)
+    micro_batch_size: int = 512  # sequences per forward/backward on one device (4-16 for 1.5B, 1K tokens, 80 GB)
+    gen_batch_size: int = 512  # sequences per generation call on one device
+    learning_rate: float = 3e-4  # AdamW, constant after warm-up (OpenKimi 1e-6)
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient-norm clip (0 = none)
+    warmup_steps: int = 0  # linear learning-rate warm-up, in optimizer steps
+    # PMD
+    tau: float = 0.1  # step size (KL coefficient to pi_t), 0/1 rewards (OpenKimi 0.01 on +-1 rewards = 0.005 here)
     baseline: Literal["loo", "mean_incl_self", "partition"] = "loo"
-    """`loo`: mean of the other samples (OpenKimi); `mean_incl_self`: group mean (Kimi k1.5; = loo with tau
-    n/(n-1)); `partition`: leave-one-out tau log-mean-exp(r / tau), estimating tau log Z (PMD-part)"""
-    length_norm: bool = True
-    """divide each sequence's squared residual by its length (OpenKimi default); off: by max_new_tokens"""
-    # ---- evaluation, logging, checkpoints -----------------------------------------------------------------
-    eval_every: int = 25
-    """held-out eval every this many steps (and always at step 0); 0 = only at the start and the end"""
-    eval_num_prompts: int = 500
-    """held-out prompts per eval (all of the arithmetic held-out split)"""
-    eval_samples_per_prompt: int = 4
-    """samples per held-out prompt at `temperature`; pass@1 = mean correctness"""
-    eval_kl: bool = True
-    """log eval/kl_init_rkl_exact_seq; needs a frozen copy of the initial policy (PMD itself holds no reference)"""
-    log_every: int = 10
-    """print a one-line summary every this many steps (metrics.jsonl gets every step)"""
-    save_every: int = 0
-    """checkpoint every this many steps (0 = only at the end)"""
-    resume: Optional[str] = None
-    """a run folder or checkpoint folder to resume from (restores model, optimizer, step and RNG)"""
-    bf16: Optional[bool] = None
-    """bf16 autocast for forward passes (parameters and optimizer stay float32); default: on with CUDA"""
-    gradient_checkpointing: bool = False
-    """trade compute for memory on real models"""
-    prompt_cache: bool = True
-    """run each prompt once per group and reuse its KV cache for the G completions, in generation, the
-    reference/old log-probs and the training forward: the same logits from P + G*C instead of G*(P + C) tokens per
-    group (about 3x fewer on the tiny task). Off: full [prompt; completion] rows everywhere (for models whose cache
-    cannot be indexed by batch row). The training forward uses full rows under gradient checkpointing, which drops
-    the cache inside checkpointed layers"""
-    # ---- filled in at runtime -----------------------------------------------------------------------------
-    world_size: int = 0
-    """number of processes (computed at runtime)"""
-    local_prompts: int = 0
-    """prompts per step on one rank (computed at runtime)"""
+    """loo: mean of the others (OpenKimi); mean_incl_self: group mean (Kimi k1.5, = loo at tau n/(n-1)); partition:
+    leave-one-out tau log-mean-exp(r / tau), an estimate of tau log Z (PMD-part)"""
+    length_norm: bool = True  # divide each squared residual by the completion's length (OpenKimi); off: max_new_tokens
+    # evaluation, logging, checkpoints
+    eval_every: int = 25  # held-out eval every this many steps, at step 0 and at the end (0 = only those)
+    eval_num_prompts: int = 500  # held-out prompts per eval (the whole arithmetic held-out split)
+    eval_samples_per_prompt: int = 4  # samples per held-out prompt at `temperature`; pass@1 = mean correctness
+    eval_kl: bool = True  # log eval/kl_init_rkl_exact_seq (loads a frozen initial policy: PMD has no reference)
+    log_completions: int = 0  # held-out (prompt, completion, reward) rows per eval written to completions.jsonl
+    save_every: int = 0  # checkpoint every this many steps (0 = only at the end)
+    keep_last: int = 0  # keep only the newest this many checkpoints (0 = all)
+    resume: Optional[str] = None  # a run folder to continue, bit for bit; it keeps writing there
+    bf16: Optional[bool] = None  # bf16 autocast of forwards (weights and optimizer stay float32); default: on CUDA
+    gradient_checkpointing: bool = False  # trade compute for memory on real models
+    reshard_after_forward: bool = True  # under torchrun (FSDP2): free gathered weights after each forward (ZeRO-3)
 
 
-class Preempted(Exception):
-    """SIGTERM (a scheduler's preemption, `kill`): the step in flight finishes, a checkpoint is written, and the
-    process exits with status 143 so `--resume` continues exactly."""
-
-
-class UserError(ValueError):
-    """Bad flags or inputs: printed as one line (`error: ...`), exit status 1, nothing written."""
+def check_args(args: Args, world: int) -> None:
+    check_numbers(args, positive=("temperature", "tau"))
+    if args.num_generations < 2:
+        raise UserError("--num_generations must be >= 2 (the leave-one-out baselines need two samples)")
+    if args.prompts_per_step % world or args.prompts_per_step // world * args.num_generations % args.num_minibatches:
+        raise UserError(
+            f"--prompts_per_step {args.prompts_per_step} x --num_generations {args.num_generations} does "
+            f"not split into {world} ranks x --num_minibatches {args.num_minibatches}"
+        )
 
 
 # ==========================================================================================================
-# ALGO LOGIC: pure functions (tensors in, tensors out; tested against closed forms in tests/test_pmd_mean.py)
+# ALGO LOGIC: pure functions, tensors in and out (tested against closed forms in tests/test_pmd_mean.py)
 # ==========================================================================================================
-def pmd_advantages(rewards: torch.Tensor, group_size: int, baseline: str = "loo", tau: float = 0.1) -> torch.Tensor:
-    """A_i = r_i - b_i for each group of n = group_size contiguous rewards.
-
-    loo (OpenKimi, verl `rloo`): b_i = mean of the OTHER n - 1 rewards, so A_i = n/(n-1) (r_i - mean r); at the
-        population level the same minimizer as the exact mean baseline.
-    mean_incl_self (Kimi k1.5): b = mean r; equivalent to loo with tau' = tau n/(n-1).
-    partition (PMD-part): b_i = tau (logsumexp_{j != i}(r_j / tau) - log(n - 1)), a leave-one-out estimate of
-        tau log Z_t, computed in log space in float64 (no clamp: a unique best in its group gets A = 2.0 for
-        rewards (+1, -1, -1, -1) at tau = 0.01, where a float32 mean-of-exponentials with a clamp gives 0.184).
-    """
-    n = group_size
-    r = rewards.view(-1, n)
+def pmd_advantages(rewards, group_size: int, baseline: str = "loo", tau: float = 0.1):
+    """A_i = r_i - b_i for each group of n = group_size contiguous rewards:
+    loo:            b_i = mean of the OTHER n - 1 rewards, A_i = n/(n-1) (r_i - mean r) (OpenKimi, verl rloo);
+    mean_incl_self: b = mean r (Kimi k1.5; the same as loo at tau n/(n-1));
+    partition:      b_i = tau (logsumexp_{j != i}(r_j / tau) - log(n - 1)), a leave-one-out estimate of
+                    tau log Z_t, in log space in float64 (no clamp: a unique best gets A = 2 for rewards
+                    (+1, -1, -1, -1) at tau = 0.01, where OpenKimi's float32 clamped mean gives 0.184)."""
+    n, r = group_size, rewards.view(-1, group_size)
     if baseline == "loo":
         adv = (r - r.mean(dim=1, keepdim=True)) * (n / (n - 1))
     elif baseline == "mean_incl_self":
         adv = r - r.mean(dim=1, keepdim=True)
     elif baseline == "partition":
-        x = r.double() / tau
-        others = x.unsqueeze(1).expand(-1, n, n).masked_fill(torch.eye(n, dtype=torch.bool, device=r.device), -math.inf)
+        others = (r.double() / tau).unsqueeze(1).expand(-1, n, n)
+        others = others.masked_fill(torch.eye(n, dtype=torch.bool, device=r.device), -math.inf)
         adv = (r.double() - tau * (torch.logsumexp(others, dim=-1) - math.log(n - 1))).to(r.dtype)
     else:
         raise ValueError(f"unknown baseline {baseline!r}")
     return adv.reshape(-1)
 
 
-def pmd_loss(lp: torch.Tensor, lp_old: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, tau: float,
-             length_norm: bool, max_new_tokens: int, num_seqs, num_tokens):
+def pmd_loss(lp, lp_old, mask, adv, args, num_seqs, num_tokens):
     """PMD regression loss of one micro-batch, its share of the mean over the global mini-batch:
-
         L = (1/N_seq) sum_i 0.5 tau (A_i / tau - Delta_i)^2 / L_i,    Delta_i = sum_t m_it (lp_it - lp_old_it),
-    L_i = number of completion tokens (--length_norm, OpenKimi "seq-mean-token-mean") or max_new_tokens.
-    Per-sample gradient: -(A_i - tau Delta_i) / L_i * grad log pi_theta(y_i); at theta = theta_old (Delta = 0) the
+    L_i = the completion's length (args.length_norm, OpenKimi "seq-mean-token-mean") or args.max_new_tokens.
+    Per-sample gradient -(A_i - tau Delta_i) / L_i grad log pi_theta(y_i): at theta = theta_old (Delta = 0) the
     leave-one-out policy gradient, then a pull back toward pi_old as Delta grows. 0.5 tau (A/tau - Delta)^2 =
-    (A - tau Delta)^2 / (2 tau): Kimi k1.5's squared loss divided by 2 tau.
-    Shapes: lp, lp_old, mask [B, T]; adv [B]. `num_seqs`, `num_tokens`: global counts (ranks x micro-batches).
-    Returns (loss, stats): shares of global means, except `*_min` / `*_max`.
-    """
-    m = mask.to(lp.dtype)
+    (A - tau Delta)^2 / (2 tau): Kimi k1.5's squared loss divided by 2 tau. lp, lp_old, mask [B, T]; adv [B];
+    num_seqs, num_tokens: global counts. Returns (loss, stats): shares of global means, except `*_min`, `*_max`."""
+    m, tau = mask.to(lp.dtype), args.tau
     delta = ((lp - lp_old) * m).sum(-1)
-    length = m.sum(-1).clamp(min=1) if length_norm else torch.full_like(delta, float(max_new_tokens))
+    length = m.sum(-1).clamp(min=1) if args.length_norm else torch.full_like(delta, float(args.max_new_tokens))
     adv = adv.to(lp.dtype)
     residual = adv / tau - delta
     loss = (0.5 * tau * residual.pow(2) / length).sum() / max(num_seqs, 1)
-    with torch.no_grad():
-        seq = lambda x: x.sum() / max(num_seqs, 1)  # noqa: E731  sequence mean (share of the global mean)
-        stats = {"loss": loss.detach(), "pmd_loss": loss.detach(), "residual_mean": seq(residual), "residual_abs_mean": seq(residual.abs()),
-                 "delta_mean": seq(delta), "delta_min": delta.min(), "delta_max": delta.max(),
-                 "ratio_seq_min": delta.min().exp(), "ratio_seq_max": delta.max().exp(),
-                 "adv_mean": seq(adv), "adv_abs_mean": seq(adv.abs()),
-                 "kl_old_fkl_k1": ((lp_old - lp) * m).sum() / max(num_tokens, 1)}
-    return loss, stats
+    seq = lambda x: x.sum() / max(num_seqs, 1)  # noqa: E731  (a share of the global sequence mean)
+    stats = {"loss": loss, "pmd_loss": loss, "residual_mean": seq(residual), "residual_abs_mean": seq(residual.abs())}
+    stats |= {"delta_mean": seq(delta), "delta_min": delta.min(), "delta_max": delta.max()}
+    stats |= {"ratio_seq_min": delta.min().exp(), "ratio_seq_max": delta.max().exp()}
+    stats |= {"adv_mean": seq(adv), "adv_abs_mean": seq(adv.abs())}
+    stats["kl_old_fkl_k1"] = ((lp_old - lp) * m).sum() / max(num_tokens, 1)
+    return loss, {k: v.detach() for k, v in stats.items()}
 
 
 # ==========================================================================================================
-# Rollout and log-probs
+# ROLLOUT: sampling, teacher-forced log-probs, evaluation (identical in every file that has them)
 # ==========================================================================================================
-def left_pad(seqs: list, pad_id: int, device) -> tuple:
-    """Token lists -> (ids [B, P], attention mask [B, P]), padded on the left."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def completion_mask_from(tokens: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor:
-    """1 for every generated token up to and including the first EOS, 0 after it. [B, C] long."""
-    is_eos = torch.isin(tokens, eos_ids)
-    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
-    return (~after_eos).long()
-
-
-def cache_kwarg(model) -> str:
-    """The KV-cache keyword of this model's forward (`cache` in transformers >= 5.x, else `past_key_values`)."""
-    return "cache" if "cache" in inspect.signature(getattr(model, "module", model).forward).parameters \
+def forward(model, ids, mask, pos, cache=None, keep=0):
+    """Logits with explicit positions (left padding), extending the KV cache `cache` when one is given."""
+    cache_kw = (
+        "cache"
+        if "cache" in inspect.signature(getattr(model, "module", model).forward).parameters
         else "past_key_values"
+    )
+    kw = {cache_kw: cache, "use_cache": True} if cache is not None else {}
+    return model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, **kw).logits
+
+
+def keep_rows(cache, rows):
+    """Keep these batch rows of a KV cache (index_select: its backward is ~8x faster than indexing's)."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
 
 
 def prefill(model, prompt_ids, prompt_mask, rows):
-    """Encode each distinct prompt once and copy its KV cache to every row that continues it.
-
-    prompt_ids/prompt_mask: [U, P] distinct left-padded prompts; rows: [M] index of each row's prompt.
-    Returns the logits of each row's first completion token [M, V] and a DynamicCache of M rows. With G samples
-    per prompt the prompt tokens are run once instead of G times; autograd flows through the copies, so the
-    prompt's gradient is the sum over its rows, as in a forward over the full rows.
-    """
+    """Run each distinct prompt once and copy its KV cache to the rows that continue it (rows [M]: prompt index):
+    (logits of each row's first completion token [M, V], a cache of M rows). Autograd flows through the copies."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
-    logits = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True,
-                   logits_to_keep=1, **{cache_kwarg(model): cache}).logits[:, -1]
-    for layer in getattr(cache, "layers", ()):  # index_select: its backward (index_add) is ~8x faster than [rows]'s
-        layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
-    if not hasattr(cache, "layers"):  # older cache classes
-        cache.batch_select_indices(rows)
-    return logits.index_select(0, rows), cache
+    logits = forward(model, prompt_ids, prompt_mask, (prompt_mask.cumsum(-1) - 1).clamp(min=0), cache, keep=1)
+    keep_rows(cache, rows)
+    return logits[:, -1].index_select(0, rows), cache
 
 
 @torch.no_grad()
-def generate(model, prompt_ids, prompt_mask, rows, max_new_tokens: int, temperature: float, eos_ids: torch.Tensor,
-             pad_id: int, generator: torch.Generator, amp=contextlib.nullcontext):
-    """Sample one completion per row from exactly softmax(logits / T) (no top-k, top-p or penalties, so the
-    sampling law is the one every log-prob assumes), with the KV cache and each distinct prompt prefilled once.
-    rows: [M] index into the [U, P] prompts. Returns (tokens [M, C], completion mask [M, C])."""
+def generate(model, prompt_ids, prompt_mask, rows, args, eos, pad, generator=None, uniforms=None):
+    """One completion per row from exactly softmax(logits / T): no top-k, top-p or penalty, so the samples follow
+    the law every log-prob assumes. Rows that emitted EOS leave the batch and the KV cache, so decoding costs what
+    is generated. uniforms [M, H]: inverse-CDF draws from that noise instead of `generator` (rank-invariant)."""
     was_training = model.training
-    model.eval()  # in train mode, gradient checkpointing would silently switch the KV cache off
-    with amp():
+    model.eval()  # in train mode gradient checkpointing would switch the KV cache off
+    with autocast(args):
         logits, cache = prefill(model, prompt_ids, prompt_mask, rows)
-    attn = prompt_mask[rows]
-    pos = attn.sum(-1, keepdim=True)  # position of the first completion token
-    done = torch.zeros(rows.shape[0], dtype=torch.bool, device=prompt_ids.device)
-    tokens = []
-    for t in range(max_new_tokens):
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-        tokens.append(tok)
-        done |= torch.isin(tok, eos_ids)
-        if done.all() or t == max_new_tokens - 1:
+    tokens = torch.full((len(rows), args.max_new_tokens), pad, device=rows.device)
+    live, attn = torch.arange(len(rows), device=rows.device), prompt_mask[rows]
+    for t in range(args.max_new_tokens):
+        probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / args.temperature, -1)
+        if uniforms is None:
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:
+            cdf, u = probs.double().cumsum(-1), uniforms[live.cpu(), t, None].to(probs.device, torch.float64)
+            tok = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+        tokens[live, t], done = tok, torch.isin(tok, eos)
+        if t == args.max_new_tokens - 1 or done.all():
             break
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-        with amp():
-            logits = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos + t, use_cache=True,
-                           logits_to_keep=1, **{cache_kwarg(model): cache}).logits[:, -1]
+        if done.any():  # finished rows leave the batch
+            keep_rows(cache, keep := (~done).nonzero().squeeze(-1))
+            live, tok, attn = live[keep], tok[keep], attn[keep]
+        attn = torch.cat([attn, attn.new_ones(len(live), 1)], 1)
+        with autocast(args):
+            logits = forward(model, tok[:, None], attn, attn.sum(-1, keepdim=True) - 1, cache, keep=1)[:, -1]
     model.train(was_training)
-    tokens = torch.stack(tokens, dim=1)
-    return tokens, completion_mask_from(tokens, eos_ids)
+    return tokens[:, : t + 1]
 
 
-def completion_log_softmax(model, batch: dict, rows, temperature: float, prompt_cache: bool = True):
-    """log softmax(logits / T) at the positions that predict each completion token of batch rows `rows`:
-    [M, C, V], logits upcast to at least float32.
+def sample_batch(model, prompts: list, args, eos, pad, generator=None, uniforms=None) -> dict:
+    """One completion per entry of `prompts` (token lists; a group = G equal entries), gen_batch_size rows per
+    generation call; the batch layout of `make_batch`."""
+    batch, chunks = make_batch(prompts, None, eos, pad), []
+    with gathered(model, args):
+        for i in range(0, len(prompts), args.gen_batch_size):
+            uniq, rows = batch["prompt_index"][i : i + args.gen_batch_size].unique(return_inverse=True)
+            ids, mask = batch["prompt_ids"][uniq], batch["prompt_mask"][uniq]
+            u = None if uniforms is None else uniforms[i : i + args.gen_batch_size]
+            chunks += generate(model, ids, mask, rows, args, eos, pad, generator, u).unbind()
+    return make_batch(prompts, chunks, eos, pad, batch)
 
-    prompt_cache: each distinct prompt among the rows is encoded once (`prefill`) and the completions run on its
-    copied KV cache; the logits equal those of one forward over the [prompt; completion] rows (tested to 1e-12 in
-    float64) from P + G*C instead of G*(P + C) tokens per group. False: that full forward (needed under gradient
-    checkpointing, which drops the cache inside checkpointed layers)."""
-    comp = batch["completion_ids"][rows]
-    C = comp.shape[1]
-    if prompt_cache:
-        uniq, inv = batch["prompt_index"][rows].unique(return_inverse=True)
+
+def make_batch(prompts: list, completions, eos, pad, batch=None) -> dict:
+    """Each distinct prompt stored once: prompt_ids, prompt_mask [U, P] (left-padded); row m continues prompt
+    prompt_index[m]. completion_ids [M, C], completion_mask [M, C] = up to and including the first EOS."""
+    if batch is None:
+        distinct = {}
+        index = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=eos.device)
+        left = lambda xs, v: torch.nn.utils.rnn.pad_sequence(xs, True, v, "left").to(eos.device)  # noqa: E731
+        batch = {"prompt_ids": left([torch.tensor(p) for p in distinct], pad), "prompt_index": index}
+        batch["prompt_mask"] = left([torch.ones(len(p), dtype=torch.long) for p in distinct], 0)
+    if completions is not None:  # padded with -1 first: a pad id that is also an EOS id must not end a row
+        tokens = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(c) for c in completions], True, -1).to(eos.device)
+        tokens = torch.nn.functional.pad(tokens, (0, max(0, 2 - tokens.shape[1])), value=-1)  # >= 2 columns
+        is_eos = torch.isin(tokens, eos).long()
+        batch["completion_mask"] = ((is_eos.cumsum(-1) - is_eos == 0) & (tokens >= 0)).long()
+        batch |= {"completion_ids": tokens.clamp(min=0) + (tokens < 0) * pad, "truncated": is_eos.sum(-1) == 0}
+    return batch
+
+
+def completion_log_softmax(model, batch: dict, rows, temperature: float, cached: bool = True):
+    """log softmax(logits / T) at the positions predicting the completion tokens of `rows`, trimmed to their
+    longest completion: [m, C, V], at least float32. cached: each distinct prompt runs once (`prefill`) and the
+    completions on its cache (the full rows' logits to 1e-10 in float64); else full [prompt; completion] rows
+    (needed under gradient checkpointing, which drops caches inside checkpointed layers)."""
+    C = max(int(batch["completion_mask"][rows].sum(-1).max()), 2)  # >= 2: the same forwards on every rank
+    comp, prompt = batch["completion_ids"][rows, :C], batch["prompt_index"][rows]
+    if cached:
+        uniq, inv = prompt.unique(return_inverse=True)
         p_mask = batch["prompt_mask"][uniq]
         first, cache = prefill(model, batch["prompt_ids"][uniq], p_mask, inv)
-        logits = first[:, None]
-        if C > 1:  # completion tokens 0..C-2 predict tokens 1..C-1
-            attn = torch.cat([p_mask[inv], torch.ones_like(comp[:, :-1])], dim=1)
-            pos = p_mask.sum(-1)[inv, None] + torch.arange(C - 1, device=comp.device)
-            rest = model(input_ids=comp[:, :-1], attention_mask=attn, position_ids=pos, use_cache=True,
-                         **{cache_kwarg(model): cache}).logits
-            logits = torch.cat([logits, rest], dim=1)
+        pos = p_mask.sum(-1)[inv, None] + torch.arange(C - 1, device=comp.device)  # tokens 0..C-2 predict 1..C-1
+        mask = torch.cat([p_mask[inv], torch.ones_like(comp[:, 1:])], 1)
+        logits = torch.cat([first[:, None], forward(model, comp[:, :-1], mask, pos, cache)], 1)
     else:
-        mask = batch["attention_mask"][rows]
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=batch["input_ids"][rows], attention_mask=mask, position_ids=pos, use_cache=False,
-                       logits_to_keep=C + 1).logits[:, :-1]
+        mask = torch.cat([batch["prompt_mask"][prompt], torch.ones_like(comp)], 1)
+        ids = torch.cat([batch["prompt_ids"][prompt], comp], 1)
+        logits = forward(model, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), keep=C + 1)[:, :-1]
     return (logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature).log_softmax(-1)
 
 
-def token_logprobs(log_probs_all: torch.Tensor, completion_ids: torch.Tensor) -> torch.Tensor:
-    return log_probs_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+def token_logprobs(log_softmax, tokens):
+    return log_softmax.gather(-1, tokens[:, : log_softmax.shape[1], None]).squeeze(-1)
 
 
 @torch.no_grad()
-def batched_logprobs(model, batch: dict, temperature: float, micro_batch_size: int, prompt_cache: bool = True,
-                     amp=contextlib.nullcontext) -> torch.Tensor:
-    """No-grad per-token log-probs of the batch's completions, in micro-batches (reference / old policy)."""
-    out = []
-    for i in range(0, batch["completion_ids"].shape[0], micro_batch_size):
-        rows = torch.arange(i, min(i + micro_batch_size, batch["completion_ids"].shape[0]))
-        with amp():
-            lsm = completion_log_softmax(model, batch, rows, temperature, prompt_cache)
-        out.append(token_logprobs(lsm, batch["completion_ids"][rows]))
+def batched_logprobs(model, batch: dict, args):
+    """No-grad log-probs [M, C] of every completion token (0 after the end), in micro-batches: old, reference."""
+    out, ids = [], batch["completion_ids"]
+    with gathered(model, args):
+        for rows in torch.arange(len(ids), device=ids.device).split(args.micro_batch_size):
+            with autocast(args):
+                lp = token_logprobs(completion_log_softmax(model, batch, rows, args.temperature), ids[rows])
+            lp = lp * batch["completion_mask"][rows, : lp.shape[1]]
+            out.append(torch.nn.functional.pad(lp, (0, ids.shape[1] - lp.shape[1])))
     return torch.cat(out)
 
 
-def sample_batch(model, prompts: list, args, eos_ids, pad_id, generator, device, amp):
-    """Generate one completion per entry of `prompts` (token lists; a group = G equal entries), in chunks of
-    `gen_batch_size` rows. Each distinct prompt is stored once (prompt_ids/prompt_mask [U, P]); row m continues
-    prompt prompt_index[m]. input_ids/attention_mask hold the full [prompt; completion] rows too."""
-    keys = {}
-    index = [keys.setdefault(tuple(p), len(keys)) for p in prompts]
-    prompt_ids, prompt_mask = left_pad([list(k) for k in keys], pad_id, device)
-    prompt_index = torch.tensor(index, dtype=torch.long, device=device)
-    chunks = []
-    for i in range(0, len(prompts), args.gen_batch_size):
-        rows = prompt_index[i: i + args.gen_batch_size]
-        if args.prompt_cache:
-            uniq, inv = rows.unique(return_inverse=True)
-        else:  # one prompt row per completion row: the plain batched generate
-            uniq, inv = rows, torch.arange(rows.shape[0], device=device)
-        chunks.append(generate(model, prompt_ids[uniq], prompt_mask[uniq], inv, args.max_new_tokens,
-                               args.temperature, eos_ids, pad_id, generator, amp))
-    C = max(c[0].shape[1] for c in chunks)
-    pad_r = lambda x, v: torch.nn.functional.pad(x, (0, C - x.shape[1]), value=v)  # noqa: E731
-    toks = torch.cat([pad_r(c[0], pad_id) for c in chunks])
-    cmask = torch.cat([pad_r(c[1], 0) for c in chunks])
-    input_ids = torch.cat([prompt_ids[prompt_index], toks], dim=1)
-    attention_mask = torch.cat([prompt_mask[prompt_index], torch.ones_like(toks)], dim=1)  # after EOS: no loss
-    truncated = ~torch.isin(toks, eos_ids).any(-1)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_ids": toks,
-            "completion_mask": cmask, "truncated": truncated, "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
-            "prompt_index": prompt_index}
+def eos_ids(tokenizer, model):
+    ids = {tokenizer.eos_token_id, *np.atleast_1d(model.generation_config.eos_token_id or []).tolist()}
+    return torch.tensor(sorted(i for i in ids if i is not None), device=DEVICE)
 
 
-def decode_completions(tokenizer, batch) -> list:
-    ids, mask = batch["completion_ids"].tolist(), batch["completion_mask"].tolist()
-    return tokenizer.batch_decode([[t for t, m in zip(r, mr) if m] for r, mr in zip(ids, mask)],
-                                  skip_special_tokens=True)
+def decode(tokenizer, batch: dict) -> list:
+    ids = [t[m.bool()] for t, m in zip(batch["completion_ids"], batch["completion_mask"])]
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
-def global_mean_std(x: torch.Tensor) -> tuple:
-    """Mean and Bessel std of `x` over all ranks, two passes (never E[x^2] - mean^2)."""
-    n_sum = all_reduce_sum(torch.stack([x.new_tensor(float(x.numel())), x.sum()]))
-    mean = n_sum[1] / n_sum[0]
-    ss = all_reduce_sum((x - mean).pow(2).sum().reshape(1))[0]
-    return mean, (ss / (n_sum[0] - 1).clamp(min=1)).sqrt()
-
-
-# ==========================================================================================================
-# Policy update (importable: the data-parallel invariance test drives it on a fixed batch)
-# ==========================================================================================================
-def update_policy(model, optimizer, scheduler, batch: dict, args, shuffle_seed: int, amp=contextlib.nullcontext):
-    """`num_iterations` passes x `num_minibatches` AdamW steps over this rank's rollout batch, all regressing
-    tau log(pi_theta / pi_old) onto the same advantages; from the second step on, Delta != 0 pulls back.
-
-    Counts (sequences, tokens) are all-reduced over ranks and micro-batches BEFORE the loss is formed, and each
-    rank backpropagates local_sum / global_count * world_size (DDP averages over ranks), so the update does not
-    depend on the number of ranks or micro-batches. Mini-batches are drawn within each rank's shard.
-    Returns global metrics (count-weighted means; min / max over ranks for `*_min` / `*_max`).
-    """
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    params = [p for p in model.parameters() if p.requires_grad]
-    n = batch["input_ids"].shape[0]
-    sums, extremes, grad_norms, steps = {}, {}, [], 0
-    for it in range(args.num_iterations):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed * 1000 + it))  # same on all ranks
-        for mb_idx in perm.tensor_split(args.num_minibatches):
-            mask = batch["loss_mask"][mb_idx]  # counts of this mini-batch, over all ranks
-            counts = all_reduce_sum(torch.stack([(mask.sum(-1) > 0).sum(), mask.sum()]).double())
-            num_seqs, num_tokens = counts[0].item(), counts[1].item()
-            micro = mb_idx.split(args.micro_batch_size)
-            for k, idx in enumerate(micro):
-                sync = k == len(micro) - 1 or not hasattr(model, "no_sync")
-                with (contextlib.nullcontext() if sync else model.no_sync()):
-                    with amp():
-                        lsm = completion_log_softmax(model, batch, idx, args.temperature,
-                                                     args.prompt_cache and not args.gradient_checkpointing)
-                    lp = token_logprobs(lsm, batch["completion_ids"][idx])
-                    with torch.no_grad():  # exact per-position entropy, a metric only
-                        entropy = (-(lsm.exp() * lsm).sum(-1) * batch["loss_mask"][idx]).sum() / max(num_tokens, 1)
-                    lp_old = batch["old_logprobs"][idx] if batch.get("old_logprobs") is not None else lp.detach()
-                    loss, stats = pmd_loss(lp, lp_old, batch["loss_mask"][idx], batch["advantages"][idx], args.tau,
-                                           args.length_norm, args.max_new_tokens, num_seqs, num_tokens)
-                    (loss * world).backward()
-                stats["entropy"] = entropy
-                for key, v in stats.items():
-                    v = v.detach().double()
-                    if key.endswith(("_min", "_max")):
-                        f = torch.minimum if key.endswith("_min") else torch.maximum
-                        extremes[key] = f(extremes[key], v) if key in extremes else v
-                    else:
-                        sums[key] = sums.get(key, 0.0) + v
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            if not torch.isfinite(grad_norm):  # identical on every rank after DDP's all-reduce: all stop together
-                optimizer.zero_grad(set_to_none=True)
-                raise FloatingPointError("non-finite loss or gradient (grad norm "
-                                         f"{grad_norm.item()}); no optimizer step was taken")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            grad_norms.append(grad_norm.item())
-            steps += 1
-    keys = sorted(sums)
-    reduced = all_reduce_sum(torch.stack([sums[k] for k in keys])) / steps
-    metrics = {f"losses/{k}": v for k, v in zip(keys, reduced.tolist())}
-    for key, v in extremes.items():
-        if dist.is_initialized():
-            dist.all_reduce(v, op=dist.ReduceOp.MIN if key.endswith("_min") else dist.ReduceOp.MAX)
-        metrics[f"losses/{key}"] = v.item()
-    metrics["charts/grad_norm"] = sum(grad_norms) / len(grad_norms)
-    return metrics
-
-
-# ==========================================================================================================
-# Setup helpers: models, prompts, checkpoints
-# ==========================================================================================================
-def load_error(path: str, what: str, e: Exception) -> UserError:
-    """One line that says whether `path` was read as a local folder or as a hub id (and why that failed)."""
-    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
-    if looks_local and not os.path.isdir(path):
-        return UserError(f"{what} {path!r} not found: no such local folder")
-    where = "local folder" if os.path.isdir(path) else "not a local folder; tried as a Hugging Face hub id"
-    return UserError(f"could not load {what} {path!r} ({where}): {str(e).strip().splitlines()[0]}")
-
-
-def load_model(path: str, device, trainable: bool):
-    """AutoModelForCausalLM in float32 with dropout off; a missing path gives a one-line error."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise load_error(path, "model", e) from None
-    for m in model.modules():  # ratios must be exactly 1 at theta = theta_old: no dropout anywhere
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        if isinstance(getattr(m, "attention_dropout", None), float):
-            m.attention_dropout = 0.0
-    model.to(device)
-    model.train(trainable)
-    model.requires_grad_(trainable)
-    return model
-
-
-def enable_checkpointing(model) -> None:
-    """Activation (gradient) checkpointing; transformers >= 5.2x renamed the method."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise load_error(path, "model", e) from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def encode_prompts(tokenizer, examples, args, split: str) -> list:
-    """Token ids per prompt (chat template when the tokenizer has one); too long is an error, not a truncation."""
-    if getattr(tokenizer, "chat_template", None) and not args.no_chat_template:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": ex.prompt}], tokenize=False,
-                                               add_generation_prompt=True) for ex in examples]
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # the template already has any BOS
-    else:
-        ids = tokenizer([ex.prompt for ex in examples])["input_ids"]
-    for i, seq in enumerate(ids):
-        if len(seq) > args.max_prompt_length:
-            raise UserError(f"{split} prompt {i} has {len(seq)} tokens > --max_prompt_length "
-                            f"{args.max_prompt_length}: {examples[i].prompt[:60]!r}")
-    return ids
-
-
-def find_checkpoint(path: str) -> str:
-    """`--resume` accepts a checkpoint folder or a run folder (then its latest checkpoint, `final` included)."""
-    if os.path.isfile(os.path.join(path, "trainer_state.pt")):
-        return path
-    candidates = [os.path.join(path, "final")]
-    ckpt_dir = os.path.join(path, "checkpoints")
-    if os.path.isdir(ckpt_dir):
-        candidates += [os.path.join(ckpt_dir, d) for d in os.listdir(ckpt_dir)]
-    found = [c for c in candidates if os.path.isfile(os.path.join(c, "trainer_state.pt"))]
-    if not found:
-        raise UserError(f"--resume {path!r}: no checkpoint (trainer_state.pt) found there")
-    return max(found, key=lambda c: torch.load(os.path.join(c, "trainer_state.pt"), weights_only=False)["step"])
-
-
-def rng_state(generator) -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "sampler": generator.get_state()}
-
-
-def set_rng_state(state: dict, generator) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    generator.set_state(state["sampler"])
-
-
-def save_checkpoint(path, policy, tokenizer, optimizer, scheduler, step, elapsed, generator, args, rank) -> None:
-    """save_pretrained (model + tokenizer) plus trainer_state.pt (optimizer, scheduler, step, every rank's RNG).
-    Written to a temporary folder first and renamed, so an interrupted save never leaves a corrupt checkpoint."""
-    states = [None] * args.world_size if dist.is_initialized() else None
-    if dist.is_initialized():
-        dist.all_gather_object(states, rng_state(generator))
-    else:
-        states = [rng_state(generator)]
-    if rank == 0:
-        tmp, old = path + ".tmp", path + ".old"
-        try:
-            policy.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            torch.save({"step": step, "elapsed_s": elapsed, "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": states, "args": asdict(args)},
-                       os.path.join(tmp, "trainer_state.pt"))
-            if os.path.isdir(path):  # keep the previous checkpoint until the new one is in place
-                os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        except OSError as e:  # disk full, permissions: the previous checkpoints are untouched
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"could not save a checkpoint to {path}: {e.strerror or e}") from None
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def sigterm_received(flag: dict, device) -> bool:
-    """Whether any rank got SIGTERM (all ranks must stop after the same step)."""
-    hit = torch.tensor([float(flag["sigterm"])], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(hit, op=dist.ReduceOp.MAX)
-    return bool(hit.item())
-
-
-# ==========================================================================================================
-# Evaluation
-# ==========================================================================================================
 @torch.no_grad()
-def evaluate(policy, init_model, tokenizer, prompts, answers, reward_fn, args, eos_ids, device, amp, rank) -> dict:
-    """Held-out pass@1 at `temperature` and KL(pi_theta || pi_init) summed along each sampled completion, exact
-    over the vocabulary at every visited position. Prompts are interleaved over ranks; sums are all-reduced.
-    The sampler is re-seeded for every eval, so evals at different steps share their random numbers."""
-    gen = torch.Generator(device=device).manual_seed(10_000_019 * (args.seed + 1) + rank)
-    mine = list(range(rank, len(prompts), args.world_size))
-    rep = [prompts[i] for i in mine for _ in range(args.eval_samples_per_prompt)]
-    ans = [answers[i] for i in mine for _ in range(args.eval_samples_per_prompt)]
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # reward, correct, length, kl
-    count = torch.zeros(1, dtype=torch.float64, device=device)
-    for i in range(0, len(rep), args.gen_batch_size):
-        b = sample_batch(policy, rep[i: i + args.gen_batch_size], args, eos_ids, tokenizer.pad_token_id, gen, device, amp)
-        rewards = torch.tensor([reward_fn(c, a) for c, a in zip(decode_completions(tokenizer, b), ans[i:])],
-                               dtype=torch.float64, device=device)
-        cmask = b["completion_mask"]
-        sums[0] += rewards.sum()
-        sums[1] += (rewards >= 1.0).double().sum()
-        sums[2] += cmask.sum()
-        if init_model is not None:
-            for j in range(0, cmask.shape[0], args.micro_batch_size):
-                sl = torch.arange(j, min(j + args.micro_batch_size, cmask.shape[0]), device=device)
-                with amp():
-                    p = completion_log_softmax(policy, b, sl, args.temperature, args.prompt_cache)
-                    q = completion_log_softmax(init_model, b, sl, args.temperature, args.prompt_cache)
-                sums[3] += ((p.exp() * (p - q)).sum(-1) * cmask[sl]).sum().double()
-        count += cmask.shape[0]
-    total = all_reduce_sum(torch.cat([sums, count]))
-    n = total[4].clamp(min=1)
-    out = {"eval/pass@1": (total[1] / n).item(), "eval/reward_mean": (total[0] / n).item(),
-           "eval/completion_len_mean": (total[2] / n).item()}
-    if init_model is not None:
-        out["eval/kl_init_rkl_exact_seq"] = (total[3] / n).item()
-    return out
+def evaluate(policy, kl_models: dict, run, eos) -> tuple:
+    """Held-out pass@1 at `temperature` (eval_samples_per_prompt samples each, the same random numbers at every
+    eval) and, per frozen model q of kl_models, KL(pi_theta || q) summed along each sample, exact over the
+    vocabulary at every visited position; prompts interleaved over ranks. Returns (metrics, example rows)."""
+    args, tok, g = run.args, run.tokenizer, torch.Generator(DEVICE).manual_seed(seed_of(run.args, -1, run.rank))
+    mine = [i for i in range(run.rank, len(run.eval_prompts), run.world) for _ in range(args.eval_samples_per_prompt)]
+    b = sample_batch(policy, [run.eval_prompts[i] for i in mine], args, eos, tok.pad_token_id, g)
+    texts, mask = decode(tok, b), b["completion_mask"]
+    r = torch.tensor(run.task.score(texts, [run.eval_answers[i] for i in mine]), device=DEVICE)
+    sums = [(r >= 1).sum(), r.sum(), mask.sum()] + [r.new_zeros(()) for _ in kl_models]
+    with gathered(policy, args):  # ranks may hold different numbers of eval rows
+        for k, q in enumerate(kl_models.values()):
+            for rows in torch.arange(len(mine), device=DEVICE).split(args.micro_batch_size):
+                with autocast(args):
+                    lp, lq = (completion_log_softmax(m, b, rows, args.temperature) for m in (policy, q))
+                sums[3 + k] += ((lp.exp() * (lp - lq)).sum(-1) * mask[rows, : lp.shape[1]]).sum()
+    s = all_reduce(torch.stack(sums).double()) / (len(run.eval_prompts) * args.eval_samples_per_prompt)
+    keys = ["eval/pass@1", "eval/reward_mean", "eval/completion_len_mean"]
+    keys += [f"eval/kl_{name}_rkl_exact_seq" for name in kl_models]
+    shown = [
+        {"prompt": tok.decode(run.eval_prompts[i]), "completion": c, "reward": x}
+        for i, c, x in zip(mine, texts, r.tolist())
+    ]
+    return dict(zip(keys, s.tolist())), shown[: args.log_completions]
 
 
 # ==========================================================================================================
-# Main: args, setup, training loop
+# UPDATE: the loss of a micro-batch (from the policy's log-softmax over its rows), and the update loop
 # ==========================================================================================================
-def parse_args() -> Args:
-    """tyro flags; with `--resume`, the resumed run's saved args are the defaults that flags override."""
-    default = Args()
-    argv = sys.argv[1:]
-    for i, a in enumerate(argv):
-        if a.startswith("--resume"):
-            path = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
-            ckpt = find_checkpoint(path) if path else None
-            if ckpt:
-                saved = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)["args"]
-                default = Args(**{k: v for k, v in saved.items() if k in Args.__dataclass_fields__})
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return tyro.cli(Args, default=default, use_underscores=True)
-    except SystemExit as e:
-        if not e.code:  # --help
-            raise
-        # tyro draws a multi-line box; keep its first section as our one-line error
-        text = []
-        for line in err.getvalue().splitlines()[1:]:
-            if "──" in line or line.startswith("╰"):
-                break
-            text.append(line.strip("│ "))
-        raise UserError(" ".join(text) + " (see --help)") from None
+def micro_loss(lsm, batch: dict, rows, args, num_seqs, num_tokens):
+    lp = token_logprobs(lsm, batch["completion_ids"][rows])
+    C = lp.shape[1]
+    lp_old = batch["old_logprobs"][rows, :C] if "old_logprobs" in batch else lp.detach()  # 1 step per rollout
+    return pmd_loss(lp, lp_old, batch["loss_mask"][rows, :C], batch["advantages"][rows], args, num_seqs, num_tokens)
 
 
-def check_args(args: Args, world_size: int) -> None:
-    if args.temperature <= 0:
-        raise UserError("--temperature must be > 0 (sampling and log-probs use softmax(logits / T))")
-    if args.num_generations < 2:
-        raise UserError("--num_generations must be >= 2 (the leave-one-out baselines need two samples)")
-    if args.prompts_per_step % world_size:
-        raise UserError(f"--prompts_per_step {args.prompts_per_step} is not divisible by the world size {world_size}")
-    local_seqs = args.prompts_per_step // world_size * args.num_generations
-    if local_seqs % args.num_minibatches:
-        raise UserError(f"{local_seqs} sequences per rank are not divisible by --num_minibatches {args.num_minibatches}")
-    for name in ("total_steps", "micro_batch_size", "gen_batch_size", "num_iterations", "num_minibatches",
-                 "eval_num_prompts", "eval_samples_per_prompt", "max_new_tokens", "max_prompt_length", "log_every"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be >= 1")
+def update_policy(model, optimizer, batch: dict, args, step: int) -> dict:
+    """num_iterations passes x num_minibatches optimizer steps over this rank's rollout. The sequence and token
+    counts of a mini-batch are all-reduced BEFORE its loss is formed (global normalizers) and every rank
+    backpropagates loss x world size (FSDP averages), so the update does not depend on the number of ranks or
+    micro-batches. Returns the global metrics."""
+    world, stats, mask = dist.get_world_size() if dist.is_initialized() else 1, [], batch["loss_mask"]
+    for it in range(args.num_iterations):
+        shuffle = torch.Generator().manual_seed(seed_of(args, step, it))  # the same mini-batches on every rank
+        for mb in torch.randperm(len(mask), generator=shuffle).to(DEVICE).tensor_split(args.num_minibatches):
+            counts = all_reduce(torch.stack([(mask[mb].sum(-1) > 0).sum(), mask[mb].sum()]).double()).tolist()
+            micro = mb.split(args.micro_batch_size)
+            for k, rows in enumerate(micro):
+                if world > 1:  # FSDP2: reduce-scatter the gradients once per mini-batch, after its last micro-batch
+                    model.set_requires_gradient_sync(k == len(micro) - 1)
+                with autocast(args):
+                    lsm = completion_log_softmax(model, batch, rows, args.temperature, not args.gradient_checkpointing)
+                loss, s = micro_loss(lsm, batch, rows, args, *counts)
+                (loss * world).backward()
+                entropy = (-(lsm.exp() * lsm).sum(-1) * mask[rows, : lsm.shape[1]]).sum() / max(counts[1], 1)
+                stats.append(s | {"entropy": entropy.detach()})
+            stats[-1] |= optimizer_step(model, optimizer, args)
+    return reduce_stats(stats, args.num_iterations * args.num_minibatches)
 
 
-def main() -> None:
-    try:
-        args = parse_args()
-        train(args)
-    except (UserError, TaskError) as e:
-        sys.exit(f"error: {e}")
-    except FloatingPointError as e:
-        sys.exit(f"error: {e}")
-    except Preempted as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(143)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
+# ==========================================================================================================
+# TRAIN
+# ==========================================================================================================
 def train(args: Args) -> None:
-    # ---- distributed setup and seeding (TRY NOT TO MODIFY) --------------------------------------------------
-    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = args.cuda and torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    task = load_task(args.task, args.train_file, args.eval_file, args.prompt_field, args.answer_field)
-    args.max_prompt_length = args.max_prompt_length or task.max_prompt_length
-    args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
-    args.bf16 = use_cuda if args.bf16 is None else args.bf16
-    check_args(args, world_size)
-    args.world_size, args.local_prompts = world_size, args.prompts_per_step // world_size
-    resume_ckpt = find_checkpoint(args.resume) if args.resume else None
-    if resume_ckpt is None:
-        args.run_name = args.run_name or f"{task.name}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, args.run_name)
-    if resume_ckpt is None and os.path.exists(run_dir):
-        raise UserError(f"{run_dir} already exists; pass --resume {run_dir} to continue it, or another --run_name")
-    if world_size > 1:
-        if use_cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
-
-    # ---- models, data, optimizer -------------------------------------------------------------------------
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()  # our own progress bar and one-line errors only
-    transformers.utils.logging.disable_progress_bar()
-    tokenizer = load_tokenizer(args.model_name_or_path)
-    policy = load_model(resume_ckpt or args.model_name_or_path, device, trainable=True)
-    init_model = load_model(args.model_name_or_path, device, trainable=False) if args.eval_kl else None
-    if args.gradient_checkpointing:
-        enable_checkpointing(policy)
-    model = policy
-    if world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[local_rank] if use_cuda else None)
-    train_prompts = encode_prompts(tokenizer, task.train, args, "train")
-    eval_examples = task.eval[: args.eval_num_prompts]
-    eval_prompts = encode_prompts(tokenizer, eval_examples, args, "eval")
-    if args.prompts_per_step > len(train_prompts):
-        raise UserError(f"--prompts_per_step {args.prompts_per_step} > {len(train_prompts)} training prompts")
-    eos_ids = {tokenizer.eos_token_id} | set(np.atleast_1d(policy.generation_config.eos_token_id or []).tolist())
-    eos_ids = torch.tensor(sorted(i for i in eos_ids if i is not None), device=device)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps) if args.warmup_steps > 0 else 1.0)
-    sampler = torch.Generator(device=device).manual_seed(args.seed + rank)  # per-rank sampling RNG
-    start_step, elapsed0 = 0, 0.0
-    if resume_ckpt is not None:
-        state = torch.load(os.path.join(resume_ckpt, "trainer_state.pt"), weights_only=False, map_location="cpu")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step, elapsed0 = state["step"], state["elapsed_s"]
-        if len(state["rng"]) == world_size:
-            set_rng_state(state["rng"][rank], sampler)
-        elif rank == 0:
-            print(f"warning: checkpoint has {len(state['rng'])} ranks' RNG states, now {world_size}: reseeding")
-
-    # ---- logging ------------------------------------------------------------------------------------------
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    writers = []
-    if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
-        if resume_ckpt is not None and os.path.exists(metrics_path):  # drop what was logged after the checkpoint
-            with open(metrics_path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
-        if args.track:
-            writers = make_trackers(args, run_dir)
-    t_start = time.time() - elapsed0
-    flag = {"sigterm": False}
-    signal.signal(signal.SIGTERM, lambda signum, frame: flag.update(sigterm=True))
-
-    def log(step: int, metrics: dict) -> None:
-        if rank != 0:
-            return
-        record = {"step": step, "time_s": round(time.time() - t_start, 3), **metrics}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for w in writers:
-            w(step, metrics)
-
-    def run_eval() -> dict:
-        t = time.time()
-        out = evaluate(policy, init_model if args.eval_kl else None, tokenizer, eval_prompts,
-                       [e.answer for e in eval_examples], task.reward_fn, args, eos_ids, device, amp, rank)
-        out["perf/eval_s"] = time.time() - t
-        return out
-
-    if start_step == 0:
-        m = run_eval()
-        log(0, m)
-        if rank == 0:
-            print(f"step 0: eval/pass@1 {m['eval/pass@1']:.4f}")
-
-    # ---- training loop ------------------------------------------------------------------------------------
-    G = args.num_generations
-    bar = None
-    if rank == 0:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=args.total_steps, initial=start_step, desc=args.exp_name, dynamic_ncols=True)
-    for step in range(start_step + 1, args.total_steps + 1):
-        t0 = time.time()
-        # 1. prompts: the same global draw on every rank (from seed and step), then this rank's shard
-        order = np.random.default_rng([args.seed, step]).choice(len(train_prompts), args.prompts_per_step,
-                                                                replace=False)
-        mine = order[rank * args.local_prompts: (rank + 1) * args.local_prompts]
-        batch = sample_batch(policy, [train_prompts[i] for i in mine for _ in range(G)], args, eos_ids,
-                             tokenizer.pad_token_id, sampler, device, amp)
-        t_gen = time.time()
-        # 2. rewards and PMD advantages (each group lives on one rank)
-        answers = [task.train[i].answer for i in mine for _ in range(G)]
-        rewards = torch.tensor([task.reward_fn(c, a) for c, a in zip(decode_completions(tokenizer, batch), answers)],
-                               dtype=torch.float32, device=device)
+    run = Run(args)  # the task and its prompts, processes, the checkpoint to resume (PLUMBING)
+    policy = load_model(run.checkpoint or args.model_name_or_path, args, trainable=True)
+    init = load_model(args.model_name_or_path, args) if args.eval_kl else None  # only for the eval KL
+    eos, pad, G = eos_ids(run.tokenizer, policy), run.tokenizer.pad_token_id, args.num_generations
+    model, optimizer = run.start(policy, lambda: evaluate(policy, {"init": init} if args.eval_kl else {}, run, eos))
+    for step in run.steps():
+        # 1. the step's prompts (one global draw, this rank's share), n completions each from pi_t
+        prompts = run.prompts(step)
+        batch = sample_batch(
+            policy, [run.train_prompts[i] for i in prompts for _ in range(G)], args, eos, pad, run.sampler(step)
+        )
+        run.timer("generate")
+        # 2. rewards and advantages A = r - baseline (a group lives on one rank)
+        answers = [run.task.train[i].answer for i in prompts for _ in range(G)]
+        rewards = torch.tensor(run.task.score(decode(run.tokenizer, batch), answers), device=DEVICE)
         reward_mean, reward_std = global_mean_std(rewards)
         batch["advantages"] = pmd_advantages(rewards, G, args.baseline, args.tau)
         batch["loss_mask"] = batch["completion_mask"]
-        # 3. log-probs of the rollout policy, the only anchor (only if it will differ from the policy being trained)
+        # 3. log pi_t, the anchor of every optimizer step on this rollout (pi_theta itself when there is one step)
         if args.num_iterations * args.num_minibatches > 1:
-            batch["old_logprobs"] = batched_logprobs(policy, batch, args.temperature, args.micro_batch_size,
-                                                     args.prompt_cache, amp)
-        t_lp = time.time()
-        # 4. policy update
-        try:
-            metrics = update_policy(model, optimizer, scheduler, batch, args, shuffle_seed=args.seed * 100_003 + step,
-                                    amp=amp)
-        except FloatingPointError as e:
-            raise FloatingPointError(f"step {step}: {e}; stopping without saving") from None
-        t_train = time.time()
-        # 5. metrics, eval, checkpoints
-        zero_std = (rewards.view(-1, G) == rewards.view(-1, G)[:, :1]).all(1).float().repeat_interleave(G)
-        counters = all_reduce_sum(torch.stack([batch["completion_mask"].sum().double(),
-                                               batch["truncated"].sum().double(), zero_std.sum().double(),
-                                               torch.tensor(float(rewards.numel()), dtype=torch.float64,
-                                                            device=device)]))
-        n_seq = counters[3].item()
-        metrics.update({
-            "charts/reward_mean": reward_mean.item(), "charts/reward_std": reward_std.item(),
-            "charts/completion_len_mean": counters[0].item() / n_seq, "charts/truncated_frac": counters[1].item() / n_seq,
-            "charts/frac_reward_zero_std": counters[2].item() / n_seq,
-            "charts/learning_rate": scheduler.get_last_lr()[0], "charts/prompts_seen": step * args.prompts_per_step,
-            "charts/optimizer_steps": step * args.num_iterations * args.num_minibatches,
-            "perf/generate_s": t_gen - t0, "perf/logprob_s": t_lp - t_gen, "perf/train_s": t_train - t_lp})
-        metrics["charts/step_time_s"] = time.time() - t0
-        metrics["charts/tokens_per_s"] = counters[0].item() / metrics["charts/step_time_s"]
-        if (args.eval_every and step % args.eval_every == 0) or step == args.total_steps:
-            metrics.update(run_eval())
-        log(step, metrics)
-        preempted = step != args.total_steps and sigterm_received(flag, device)
-        if (args.save_every and step % args.save_every == 0 and step != args.total_steps) or preempted:
-            save_checkpoint(os.path.join(run_dir, "checkpoints", f"step_{step:06d}"), policy, tokenizer, optimizer,
-                            scheduler, step, time.time() - t_start, sampler, args, rank)
-        if preempted:
-            raise Preempted(f"SIGTERM: checkpoint of step {step} saved; continue with --resume {run_dir}")
-        if rank == 0:
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['charts/reward_mean']:.3f}")
-            if step % args.log_every == 0 or "eval/pass@1" in metrics:
-                summary = (f"step {step}: reward {metrics['charts/reward_mean']:.3f} "
-                           f"loss {metrics['losses/loss']:.4f} tokens/s {metrics['charts/tokens_per_s']:.0f}")
-                if "eval/pass@1" in metrics:
-                    summary += f" eval/pass@1 {metrics['eval/pass@1']:.4f}"
-                bar.write(summary)
-    if bar is not None:
-        bar.close()
-    save_checkpoint(os.path.join(run_dir, "final"), policy, tokenizer, optimizer, scheduler, args.total_steps,
-                    time.time() - t_start, sampler, args, rank)
-    if rank == 0:
-        print(f"done: {run_dir}")
+            batch["old_logprobs"] = batched_logprobs(policy, batch, args)
+        # 4. regress tau log(pi_theta / pi_t) onto A
+        metrics = update_policy(model, optimizer, batch, args, step)
+        run.timer("update")
+        zero_std = (rewards.view(-1, G) == rewards.view(-1, G)[:, :1]).all(1).sum().double() * G
+        metrics["charts/frac_reward_zero_std"] = all_reduce(zero_std).item() / (args.prompts_per_step * G)
+        run.end_step(step, batch, metrics | {"charts/reward_mean": reward_mean, "charts/reward_std": reward_std})
 
 
-def make_trackers(args: Args, run_dir: str) -> list:
-    """TensorBoard and W&B writers, each only when its package is installed (both optional)."""
-    writers = []
+# ==========================================================================================================
+# PLUMBING: identical in every algorithm file (tests/test_shared_blocks.py); change it in one, copy it to all
+# ==========================================================================================================
+DEVICE = torch.device("cpu")  # this rank's GPU, or the CPU (set by Run)
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # checkpoints: whole tensors on rank 0
+RESUMABLE = {"resume", "total_steps", "learning_rate", "weight_decay", "max_grad_norm", "eval_every", "save_every"}
+
+
+class UserError(Exception):
+    """Bad input: one `error:` line, exit status 1."""
+
+
+class Stop(Exception):
+    """SIGTERM or SIGINT: the step in flight finished and was checkpointed; exit status 143."""
+
+
+def main() -> None:
+    """Flags (--help on rank 0 only; with --resume DIR, DIR/args.json holds the defaults and only RESUMABLE flags
+    may change), then train; bad input of any kind ends in one `error:` line."""
+    if int(os.environ.get("RANK", 0)) and {"-h", "--help"} & set(sys.argv):
+        return
+    resume = [b if a == "--resume" else a[9:] for a, b in zip(sys.argv, sys.argv[1:] + [""]) if a[:8] == "--resume"]
+    code = 0
     try:
+        saved = json.load(open(os.path.join(resume[0], "args.json"))) if resume else None
+        args = tyro.cli(Args, default=Args(**saved) if saved else None, use_underscores=True)
+        for k, v in json.loads(json.dumps(asdict(args))).items() if saved else []:
+            if v != saved[k] and k not in RESUMABLE:
+                raise UserError(f"--{k} cannot change when resuming (the run has {saved[k]!r}); start a new run")
+        train(args)
+    except (UserError, TaskError, FloatingPointError, OSError) as e:
+        code = f"error: {str(e).strip().splitlines()[0]}"
+    except Stop as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        code = 143
+    if dist.is_initialized():  # only now: the failed step's frames (holding DDP's reducer) are gone
+        dist.destroy_process_group()
+    sys.exit(code)
+
+
+def check_numbers(args, positive: tuple) -> None:
+    """No flag may be negative; `positive` ones, and sizes, lengths and counts not defaulting to 0, must be > 0."""
+    for k, v in asdict(args).items():
+        default = type(args).__dataclass_fields__[k].default
+        suffix = k.endswith(("_size", "_length", "_tokens", "_steps", "_per_step", "_per_prompt", "_per_round"))
+        count = (k.startswith("num_") or suffix) and default != 0
+        if type(v) in (int, float) and (v <= 0 if k in positive or count else v < 0):
+            raise UserError(f"--{k} must be {'> 0' if k in positive or count else '>= 0'}, got {v}")
+
+
+def seed_of(args, *keys) -> int:
+    """The seed of one random draw, from (--seed, step, ...): every step is reproducible on its own."""
+    return int(np.random.SeedSequence([args.seed, *[k % 2**31 for k in keys]]).generate_state(1)[0])
+
+
+def all_reduce(x, op=dist.ReduceOp.SUM):
+    if dist.is_initialized():
+        dist.all_reduce(x := x.clone(), op)
+    return x
+
+
+def global_mean_std(x) -> tuple:
+    """Mean and Bessel std of x over all ranks, in two passes (never E[x^2] - mean^2)."""
+    n, total = all_reduce(torch.stack([x.new_tensor(x.numel()), x.sum()])).tolist()
+    return total / n, (all_reduce((x - total / n).pow(2).sum()).item() / max(n - 1, 1)) ** 0.5
+
+
+def reduce_stats(stats: list, steps: int) -> dict:
+    """Metrics of an update from its micro-batches' stats (shares of global means): means over its optimizer
+    steps, summed over ranks; `*_min` / `*_max` are global extremes."""
+    out = {}
+    for k in sorted({k for s in stats for k in s}):  # the same keys in the same order on every rank
+        op = "min" if k.endswith("_min") else "max" if k.endswith("_max") else "sum"
+        v = torch.stack([torch.as_tensor(s[k], dtype=torch.float64, device=DEVICE) for s in stats if k in s])
+        v = all_reduce(getattr(v, op)(), getattr(dist.ReduceOp, op.upper())).item()
+        out[k if "/" in k else f"losses/{k}"] = v / steps if op == "sum" else v
+    return out
+
+
+def autocast(args):
+    return torch.autocast(DEVICE.type, torch.bfloat16, enabled=args.bf16)
+
+
+def optimizer_step(model, optimizer, args) -> dict:
+    """Clip the gradient norm (0: no clipping), stop on a non-finite one (the same on every rank), step at the
+    warm-up learning rate."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a distributed tensor
+    if not torch.isfinite(norm):
+        raise FloatingPointError(f"non-finite loss or gradient (norm {norm.item()}); stopping without saving")
+    done = float(next(iter(optimizer.state.values()), {}).get("step", 0))  # optimizer steps so far
+    for group in optimizer.param_groups:
+        group["lr"] = args.learning_rate * min(1, (done + 1) / max(args.warmup_steps, 1))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"charts/grad_norm": norm.item() / (dist.get_world_size() if dist.is_initialized() else 1)}  # a share
+
+
+def load_model(path: str, args, trainable: bool = False):
+    """A causal LM, dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained: a trained one in
+    float32 (the optimizer's master weights), a frozen one in bf16 when --bf16 on CUDA (it computes in bf16 anyway)."""
+    from transformers import AutoModelForCausalLM
+
+    bf16 = args.bf16 and DEVICE.type == "cuda" and not trainable
+    model = AutoModelForCausalLM.from_pretrained(local(path), dtype=torch.bfloat16 if bf16 else torch.float32)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) or hasattr(m, "attention_dropout"):
+            m.p = m.attention_dropout = 0.0
+    if trainable and args.gradient_checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    return model.to(DEVICE).train(trainable).requires_grad_(trainable)
+
+
+def shard(model, args):
+    """Under torchrun, FSDP2 (each decoder layer, then the root): weights, gradients and AdamW state are split over
+    the ranks; on CUDA bf16 weights in compute with float32 gradient reductions. One process: the model as it is."""
+    if not dist.is_initialized():
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if args.bf16 and DEVICE.type == "cuda" else None
+    kw = {"reshard_after_forward": args.reshard_after_forward, "mp_policy": mp or MixedPrecisionPolicy()}
+    layers = {n for m in model.modules() for n in getattr(m, "_no_split_modules", None) or []}
+    for m in [m for m in model.modules() if type(m).__name__ in layers]:
+        fully_shard(m, **kw)
+    return fully_shard(model, **kw)
+
+
+@contextlib.contextmanager
+def gathered(model, args):
+    """FSDP2: all-gather the weights once for a whole inference phase (a rollout, log-probs, an eval) rather than per
+    layer at every forward; no collective inside it, so ranks may run different numbers of forwards. Costs the
+    full weights' memory meanwhile. Anything else: nothing to do."""
+    sharded = [m for m in model.modules() if hasattr(m, "unshard")] if model is not None else []
+    for m in sharded:
+        m.unshard()
+    if sharded:
+        model.set_reshard_after_forward(False)
+    yield
+    if sharded:
+        model.set_reshard_after_forward(args.reshard_after_forward)
+        for m in sharded:
+            m.reshard()
+
+
+def local(path: str) -> str:
+    """A relative path that does not exist here is read from the repository root (the shipped tiny models)."""
+    if not os.path.exists(path) and os.path.exists(os.path.join(ROOT, path)):
+        return os.path.join(ROOT, path)
+    if not os.path.exists(path) and (os.path.isabs(path) or path.startswith(".") or path.count("/") > 1):
+        raise UserError(f"{path}: no such local folder (nor a hub id)")
+    return path
+
+
+class Run:
+    """The task and its prompts, processes, the run folder (created exclusively), checkpoints and resume,
+    metrics, the progress bar and the stop signals (SIGTERM, SIGINT: finish the step, save, exit 143)."""
+
+    def __init__(self, args):
+        import transformers
+
+        global DEVICE
+        self.args, self.world, self.rank = args, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+        cuda, self.stop = args.cuda and torch.cuda.is_available(), []
+        DEVICE = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+        args.bf16 = cuda if args.bf16 is None else args.bf16
+        self.task = load_task(args.task, args.train_file, args.eval_file, args.prompt_field, args.answer_field)
+        if args.max_prompt_length is None:  # task defaults (0 is refused by check_args, not replaced)
+            args.max_prompt_length = self.task.max_prompt_length
+        if args.max_new_tokens is None:
+            args.max_new_tokens = self.task.max_new_tokens
+        check_args(args, self.world)
+        name = args.run_name or f"{self.task.name}__{args.exp_name}__{args.seed}__{int(time.time())}_{os.getpid()}"
+        self.run_dir, self.checkpoint = args.resume or os.path.join(args.output_dir, name), None
+        if args.resume:
+            found = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*")))
+            for tmp in [c for c in found if c.endswith(".tmp")]:
+                print(f"warning: skipping {tmp}, an interrupted save", file=sys.stderr)
+            self.checkpoint = ([c for c in found if not c.endswith(".tmp")] or [None])[-1]
+            if self.checkpoint is None:
+                raise UserError(f"{self.run_dir} has no checkpoint yet: delete it and start again")
+        elif os.path.exists(self.run_dir):
+            raise UserError(f"{self.run_dir} already exists: --resume it, or choose another --run_name")
+        else:
+            os.makedirs(args.output_dir, exist_ok=True)  # a read-only or file --output_dir fails here, before loading
+        if self.world > 1:
+            if cuda:
+                torch.cuda.set_device(DEVICE)
+            dist.init_process_group("nccl" if cuda else "gloo")
+        torch.manual_seed(args.seed)  # TRY NOT TO MODIFY: every other random draw is seed_of(args, step, ...)
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        if self.rank == 0:
+            print(f"loading {args.model_name_or_path}", flush=True)
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(local(args.model_name_or_path))
+            config = transformers.AutoConfig.from_pretrained(local(args.model_name_or_path))
+        except OSError as e:
+            raise UserError(f"could not load {args.model_name_or_path!r}: {str(e).strip().splitlines()[0]}") from None
+        if args.max_prompt_length + args.max_new_tokens > getattr(config, "max_position_embeddings", math.inf):
+            raise UserError(
+                f"--max_prompt_length + --max_new_tokens > the model's {config.max_position_embeddings} positions"
+            )
+        self.tokenizer.pad_token = self.tokenizer.pad_token or self.tokenizer.eos_token
+        limit, template, evals = args.max_prompt_length, args.chat_template, self.task.eval[: args.eval_num_prompts]
+        self.train_prompts = encode_prompts(self.tokenizer, self.task.train, template, limit, "train")
+        self.eval_prompts = encode_prompts(self.tokenizer, evals, template, limit, "eval")
+        self.eval_answers = [e.answer for e in evals]
+        if args.prompts_per_step > len(self.train_prompts):
+            raise UserError(f"--prompts_per_step {args.prompts_per_step} > {len(self.train_prompts)} training prompts")
+
+    def start(self, policy, evaluate):
+        """Wrap the trained model for data parallelism, make AdamW (restored when resuming), create the run folder
+        (exclusively: two runs never share one) and its log, evaluate at step 0. Returns (model, optimizer)."""
+        args, self.evaluate, self.writers = self.args, evaluate, []
+        self.model = shard(policy, args)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), args.learning_rate, weight_decay=args.weight_decay)
+        self.state = {"step": 0, "elapsed_s": 0.0, "prompts_seen": 0}
+        if self.checkpoint:
+            self.state = torch.load(os.path.join(self.checkpoint, "trainer_state.pt"), "cpu", weights_only=False)
+            set_optimizer_state_dict(self.model, self.optimizer, self.state.pop("optimizer"), options=FULL_STATE)
+            for group in self.optimizer.param_groups:  # --weight_decay may change on resume
+                group["weight_decay"] = args.weight_decay
+        self.log_path = os.path.join(self.run_dir, "metrics.jsonl")
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=bool(args.resume))
+            with open(os.path.join(self.run_dir, "args.json"), "w") as f:
+                json.dump(asdict(args) | {"resume": None}, f, indent=1)
+            rows = open(self.log_path).readlines() if os.path.exists(self.log_path) else []
+            with open(self.log_path, "w") as f:  # what was logged after the checkpoint is logged again
+                f.writelines(r for r in rows if json.loads(r)["step"] <= self.state["step"])
+            self.writers = make_writers(args, self.run_dir) if args.track else []
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, lambda signum, _: self.stop.append(signal.Signals(signum).name))
+        self.t0 = time.time() - self.state["elapsed_s"]
+        if self.state["step"] == 0:
+            self.log(0, self.eval())
+        self.bar = tqdm.tqdm(total=args.total_steps, initial=self.state["step"], disable=self.rank > 0)
+        return self.model, self.optimizer
+
+    def steps(self):
+        for self.step in range(self.state["step"] + 1, self.args.total_steps + 1):
+            self.clock = {"start": time.time(), "last": time.time()}
+            yield self.step
+
+    def prompts(self, step: int):
+        """This rank's share of the step's prompts, one draw from (seed, step) on every rank."""
+        draw = np.random.default_rng(seed_of(self.args, step)).permutation(len(self.train_prompts))
+        return draw[: self.args.prompts_per_step][self.rank :: self.world]
+
+    def sampler(self, step: int):
+        return torch.Generator(DEVICE).manual_seed(seed_of(self.args, step, self.rank))
+
+    def timer(self, name: str) -> None:
+        self.clock[f"perf/{name}_s"], self.clock["last"] = time.time() - self.clock["last"], time.time()
+
+    def eval(self) -> dict:
+        step = getattr(self, "step", 0)
+        if self.rank == 0:
+            print(f"step {step}: evaluating", flush=True)
+        metrics, shown = self.evaluate()
+        if self.rank == 0 and shown:
+            with open(os.path.join(self.run_dir, "completions.jsonl"), "a") as f:
+                f.writelines(json.dumps({"step": step} | row) + "\n" for row in shown)
+        return metrics
+
+    def log(self, step: int, metrics: dict) -> None:
+        if self.rank == 0:
+            row = {"step": step, "time_s": round(time.time() - self.t0, 3)}
+            row |= {k: v if math.isfinite(v) else None for k, v in metrics.items()}  # JSON has no NaN
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            for write in self.writers:
+                write(step, metrics)
+
+    def end_step(self, step: int, batch: dict, metrics: dict) -> None:
+        """Counters, the eval when due, the metrics row, a checkpoint every --save_every steps, at the end, or on
+        SIGTERM / SIGINT (which then stops the run)."""
+        args, n, elapsed = self.args, len(batch["completion_ids"]) * self.world, time.time() - self.clock["start"]
+        tokens, cut = all_reduce(torch.stack([batch["completion_mask"].sum(), batch["truncated"].sum()]).double())
+        self.state["prompts_seen"] += args.prompts_per_step
+        metrics |= {k: v for k, v in self.clock.items() if "/" in k} | {"perf/step_s": elapsed}
+        metrics |= {"charts/tokens_per_s": tokens.item() / elapsed, "charts/completion_len_mean": tokens.item() / n}
+        metrics |= {"charts/truncated_frac": cut.item() / n, "charts/prompts_seen": self.state["prompts_seen"]}
+        metrics["charts/learning_rate"] = self.optimizer.param_groups[0]["lr"]
+        if (args.eval_every and step % args.eval_every == 0) or step == args.total_steps:
+            metrics |= self.eval()
+        self.log(step, metrics)
+        self.bar.update()
+        stop = all_reduce(torch.tensor(len(self.stop), device=DEVICE)).item() > 0 and step < args.total_steps
+        if step == args.total_steps or stop or (args.save_every and step % args.save_every == 0):
+            self.save(step)
+        if stop:
+            why = self.stop[0] if self.stop else "a signal on another rank"
+            raise Stop(f"{why}: checkpoint of step {step} saved; continue with --resume {self.run_dir}")
+
+    def save(self, step: int) -> None:
+        """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt (optimizer, counters),
+        written as step_N.tmp then renamed (never half-written); only the newest --keep_last are kept; `final`
+        links to the last one."""
+        self.state |= {"step": step, "elapsed_s": time.time() - self.t0}
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=FULL_STATE)
+        path = os.path.join(self.run_dir, "checkpoints", f"step_{step:06d}")
+        if self.rank == 0:
+            try:
+                getattr(self.model, "module", self.model).save_pretrained(path + ".tmp", state_dict=model_sd)
+                self.tokenizer.save_pretrained(path + ".tmp")
+                torch.save(self.state | {"optimizer": optim_sd}, os.path.join(path + ".tmp", "trainer_state.pt"))
+                os.replace(path + ".tmp", path)
+            except OSError as e:
+                shutil.rmtree(path + ".tmp", ignore_errors=True)
+                raise UserError(f"could not save {path}: {e.strerror or e}") from None
+            older = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*[0-9]")))[:-1]
+            for old in older[: max(0, len(older) + 1 - self.args.keep_last)] if self.args.keep_last else []:
+                shutil.rmtree(old)
+            if step == self.args.total_steps:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.run_dir, "final"))
+                os.symlink(os.path.relpath(path, self.run_dir), os.path.join(self.run_dir, "final"))
+        if self.world > 1:
+            dist.barrier()
+
+
+def make_writers(args, run_dir: str) -> list:
+    """--track: TensorBoard, mirrored to W&B, each when installed."""
+    with contextlib.suppress(ImportError):
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name, name=os.path.basename(run_dir), config=asdict(args), sync_tensorboard=True
+        )
+    with contextlib.suppress(ImportError):
         from torch.utils.tensorboard import SummaryWriter
 
         tb = SummaryWriter(run_dir)
-        tb.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-        writers.append(lambda step, m: [tb.add_scalar(k, v, step) for k, v in m.items()])
-    except ImportError:
-        print("warning: --track: tensorboard is not installed, skipping TensorBoard")
-    try:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=args.run_name, config=asdict(args),
-                   dir=run_dir)
-        writers.append(lambda step, m: wandb.log(m, step=step))
-    except ImportError:
-        print("warning: --track: wandb is not installed, skipping W&B")
-    return writers
+        return [lambda step, metrics: [tb.add_scalar(k, v, step) for k, v in metrics.items()]]
+    return []
 
 
 if __name__ == "__main__":

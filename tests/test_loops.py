@@ -271,8 +271,7 @@ def pmd_expected(algo, args, rows, rollout, init, iterations):
 
     def loss_fn(model):
         lp = token_logprobs(model, rows)
-        return algo.pmd_loss(lp, lp_old, mask, adv, args.tau, args.length_norm, args.max_new_tokens,
-                             float(len(rows)), float(mask.sum()))
+        return algo.pmd_loss(lp, lp_old, mask, adv, args, float(len(rows)), float(mask.sum()))
 
     return loss_fn, {"reward_mean": float(rewards_of(rows).mean())}
 
@@ -295,8 +294,7 @@ def a_star_po_expected(algo, args, rows, rollout, init, iterations, run_dir=None
         lsm = [(lg / T).log_softmax(-1) for lg in row_logits(model, rows)]
         lp = padded([x.gather(-1, torch.tensor(c)[:, None]).squeeze(-1) for x, (_, c) in zip(lsm, rows)])
         entropy_sum = sum(-(x.exp() * x).sum() for x in lsm)
-        return algo.a_star_po_loss(lp, lp_ref, mask, v_hat, rewards, beta2=args.beta2, entropy_sum=entropy_sum,
-                                   entropy_coef=args.entropy_coef, num_prompts=float(len(rows)), num_tokens=n_tok)
+        return algo.a_star_po_loss(lp, lp_ref, mask, v_hat, rewards, entropy_sum, args, float(len(rows)), n_tok)
 
     return loss_fn, {"reward_mean": float(rewards.mean())}
 

@@ -540,8 +540,9 @@ def main() -> None:
     code = 0
     try:
         saved = json.load(open(os.path.join(resume[0], "args.json"))) if resume else None
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in (saved or {}).items()}  # JSON lists: tuples
         args = tyro.cli(Args, default=Args(**saved) if saved else None, use_underscores=True)
-        for k, v in json.loads(json.dumps(asdict(args))).items() if saved else []:
+        for k, v in asdict(args).items() if saved else []:
             if v != saved[k] and k not in RESUMABLE:
                 raise UserError(f"--{k} cannot change when resuming (the run has {saved[k]!r}); start a new run")
         train(args)
@@ -623,8 +624,10 @@ def load_model(path: str, args, trainable: bool = False):
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout) or hasattr(m, "attention_dropout"):
             m.p = m.attention_dropout = 0.0
-    if trainable and args.gradient_checkpointing:
-        model.gradient_checkpointing_enable({"use_reentrant": False})
+    if trainable and args.gradient_checkpointing:  # transformers >= 5.2x renamed it activation checkpointing
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)(
+            {"use_reentrant": False}
+        )
     return model.to(DEVICE).train(trainable).requires_grad_(trainable)
 
 

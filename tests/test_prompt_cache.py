@@ -11,7 +11,8 @@ import torch
 from common import TINY_POLICY
 from tests.harness import SCRIPTS, load_algorithm, max_abs
 
-CACHED = [s for s in SCRIPTS if hasattr(load_algorithm(s), "prefill")]
+CACHED = [s for s in SCRIPTS if hasattr(load_algorithm(s), "batched_logprobs")]  # prompt-cached log-probs
+SAMPLERS = [s for s in SCRIPTS if hasattr(load_algorithm(s), "sample_batch")] + ["q_sharp"]
 PROMPTS = ("12+34=", "5+6=", "99+99=", "7+80=")
 G, H = 3, 5
 
@@ -43,18 +44,24 @@ def reference_sample(model, prompt_rows, uniforms, eos):
     return out
 
 
-@pytest.mark.parametrize("name", CACHED)
+@pytest.mark.parametrize("name", SAMPLERS)
 def test_compacting_sampler_draws_the_same_tokens_from_the_same_noise(name):
     """Row compaction (finished rows leave the batch) and the shared prefill change nothing: given the same noise,
-    the sampler returns exactly the tokens of a plain full-forward sampler. Negative control: other noise."""
-    algo, model, _, args, tok, prompts = setup(name)
+    the sampler returns exactly the tokens of a plain full-forward sampler (Q#: its own sampler of pi_ref, whose
+    per-sample noise makes its data independent of the world size). Negative control: other noise."""
+    algo, model, _, args, tok, prompts = setup(name if name != "q_sharp" else "grpo")
+    algo = load_algorithm(name)
     u = torch.rand(len(prompts), H, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     eos = torch.tensor([tok.eos_token_id])
     with torch.no_grad():
-        batch = algo.sample_batch(model, prompts, args, eos, tok.pad_token_id, uniforms=u)
+        if name == "q_sharp":
+            ids, mask, _ = algo.sample(model, None, prompts, u, "ref", 1.0, args, None, eos, tok.pad_token_id)
+        else:
+            batch = algo.sample_batch(model, prompts, args, eos, tok.pad_token_id, uniforms=u)
+            ids, mask = batch["completion_ids"], batch["completion_mask"]
         want = reference_sample(model, prompts, u, eos)
         other = reference_sample(model, prompts, u.flip(0), eos)
-    got = [row[m.bool()].tolist() for row, m in zip(batch["completion_ids"], batch["completion_mask"])]
+    got = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
     assert got == want and any(len(w) < H for w in want) and any(len(w) > 1 for w in want)  # rows finish early
     assert got != other
 

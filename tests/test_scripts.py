@@ -128,7 +128,7 @@ def test_generation_uses_the_kv_cache_under_gradient_checkpointing():
     for checkpointing in (False, True):
         args = grpo.Args(max_new_tokens=4, gradient_checkpointing=checkpointing, bf16=False)
         model = grpo.load_model(TINY_POLICY, args, trainable=True)
-        assert model.is_gradient_checkpointing == checkpointing
+        assert getattr(model, "is_activation_checkpointing", model.is_gradient_checkpointing) == checkpointing
         batch = grpo.sample_batch(model, prompts, args, eos, tok.pad_token_id, torch.Generator().manual_seed(0))
         assert model.training  # mode restored
         outs.append(batch["completion_ids"])

@@ -388,7 +388,8 @@ def read_value_cache(path: str, meta: dict):
     if not lines or lines[0].get("meta") != meta:
         found = lines[0].get("meta") if lines else "empty"
         raise UserError(
-            f"--value_cache {path} was written with other settings ({found} vs {meta}); remove it or choose another path"
+            f"--value_cache {path} was written with other settings ({found} vs {meta}); remove it or choose another "
+            "path"
         )
     rows = sorted(lines[1:], key=lambda r: r["prompt_id"])
     if [r["prompt_id"] for r in rows] != list(range(meta["num_prompts"])):
@@ -641,8 +642,10 @@ class Run:
                 raise UserError(f"{self.run_dir} has no checkpoint yet: delete it and start again")
         elif os.path.exists(self.run_dir):
             raise UserError(f"{self.run_dir} already exists: --resume it, or choose another --run_name")
-        else:
-            os.makedirs(args.output_dir, exist_ok=True)  # a read-only or file --output_dir fails here, before loading
+        else:  # a read-only or file --output_dir fails here, before any model loads
+            os.makedirs(args.output_dir, exist_ok=True)
+            if not os.access(args.output_dir, os.W_OK):
+                raise UserError(f"--output_dir {args.output_dir} is not writable")
         if self.world > 1:
             if cuda:
                 torch.cuda.set_device(DEVICE)

@@ -1,5 +1,6 @@
 # docs: docs/pmd_mean.md
-# PMD-mean: "Approximation of Log-Partition Function in Policy Mirror Descent Induces Implicit Regularization for LLM Post-Training" (arXiv 2602.05933).
+# PMD-mean: "Approximation of Log-Partition Function in Policy Mirror Descent Induces Implicit Regularization for
+# LLM Post-Training" (arXiv 2602.05933).
 """Policy mirror descent with the mean-reward approximation of the log-partition function, in one file.
 
 Each rollout step is one mirror-descent step anchored at the rollout policy pi_t (no reference model):
@@ -575,8 +576,10 @@ class Run:
                 raise UserError(f"{self.run_dir} has no checkpoint yet: delete it and start again")
         elif os.path.exists(self.run_dir):
             raise UserError(f"{self.run_dir} already exists: --resume it, or choose another --run_name")
-        else:
-            os.makedirs(args.output_dir, exist_ok=True)  # a read-only or file --output_dir fails here, before loading
+        else:  # a read-only or file --output_dir fails here, before any model loads
+            os.makedirs(args.output_dir, exist_ok=True)
+            if not os.access(args.output_dir, os.W_OK):
+                raise UserError(f"--output_dir {args.output_dir} is not writable")
         if self.world > 1:
             if cuda:
                 torch.cuda.set_device(DEVICE)

@@ -78,10 +78,8 @@ class Args:
     max_grad_norm: float = 5.0  # gradient-norm clip (official 5.0); 0 = none
     warmup_steps: int = 0  # linear learning-rate warm-up, in optimizer steps
     heldout_frac: float = 0.1  # share of training prompts whose examples are kept out for the held-out Q loss
-    # Q#
-    eta: float = (
-        0.1  # the paper's KL coefficient (bigger = closer to pi_ref; paper 0.1; official code's --eta is 1/eta)
-    )
+    # Q-sharp
+    eta: float = 0.1  # the paper's KL coefficient (bigger = closer to pi_ref; paper 0.1; official code's is 1/eta)
     head: Literal["v", "q"] = "q"  # v: atoms from the hidden state AT each candidate (paper); q: |V| x atoms per state
     num_atoms: int = 2  # atoms of the categorical return law; 2 on {0, 1} is the sigmoid/BCE head (official)
     v_min: float = 0.0  # smallest atom
@@ -95,22 +93,12 @@ class Args:
     eval_every: int = 1  # guided held-out eval every this many rounds (and at step 0 for pi_ref)
     eval_num_prompts: int = 500  # held-out prompts per eval
     eval_samples_per_prompt: int = 4  # samples per held-out prompt; pass@1 = mean correctness
-    eval_etas: Tuple[float, ...] = (
-        0.05,
-        0.1,
-        0.2,
-        0.3,
-        0.5,
-        1.0,
-        2.0,
-    )  # the eta sweep of Q# and CD after the last round
+    eval_etas: Tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)  # eta sweep of Q-sharp and CD at the end
     eval_cd: bool = True  # also evaluate CD, pi_ref e^{E[R|s,a]/eta}, from the same Q model
     log_completions: int = 0  # held-out (prompt, completion, reward) rows per eval written to completions.jsonl
     save_every: int = 1  # checkpoint every this many rounds (the last is always saved)
     keep_last: int = 0  # keep only the newest this many checkpoints (0 = all)
-    resume: Optional[str] = (
-        None  # a run folder to continue (Q model, optimizer, collected data); it keeps writing there
-    )
+    resume: Optional[str] = None  # a run folder to continue (Q model, optimizer, data); it keeps writing there
     bf16: Optional[bool] = None  # bf16 autocast of forwards (weights and optimizer stay float32); default: on CUDA
     gradient_checkpointing: bool = False  # trade compute for memory on real Q models
     reshard_after_forward: bool = True  # under torchrun (FSDP2): free gathered weights after each forward (ZeRO-3)
@@ -468,11 +456,12 @@ def train_q_epoch(model, optimizer, examples: list, run, atoms, eos, seed: int) 
         mine = perm[s * qb : (s + 1) * qb][run.rank * qb // run.world : (run.rank + 1) * qb // run.world]
         micro = [mine[i : i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
         for k, idx in enumerate(micro):
-            with model.no_sync() if k < len(micro) - 1 and run.world > 1 else contextlib.nullcontext():
-                batch = q_batch([examples[i] for i in idx], run, atoms, eos)
-                with autocast(args):
-                    loss = dist_loss(q_log_pmf(model, batch), batch["bins"], batch["targets"], qb)
-                (loss * run.world).backward()
+            if run.world > 1:  # FSDP2: reduce-scatter the gradients once per step, after its last micro-batch
+                model.set_requires_gradient_sync(k == len(micro) - 1)
+            batch = q_batch([examples[i] for i in idx], run, atoms, eos)
+            with autocast(args):
+                loss = dist_loss(q_log_pmf(model, batch), batch["bins"], batch["targets"], qb)
+            (loss * run.world).backward()
             total += loss.item()
         optimizer_step(model, optimizer, args)
     return all_reduce(torch.tensor(total, dtype=torch.float64, device=DEVICE)).item() / steps
@@ -560,7 +549,8 @@ def train(args: Args) -> None:
             != run.tokenizer.get_vocab()
         ):
             raise UserError(
-                f"--q_model_name_or_path {args.q_model_name_or_path!r} has another tokenizer than pi_ref; the Q model scores pi_ref's tokens, so the vocabularies must be identical"
+                f"--q_model_name_or_path {args.q_model_name_or_path!r} has another tokenizer than pi_ref: the Q model "
+                "scores pi_ref's tokens, so the vocabularies must be identical"
             )
     torch.manual_seed(args.seed)  # the head is the only new parameter: the same on every rank
     qmodel = QModel(
@@ -793,8 +783,10 @@ class Run:
                 raise UserError(f"{self.run_dir} has no checkpoint yet: delete it and start again")
         elif os.path.exists(self.run_dir):
             raise UserError(f"{self.run_dir} already exists: --resume it, or choose another --run_name")
-        else:
-            os.makedirs(args.output_dir, exist_ok=True)  # a read-only or file --output_dir fails here, before loading
+        else:  # a read-only or file --output_dir fails here, before any model loads
+            os.makedirs(args.output_dir, exist_ok=True)
+            if not os.access(args.output_dir, os.W_OK):
+                raise UserError(f"--output_dir {args.output_dir} is not writable")
         if self.world > 1:
             if cuda:
                 torch.cuda.set_device(DEVICE)

@@ -636,8 +636,10 @@ class Run:
                 raise UserError(f"{self.run_dir} has no checkpoint yet: delete it and start again")
         elif os.path.exists(self.run_dir):
             raise UserError(f"{self.run_dir} already exists: --resume it, or choose another --run_name")
-        else:
-            os.makedirs(args.output_dir, exist_ok=True)  # a read-only or file --output_dir fails here, before loading
+        else:  # a read-only or file --output_dir fails here, before any model loads
+            os.makedirs(args.output_dir, exist_ok=True)
+            if not os.access(args.output_dir, os.W_OK):
+                raise UserError(f"--output_dir {args.output_dir} is not writable")
         if self.world > 1:
             if cuda:
                 torch.cuda.set_device(DEVICE)

@@ -581,6 +581,6 @@ def test_github_anchor_rules():
 
 def test_bool_fields_give_no_flags():
     flags = script_flags("grpo")
-    assert {"prompt_cache", "no_prompt_cache", "kl_importance_weight", "no_kl_importance_weight"} <= flags
+    assert {"chat_template", "no_chat_template", "kl_importance_weight", "no_kl_importance_weight"} <= flags
     assert "bf16" in flags and "no_bf16" not in flags  # Optional[bool]: `--bf16 {None,True,False}`
     assert "no_beta" not in flags

@@ -2,6 +2,7 @@
 uninterrupted run bit for bit; the same seed gives the same run, another seed other samples; bad input gives a
 one-line error, a non-zero exit and writes nothing (the table at the bottom)."""
 
+import math
 import os
 import signal
 import time
@@ -98,12 +99,26 @@ SPLIT = {  # a batch that cannot be split as asked (N/A: the script has no such 
 NONFINITE = {  # flags that make an update non-finite (default: a learning rate of 1e30). DPO: after a 1e30 step
     "dpo_kl": ["--loss", "ipo", "--beta", "1e-30"],  # no prompt has a pair (an honest 0 loss); IPO's 1/(2 beta) overflows
 }
-MISMATCH = {"q_sharp": "--q_model_name_or_path", "gkd": "--teacher_name_or_path"}  # a second model that must share the tokenizer
+MISMATCH = {"q_sharp": "--q_model_name_or_path", "gkd": "--teacher_name_or_path"}
+ALGO_CASES = {  # values that make no sense for one algorithm's math
+    "grpo": {"negative beta": (["--beta", "-0.1"], "--beta must be >= 0")},
+    "rpg_fkl": {"negative beta": (["--beta", "-0.1"], "--beta must be >= 0")},
+    "rpg_rkl": {"negative beta": (["--beta", "-0.1"], "--beta must be >= 0")},
+    "pmd_mean": {"zero tau": (["--tau", "0"], "--tau must be > 0")},
+    "a_star_po": {"zero beta2": (["--beta2", "0"], "--beta2 must be > 0")},
+    "dpo_kl": {"zero beta": (["--beta", "0"], "--beta must be > 0")},
+    "gkd": {"beta above 1": (["--beta", "1.5"], "--beta")},
+    "q_sharp": {"zero eta": (["--eta", "0"], "--eta must be > 0")},
+}  # a second model that must share the tokenizer
 
 
 def bad_cases(script, tmp):
     def write(name, text):
         (tmp / name).write_text(text)
+        return str(tmp / name)
+
+    def write_bytes(name, data):
+        (tmp / name).write_bytes(data)
         return str(tmp / name)
 
     cases = {
@@ -116,6 +131,20 @@ def bad_cases(script, tmp):
                            "--eval_file", write("ok2.jsonl", GOOD)], "empty dataset"),
         "prompt too long": (["--max_prompt_length", "4"], "> --max_prompt_length 4"),
         "non-finite loss": (NONFINITE.get(script, ["--learning_rate", "1e30"]), "stopping without saving"),
+        "negative learning rate": (["--learning_rate", "-1e-4"], "--learning_rate must be >= 0"),
+        "negative grad clip": (["--max_grad_norm", "-1"], "--max_grad_norm must be >= 0"),
+        "zero new tokens": (["--max_new_tokens", "0"], "--max_new_tokens must be > 0"),
+        "zero prompt length": (["--max_prompt_length", "0"], "--max_prompt_length must be > 0"),
+        "longer than the model": (["--max_new_tokens", "600"], "the model's 512 positions"),
+        "zero temperature": (["--temperature", "0"], "--temperature must be > 0"),
+        "output dir is a file": (["--output_dir", write("a_file", "x")], "a_file"),
+        "non-utf8 jsonl": (["--task", "jsonl", "--train_file", write_bytes("latin.jsonl", GOOD.encode() + b'{"prompt": "\xe9"}\n'),
+                            "--eval_file", write("ok3.jsonl", GOOD)], "latin.jsonl:2: not UTF-8"),
+        "empty answer": (["--task", "jsonl", "--train_file", write("hash.jsonl", GOOD + '{"prompt": "2+2=", "answer": "4 ####"}\n'),
+                          "--eval_file", write("ok4.jsonl", GOOD)], "hash.jsonl:2: the answer"),
+        "data file is a directory": (["--task", "jsonl", "--train_file", str(tmp), "--eval_file", write("ok5.jsonl", GOOD)],
+                                     "is a directory"),
+        **ALGO_CASES.get(script, {}),
     }
     if script in SPLIT:
         cases["batch split"] = SPLIT[script]
@@ -148,14 +177,27 @@ def assert_one_line_error(code, message, err=""):
 
 
 CASE_NAMES = ["unknown flag value", "unknown task", "missing local model", "malformed jsonl", "empty dataset",
-              "prompt too long", "non-finite loss", "batch split", "tokenizer mismatch"]
+              "prompt too long", "non-finite loss", "batch split", "tokenizer mismatch", "negative learning rate",
+              "negative grad clip", "zero new tokens", "zero prompt length", "longer than the model",
+              "zero temperature", "output dir is a file", "non-utf8 jsonl", "empty answer", "data file is a directory"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_non_finite_reward_stops_the_run(tmp_path, script, capsys, monkeypatch):
+    """A reward function that returns NaN for one completion: one line naming it, before it reaches a loss or a
+    histogram (Q# used to bin NaN into an atom, DPO-KL to crash in the pair builder)."""
+    import common.tasks
+
+    monkeypatch.setattr(common.tasks, "exact_match_reward", lambda c, a: math.nan if c.strip() == a else 0.0)
+    code, err = run_in_process(script, [*tiny_flags(script), "--output_dir", str(tmp_path)], capsys)
+    assert_one_line_error(code, "returned nan for the completion", err)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bad_input_table(tmp_path, script, capsys):
     """Every case of the table for this script (cases that do not apply to it are listed in SPLIT / MISMATCH)."""
     cases = bad_cases(script, tmp_path)
-    assert set(cases) <= set(CASE_NAMES)
+    assert set(cases) <= set(CASE_NAMES) | set(ALGO_CASES.get(script, {}))
     for name, (flags, message) in cases.items():
         out = tmp_path / f"runs_{name.replace(' ', '_')}"
         code, err = run_in_process(script, [*tiny_flags(script), "--output_dir", str(out), *flags], capsys)

@@ -402,25 +402,28 @@ def micro_loss(lsm, batch: dict, rows, args, num_seqs, num_tokens):
 
 
 def update_policy(model, optimizer, batch: dict, args, step: int) -> dict:
-    """num_iterations passes x num_minibatches optimizer steps over this rank's rollout. The sequence and token
-    counts of a mini-batch are all-reduced BEFORE its loss is formed (global normalizers) and every rank
-    backpropagates loss x world size (FSDP averages), so the update does not depend on the number of ranks or
-    micro-batches. Returns the global metrics."""
-    world, stats, mask = dist.get_world_size() if dist.is_initialized() else 1, [], batch["loss_mask"]
+    """num_iterations passes x num_minibatches optimizer steps over the rollout. A mini-batch is a set of GLOBAL
+    rows (one permutation on every rank; each rank trains its own rows of it), and its sequence and token counts
+    are all-reduced BEFORE its loss is formed; every rank backpropagates loss x world size (FSDP averages). So the
+    update does not depend on the number of ranks or micro-batches. Returns the global metrics."""
+    world, rank, stats, mask = *world_rank(), [], batch["loss_mask"]
     for it in range(args.num_iterations):
-        shuffle = torch.Generator().manual_seed(seed_of(args, step, it))  # the same mini-batches on every rank
-        for mb in torch.randperm(len(mask), generator=shuffle).to(DEVICE).tensor_split(args.num_minibatches):
+        shuffle = torch.Generator().manual_seed(seed_of(args, step, it))
+        for mb in torch.randperm(len(mask) * world, generator=shuffle).to(DEVICE).tensor_split(args.num_minibatches):
+            mb = mb[(mb // len(mask)) == rank] % len(mask)  # this rank's rows of the global mini-batch
             counts = all_reduce(torch.stack([(mask[mb].sum(-1) > 0).sum(), mask[mb].sum()]).double()).tolist()
             micro = mb.split(args.micro_batch_size)
-            for k, rows in enumerate(micro):
+            n = int(all_reduce(torch.tensor(len(micro), device=DEVICE), dist.ReduceOp.MAX))  # FSDP: lockstep
+            for k in range(n):
+                rows = micro[k] if k < len(micro) else mask.new_zeros(1, dtype=torch.long)  # else: weight 0
                 if world > 1:  # FSDP2: reduce-scatter the gradients once per mini-batch, after its last micro-batch
-                    model.set_requires_gradient_sync(k == len(micro) - 1)
+                    model.set_requires_gradient_sync(k == n - 1)
                 with autocast(args):
                     lsm = completion_log_softmax(model, batch, rows, args.temperature, not args.gradient_checkpointing)
                 loss, s = micro_loss(lsm, batch, rows, args, *counts)
-                (loss * world).backward()
+                (loss * world * (k < len(micro))).backward()
                 entropy = (-(lsm.exp() * lsm).sum(-1) * mask[rows, : lsm.shape[1]]).sum() / max(counts[1], 1)
-                stats.append(s | {"entropy": entropy.detach()})
+                stats += [s | {"entropy": entropy.detach()}] if k < len(micro) else [{}]
             stats[-1] |= optimizer_step(model, optimizer, args)
     return reduce_stats(stats, args.num_iterations * args.num_minibatches)
 
@@ -538,6 +541,10 @@ def check_numbers(args, positive: tuple) -> None:
 def seed_of(args, *keys) -> int:
     """The seed of one random draw, from (--seed, step, ...): every step is reproducible on its own."""
     return int(np.random.SeedSequence([args.seed, *[k % 2**31 for k in keys]]).generate_state(1)[0])
+
+
+def world_rank() -> tuple:
+    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
 
 
 def all_reduce(x, op=dist.ReduceOp.SUM):

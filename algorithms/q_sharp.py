@@ -653,6 +653,10 @@ def seed_of(args, *keys) -> int:
     return int(np.random.SeedSequence([args.seed, *[k % 2**31 for k in keys]]).generate_state(1)[0])
 
 
+def world_rank() -> tuple:
+    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+
+
 def all_reduce(x, op=dist.ReduceOp.SUM):
     if dist.is_initialized():
         dist.all_reduce(x := x.clone(), op)

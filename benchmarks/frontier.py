@@ -25,8 +25,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALGOS = ["grpo", "rpg_fkl", "rpg_rkl", "pmd_mean", "a_star_po", "q_sharp", "dpo_kl", "gkd"]
-SWEEPS = {"grpo": ("--beta", [0.0, 0.04, 0.2]), "pmd_mean": ("--tau", [0.03, 0.1, 0.3]),
-          "dpo_kl": ("--beta", [0.05, 0.1, 0.3])}
+SWEEPS = {
+    "grpo": ("--beta", [0.0, 0.04, 0.2]),
+    "pmd_mean": ("--tau", [0.03, 0.1, 0.3]),
+    "dpo_kl": ("--beta", [0.05, 0.1, 0.3]),
+}
 
 
 def defaults(algo: str):
@@ -48,9 +51,13 @@ def summarize(run_dir: str) -> dict:
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
     final = [r for r in rows if "eval/pass@1" in r][-1]
     tps = [r["charts/tokens_per_s"] for r in rows if "charts/tokens_per_s" in r]
-    return {"pass@1": final["eval/pass@1"], "start": rows[0]["eval/pass@1"],
-            "kl": final.get("eval/kl_init_rkl_exact_seq", float("nan")), "time_s": rows[-1]["time_s"],
-            "tokens_per_s": statistics.mean(tps) if tps else float("nan")}
+    return {
+        "pass@1": final["eval/pass@1"],
+        "start": rows[0]["eval/pass@1"],
+        "kl": final.get("eval/kl_init_rkl_exact_seq", float("nan")),
+        "time_s": rows[-1]["time_s"],
+        "tokens_per_s": statistics.mean(tps) if tps else float("nan"),
+    }
 
 
 def fmt(values: list, digits: int) -> str:
@@ -82,9 +89,18 @@ def main() -> None:
             name = f"{label.replace(' ', '_').replace('=', '')}_seed{seed}"
             run_dir = os.path.join(a.out, "runs", name)
             if not os.path.exists(os.path.join(run_dir, "final")):
-                cmd = [sys.executable, os.path.join(ROOT, "algorithms", f"{algo}.py"), "--seed", str(seed),
-                       "--output_dir", os.path.join(a.out, "runs"), "--run_name", name,
-                       *budget_flags(algo, a.budget), *extra]
+                cmd = [
+                    sys.executable,
+                    os.path.join(ROOT, "algorithms", f"{algo}.py"),
+                    "--seed",
+                    str(seed),
+                    "--output_dir",
+                    os.path.join(a.out, "runs"),
+                    "--run_name",
+                    name,
+                    *budget_flags(algo, a.budget),
+                    *extra,
+                ]
                 if os.path.exists(run_dir):  # an interrupted earlier attempt: continue it
                     cmd = [sys.executable, os.path.join(ROOT, "algorithms", f"{algo}.py"), "--resume", run_dir]
                 t = time.time()
@@ -93,14 +109,19 @@ def main() -> None:
                     sys.exit(f"error: {name} failed:\n{proc.stderr[-2000:]}")
                 print(f"{name}: {time.time() - t:.0f} s", flush=True)
             results.setdefault(label, []).append(summarize(run_dir))
-    lines = [f"Budget: {a.budget:,} training prompts per run (Q#: its Q model's collection), seeds "
-             f"{', '.join(map(str, a.seeds))}; mean ± std over seeds. KL: sequence KL(π ‖ π_init), nats.", "",
-             "| algorithm | pass@1 start | pass@1 final | KL to init | wall time (s) | tokens/s |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"Budget: {a.budget:,} training prompts per run (Q#: its Q model's collection), seeds "
+        f"{', '.join(map(str, a.seeds))}; mean ± std over seeds. KL: sequence KL(π ‖ π_init), nats.",
+        "",
+        "| algorithm | pass@1 start | pass@1 final | KL to init | wall time (s) | tokens/s |",
+        "|---|---|---|---|---|---|",
+    ]
     for label, rs in results.items():
-        lines.append(f"| {label} | {fmt([r['start'] for r in rs], 3)} | {fmt([r['pass@1'] for r in rs], 3)} | "
-                     f"{fmt([r['kl'] for r in rs], 2)} | {fmt([r['time_s'] for r in rs], 0)} | "
-                     f"{fmt([r['tokens_per_s'] for r in rs], 0)} |")
+        lines.append(
+            f"| {label} | {fmt([r['start'] for r in rs], 3)} | {fmt([r['pass@1'] for r in rs], 3)} | "
+            f"{fmt([r['kl'] for r in rs], 2)} | {fmt([r['time_s'] for r in rs], 0)} | "
+            f"{fmt([r['tokens_per_s'] for r in rs], 0)} |"
+        )
     with open(os.path.join(a.out, "frontier.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -116,8 +137,14 @@ def main() -> None:
     for i, (label, rs) in enumerate(results.items()):
         color = f"C{i % 10}"
         ax.scatter([r["kl"] for r in rs], [r["pass@1"] for r in rs], color=color, alpha=0.35, s=18)
-        ax.scatter([statistics.mean(r["kl"] for r in rs)], [statistics.mean(r["pass@1"] for r in rs)], color=color,
-                   s=70, label=label, edgecolors="black")
+        ax.scatter(
+            [statistics.mean(r["kl"] for r in rs)],
+            [statistics.mean(r["pass@1"] for r in rs)],
+            color=color,
+            s=70,
+            label=label,
+            edgecolors="black",
+        )
     start = statistics.mean(r["start"] for rs in results.values() for r in rs)
     ax.axhline(start, color="gray", ls=":", label="initial policy")
     ax.set_xlabel("sequence KL(π ‖ π_init) on held-out prompts (nats)")

@@ -36,7 +36,7 @@ def path_frontier(paths: list, offset, eta: float) -> tuple:
         tok_lp = log_ref[torch.arange(len(y)), y]
         reach, kl = 1.0, 0.0
         for t in range(len(y)):
-            p = tok_lp[t + 1:].sum().exp()  # P(R = 1 | prefix, y*_t) under pi_ref
+            p = tok_lp[t + 1 :].sum().exp()  # P(R = 1 | prefix, y*_t) under pi_ref
             g = log_ref[t].clone()
             g[y[t]] += offset(p, eta)
             g = torch.log_softmax(g, -1)
@@ -56,8 +56,9 @@ def calibration(paths: list, prompts: list, q_dir: str) -> None:
     sys.modules["q_sharp"] = qs
     spec.loader.exec_module(qs)
     V = paths[0][0].shape[-1]
-    qmodel = qs.QModel(qs.load_model(os.path.join(q_dir, "q_backbone"), "cpu", trainable=False, backbone_only=True),
-                       "q", 2, V)
+    qmodel = qs.QModel(
+        qs.load_model(os.path.join(q_dir, "q_backbone"), "cpu", trainable=False, backbone_only=True), "q", 2, V
+    )
     qmodel.head.load_state_dict(torch.load(os.path.join(q_dir, "head.pt")))
     qmodel = qmodel.double().eval()
     p_hat, p_true, w = [], [], []
@@ -68,22 +69,26 @@ def calibration(paths: list, prompts: list, q_dir: str) -> None:
             tok_lp = log_ref[torch.arange(len(y)), y]
             for t in range(len(y)):
                 exact = torch.zeros(V, dtype=torch.float64)
-                exact[y[t]] = tok_lp[t + 1:].sum().exp()
+                exact[y[t]] = tok_lp[t + 1 :].sum().exp()
                 p_hat.append(log_pmf[len(prompt) - 1 + t, :, 1].exp())
                 p_true.append(exact)
                 w.append(log_ref[t].exp())
     p_hat, p_true, w = torch.cat(p_hat), torch.cat(p_true), torch.cat(w)
     mean = lambda x, m: ((w * x)[m].sum() / w[m].sum()).item()  # noqa: E731
     right = p_true > 0
-    print(f"\nQ model {q_dir}: along y*, pi_ref-weighted. correct next token: p_hat {mean(p_hat, right):.3f} vs "
-          f"exact {mean(p_true, right):.3f}; wrong next tokens: p_hat {mean(p_hat, ~right):.3f} vs exact 0")
+    print(
+        f"\nQ model {q_dir}: along y*, pi_ref-weighted. correct next token: p_hat {mean(p_hat, right):.3f} vs "
+        f"exact {mean(p_true, right):.3f}; wrong next tokens: p_hat {mean(p_hat, ~right):.3f} vs exact 0"
+    )
     print("| p_hat bin | pi_ref mass | mean p_hat | mean exact p |\n|---|---|---|---|")
     edges = [0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0 + 1e-9]
     for lo, hi in zip(edges[:-1], edges[1:]):
         m = (p_hat >= lo) & (p_hat < hi)
         if m.any():
-            print(f"| [{lo:g}, {min(hi, 1):g}) | {(w[m].sum() / w.sum()).item():.3f} | {mean(p_hat, m):.3f} | "
-                  f"{mean(p_true, m):.3f} |")
+            print(
+                f"| [{lo:g}, {min(hi, 1):g}) | {(w[m].sum() / w.sum()).item():.3f} | {mean(p_hat, m):.3f} | "
+                f"{mean(p_true, m):.3f} |"
+            )
 
 
 def main() -> None:
@@ -104,7 +109,7 @@ def main() -> None:
             prompt = tok(ex.prompt)["input_ids"]
             prompts.append(prompt)
             y = (tok(ex.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])[: a.max_new_tokens]
-            logits = model(torch.tensor([prompt + y])).logits[0, len(prompt) - 1: len(prompt) - 1 + len(y)]
+            logits = model(torch.tensor([prompt + y])).logits[0, len(prompt) - 1 : len(prompt) - 1 + len(y)]
             paths.append((torch.log_softmax(logits, -1), torch.tensor(y)))
     qsharp = lambda p, eta: torch.log1p(p * math.expm1(1 / eta))  # noqa: E731  soft Q*/eta of a Bernoulli law
     cd = lambda p, eta: p / eta  # noqa: E731

@@ -34,8 +34,17 @@ def main() -> None:
     ap.add_argument("flags", nargs="*", help="flags for the script (after --)")
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="soak_")
-    cmd = [sys.executable, os.path.join(ROOT, "algorithms", f"{a.script}.py"), "--total_steps", "1000000",
-           "--output_dir", work, "--run_name", "soak", *a.flags]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "algorithms", f"{a.script}.py"),
+        "--total_steps",
+        "1000000",
+        "--output_dir",
+        work,
+        "--run_name",
+        "soak",
+        *a.flags,
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     t0, samples = time.time(), []
     while time.time() - t0 < a.minutes * 60 and proc.poll() is None:
@@ -49,11 +58,16 @@ def main() -> None:
     steps = sum(1 for _ in open(metrics)) - 1
     half = [rss for t, rss in samples if t >= samples[-1][0] / 2]
     stop = [line for line in err.splitlines() if line.startswith("stopped:")]
-    lines = [f"`{' '.join(['python', f'algorithms/{a.script}.py', *a.flags])}` for {a.minutes:g} min: {steps} steps, "
-             f"stopped by SIGTERM (exit {proc.returncode}: {stop[-1] if stop else 'no stop message'}).",
-             "", f"RSS: start {samples[0][1]:.0f} MB, max {max(r for _, r in samples):.0f} MB, second half "
-             f"{min(half):.0f}-{max(half):.0f} MB (growth over the second half: {half[-1] - half[0]:+.1f} MB).",
-             "", "| minute | RSS (MB) |", "|---|---|"]
+    lines = [
+        f"`{' '.join(['python', f'algorithms/{a.script}.py', *a.flags])}` for {a.minutes:g} min: {steps} steps, "
+        f"stopped by SIGTERM (exit {proc.returncode}: {stop[-1] if stop else 'no stop message'}).",
+        "",
+        f"RSS: start {samples[0][1]:.0f} MB, max {max(r for _, r in samples):.0f} MB, second half "
+        f"{min(half):.0f}-{max(half):.0f} MB (growth over the second half: {half[-1] - half[0]:+.1f} MB).",
+        "",
+        "| minute | RSS (MB) |",
+        "|---|---|",
+    ]
     lines += [f"| {t / 60:.1f} | {r:.0f} |" for t, r in samples[:: max(1, int(60 / a.every))]]
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "soak.md"), "w") as f:

@@ -106,25 +106,70 @@ DPO = {"prompts_per_step": 128, "num_generations": 2, "learning_rate": 5e-4, "be
 MAX_GRAD_NORM = 1.0
 
 ALGOS = {
-    "gkd": {"script": "gkd.py", "trl_name": "TRL GKDTrainer", "trl_module": "gkd",
-            "trl_classes": ("GKDConfig", "GKDTrainer")},
-    "dpo_kl": {"script": "dpo_kl.py", "trl_name": "TRL OnlineDPOTrainer", "trl_module": "online_dpo",
-               "trl_classes": ("OnlineDPOConfig", "OnlineDPOTrainer")},
+    "gkd": {
+        "script": "gkd.py",
+        "trl_name": "TRL GKDTrainer",
+        "trl_module": "gkd",
+        "trl_classes": ("GKDConfig", "GKDTrainer"),
+    },
+    "dpo_kl": {
+        "script": "dpo_kl.py",
+        "trl_name": "TRL OnlineDPOTrainer",
+        "trl_module": "online_dpo",
+        "trl_classes": ("OnlineDPOConfig", "OnlineDPOTrainer"),
+    },
 }
 
 
 def ours_flags(algo: str, max_new_tokens: int) -> list:
     """The matched settings as flags of algorithms/gkd.py or algorithms/dpo_kl.py (defaults spelled out)."""
-    common = ["--max_new_tokens", str(max_new_tokens), "--max_grad_norm", str(MAX_GRAD_NORM), "--weight_decay", "0",
-              "--warmup_steps", "0", "--num_iterations", "1", "--num_minibatches", "1"]
+    common = [
+        "--max_new_tokens",
+        str(max_new_tokens),
+        "--max_grad_norm",
+        str(MAX_GRAD_NORM),
+        "--weight_decay",
+        "0",
+        "--warmup_steps",
+        "0",
+        "--num_iterations",
+        "1",
+        "--num_minibatches",
+        "1",
+    ]
     if algo == "gkd":
-        return common + ["--prompts_per_step", str(GKD["prompts_per_step"]),
-                         "--learning_rate", str(GKD["learning_rate"]), "--lmbda", str(GKD["lmbda"]),
-                         "--divergence", "jsd", "--beta", str(GKD["beta"]), "--temperature", str(GKD["temperature"])]
-    return common + ["--prompts_per_step", str(DPO["prompts_per_step"]), "--num_generations",
-                     str(DPO["num_generations"]), "--learning_rate", str(DPO["learning_rate"]),
-                     "--beta", str(DPO["beta"]), "--loss", "sigmoid", "--label_smoothing", "0",
-                     "--divergence", "reverse_kl", "--temperature", str(DPO["temperature"])]
+        return common + [
+            "--prompts_per_step",
+            str(GKD["prompts_per_step"]),
+            "--learning_rate",
+            str(GKD["learning_rate"]),
+            "--lmbda",
+            str(GKD["lmbda"]),
+            "--divergence",
+            "jsd",
+            "--beta",
+            str(GKD["beta"]),
+            "--temperature",
+            str(GKD["temperature"]),
+        ]
+    return common + [
+        "--prompts_per_step",
+        str(DPO["prompts_per_step"]),
+        "--num_generations",
+        str(DPO["num_generations"]),
+        "--learning_rate",
+        str(DPO["learning_rate"]),
+        "--beta",
+        str(DPO["beta"]),
+        "--loss",
+        "sigmoid",
+        "--label_smoothing",
+        "0",
+        "--divergence",
+        "reverse_kl",
+        "--temperature",
+        str(DPO["temperature"]),
+    ]
 
 
 def trl_classes(algo: str):
@@ -154,8 +199,13 @@ def trl_worker(algo: str, out: str, steps: int, seed: int) -> None:
     found = trl_classes(algo)
     if found is None:
         with open(os.path.join(out, "trl.json"), "w") as f:
-            json.dump({"unavailable": f"the installed TRL ({importlib.metadata.version('trl')}) has no "
-                                      f"{ALGOS[algo]['trl_classes'][1]}"}, f)
+            json.dump(
+                {
+                    "unavailable": f"the installed TRL ({importlib.metadata.version('trl')}) has no "
+                    f"{ALGOS[algo]['trl_classes'][1]}"
+                },
+                f,
+            )
         return
     Config, Trainer = found
     task = load_task("arithmetic")
@@ -174,17 +224,32 @@ def trl_worker(algo: str, out: str, steps: int, seed: int) -> None:
         def on_step_end(self, args, state, control, **kw):
             self.times.append(time.perf_counter() - self.t0)
 
-    common = dict(output_dir=out, gradient_accumulation_steps=1,
-                  lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM,
-                  max_steps=steps, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
-                  gradient_checkpointing=False, seed=seed, dataloader_num_workers=0, dataloader_drop_last=True,
-                  disable_tqdm=True)
+    common = dict(
+        output_dir=out,
+        gradient_accumulation_steps=1,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=MAX_GRAD_NORM,
+        max_steps=steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        seed=seed,
+        dataloader_num_workers=0,
+        dataloader_drop_last=True,
+        disable_tqdm=True,
+    )
     timer = Timer()
     if algo == "gkd":
+
         class CountingGKD(Trainer):
             def generate_on_policy_outputs(self, model, inputs, generation_config):  # a staticmethod upstream
                 ids, mask, labels = Trainer.generate_on_policy_outputs(model, inputs, generation_config)
-                tokens.append(int(mask[:, inputs["prompts"].shape[1]:].sum()))
+                tokens.append(int(mask[:, inputs["prompts"].shape[1] :].sum()))
                 return ids, mask, labels
 
         def collate(rows: list) -> dict:
@@ -197,17 +262,36 @@ def trl_worker(algo: str, out: str, steps: int, seed: int) -> None:
             p_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
             c_ids = torch.tensor([c + [tok.pad_token_id] * (C - len(c)) for c in comps])
             c_mask = torch.tensor([[1] * len(c) + [0] * (C - len(c)) for c in comps])
-            return {"prompts": p_ids, "prompt_attention_mask": p_mask, "input_ids": torch.cat([p_ids, c_ids], 1),
-                    "attention_mask": torch.cat([p_mask, c_mask], 1)}
+            return {
+                "prompts": p_ids,
+                "prompt_attention_mask": p_mask,
+                "input_ids": torch.cat([p_ids, c_ids], 1),
+                "attention_mask": torch.cat([p_mask, c_mask], 1),
+            }
 
-        cfg = Config(**common, per_device_train_batch_size=GKD["prompts_per_step"],
-                     learning_rate=GKD["learning_rate"], lmbda=GKD["lmbda"], beta=GKD["beta"],
-                     temperature=GKD["temperature"], max_new_tokens=task.max_new_tokens, seq_kd=False)
+        cfg = Config(
+            **common,
+            per_device_train_batch_size=GKD["prompts_per_step"],
+            learning_rate=GKD["learning_rate"],
+            lmbda=GKD["lmbda"],
+            beta=GKD["beta"],
+            temperature=GKD["temperature"],
+            max_new_tokens=task.max_new_tokens,
+            seq_kd=False,
+        )
         teacher = AutoModelForCausalLM.from_pretrained(TINY_TEACHER, dtype=torch.float32)
         data = Dataset.from_list([{"prompt": e.prompt, "answer": e.answer} for e in task.train])
-        trainer = CountingGKD(model=model, teacher_model=teacher, args=cfg, train_dataset=data, processing_class=tok,
-                              data_collator=collate, callbacks=[timer])
+        trainer = CountingGKD(
+            model=model,
+            teacher_model=teacher,
+            args=cfg,
+            train_dataset=data,
+            processing_class=tok,
+            data_collator=collate,
+            callbacks=[timer],
+        )
     else:
+
         class CountingDPO(Trainer):
             def _generate(self, model, prompts, images=None):
                 out_ = super()._generate(model, prompts, images)
@@ -217,14 +301,23 @@ def trl_worker(algo: str, out: str, steps: int, seed: int) -> None:
         def reward(prompts, completions, answer, **kw):
             return [task.reward_fn(c, a) for c, a in zip(completions, answer)]
 
-        cfg = Config(**common, per_device_train_batch_size=DPO["prompts_per_step"],
-                     learning_rate=DPO["learning_rate"], beta=DPO["beta"], loss_type="sigmoid",
-                     temperature=DPO["temperature"], top_k=0, top_p=1.0, max_new_tokens=task.max_new_tokens,
-                     missing_eos_penalty=None)
+        cfg = Config(
+            **common,
+            per_device_train_batch_size=DPO["prompts_per_step"],
+            learning_rate=DPO["learning_rate"],
+            beta=DPO["beta"],
+            loss_type="sigmoid",
+            temperature=DPO["temperature"],
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=task.max_new_tokens,
+            missing_eos_penalty=None,
+        )
         # TRL tokenizes the prompt text without special tokens: the BOS string gives our scripts' token ids
         data = Dataset.from_list([{"prompt": tok.bos_token + e.prompt, "answer": e.answer} for e in task.train])
-        trainer = CountingDPO(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
-                              callbacks=[timer])
+        trainer = CountingDPO(
+            model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok, callbacks=[timer]
+        )
     trainer.train()
     trainer.save_model(os.path.join(out, "final"))
     tok.save_pretrained(os.path.join(out, "final"))
@@ -236,9 +329,11 @@ def ours_result(out: str) -> dict:
     """Step times, completion tokens and pairs per step from one of our runs' metrics.jsonl."""
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl")) if x.strip()]
     rows = [r for r in rows if "charts/step_time_s" in r]
-    return {"step_times": [r["charts/step_time_s"] for r in rows],
-            "tokens": [r["charts/tokens_per_s"] * r["charts/step_time_s"] for r in rows],
-            "pairs": [r["charts/num_pairs"] for r in rows if "charts/num_pairs" in r]}
+    return {
+        "step_times": [r["charts/step_time_s"] for r in rows],
+        "tokens": [r["charts/tokens_per_s"] * r["charts/step_time_s"] for r in rows],
+        "pairs": [r["charts/num_pairs"] for r in rows if "charts/num_pairs" in r],
+    }
 
 
 def settings_notes(algo: str) -> str:
@@ -263,8 +358,13 @@ def main() -> None:
     from common.tasks import load_task
 
     max_new_tokens = load_task("arithmetic").max_new_tokens
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "TRL_EXPERIMENTAL_SILENCE": "1"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(a.threads),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRL_EXPERIMENTAL_SILENCE": "1",
+    }
     work = tempfile.mkdtemp(prefix="trl_compare_gkd_dpo_")
     res = {(algo, arm): [] for algo in a.algos for arm in ("ours", "trl")}
     unavailable = {}
@@ -276,13 +376,35 @@ def main() -> None:
                     continue
                 out = os.path.join(work, f"{algo}_{arm}_{rep}")
                 if arm == "ours":
-                    cmd = [sys.executable, os.path.join(ROOT, "algorithms", ALGOS[algo]["script"]),
-                           "--total_steps", str(a.steps), "--eval_every", "0", "--eval_num_prompts", "8",
-                           "--output_dir", work, "--run_name", os.path.basename(out), "--seed", str(rep + 1)]
+                    cmd = [
+                        sys.executable,
+                        os.path.join(ROOT, "algorithms", ALGOS[algo]["script"]),
+                        "--total_steps",
+                        str(a.steps),
+                        "--eval_every",
+                        "0",
+                        "--eval_num_prompts",
+                        "8",
+                        "--output_dir",
+                        work,
+                        "--run_name",
+                        os.path.basename(out),
+                        "--seed",
+                        str(rep + 1),
+                    ]
                     cmd += ours_flags(algo, max_new_tokens)
                 else:
-                    cmd = [sys.executable, os.path.abspath(__file__), "--worker", algo, out, "--steps", str(a.steps),
-                           "--seed", str(rep + 1)]
+                    cmd = [
+                        sys.executable,
+                        os.path.abspath(__file__),
+                        "--worker",
+                        algo,
+                        out,
+                        "--steps",
+                        str(a.steps),
+                        "--seed",
+                        str(rep + 1),
+                    ]
                 t = time.time()
                 rc, err, rss = run(cmd, env)
                 if rc != 0:
@@ -296,43 +418,62 @@ def main() -> None:
                         print(f"{algo} trl: {d['unavailable']}; running our side only", flush=True)
                         continue
                 times = d["step_times"]
-                res[(algo, arm)].append({
-                    "step_median": statistics.median(times), "tokens_per_s": sum(d["tokens"]) / sum(times),
-                    "rss_mb": rss, "pass@1": exact_pass_at_1(os.path.join(out, "final")),
-                    "pairs_mean": statistics.mean(d["pairs"]) if d.get("pairs") else None,
-                    "wall_s": time.time() - t})
+                res[(algo, arm)].append(
+                    {
+                        "step_median": statistics.median(times),
+                        "tokens_per_s": sum(d["tokens"]) / sum(times),
+                        "rss_mb": rss,
+                        "pass@1": exact_pass_at_1(os.path.join(out, "final")),
+                        "pairs_mean": statistics.mean(d["pairs"]) if d.get("pairs") else None,
+                        "wall_s": time.time() - t,
+                    }
+                )
                 print(algo, arm, rep, json.dumps(res[(algo, arm)][-1]), flush=True)
 
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("torch", "transformers", "trl"))
-    lines = [f"{a.steps} optimizer steps per run, {a.repeats} alternating runs per trainer, OMP_NUM_THREADS="
-             f"{a.threads}, CPU, float32 ({versions}). Wall time of the whole comparison: "
-             f"{(time.time() - t_all) / 60:.1f} min.", "",
-             "| algorithm | trainer | median step time (s) | completion tokens/s | peak RSS (MB) | "
-             "exact held-out pass@1 after |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"{a.steps} optimizer steps per run, {a.repeats} alternating runs per trainer, OMP_NUM_THREADS="
+        f"{a.threads}, CPU, float32 ({versions}). Wall time of the whole comparison: "
+        f"{(time.time() - t_all) / 60:.1f} min.",
+        "",
+        "| algorithm | trainer | median step time (s) | completion tokens/s | peak RSS (MB) | "
+        "exact held-out pass@1 after |",
+        "|---|---|---|---|---|---|",
+    ]
     med = {k: statistics.median(r["step_median"] for r in rs) for k, rs in res.items() if rs}
     for (algo, arm), rs in res.items():
         name = ALGOS[algo]["script"] if arm == "ours" else ALGOS[algo]["trl_name"]
         if not rs:
             lines.append(f"| {algo} | {name} | no equivalent in this TRL | | | |")
             continue
-        lines.append(f"| {algo} | {name} | {med[(algo, arm)]:.3f} | "
-                     f"{statistics.mean(r['tokens_per_s'] for r in rs):.0f} | {max(r['rss_mb'] for r in rs):.0f} | "
-                     + ", ".join(f"{r['pass@1']:.3f}" for r in rs) + " |")
+        lines.append(
+            f"| {algo} | {name} | {med[(algo, arm)]:.3f} | "
+            f"{statistics.mean(r['tokens_per_s'] for r in rs):.0f} | {max(r['rss_mb'] for r in rs):.0f} | "
+            + ", ".join(f"{r['pass@1']:.3f}" for r in rs)
+            + " |"
+        )
     before = {"policy": exact_pass_at_1(TINY_POLICY)}
     if "gkd" in a.algos:
         before["teacher"] = exact_pass_at_1(TINY_TEACHER)
-    lines += ["", "Exact held-out pass@1 before training: " + ", ".join(f"{k} {v:.3f}" for k, v in before.items())
-              + "."]
+    lines += [
+        "",
+        "Exact held-out pass@1 before training: " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()) + ".",
+    ]
     for algo in a.algos:
         if algo in unavailable:
             lines += ["", f"{ALGOS[algo]['trl_name']}: {unavailable[algo]}; only {ALGOS[algo]['script']} ran."]
             continue
-        lines += ["", f"Median step time ratio {ALGOS[algo]['script']} / {ALGOS[algo]['trl_name']}: "
-                  f"**{med[(algo, 'ours')] / med[(algo, 'trl')]:.2f}**"]
+        lines += [
+            "",
+            f"Median step time ratio {ALGOS[algo]['script']} / {ALGOS[algo]['trl_name']}: "
+            f"**{med[(algo, 'ours')] / med[(algo, 'trl')]:.2f}**",
+        ]
         if algo == "dpo_kl":
             pairs = statistics.mean(r["pairs_mean"] for r in res[(algo, "ours")])
-            lines.append(f"(dpo_kl.py trained on {pairs:.1f} usable pairs per step on average, ties dropped; "
-                         f"TRL on all {DPO['prompts_per_step']} prompts, ties included)")
+            lines.append(
+                f"(dpo_kl.py trained on {pairs:.1f} usable pairs per step on average, ties dropped; "
+                f"TRL on all {DPO['prompts_per_step']} prompts, ties included)"
+            )
     for algo in a.algos:
         lines += ["", "---", "", settings_notes(algo)]
     os.makedirs(a.out, exist_ok=True)

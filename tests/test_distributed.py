@@ -34,6 +34,7 @@ def run_worker(tmp_path, algo, name, nproc=1, **overrides):
 CASES = [
     ("grpo", {"loss_agg": "token_mean"}),
     ("grpo", {"loss_agg": "seq_mean_token_mean", "num_iterations": 2, "kl_estimator": "k2"}),
+    ("grpo", {"num_minibatches": 2, "micro_batch_size": 3}),  # global mini-batches, ragged micro-batch counts
     ("rpg_fkl", {"num_iterations": 2, "unnormalized": True, "kl_anchor": "init"}),
     ("rpg_rkl", {"num_iterations": 2, "form": "reinforce", "ratio_level": "sequence"}),
     ("pmd_mean", {"num_iterations": 2}),

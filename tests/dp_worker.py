@@ -79,6 +79,26 @@ def q_sharp_update(algo, out):
         torch.save({"params": params, "init": init, "metrics": {"q_loss": loss}}, out)
 
 
+def checkpoint_roundtrip(algo, model, opt, tok, args, batch, out, ref):
+    """The script's own checkpoint writer (Run.save) on the trained, possibly sharded, model; then the `final` folder
+    loaded by from_pretrained: (max |log-prob difference| on the batch, the same against the initial model: the
+    update did move them) on rank 0; None elsewhere."""
+    from transformers import AutoModelForCausalLM
+
+    run = algo.Run.__new__(algo.Run)  # only what save() reads
+    run.args, run.model, run.optimizer, run.tokenizer = args, model, opt, tok
+    run.world, run.rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    run.run_dir, run.state, run.t0 = out + ".run", {"step": 0}, 0.0
+    args.total_steps, args.keep_last = 1, 0
+    trained = algo.batched_logprobs(model, batch, args)  # FSDP: gathered once for the pass
+    run.save(1)
+    if run.rank != 0:
+        return None
+    loaded = AutoModelForCausalLM.from_pretrained(os.path.join(run.run_dir, "final"), dtype=torch.float64)
+    gap = lambda m: (algo.batched_logprobs(m, batch, args) - trained).abs().max().item()  # noqa: E731
+    return gap(loaded), gap(ref)
+
+
 def flat(model):
     """Every parameter, whole (FSDP shards are gathered), as one vector."""
     return torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().reshape(-1) for p in model.parameters()])
@@ -107,6 +127,8 @@ def main():
             setattr(args, k, v)
     args.prompts_per_step = 16 // getattr(args, "num_generations", 1)
     for k, v in overrides.items():
+        if k == "save":  # not a flag: also check the checkpoint round trip
+            continue
         default = getattr(algo.Args(), k)
         setattr(args, k, v if default is None else (v == "True") if isinstance(default, bool) else type(default)(v))
     torch.manual_seed(0)
@@ -140,8 +162,9 @@ def main():
     update = algo.update_pairs if name == "dpo_kl" else algo.update_policy  # DPO trains on chosen/rejected pairs
     metrics = update(model, opt, shard, args, 7)
     params = flat(model)  # a collective under FSDP: every rank gathers
+    saved_gap = checkpoint_roundtrip(algo, model, opt, tok, args, batch, out, ref) if "save" in overrides else None
     if rank == 0:
-        torch.save({"params": params, "init": init, "metrics": metrics}, out)
+        torch.save({"params": params, "init": init, "metrics": metrics, "saved_gap": saved_gap}, out)
     if world > 1:
         del model, opt  # the sharded model goes before its process group
         dist.destroy_process_group()

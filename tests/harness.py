@@ -145,10 +145,12 @@ def run_script(name: str, *flags: str, cwd=None, timeout: int = 300, nproc: int 
     return subprocess.run(argv, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def start_script(name: str, *flags: str) -> subprocess.Popen:
-    """The same as run_script, in the background (to be signalled)."""
-    argv, env = script_command(name, *flags)
-    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_script(name: str, *flags: str, nproc: int = 1) -> subprocess.Popen:
+    """The same as run_script, in the background (to be signalled), in its own process group (torchrun's workers
+    included: os.killpg reaches them all)."""
+    argv, env = script_command(name, *flags, nproc=nproc)
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def run_in_process(script, flags, capsys):
@@ -167,8 +169,12 @@ def run_in_process(script, flags, capsys):
 
 
 def read_metrics(run_dir) -> list:
+    """Rows of metrics.jsonl, parsed strictly: a bare NaN or Infinity (not JSON) is an error."""
+    def reject(constant):
+        raise ValueError(f"metrics.jsonl holds {constant}, which is not JSON")
+
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [json.loads(line, parse_constant=reject) for line in f if line.strip()]
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:

@@ -57,6 +57,14 @@ def test_two_processes_equal_one(tmp_path, algo, overrides):
         assert abs(v - two["metrics"][k]) < 1e-5 * max(1.0, abs(v)), k
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_checkpoint_loads_with_from_pretrained_and_gives_the_trained_log_probs(tmp_path, nproc):
+    """Run.save on the (FSDP-sharded, with 2 ranks) trained model writes a folder that from_pretrained loads and that
+    gives the trained model's log-probs on its own batch."""
+    saved, initial = run_worker(tmp_path, "grpo", "saved", nproc, save="True")["saved_gap"]
+    assert saved < 1e-9 and initial > 1e-3  # (negative control: the untrained model's log-probs differ)
+
+
 def test_micro_batches_equal_one_batch(tmp_path):
     whole = run_worker(tmp_path, "grpo", "whole", 1, micro_batch_size=16)
     split = run_worker(tmp_path, "grpo", "split", 1, micro_batch_size=3)

@@ -1,12 +1,18 @@
 """Smoke tests of the scripts as programs: --help, a 2-process torchrun run with its metrics, a hub id offline,
 chat templates and other architectures. Resume, determinism and bad input: tests/test_reliability.py."""
 
+import json
 import os
+import signal
+import sys
+import time
 
 import pytest
 import torch
+from safetensors import safe_open
 
-from tests.harness import SCRIPTS, TINY_RUN, one_line_error, read_metrics, run_script, tiny_flags
+from tests.harness import (SCRIPTS, TINY_RUN, load_algorithm, one_line_error, read_metrics, run_script, start_script,
+                           tiny_flags)
 
 FLAGS = {  # flags each script must document in --help
     "grpo": ["--beta", "--kl_estimator", "--kl_importance_weight", "--epsilon_high", "--num_iterations",
@@ -47,8 +53,25 @@ KEYS = {"grpo": ["losses/kl_ref_rkl_k3"], "rpg_fkl": ["losses/kl_term", "losses/
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_torchrun_two_processes(tmp_path, script):
-    proc = run_script(script, *tiny_flags(script), "--output_dir", str(tmp_path), "--run_name", "ddp", nproc=2)
+    """A 2-rank FSDP2 run logs its metrics and writes its model; killed (SIGKILL of every process) after its first
+    checkpoint and resumed on 2 ranks, the same run logs the same rows and ends with the same weights."""
+    flags = [*tiny_flags(script), "--output_dir", str(tmp_path), "--total_steps", "2"]
+    proc = run_script(script, *flags, "--run_name", "ddp", nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    killed = start_script(script, *flags, "--run_name", "kill", "--save_every", "1", nproc=2)
+    deadline = time.time() + 240
+    while not os.path.isfile(tmp_path / "kill" / "checkpoints" / "step_000001" / "trainer_state.pt"):
+        assert killed.poll() is None and time.time() < deadline, killed.stderr.read()[-3000:]
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    resumed = run_script(script, "--resume", str(tmp_path / "kill"), nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    untimed = lambda rows: [{k: v for k, v in r.items() if k != "time_s" and "perf/" not in k and "_per_s" not in k}
+                            for r in rows]  # noqa: E731
+    assert untimed(read_metrics(tmp_path / "kill")) == untimed(read_metrics(tmp_path / "ddp"))
+    a, b = (safe_open(str(tmp_path / r / "final" / "model.safetensors"), "pt") for r in ("ddp", "kill"))
+    assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
     rows = read_metrics(tmp_path / "ddp")
     assert rows[0]["step"] == 0 and "eval/pass@1" in rows[0] and len(rows) >= 2
     assert abs(rows[0]["eval/kl_init_rkl_exact_seq"]) < 1e-6  # the start is the reference
@@ -57,6 +80,28 @@ def test_torchrun_two_processes(tmp_path, script):
                                             "charts/tokens_per_s"]):
         assert key in rows[-1] and torch.isfinite(torch.tensor(rows[-1][key])), key
     assert os.path.isfile(tmp_path / "ddp" / "final" / "model.safetensors")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_log_completions_status_lines_and_strict_json(tmp_path, script, capsys, monkeypatch):
+    """--log_completions 3 writes 3 held-out (prompt, completion, reward) rows per eval; "loading" and "step 0:
+    evaluating" are printed before the first eval starts; a non-finite metric is logged as null (valid JSON)."""
+    algo = load_algorithm(script)
+    real_log = algo.Run.log
+    monkeypatch.setattr(algo.Run, "log", lambda self, step, m: real_log(self, step, m | {"test/nan": float("nan")}))
+    monkeypatch.setattr(sys, "argv", [script, *tiny_flags(script), "--output_dir", str(tmp_path), "--run_name", "r",
+                                      "--log_completions", "3"])
+    with pytest.raises(SystemExit) as done:
+        algo.main()
+    out = capsys.readouterr().out.splitlines()
+    assert done.value.code == 0 and out[:2] == ["loading common/models/tiny-policy", "step 0: evaluating"], out[:3]
+    rows = read_metrics(tmp_path / "r")
+    assert all(r["test/nan"] is None for r in rows)
+    evals = [r["step"] for r in rows if "eval/pass@1" in r]
+    with open(tmp_path / "r" / "completions.jsonl") as f:
+        shown = [json.loads(line) for line in f]
+    assert [r["step"] for r in shown] == [s for s in evals for _ in range(3)]
+    assert all(set(r) >= {"prompt", "completion", "reward"} for r in shown)
 
 
 # ---- bad input: one line, non-zero exit, nothing written --------------------------------------------------

@@ -21,6 +21,10 @@
 6. Every test a page names (`tests/test_x.py::test_name`, or a file `tests/test_x.py`) exists.
 7. README.md shows exactly the test command that `.ci/run` runs.
 8. docs/metrics.md names every metric key that the scripts write as a string literal.
+9. Every documented `python`/`torchrun` command of an algorithm script runs as written: the ones that need only
+   the repository (built-in task, shipped models) for one step with the smoke-test sizes appended; the ones that
+   name a hub model or data set or a user's file are checked for their flags (2.) and, on a hub data set with
+   other field names (GSM8K's `question`), for naming those fields.
 Each check is a function of a path and its text, so the negative controls at the end run it on a broken page.
 """
 
@@ -35,7 +39,7 @@ import unicodedata
 
 import pytest
 
-from tests.harness import ROOT, load_algorithm
+from tests.harness import ROOT, load_algorithm, read_metrics, run_in_process, tiny_flags
 
 ALGOS = ["grpo", "rpg_fkl", "rpg_rkl", "pmd_mean", "a_star_po", "q_sharp", "dpo_kl", "gkd"]
 ALGO_PAGES = {
@@ -243,12 +247,9 @@ def is_command(segment: str) -> bool:
     return any(names_a_script(t) for t in tokens)
 
 
-def flag_mentions(text: str) -> list:
-    """(line, owner, flag, in_command) for every --flag of a page. owner None outside commands means 'the page's
-    scripts'; inside a command it means another tool (skipped)."""
-    prose, code = split_fences(text)
-    out = []
-    # fenced blocks: join continuation lines, strip shell comments (checked as loose text)
+def fenced_commands(text: str) -> list:
+    """(line_no, body, comment) of every fenced line, continuation lines joined, a shell comment split off."""
+    _, code = split_fences(text)
     joined, buf, start = [], "", None
     for line_no, line in code:
         if start is None:
@@ -260,9 +261,19 @@ def flag_mentions(text: str) -> list:
         buf, start = "", None
     if buf:
         joined.append((start, buf))
+    out = []
     for line_no, line in joined:
-        m = re.search(r"(?:^|\s)#\s", line)  # a shell comment
-        body, comment = (line[: m.start()], line[m.end() :]) if m else (line, "")
+        m = re.search(r"(?:^|\s)#\s", line)
+        out.append((line_no, *((line[: m.start()], line[m.end() :]) if m else (line, ""))))
+    return out
+
+
+def flag_mentions(text: str) -> list:
+    """(line, owner, flag, in_command) for every --flag of a page. owner None outside commands means 'the page's
+    scripts'; inside a command it means another tool (skipped)."""
+    prose, _ = split_fences(text)
+    out = []
+    for line_no, body, comment in fenced_commands(text):  # shell comments are checked as loose text
         if is_command(body):
             out += [(line_no, owner, flag, True) for owner, flag in command_flags(body)]
         else:
@@ -305,6 +316,78 @@ def check_flags(path: str, text: str | None = None, page_scripts: list | None = 
         elif flag not in benchmark_flags(owner[1]):
             errors.append(f"{path}:{line}: --{flag} is not a flag of benchmarks/{owner[1]}.py")
     return errors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. Every documented command of a script runs as written
+# ---------------------------------------------------------------------------------------------------------------
+# A hub data set's fields, where they are not the scripts' defaults (prompt, answer): a command that uses it must
+# name them, or it fails after the download with "missing field".
+DATASET_FIELDS = {"openai/gsm8k": {"prompt_field": "question"}}
+# A value naming something outside the repository (hub model or data set, a user's file, a placeholder): such a
+# command is checked for its flags (test_flags_exist) and its data set fields only, not run.
+EXTERNAL = re.compile(r"^(hf:|jsonl$)|<|\.jsonl$|\.txt$|^runs/|^[\w.-]+/[\w.-]+$")
+LOCAL_PATHS = ("common/models/",)
+
+
+def script_invocations(text: str) -> list:
+    """(line, script, argv, nproc) for every command of a page (fenced line or inline code span) that runs an
+    algorithm script; argv: the tokens after the script, nproc: torchrun's --nproc_per_node (1 for python)."""
+    prose, _ = split_fences(text)
+    segments = [(line, body) for line, body, _ in fenced_commands(text)]
+    segments += [(prose.count("\n", 0, m.start()) + 1, m.group(1)) for m in INLINE_CODE.finditer(prose)]
+    out = []
+    for line, body in segments:
+        for part in re.split(r"&&|\|\||;", body):
+            tokens = part.split()
+            at = [i for i, t in enumerate(tokens) if names_a_script(t) and "benchmarks/" not in t]
+            if not at or not tokens or tokens[0] not in ("python", "python3", "torchrun"):
+                continue
+            nproc = 1
+            for i, t in enumerate(tokens[: at[0]]):
+                if t.startswith("--nproc_per_node"):
+                    nproc = int(t.split("=")[1] if "=" in t else tokens[i + 1])
+            out.append((line, SCRIPT.search(tokens[at[0]]).group(2), tokens[at[0] + 1 :], nproc))
+    return out
+
+
+def external_values(argv: list) -> list:
+    """The values of argv that name something outside the repository (see EXTERNAL)."""
+    values = [v for v in argv if not v.startswith("--")]
+    return [v for v in values if EXTERNAL.search(v) and not v.startswith(LOCAL_PATHS)]
+
+
+def check_dataset_fields(path: str, text: str | None = None) -> list:
+    """A command on a hub data set with non-default field names names those fields."""
+    errors = []
+    for line, script, argv, _ in script_invocations(read(path) if text is None else text):
+        for i, tok in enumerate(argv[:-1]):
+            dataset = argv[i + 1].removeprefix("hf:").split(":")[0] if tok == "--task" else None
+            for field, value in DATASET_FIELDS.get(dataset, {}).items():
+                given = [argv[j + 1] for j in range(len(argv) - 1) if argv[j] == f"--{field}"]
+                if given != [value]:
+                    errors.append(f"{path}:{line}: {script}.py on {dataset} needs --{field} {value}")
+    return errors
+
+
+def runnable_commands() -> list:
+    """pytest params (page:line id) of the documented commands that need only the repository, each distinct
+    command once."""
+    out = {}
+    for path in all_pages():
+        for line, script, argv, nproc in script_invocations(read(path)):
+            if not external_values(argv) and "--help" not in argv:
+                name = f"{os.path.relpath(path, ROOT)}:{line}"
+                out.setdefault((script, *argv), pytest.param(script, argv, nproc, id=name))
+    return list(out.values())
+
+
+def run_documented(script: str, argv: list, tmp_path, capsys) -> tuple:
+    """The command as written, then the smoke-test sizes (one step, a few prompts) appended: later flags win, so a
+    flag of the command that the sizes do not set keeps its documented value. A torchrun command runs as one
+    process here (the 2-rank path of every script: tests/test_distributed.py)."""
+    sizes = [*tiny_flags(script), "--total_steps", "1", "--eval_every", "0", "--output_dir", str(tmp_path)]
+    return run_in_process(script, [*argv, *sizes], capsys)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -456,6 +539,27 @@ def test_flags_exist(page):
     assert check_flags(path, page_scripts=page_scripts(path)) == []
 
 
+@pytest.mark.parametrize("script, argv, nproc", runnable_commands())
+def test_documented_command_runs(script, argv, nproc, tmp_path, capsys):
+    code, err = run_documented(script, argv, tmp_path, capsys)
+    assert code in (0, None), err[-2000:]
+    (run_dir,) = glob.glob(os.path.join(tmp_path, "*", "metrics.jsonl"))
+    assert any(row.get("step") == 1 for row in read_metrics(os.path.dirname(run_dir)))
+
+
+def test_documented_commands_found():
+    """The collector sees the commands: every script has a runnable one, and the hub commands are left out."""
+    found = {p.values[0] for p in runnable_commands()}
+    assert found == set(ALGOS), set(ALGOS) - found
+    assert external_values(["--model_name_or_path", "Qwen/Qwen2.5-0.5B-Instruct"]) == ["Qwen/Qwen2.5-0.5B-Instruct"]
+    assert external_values(["--teacher_name_or_path", "common/models/tiny-teacher", "--lmbda", "0.5"]) == []
+
+
+@pytest.mark.parametrize("page", ["README.md"] + [f"docs/{p}" for p in list(ALGO_PAGES) + OPERATIONAL_PAGES])
+def test_dataset_fields_named(page):
+    assert check_dataset_fields(os.path.join(ROOT, page)) == []
+
+
 def test_readme_links_every_script_and_every_page():
     targets = link_targets(README)
     missing = [f"algorithms/{a}.py" for a in ALGOS if f"algorithms/{a}.py" not in targets]
@@ -541,6 +645,25 @@ def test_negative_control_broken_link_and_unknown_flag(tmp_path):
     assert any("--tau is not a flag of algorithms/gkd.py" in e for e in flag_errors)  # gkd has no tau
     # the same page read as README / operational page: loose flags only need to exist in some script
     assert len(check_flags(str(page))) == 3  # the same three: --kl_estimator exists in grpo.py, --made_up_knob nowhere
+
+
+def test_negative_control_documented_command(tmp_path, capsys):
+    """A planted bad flag in a runnable command fails its run (and its flag check); a GSM8K command without
+    --prompt_field question is flagged."""
+    page = tmp_path / "grpo.md"
+    page.write_text(
+        "```bash\ntorchrun --standalone --nproc_per_node=2 algorithms/grpo.py --beta 0.1 \\\n    --no_such_flag 3\n"
+        "python algorithms/grpo.py --task hf:openai/gsm8k:main --model_name_or_path Qwen/Qwen2.5-0.5B   # hub\n```\n"
+    )
+    runs = script_invocations(page.read_text())
+    assert [(line, script, nproc) for line, script, _, nproc in runs] == [(2, "grpo", 2), (4, "grpo", 1)]
+    assert external_values(runs[0][2]) == [] and external_values(runs[1][2]) != []
+    code, err = run_documented("grpo", runs[0][2], tmp_path, capsys)
+    assert code not in (0, None) and "no_such_flag" in err, err[-2000:]
+    code, _ = run_documented("grpo", ["--beta", "0.1"], tmp_path, capsys)  # the same command, flag removed
+    assert code in (0, None)
+    errors = check_dataset_fields(str(page))
+    assert len(errors) == 1 and "--prompt_field question" in errors[0], errors
 
 
 def test_negative_control_sections_defaults_and_test_names(tmp_path):

@@ -148,9 +148,12 @@ def log_mix(log_a, log_b, w: float):
 
 def akl_head_mask(teacher_probs, mu: float):
     """AKL head H in VOCABULARY order (bool, same shape): sort the teacher's probabilities in descending order,
-    H = the shortest prefix whose cumulative mass reaches mu, the crossing token included, then mapped back to the
-    tokens themselves. Building it in sorted order and applying it to the unsorted gap vector (a bug in a
-    third-party version) mixes the wrong tokens (test G5)."""
+    H = the shortest prefix whose cumulative mass reaches mu, the crossing token included (a token is in H iff the
+    mass before it is < mu; never empty), then mapped back to the tokens themselves. The released AKL code
+    (wutaiqiang/LLM_KD_AKL) puts the crossing token in the TAIL (H = cumulative mass <= mu, the top token forced
+    in); its first author's later KDFlow agrees with ours at mu = 0.5. Which one the paper's equation means is not
+    confirmed against its text (test G5 pins ours and the difference). Building it in sorted order and applying it
+    to the unsorted gap vector (a bug in a third-party version) mixes the wrong tokens (test G5)."""
     sorted_p, order = teacher_probs.sort(dim=-1, descending=True, stable=True)
     head_sorted = (sorted_p.cumsum(-1) - sorted_p) < mu  # the mass BEFORE a token is < mu: it is still needed
     return torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)

@@ -90,6 +90,8 @@ class Args:
     clip_c: float = 10.0  # dual-clip bound c for negative advantages (paper 10)
     loss_agg: Literal["token_mean", "seq_mean_token_sum_norm"] = "token_mean"
     """token_mean: all terms / completion tokens (released code); seq_mean_token_sum_norm: / (N_seq max_new_tokens)"""
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and sample more (code: on)
+    max_gen_batches_per_step: int = 20  # --dynamic_sampling: at most this many generation batches a step (code 20)
     # evaluation, logging, checkpoints
     eval_every: int = 25  # held-out eval every this many steps, at step 0 and at the end (0 = only those)
     eval_num_prompts: int = 500  # held-out prompts per eval (the whole arithmetic held-out split)
@@ -421,6 +423,38 @@ def update_policy(model, optimizer, batch: dict, args, step: int) -> dict:
 # ==========================================================================================================
 # TRAIN
 # ==========================================================================================================
+def dynamic_sampling(run, policy, args, eos, pad, step: int, prompts, batch: dict, rewards) -> tuple:
+    """--dynamic_sampling (DAPO, the released code's filter_groups): groups whose G rewards are all equal are dropped
+    and each rank refills its P / world slots (P = --prompts_per_step) from further rounds of P prompts. Round r takes
+    positions [r P, (r + 1) P) of the step's prompt permutation (round 0 = this step's prompts; wrapping around)
+    and samples from (seed, step, rank, r): reproducible and resumable. While any rank is short (an all-reduce
+    decides), every rank samples the next round, as sampling all-gathers FSDP weights; surplus groups are dropped.
+    After --max_gen_batches_per_step rounds the slots still empty take the earliest all-equal groups (the batch
+    stays full; charts/frac_reward_zero_std > 0 shows them). Returns (batch, rewards, metrics); off: unchanged."""
+    if not args.dynamic_sampling:
+        return batch, rewards, {}
+    G, P, need, kept, spare = args.num_generations, args.prompts_per_step, len(prompts), [], []
+    draw = np.random.default_rng(seed_of(args, step)).permutation(len(run.train_prompts))  # as Run.prompts
+    for rnd in range(args.max_gen_batches_per_step):
+        if rnd:
+            prompts = np.take(draw, range(rnd * P, rnd * P + P), mode="wrap")[run.rank :: run.world]
+            sampler = torch.Generator(DEVICE).manual_seed(seed_of(args, step, run.rank, rnd))
+            batch = sample_batch(
+                policy, [run.train_prompts[i] for i in prompts for _ in range(G)], args, eos, pad, sampler
+            )
+            answers = [run.task.train[i].answer for i in prompts for _ in range(G)]
+            rewards = torch.tensor(run.task.score(decode(run.tokenizer, batch), answers), device=DEVICE)
+        rows = [c[:n] for c, n in zip(batch["completion_ids"], batch["completion_mask"].sum(-1).tolist())]  # to EOS
+        for g, (i, r) in enumerate(zip(prompts, rewards.view(-1, G))):  # a group: G prompts, completions, rewards
+            (kept if (r != r[0]).any() else spare).append(([run.train_prompts[i]] * G, rows[g * G : g * G + G], r))
+        if all_reduce(torch.tensor(need - len(kept), device=DEVICE), dist.ReduceOp.MAX) <= 0:
+            break
+    dropped, sampled = all_reduce(torch.tensor([len(spare), len(kept) + len(spare)], device=DEVICE)).tolist()
+    prompts, completions, rewards = zip(*(kept + spare)[:need])  # the batch: kept groups first
+    metrics = {"charts/gen_batches": rnd + 1, "charts/frac_groups_dropped": dropped / sampled}
+    return make_batch(sum(prompts, []), sum(completions, []), eos, pad), torch.cat(rewards), metrics
+
+
 def train(args: Args) -> None:
     run = Run(args)  # the task and its prompts, processes, the checkpoint to resume (PLUMBING)
     policy = load_model(run.checkpoint or args.model_name_or_path, args, trainable=True)
@@ -438,6 +472,7 @@ def train(args: Args) -> None:
         # 2. rewards and group-mean advantages (a group lives on one rank)
         answers = [run.task.train[i].answer for i in prompts for _ in range(G)]
         rewards = torch.tensor(run.task.score(decode(run.tokenizer, batch), answers), device=DEVICE)
+        batch, rewards, resampled = dynamic_sampling(run, policy, args, eos, pad, step, prompts, batch, rewards)
         reward_mean, reward_std = global_mean_std(rewards)
         batch["advantages"], batch["loss_mask"] = group_mean_advantages(rewards, G), batch["completion_mask"]
         # 3. log-probs of the rollout policy (only if later optimizer steps move away from it) and of the anchor
@@ -446,7 +481,7 @@ def train(args: Args) -> None:
         if args.kl_anchor == "init":
             batch["anchor_logprobs"] = batched_logprobs(init_model, batch, args)
         # 4. the policy update: num_iterations x num_minibatches optimizer steps on the RPG loss
-        metrics = update_policy(model, optimizer, batch, args, step)
+        metrics = update_policy(model, optimizer, batch, args, step) | resampled
         run.timer("update")
         zero_std = (rewards.view(-1, G) == rewards.view(-1, G)[:, :1]).all(1).sum().double() * G
         metrics["charts/frac_reward_zero_std"] = all_reduce(zero_std).item() / (args.prompts_per_step * G)

@@ -192,6 +192,19 @@ def test_g5_akl_head_mask_on_random_rows_and_the_crossing_token():
     assert gkd.akl_head_mask(torch.tensor([0.2, 0.45, 0.35], dtype=DT), 0.5).tolist() == [False, True, True]
 
 
+def test_g5_akl_crossing_token_is_in_the_head():
+    """t sorted: 0.35 (token 2), 0.30 (token 0), ...; cumulative 0.35, 0.65: token 0 crosses mu = 0.5 and is in our
+    head. Negative control: the released AKL code's rule (cumulative mass <= mu, the top token forced in) has
+    head {2} and another AKL value."""
+    t, s = torch.tensor([0.30, 0.10, 0.35, 0.25], dtype=DT), torch.tensor([0.6, 0.05, 0.3, 0.05], dtype=DT)
+    a, z = t.log(), s.log()
+    assert gkd.akl_head_mask(t, 0.5).tolist() == [True, False, True, False]
+    assert abs(div(a, z, "akl", mu=0.5).item() - 0.2913624) < 1e-7
+    gap, released = (t - s).abs(), torch.tensor([0.0, 0, 1, 0], dtype=DT)  # only 0.35 has cumulative mass <= 0.5
+    other = ((gap * released).sum() * div(a, z, "fkl") + (gap * (1 - released)).sum() * div(a, z, "rkl")) / gap.sum()
+    assert abs(other.item() - 0.2597779) < 1e-7 and abs(other.item() - 0.2913624) > GAP
+
+
 def test_g5_akl_is_zero_at_equality():
     a = random_logits((3, 5), 9, requires_grad=False)
     z = a.clone().requires_grad_(True)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.harness import DT, TokenTree, enumerate_groups, grad, kl, load_algorithm, max_abs, random_logits
+from tests.harness import read_metrics, run_in_process
 
 FKL, RKL = load_algorithm("rpg_fkl"), load_algorithm("rpg_rkl")
 VARIANTS = {"FKL": (FKL, False), "UFKL": (FKL, True), "RKL": (RKL, False), "URKL": (RKL, True)}
@@ -286,3 +287,21 @@ def test_r9_aggregation_by_hand_and_split_over_ranks():
     assert abs(hand_loss([0], "token_mean", 2, 4) + hand_loss([1], "token_mean", 2, 4) - 2.5) < TOL
     local_means = (hand_loss([0], "token_mean", 1, 1) + hand_loss([1], "token_mean", 1, 3)) / 2
     assert abs(local_means - 2.0) < TOL  # negative control: averaging per-rank token means
+# ---- dynamic sampling: a short in-process run, the batch given to the update spied ----------------------------
+@pytest.mark.parametrize("script", ["rpg_fkl", "rpg_rkl"])
+def test_dynamic_sampling_fills_the_batch_with_groups_that_have_reward_variance(script, tmp_path, monkeypatch, capsys):
+    """8 prompts x G = 4, one step: with --dynamic_sampling every one of the 8 groups given to the update has unequal
+    rewards (advantages not all 0), after at least one extra generation batch. Negative control: without the flag,
+    all-equal groups reach the update."""
+    algo, seen = load_algorithm(script), []
+    update = algo.update_policy
+    monkeypatch.setattr(algo, "update_policy", lambda m, o, b, *a: seen.append(b) or update(m, o, b, *a))
+    tiny = "--prompts_per_step 8 --num_generations 4 --num_minibatches 1 --total_steps 1 --eval_num_prompts 2"
+    for on in (True, False):
+        flags = [*tiny.split(), "--no_eval_kl", "--output_dir", str(tmp_path), "--run_name", f"run_{on}"]
+        code, err = run_in_process(script, flags + ["--dynamic_sampling"] * on, capsys)
+        assert code == 0, err[-3000:]
+        row, groups = read_metrics(tmp_path / f"run_{on}")[-1], seen[-1]["advantages"].view(-1, 4)
+        assert groups.shape[0] == 8 and (groups != 0).any(1).all().item() is on
+        assert (row["charts/frac_reward_zero_std"] == 0) is on and (row.get("charts/gen_batches", 1) >= 2) is on
+        assert (row.get("charts/frac_groups_dropped", 0) > 0) is on

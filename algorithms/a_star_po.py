@@ -6,7 +6,7 @@ Objective with the frozen reference pi_ref (the initial model), sequence-level K
     J_beta(pi) = E_x[ E_{y ~ pi}[r(x, y)] - beta KL(pi(.|x) || pi_ref(.|x)) ],   pi* = pi_ref e^{r/beta} / Z,
     V*(x) = beta log E_{y ~ pi_ref}[e^{r(x, y)/beta}],   A*(x, y) = r - V*(x) = beta log(pi*(y|x) / pi_ref(y|x)).
 Stage 1 (once): N reference samples per training prompt give
-    V_hat(x) = beta1 (logsumexp_i(r_i / beta1) - log N)    (beta1 = 0: the plain mean, as the original code).
+    V_hat(x) = beta1 (logsumexp_i(r_i / beta1) - log N)    (--value_estimator mean: the plain mean, as the original).
 Stage 2: one on-policy sample per prompt, Delta_ref = sum_t (log pi_theta - log pi_ref) over its tokens,
     loss = mean_x (beta2 Delta_ref + V_hat(x) - r(x, y))^2  -  entropy_coef * H.
 What this regression really optimizes:
@@ -30,7 +30,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `common`, without an install step
@@ -78,7 +78,8 @@ class Args:
     warmup_steps: int = 0  # linear learning-rate warm-up, in optimizer steps
     # A*-PO
     num_ref_samples: int = 8  # N, stage-1 samples per training prompt from pi_ref (paper 8)
-    beta1: float = 0.5  # stage-1 smoothing, V_hat = beta1 (logsumexp(r / beta1) - log N); 0 = the mean (paper 0.5)
+    value_estimator: Literal["soft_max", "mean"] = "soft_max"  # V_hat of N rewards: soft max at beta1 (paper), mean
+    beta1: float = 0.5  # soft_max smoothing, V_hat = beta1 (logsumexp(r / beta1) - log N), > 0; -> max as beta1 -> 0
     beta2: float = 1e-3  # KL coefficient: the regression target is beta2 log(pi / pi_ref) (paper 1e-3)
     entropy_coef: float = 1e-5  # weight of the token-mean entropy bonus (original code 1e-3, TRL port none)
     filter_unsolved: bool = False  # drop training prompts whose N stage-1 rewards are all 0 (original off, TRL on)
@@ -99,7 +100,11 @@ class Args:
 
 
 def check_args(args: Args, world: int) -> None:
-    check_numbers(args, positive=("temperature", "max_train_prompts"))
+    if args.value_estimator == "soft_max" and not args.beta1 > 0:  # beta1 -> 0 tends to the max, not the mean
+        raise UserError(f"--beta1 must be > 0, got {args.beta1} (the plain mean is --value_estimator mean)")
+    check_numbers(args, positive=("temperature", "max_train_prompts", "beta2"))
+    if args.prompts_per_step > (args.max_train_prompts or math.inf):
+        raise UserError(f"--prompts_per_step {args.prompts_per_step} > --max_train_prompts {args.max_train_prompts}")
     if args.prompts_per_step % world or args.prompts_per_step // world % args.num_minibatches:
         raise UserError(
             f"--prompts_per_step {args.prompts_per_step} does not split into {world} ranks x --num_minibatches "
@@ -110,15 +115,15 @@ def check_args(args: Args, world: int) -> None:
 # ==========================================================================================================
 # ALGO LOGIC: pure functions, tensors in and out (tested against closed forms in tests/test_a_star_po.py)
 # ==========================================================================================================
-def value_estimate(rewards, beta1: float):
+def value_estimate(rewards, beta1: float, estimator: str = "soft_max"):
     """Stage-1 value of each prompt from its N reference rewards [P, N]:
-        beta1 > 0:  V_hat = beta1 (logsumexp_i(r_i / beta1) - log N)   (a soft max; -> max as beta1 -> 0),
-        beta1 = 0:  V_hat = mean_i r_i   (the original code's convention: the beta1 -> infinity limit).
+        soft_max:  V_hat = beta1 (logsumexp_i(r_i / beta1) - log N), beta1 > 0   (-> max as beta1 -> 0),
+        mean:      V_hat = mean_i r_i   (the original code's choice: the beta1 -> infinity limit; beta1 unused).
     Binary rewards, k of N correct: beta1 log(1 - k/N + (k/N) e^{1/beta1}). By Jensen E[V_hat] <= V* of beta1."""
-    if beta1 < 0:
-        raise ValueError(f"beta1 must be >= 0, got {beta1}")
-    if beta1 == 0:
+    if estimator == "mean":
         return rewards.mean(-1)
+    if not beta1 > 0:
+        raise ValueError(f"beta1 must be > 0 (its limit 0 is the max; the mean is estimator 'mean'), got {beta1}")
     return beta1 * (torch.logsumexp(rewards / beta1, dim=-1) - math.log(rewards.shape[-1]))
 
 
@@ -340,7 +345,7 @@ def update_policy(model, optimizer, batch: dict, args, step: int) -> dict:
         for mb in torch.randperm(len(mask) * world, generator=shuffle).to(DEVICE).tensor_split(args.num_minibatches):
             mb = mb[(mb // len(mask)) == rank] % len(mask)  # this rank's rows of the global mini-batch
             counts = all_reduce(torch.stack([(mask[mb].sum(-1) > 0).sum(), mask[mb].sum()]).double()).tolist()
-            micro = mb.split(args.micro_batch_size)
+            micro = mb.split(args.micro_batch_size) if len(mb) else ()  # a rank may hold none of its rows
             n = int(all_reduce(torch.tensor(len(micro), device=DEVICE), dist.ReduceOp.MAX))  # FSDP: lockstep
             for k in range(n):
                 rows = micro[k] if k < len(micro) else mask.new_zeros(1, dtype=torch.long)  # else: weight 0
@@ -360,81 +365,96 @@ def update_policy(model, optimizer, batch: dict, args, step: int) -> dict:
 # TRAIN
 # ==========================================================================================================
 @torch.no_grad()
-def stage1_rewards(ref, prompts: list, run, eos) -> torch.Tensor:
-    """N = num_ref_samples rewards of every prompt [P, N], sampled from pi_ref with prompts interleaved over ranks.
-    Each prompt's noise comes from (seed, prompt id) alone (inverse CDF), so V_hat depends neither on the number
-    of ranks nor on the batching."""
-    args, N, out = run.args, run.args.num_ref_samples, []
-    mine, per_call = list(range(run.rank, len(prompts), run.world)), max(1, run.args.gen_batch_size // N)
-    for chunk in (mine[i : i + per_call] for i in range(0, len(mine), per_call)):  # whole prompts per call
-        rows = [p for p in chunk for _ in range(N)]
-        gens = [torch.Generator().manual_seed(seed_of(args, -2, p)) for p in chunk]  # noise of (seed, prompt id)
-        u = torch.cat([torch.rand(N, args.max_new_tokens, generator=g, dtype=torch.float64) for g in gens])
-        b = sample_batch(ref, [prompts[p] for p in rows], args, eos, run.tokenizer.pad_token_id, uniforms=u)
-        out += run.task.score(decode(run.tokenizer, b), [run.task.train[p].answer for p in rows])
-    parts = [(mine, out)] * run.world
-    if run.world > 1:
-        dist.all_gather_object(parts, (mine, out))
-    rewards = torch.zeros(len(prompts), N, dtype=torch.float64)
-    for ids, r in parts:
-        rewards[ids] = torch.tensor(r, dtype=torch.float64).view(-1, N)
-    return rewards
+def stage1_rewards(ref, prompts: list, run, eos, cache: str, meta: dict, done: dict) -> dict:
+    """N = num_ref_samples rewards of every prompt not in `done` ({prompt id: N rewards}, from the cache), sampled
+    from pi_ref in chunks of whole prompts interleaved over ranks; rank 0 appends each finished chunk to `cache`.
+    Each prompt's noise comes from (seed, prompt id) alone (inverse CDF), so V_hat depends neither on the number of
+    ranks nor on the batching, nor on where a stopped stage 1 resumed. SIGTERM / SIGINT (all-reduced between
+    chunks): a step-0 checkpoint (--resume needs one), then Stop. Returns `done`, complete."""
+    args, N = run.args, run.args.num_ref_samples
+    todo, size = [p for p in range(len(prompts)) if p not in done], max(1, args.gen_batch_size // N) * run.world
+    if run.rank == 0 and todo and not os.path.exists(cache):
+        with open(cache, "w") as f:
+            f.write(json.dumps({"meta": meta}) + "\n")
+    bar = tqdm.tqdm(total=len(prompts), initial=len(done), desc="stage 1", unit="prompt", disable=run.rank > 0)
+    for chunk in (todo[i : i + size] for i in range(0, len(todo), size)):  # the same chunks on every rank
+        if all_reduce(torch.tensor(len(run.stop), device=DEVICE)).item():
+            if run.checkpoint is None:
+                run.save(0)
+            why = run.stop[0] if run.stop else "a signal on another rank"
+            kept = f"stage 1 has {len(done)} of {len(prompts)} prompts in {cache}"
+            raise Stop(f"{why}: {kept}; continue with --resume {run.run_dir}")
+        mine, scores = chunk[run.rank :: run.world], []
+        if mine:  # pi_ref is whole on every rank: sampling has no collective
+            rows = [p for p in mine for _ in range(N)]
+            gens = [torch.Generator().manual_seed(seed_of(args, -2, p)) for p in mine]  # noise of (seed, prompt id)
+            u = torch.cat([torch.rand(N, args.max_new_tokens, generator=g, dtype=torch.float64) for g in gens])
+            b = sample_batch(ref, [prompts[p] for p in rows], args, eos, run.tokenizer.pad_token_id, uniforms=u)
+            scores = run.task.score(decode(run.tokenizer, b), [run.task.train[p].answer for p in rows])
+        parts = [(mine, scores)] * run.world
+        if run.world > 1:
+            dist.all_gather_object(parts, (mine, scores))
+        new = {p: r[i * N : i * N + N] for ids, r in parts for i, p in enumerate(ids)}
+        if run.rank == 0:  # finished work is kept: one line per prompt, {prompt_id, rewards, v_hat}
+            with open(cache, "a") as f:
+                for p, r in sorted(new.items()):
+                    v = value_estimate(torch.tensor(r, dtype=torch.float64), args.beta1, args.value_estimator)
+                    f.write(json.dumps({"prompt_id": p, "rewards": r, "v_hat": v.item()}) + "\n")
+        done |= new
+        bar.update(len(new))
+    bar.close()
+    return done
 
 
-def read_value_cache(path: str, meta: dict):
-    """The stage-1 rewards [P, N] of a cache file, None when there is none; one written under other settings (or
-    incomplete) is an error."""
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    if not lines or lines[0].get("meta") != meta:
-        found = lines[0].get("meta") if lines else "empty"
+def read_value_cache(path: str, meta: dict) -> dict:
+    """The stage-1 rewards of a cache file, {prompt id: N rewards}: all of them, or those a stopped stage 1
+    finished; {} when there is no file. A directory, a truncated or corrupt file, or a cache written under other
+    settings is an error (before any model loads)."""
+    if os.path.isdir(path):
+        raise UserError(f"--value_cache {path} is a directory, not a cache file")
+    if not os.path.exists(path):
+        return {}
+    corrupt = UserError(f"--value_cache {path} is truncated or corrupt; remove it to recompute stage 1")
+    try:
+        with open(path) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        found, rows = lines[0]["meta"], {r["prompt_id"]: r["rewards"] for r in lines[1:]}
+    except (ValueError, TypeError, KeyError, IndexError):  # a cut line, not JSON, not UTF-8, no header
+        raise corrupt from None
+    if found != meta:
         raise UserError(
             f"--value_cache {path} was written with other settings ({found} vs {meta}); remove it or choose another "
             "path"
         )
-    rows = sorted(lines[1:], key=lambda r: r["prompt_id"])
-    if [r["prompt_id"] for r in rows] != list(range(meta["num_prompts"])):
-        raise UserError(f"--value_cache {path} is incomplete; remove it to recompute stage 1")
-    return torch.tensor([r["rewards"] for r in rows], dtype=torch.float64)
-
-
-def write_value_cache(path: str, meta: dict, rewards, v_hat) -> None:
-    """Line 1 {"meta": the settings the values depend on}, then one {prompt_id, rewards, v_hat} per prompt."""
-    with open(path + ".tmp", "w") as f:
-        f.write(json.dumps({"meta": meta}) + "\n")
-        for i, (r, v) in enumerate(zip(rewards.tolist(), v_hat.tolist())):
-            f.write(json.dumps({"prompt_id": i, "rewards": r, "v_hat": v}) + "\n")
-    os.replace(path + ".tmp", path)
+    if not all(p in range(meta["num_prompts"]) and np.shape(r) == (meta["num_ref_samples"],) for p, r in rows.items()):
+        raise corrupt
+    return rows
 
 
 def train(args: Args) -> None:
     run = Run(args)  # the task and its prompts, processes, the checkpoint to resume (PLUMBING)
-    policy = load_model(run.checkpoint or args.model_name_or_path, args, trainable=True)
-    ref = load_model(args.model_name_or_path, args)  # pi_ref, the anchor of the regression
-    eos, pad, prompts = eos_ids(run.tokenizer, policy), run.tokenizer.pad_token_id, run.train_prompts
-    prompts = prompts[: args.max_train_prompts]  # --max_train_prompts: stage 1 scores every training prompt
-    if args.prompts_per_step > len(prompts):
-        raise UserError(f"--prompts_per_step {args.prompts_per_step} > --max_train_prompts {len(prompts)}")
+    prompts = run.train_prompts[: args.max_train_prompts]  # --max_train_prompts: stage 1 scores every training prompt
     keys = ("model_name_or_path", "chat_template", "seed", "num_ref_samples", "temperature", "max_new_tokens")
     meta = {"task": run.task.name, "num_prompts": len(prompts)} | {k: getattr(args, k) for k in keys}
     cache = args.value_cache or os.path.join(run.run_dir, "value_estimates.jsonl")
-    stage1 = read_value_cache(cache, meta)  # a cache of other settings fails before anything is written
+    done = read_value_cache(cache, meta)  # a bad cache fails before anything is loaded or written
+    policy = load_model(run.checkpoint or args.model_name_or_path, args, trainable=True)
+    ref = load_model(args.model_name_or_path, args)  # pi_ref, the anchor of the regression
+    eos, pad = eos_ids(run.tokenizer, policy), run.tokenizer.pad_token_id
     model, optimizer = run.start(policy, lambda: evaluate(policy, {"init": ref} if args.eval_kl else {}, run, eos))
-    # stage 1: N samples of pi_ref per training prompt (or the cache), V_hat(x) of every prompt
-    t1, generated = time.time(), 0
-    if stage1 is None:
-        stage1, generated = stage1_rewards(ref, prompts, run, eos), len(prompts) * args.num_ref_samples
-        if run.rank == 0:
-            write_value_cache(cache, meta, stage1, value_estimate(stage1, args.beta1))
-    v_hat, solved = value_estimate(stage1, args.beta1).float().to(DEVICE), solved_mask(stage1)
+    if run.checkpoint and run.state["step"] == 0:  # a stopped stage 1's: saving it initialized AdamW (step 1)
+        optimizer.state.clear()
+    # stage 1: N samples of pi_ref per training prompt (those not in the cache), V_hat(x) of every prompt
+    t1, generated = time.time(), (len(prompts) - len(done)) * args.num_ref_samples
+    done = stage1_rewards(ref, prompts, run, eos, cache, meta, done)
+    stage1 = torch.tensor([done[p] for p in range(len(prompts))], dtype=torch.float64)
+    v_hat, solved = value_estimate(stage1, args.beta1, args.value_estimator).float().to(DEVICE), solved_mask(stage1)
     ids = solved.nonzero().view(-1).tolist() if args.filter_unsolved else list(range(len(prompts)))
     if len(ids) < args.prompts_per_step:
         raise UserError(f"--prompts_per_step {args.prompts_per_step} > {len(ids)} prompts left by --filter_unsolved")
     run.train_prompts = [prompts[i] for i in ids]  # what run.prompts draws from
     if run.rank == 0:
-        print(f"stage 1: {'sampled' if generated else 'read from ' + cache} {stage1.numel()} reference rewards")
+        print(f"stage 1: {generated} reference rewards sampled, {stage1.numel() - generated} read from {cache}")
     if run.state["step"] == 0:
         stats = {"charts/value_mean": v_hat.mean().item(), "charts/value_std": v_hat.std().item()}
         stats |= {"charts/frac_unsolved": 1 - solved.double().mean().item(), "charts/stage1_generated": generated}

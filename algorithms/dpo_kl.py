@@ -423,33 +423,38 @@ def micro_loss(lsm, batch: dict, rows, args, num_pairs):
 
 
 def update_pairs(model, optimizer, batch: dict, args, step: int) -> dict:
-    """num_iterations passes x num_minibatches optimizer steps over this rank's pairs (pair_role: +1 chosen, -1
-    rejected; the i-th chosen and i-th rejected rows are one pair), micro_batch_size // 2 pairs per forward. The
-    pair count of a mini-batch is all-reduced BEFORE its loss is formed and every rank backpropagates loss x world
-    size (FSDP averages), so the update does not depend on the number of ranks or micro-batches. Every rank runs as
-    many micro-batches as the one with the most pairs (FSDP's collectives stay in lockstep): a missing one, or a
-    rank without pairs, is a zero-weighted forward/backward of a placeholder row. Returns the global metrics."""
-    world, stats, roles = dist.get_world_size() if dist.is_initialized() else 1, [], batch["pair_role"]
+    """num_iterations passes x num_minibatches optimizer steps over the step's pairs (pair_role: +1 chosen, -1
+    rejected; the i-th chosen and i-th rejected rows are one pair), micro_batch_size // 2 pairs per forward. A
+    mini-batch is a set of GLOBAL pairs (ids numbered across ranks in rank order, one permutation on every rank;
+    each rank trains its own pairs of it) whose count is known BEFORE its loss is formed; every rank backpropagates
+    loss x world size (FSDP averages), so the update does not depend on the number of ranks or micro-batches. Every
+    rank runs as many micro-batches as the busiest one (FSDP's collectives stay in lockstep): a missing one is a
+    zero-weighted forward/backward of a placeholder row. A mini-batch without any pair takes no optimizer step (a
+    step without pairs: no update, no metrics). Returns the global metrics."""
+    world, rank, stats, roles, steps = *world_rank(), [], batch["pair_role"], 0
     chosen, rejected = (roles == 1).nonzero().view(-1), (roles == -1).nonzero().view(-1)
-    per_micro = max(1, args.micro_batch_size // 2)  # pairs per forward
+    counts = all_reduce(F.one_hot(torch.tensor(rank, device=DEVICE), world) * len(chosen))  # pairs per rank
+    first, per_micro = int(counts[:rank].sum()), max(1, args.micro_batch_size // 2)  # my first global pair id
     for it in range(args.num_iterations):
         shuffle = torch.Generator().manual_seed(seed_of(args, step, it))  # the same mini-batches on every rank
-        for mb in torch.randperm(len(chosen), generator=shuffle).to(DEVICE).tensor_split(args.num_minibatches):
-            num_pairs = all_reduce(mb.new_tensor(len(mb)).double()).item()
-            most = all_reduce(mb.new_tensor(len(mb)), dist.ReduceOp.MAX).item()
-            micro = list(mb.split(per_micro))  # one empty micro-batch when there is no pair
-            micro += [mb[:0]] * (math.ceil(most / per_micro) - len(micro))  # as many as the busiest rank
-            for k, idx in enumerate(micro):
+        for mb in torch.randperm(int(counts.sum()), generator=shuffle).to(DEVICE).tensor_split(args.num_minibatches):
+            mine = mb[(mb >= first) & (mb < first + len(chosen))] - first  # this rank's pairs of the mini-batch
+            micro = mine.split(per_micro) if len(mine) else ()
+            n = int(all_reduce(torch.tensor(len(micro), device=DEVICE), dist.ReduceOp.MAX))  # 0: no pair anywhere
+            for k in range(n):
+                idx = micro[k] if k < len(micro) else mine[:0]
                 rows = torch.cat([chosen[idx], rejected[idx]]) if len(idx) else roles.new_zeros(1)
                 if world > 1:  # FSDP2: reduce-scatter the gradients once per mini-batch, after its last micro-batch
-                    model.set_requires_gradient_sync(k == len(micro) - 1)
+                    model.set_requires_gradient_sync(k == n - 1)
                 with autocast(args):
                     lsm = completion_log_softmax(model, batch, rows, args.temperature, not args.gradient_checkpointing)
-                loss, s = micro_loss(lsm, batch, rows, args, num_pairs)
+                loss, s = micro_loss(lsm, batch, rows, args, len(mb))
                 (loss * world).backward()
                 stats.append(s)
-            stats[-1] |= optimizer_step(model, optimizer, args)
-    return reduce_stats(stats, args.num_iterations * args.num_minibatches)
+            if n:
+                stats[-1] |= optimizer_step(model, optimizer, args)
+                steps += 1
+    return reduce_stats(stats, max(steps, 1))
 
 
 # ==========================================================================================================
@@ -512,6 +517,9 @@ def train(args: Args) -> None:
         # 4. the update on the pairs
         metrics |= update_pairs(model, optimizer, batch, args, step)
         run.timer("update")
+        if "losses/loss" not in metrics:  # no pair on any rank (all ties): no update, no loss logged
+            run.state["skipped_steps"] = run.state.get("skipped_steps", 0) + 1  # checkpointed
+        metrics["charts/skipped_steps"] = run.state.get("skipped_steps", 0)
         run.end_step(step, batch, metrics)
 
 

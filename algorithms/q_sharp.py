@@ -40,7 +40,7 @@ import tqdm
 import tyro
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
 
-from common.tasks import TaskError, encode_prompts, load_task
+from common.tasks import Example, TaskError, encode_prompts, extract_answer, load_task, read_jsonl
 
 
 @dataclass
@@ -89,6 +89,7 @@ class Args:
     rollin_eta: Optional[float] = None  # eta of the guided roll-in in rounds >= 2 (None = --eta)
     only_switch_token: bool = False  # ablation: label only the switch token (official --use_all_ref_tokens 0)
     drop_no_variation: bool = False  # drop prompts whose collected rewards are all equal (a selection effect)
+    q_loss_weighting: Literal["labels", "sequences"] = "labels"  # labels: all equal (exact ML); sequences: official
     # evaluation, logging, checkpoints
     eval_every: int = 1  # guided held-out eval every this many rounds (and at step 0 for pi_ref)
     eval_num_prompts: int = 500  # held-out prompts per eval
@@ -102,6 +103,9 @@ class Args:
     bf16: Optional[bool] = None  # bf16 autocast of forwards (weights and optimizer stay float32); default: on CUDA
     gradient_checkpointing: bool = False  # trade compute for memory on real Q models
     reshard_after_forward: bool = True  # under torchrun (FSDP2): free gathered weights after each forward (ZeRO-3)
+    sample_from: Optional[str] = None  # a run folder: its flags, newest checkpoint; sample pi_ref e^{Q/eta} at --eta
+    prompts_file: Optional[str] = None  # --sample_from: JSONL prompts (optional answers); default the held-out ones
+    samples_out: Optional[str] = None  # --sample_from: one JSONL row per sample; default {run}/samples_eta{eta}.jsonl
 
 
 def check_args(args: Args, world: int) -> None:
@@ -110,6 +114,8 @@ def check_args(args: Args, world: int) -> None:
         raise UserError("--rollin_eta and --eval_etas must be > 0 (the paper's KL coefficient)")
     if args.num_atoms < 2 or args.v_max <= args.v_min or args.heldout_frac >= 1:
         raise UserError("need --num_atoms >= 2, --v_max > --v_min and --heldout_frac < 1")
+    if (args.prompts_file or args.samples_out) and not args.sample_from:
+        raise UserError("--prompts_file and --samples_out go with --sample_from RUN")
     if args.q_batch_size % world:
         raise UserError(f"--q_batch_size {args.q_batch_size} is not divisible by the world size {world}")
 
@@ -135,13 +141,18 @@ def atom_bin(rewards, atoms) -> tuple:
     return idx, (r < atoms[0]) | (r > atoms[-1])
 
 
-def dist_loss(log_pmf, bins, mask, num_seqs):
-    """Distributional maximum likelihood, this micro-batch's share of the mean over the global batch:
-        L = (1/N_seq) sum_i (1/|T_i|) sum_{t in T_i} -log p_theta(bin(R_i) | s_t, y_t),
-    log_pmf [B, T, A], bins [B] (one label per sequence: its final reward), mask [B, T] marks T_i."""
+def dist_loss(log_pmf, bins, mask, num_seqs, num_labels=None, weighting: str = "labels"):
+    """Distributional maximum likelihood, this micro-batch's share of the loss of the global batch:
+        labels:    L = (1/N_lab) sum_i sum_{t in T_i} -log p_theta(bin(R_i) | s_t, y_t),   N_lab = sum_i |T_i|,
+        sequences: L = (1/N_seq) sum_i (1/|T_i|) sum_{t in T_i} -log p_theta(bin(R_i) | s_t, y_t)   (official).
+    Each label samples pi_ref's return law at its (s_t, y_t): only equal weights give its maximum likelihood (1/|T_i|
+    depends on the continuation, hence on R). log_pmf [B, T, A], bins [B] (a sequence's label: its final reward),
+    mask [B, T] marks T_i; num_seqs, num_labels: GLOBAL counts (num_labels None: this batch's)."""
     nll = -log_pmf.gather(-1, bins.view(-1, 1, 1).expand(-1, log_pmf.shape[1], 1)).squeeze(-1)
     m = mask.to(nll.dtype)
-    return ((nll * m).sum(-1) / m.sum(-1).clamp(min=1)).sum() / max(num_seqs, 1)
+    if weighting == "sequences":
+        return ((nll * m).sum(-1) / m.sum(-1).clamp(min=1)).sum() / max(num_seqs, 1)
+    return (nll * m).sum() / max(m.sum() if num_labels is None else num_labels, 1)
 
 
 def guided_logits(ref_logits, offsets, temperature: float, top_k: int = 0, outside: str = "zero"):
@@ -310,7 +321,8 @@ def sample(ref, qmodel, prompts: list, uniforms, mode: str, eta: float, args, at
     """One completion per prompt (token lists), tokens by inverse CDF from `uniforms` [B, >= H], with KV caches;
     rows that emitted EOS leave the batch. mode "ref": pi_ref = softmax(l / T); "qsharp": softmax(l / T + Q/eta);
     "cd": softmax(l / T + E[R]/eta) (`guided_logits`, with --top_k). Returns (tokens [B, C], completion mask,
-    kl [B]): kl = the exact KL(pi_g(.|s) || pi_ref(.|s)) summed over the generated positions (0 for "ref")."""
+    kl [B, H]): the exact KL(pi_g(.|s_t) || pi_ref(.|s_t)) at each generated position t (0 after the end and for
+    "ref"), whose sum along a sample is its sequence KL."""
     from transformers import DynamicCache
 
     batch, H = make_batch(prompts, None, eos, pad), max_tokens or args.max_new_tokens
@@ -318,7 +330,7 @@ def sample(ref, qmodel, prompts: list, uniforms, mode: str, eta: float, args, at
     attn, q_cache = p_mask[index], DynamicCache()
     pos = attn.sum(-1, keepdim=True) - 1  # the position of each row's last token
     tokens = torch.full((len(prompts), H), pad, device=DEVICE)
-    kl, live = torch.zeros(len(prompts), dtype=torch.float64, device=DEVICE), torch.arange(len(prompts), device=DEVICE)
+    kl, live = tokens.new_zeros(tokens.shape, dtype=torch.float64), torch.arange(len(prompts), device=DEVICE)
     with gathered(qmodel, args):  # FSDP: the Q model's weights gathered once for the whole rollout
         with autocast(args):  # each distinct prompt runs once in each model, its caches copied to its rows
             ref_logits, ref_cache = prefill(ref, p_ids, p_mask, index)
@@ -337,7 +349,7 @@ def sample(ref, qmodel, prompts: list, uniforms, mode: str, eta: float, args, at
                     )
                 offsets = soft_q(log_pmf, atoms, eta) / eta if mode == "qsharp" else cd_value(log_pmf, atoms) / eta
                 logits = guided_logits(ref_logits, offsets, args.temperature, args.top_k, args.topk_outside)
-                kl[live] += seq_kl(
+                kl[live, t] = seq_kl(
                     logits[:, None], (ref_logits / args.temperature)[:, None], torch.ones_like(live)[:, None]
                 ).double()
             u = uniforms[live.cpu(), t, None].to(DEVICE, torch.float64)
@@ -376,7 +388,8 @@ def collect(step: int, ref, qmodel, run, prompt_ids: list, atoms, eos) -> list:
     """Examples of this rank's prompts: for each (prompt, sample) a response y_0..y_{L-1} from pi_ref (round 1) or
     the guided policy at rollin_eta (later rounds), a switch c ~ Unif{0..L-1}, y_0..y_c kept and the rest
     re-sampled from pi_ref (at most H tokens in all), the reward R of the final text. Labels: c and every
-    position after it. In round 1 everything is pi_ref already, so the sampled tokens are kept."""
+    position after it. Round 1 re-samples too: keeping its own tokens after c would select the labels (c uniform
+    over the sequence's own length) by the continuation, biasing the law they sample."""
     args, tok = run.args, run.tokenizer
     H, S, out = args.max_new_tokens, args.samples_per_prompt, []
     for i in range(0, len(prompt_ids), max(1, args.gen_batch_size // S)):
@@ -389,9 +402,8 @@ def collect(step: int, ref, qmodel, run, prompt_ids: list, atoms, eos) -> list:
         )
         lengths = cmask.sum(-1).tolist()
         switch = [min(int(u[k, 2 * H].item() * L), L - 1) for k, L in enumerate(lengths)]
-        keep = [L if step == 1 else c + 1 for c, L in zip(switch, lengths)]
-        completions = [toks[k, : keep[k]].tolist() for k in range(len(rows))]
-        redo = [k for k in range(len(rows)) if keep[k] < lengths[k]]
+        completions = [toks[k, : c + 1].tolist() for k, c in enumerate(switch)]
+        redo = [k for k in range(len(rows)) if switch[k] + 1 < lengths[k]]
         if redo:  # roll out from the switch token with pi_ref, at most H tokens in all
             more, mask, _ = sample(
                 ref,
@@ -447,20 +459,22 @@ def q_log_pmf(qmodel, batch: dict):
 
 def train_q_epoch(model, optimizer, examples: list, run, atoms, eos, seed: int) -> float:
     """One pass over `examples` in global batches of q_batch_size sequences (the last one filled up by wrapping
-    around, so every rank runs the same number of steps); each rank takes its slice and backpropagates
-    local_sum / global_count x world size (DDP averages). Returns the mean loss."""
+    around, so every rank runs the same number of steps); each rank takes its slice, the batch's label count is
+    all-reduced before its loss is formed, and each rank backpropagates its share x world size (FSDP averages).
+    Returns the mean loss."""
     args, perm = run.args, torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     qb, steps, total = args.q_batch_size, math.ceil(len(examples) / args.q_batch_size), 0.0
     perm = (perm * math.ceil(steps * qb / len(examples)))[: steps * qb]
     for s in range(steps):
         mine = perm[s * qb : (s + 1) * qb][run.rank * qb // run.world : (run.rank + 1) * qb // run.world]
         micro = [mine[i : i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
-        for k, idx in enumerate(micro):
+        micro = [q_batch([examples[i] for i in idx], run, atoms, eos) for idx in micro]
+        n = all_reduce(sum(b["targets"].sum() for b in micro).double()).item()  # global label count, before any loss
+        for k, batch in enumerate(micro):
             if run.world > 1:  # FSDP2: reduce-scatter the gradients once per step, after its last micro-batch
                 model.set_requires_gradient_sync(k == len(micro) - 1)
-            batch = q_batch([examples[i] for i in idx], run, atoms, eos)
             with autocast(args):
-                loss = dist_loss(q_log_pmf(model, batch), batch["bins"], batch["targets"], qb)
+                loss = dist_loss(q_log_pmf(model, batch), batch["bins"], batch["targets"], qb, n, args.q_loss_weighting)
             (loss * run.world).backward()
             total += loss.item()
         optimizer_step(model, optimizer, args)
@@ -472,12 +486,13 @@ def heldout_q_loss(qmodel, examples: list, run, atoms, eos) -> float:
     mine, total = examples[run.rank :: run.world], torch.zeros(2, dtype=torch.float64, device=DEVICE)
     with gathered(qmodel, run.args):  # ranks hold different numbers of held-out examples
         for i in range(0, len(mine), run.args.micro_batch_size):
-            batch = q_batch(mine[i : i + run.args.micro_batch_size], run, atoms, eos)
+            batch, w = q_batch(mine[i : i + run.args.micro_batch_size], run, atoms, eos), run.args.q_loss_weighting
+            n = len(batch["bins"]) if w == "sequences" else batch["targets"].sum().item()  # sequences or labels
             with autocast(run.args):
                 total += torch.stack(
                     [
-                        dist_loss(q_log_pmf(qmodel, batch), batch["bins"], batch["targets"], 1).double(),
-                        torch.tensor(len(batch["bins"]), dtype=torch.float64, device=DEVICE),
+                        dist_loss(q_log_pmf(qmodel, batch), batch["bins"], batch["targets"], 1, 1, w).double(),
+                        torch.tensor(n, dtype=torch.float64, device=DEVICE),
                     ]
                 )
     total = all_reduce(total)
@@ -504,7 +519,10 @@ def evaluate_guided(mode: str, eta: float, ref, qmodel, run, atoms, eos) -> tupl
         texts = tok.batch_decode([t[m.bool()] for t, m in zip(toks, cmask)], skip_special_tokens=True)
         r = run.task.score(texts, [run.eval_answers[p] for p, _ in chunk])
         sums += torch.stack([torch.tensor(sum(x >= 1 for x in r), dtype=torch.float64, device=DEVICE), kl.sum()])
-        shown += [{"prompt": tok.decode(prompts[k]), "completion": texts[k], "reward": r[k]} for k in range(len(chunk))]
+        shown += [  # token_kl: the exact KL(pi_g || pi_ref) at each completion token
+            {"prompt": tok.decode(prompts[k]), "completion": texts[k], "reward": r[k], "token_kl": x[:n].tolist()}
+            for k, (x, n) in enumerate(zip(kl.cpu(), cmask.sum(-1).tolist()))
+        ]
     s = all_reduce(sums) / (len(run.eval_prompts) * args.eval_samples_per_prompt)
     return {"pass@1": s[0].item(), "kl_init_rkl_exact_seq": s[1].item()}, shown[: args.log_completions]
 
@@ -537,7 +555,44 @@ def evaluate_round(ref, qmodel, run, atoms, eos) -> tuple:
     return out, shown
 
 
+def read_prompts_file(args: Args) -> list:
+    """--prompts_file rows as Examples (answer "" where a row has none), checked before any model loads."""
+    rows = [row for _, row in read_jsonl(args.prompts_file)]
+    if not rows or not all(isinstance(row.get(args.prompt_field), str) for row in rows):
+        raise UserError(f"--prompts_file {args.prompts_file}: every row needs a string {args.prompt_field!r}")
+    return [Example(r[args.prompt_field], extract_answer(str(r.get(args.answer_field, "")))) for r in rows]
+
+
+def sample_guided(ref, qmodel, run, atoms, eos, examples) -> None:
+    """--sample_from RUN: the guided policy at --eta with the end-of-run eval's noise per (prompt, sample) (the same
+    --eta and --seed give its samples), for the --prompts_file `examples` or the run's held-out prompts. Writes one
+    JSONL row per sample, prompt-major, to --samples_out."""
+    args, S = run.args, run.args.eval_samples_per_prompt
+    if examples is not None:
+        run.eval_prompts = encode_prompts(run.tokenizer, examples, args.chat_template, args.max_prompt_length, "file")
+        run.eval_answers = [e.answer for e in examples]
+    answers, args.log_completions = run.eval_answers, len(run.eval_prompts) * S  # every sample comes back
+    metrics, rows = evaluate_guided("qsharp", args.eta, ref, qmodel, run, atoms, eos)
+    out = args.samples_out or os.path.join(args.sample_from, f"samples_eta{args.eta:g}.jsonl")
+    with open(out, "w") as f:  # kl: the sequence KL to pi_ref; reward None without an answer
+        for r, a in zip(rows, [a for a in answers for _ in range(S)]):
+            f.write(json.dumps(r | {"kl": sum(r["token_kl"]), "reward": r["reward"] if a else None}) + "\n")
+    score = f", pass@1 {metrics['pass@1']:.4f}" if all(answers) else ""
+    print(f"{out}: {len(rows)} samples, mean KL {metrics['kl_init_rkl_exact_seq']:.4f}{score}")
+
+
 def train(args: Args) -> None:
+    examples = None
+    if args.sample_from:  # the run's flags (its args.json) under this command line's; its newest checkpoint
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise UserError("--sample_from runs in one process, not under torchrun")
+        if not os.path.isfile(os.path.join(args.sample_from, "args.json")):
+            raise UserError(f"--sample_from {args.sample_from} is not a run folder (no args.json)")
+        examples = read_prompts_file(args) if args.prompts_file else None
+        with open(os.path.join(args.sample_from, "args.json")) as f:
+            saved = json.load(f) | {"resume": args.sample_from}
+        saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        args = tyro.cli(Args, default=saved, use_underscores=True)
     run = Run(args)  # the task and its prompts, processes, the checkpoint to resume (PLUMBING)
     ref = load_model(args.model_name_or_path, args)
     q_path = run.checkpoint or args.q_model_name_or_path or args.model_name_or_path
@@ -559,6 +614,8 @@ def train(args: Args) -> None:
     if run.checkpoint:
         qmodel.head.load_state_dict(torch.load(os.path.join(run.checkpoint, "head.pt"), map_location=DEVICE))
     atoms, eos = torch.linspace(args.v_min, args.v_max, args.num_atoms, device=DEVICE), eos_ids(run.tokenizer, ref)
+    if args.sample_from:
+        return sample_guided(ref, qmodel.eval(), run, atoms, eos, examples)
     order = np.random.default_rng(seed_of(args, -7)).permutation(len(run.train_prompts))
     heldout = set(order[: int(args.heldout_frac * len(run.train_prompts))].tolist())  # prompts of the held-out loss
     model, optimizer = run.start(qmodel, lambda: evaluate_round(ref, qmodel.eval(), run, atoms, eos))

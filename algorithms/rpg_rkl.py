@@ -404,7 +404,7 @@ def update_policy(model, optimizer, batch: dict, args, step: int) -> dict:
         for mb in torch.randperm(len(mask) * world, generator=shuffle).to(DEVICE).tensor_split(args.num_minibatches):
             mb = mb[(mb // len(mask)) == rank] % len(mask)  # this rank's rows of the global mini-batch
             counts = all_reduce(torch.stack([(mask[mb].sum(-1) > 0).sum(), mask[mb].sum()]).double()).tolist()
-            micro = mb.split(args.micro_batch_size)
+            micro = mb.split(args.micro_batch_size) if len(mb) else ()  # a rank may hold none of its rows
             n = int(all_reduce(torch.tensor(len(micro), device=DEVICE), dist.ReduceOp.MAX))  # FSDP: lockstep
             for k in range(n):
                 rows = micro[k] if k < len(micro) else mask.new_zeros(1, dtype=torch.long)  # else: weight 0

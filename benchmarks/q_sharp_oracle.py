@@ -10,12 +10,14 @@ Q model would give `algorithms/q_sharp.py`, and how far apart Q# and CD can be o
 (Answers with surrounding spaces, e.g. " 95", also score 1; the tiny reference almost never writes them, which
 these sums ignore.)  Usage: python benchmarks/q_sharp_oracle.py [--etas 0.05 0.1 ...] [--num_prompts 500]
 
-`--q_model RUN/final` also compares a trained Q model (q_sharp.py's `final/` folder, head "q") with the exact law
-on the states along y*: the reference-weighted calibration of its p_hat(a) = P_theta(R = 1 | prefix, a) over
-every next token, and its mean p_hat on the correct and on the wrong next tokens (whose exact p is 0).
+`--q_model RUN/final` also compares a trained Q model (a q_sharp.py checkpoint: its backbone as a Hugging Face
+folder plus head.pt; --head q with 2 atoms on {0, 1}, the defaults) with the exact law on the states along y*: the
+reference-weighted calibration of its p_hat(a) = P_theta(R = 1 | prefix, a) over every next token, and its mean
+p_hat on the correct and on the wrong next tokens (whose exact p is 0).
 """
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -56,10 +58,13 @@ def calibration(paths: list, prompts: list, q_dir: str) -> None:
     sys.modules["q_sharp"] = qs
     spec.loader.exec_module(qs)
     V = paths[0][0].shape[-1]
-    qmodel = qs.QModel(
-        qs.load_model(os.path.join(q_dir, "q_backbone"), "cpu", trainable=False, backbone_only=True), "q", 2, V
-    )
-    qmodel.head.load_state_dict(torch.load(os.path.join(q_dir, "head.pt")))
+    flags = os.path.join(os.path.realpath(q_dir), "..", "..", "args.json")  # RUN/final -> RUN/checkpoints/step_N
+    run = json.load(open(flags)) if os.path.exists(flags) else {}  # the run's flags
+    if (run.get("head", "q"), run.get("num_atoms", 2), run.get("v_min", 0.0), run.get("v_max", 1.0)) != ("q", 2, 0, 1):
+        sys.exit(f"--q_model {q_dir}: needs a run with --head q --num_atoms 2 --v_min 0 --v_max 1")
+    backbone = qs.load_model(q_dir, qs.Args(bf16=False)).base_model  # the backbone folder, frozen, float32
+    qmodel = qs.QModel(backbone, "q", 2, V)
+    qmodel.head.load_state_dict(torch.load(os.path.join(q_dir, "head.pt"), map_location="cpu"))
     qmodel = qmodel.double().eval()
     p_hat, p_true, w = [], [], []
     with torch.no_grad():

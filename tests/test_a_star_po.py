@@ -1,4 +1,4 @@
-"""Closed-form checks of algorithms/a_star_po.py (spec a_star_po.md section 4, P1-P9).
+"""Closed-form checks of algorithms/a_star_po.py (spec a_star_po.md section 4, P1-P10).
 
 Categorical (K arms) and token-tree policies in float64; population losses are exact expectations of the file's
 own `a_star_po_loss` under a sampler mu; minimizers by L-BFGS.
@@ -7,10 +7,12 @@ own `a_star_po_loss` under a sampler mu; minimizers by L-BFGS.
 import math
 import os
 
+import pytest
 import torch
 
 from tests.harness import (DT, TINY_RUN, TokenTree, grad, kl, lbfgs_minimize, load_algorithm, max_abs, one_line_error,
-                           random_logits, read_metrics, run_script)
+                           random_logits, read_metrics, run_in_process, run_script, start_script)
+from tests.test_reliability import kill_when, untimed
 
 apo = load_algorithm("a_star_po")
 TOL, GAP = 1e-10, 1e-3
@@ -124,7 +126,7 @@ def test_p6_value_estimate_closed_forms():
     r = torch.rand(5, N, generator=torch.Generator().manual_seed(0), dtype=DT)
     assert (r.max(-1).values - apo.value_estimate(r, 1e-3)).abs().max() <= 1e-3 * math.log(N) + 1e-12
     assert (r.mean(-1) - apo.value_estimate(r, 1e4)).abs().max() < 1e-4
-    assert torch.equal(apo.value_estimate(r, 0.0), r.mean(-1))
+    assert torch.equal(apo.value_estimate(r, 0.5, "mean"), r.mean(-1))  # --value_estimator mean: beta1 unused
     # Jensen: p = 0.3, N = 8, beta1 = 0.5
     p, beta1 = 0.3, 0.5
     v_star = beta1 * math.log(1 - p + p * math.exp(1 / beta1))
@@ -133,13 +135,19 @@ def test_p6_value_estimate_closed_forms():
     assert abs(v_star - 0.535229) < 1e-6 and abs(expected_v_hat - 0.499968) < 1e-6
 
 
-def test_p6_negative_beta1_is_an_error():
-    try:
-        apo.value_estimate(torch.zeros(1, 2), -0.1)
-    except ValueError as e:
-        assert "beta1" in str(e)
-    else:
-        raise AssertionError("beta1 < 0 accepted")
+def test_p6_nonpositive_beta1_and_beta2_are_errors():
+    """beta1 -> 0 tends to the max, not the mean: beta1 <= 0 is refused, naming the estimator of the mean; so is
+    beta2 <= 0 and a prompt budget below the step's, all before any model loads (check_args)."""
+    for beta1 in (0.0, -0.1):
+        with pytest.raises(ValueError, match="estimator 'mean'"):
+            apo.value_estimate(torch.zeros(1, 2), beta1)
+        with pytest.raises(apo.UserError, match="--beta1 must be > 0.*--value_estimator mean"):
+            apo.check_args(apo.Args(beta1=beta1), 1)
+    apo.check_args(apo.Args(beta1=0.0, value_estimator="mean"), 1)  # beta1 unused by the mean
+    with pytest.raises(apo.UserError, match="--beta2 must be > 0"):
+        apo.check_args(apo.Args(beta2=0.0), 1)
+    with pytest.raises(apo.UserError, match="--prompts_per_step 256 > --max_train_prompts 16"):
+        apo.check_args(apo.Args(max_train_prompts=16), 1)
 
 
 def test_p7_filter_drops_exactly_the_unsolved_prompts():
@@ -190,3 +198,40 @@ def test_p8_p9_stage1_cache_and_world_size(tmp_path):
                        "--run_name", "other", "--value_cache", cache)
     assert "written with other settings" in one_line_error(other)
     assert not os.path.exists(tmp_path / "other")
+
+
+# ---- P10 stage 1 stopped and resumed; bad cache files -----------------------------------------------------------------
+def test_p10_sigterm_in_stage1_keeps_the_finished_prompts_and_resume_completes_them(tmp_path, capsys):
+    """SIGTERM during stage 1 (one prompt per chunk): exit 143 with a `stopped:` line, the finished prompts kept in
+    the cache; --resume samples only the others and ends with the cache and the step-1 row of an uninterrupted run."""
+    flags = [*STAGE1, "--max_train_prompts", "300", "--num_ref_samples", "4", "--gen_batch_size", "4",
+             "--output_dir", str(tmp_path)]
+    code, err = run_in_process("a_star_po", [*flags, "--run_name", "full"], capsys)
+    assert code == 0, err[-3000:]
+    cache = tmp_path / "term" / "value_estimates.jsonl"
+    term = start_script("a_star_po", *flags, "--run_name", "term")
+    rc, err = kill_when(term, lambda: cache.exists() and cache.read_text().count("\n") >= 3, 15)  # SIGTERM
+    assert rc == 143 and "stopped: SIGTERM: stage 1 has" in err, err[-3000:]
+    kept, want = read_cache(cache), read_cache(tmp_path / "full" / "value_estimates.jsonl")
+    assert 2 <= len(kept) < 300 and kept == want[: len(kept)]  # the finished part, with its values
+    code, err = run_in_process("a_star_po", ["--resume", str(tmp_path / "term")], capsys)
+    assert code == 0, err[-3000:]
+    assert cache.read_text() == (tmp_path / "full" / "value_estimates.jsonl").read_text()
+    assert stage1_row(tmp_path / "term")["charts/stage1_generated"] == (300 - len(kept)) * 4
+    rows = {name: [r for r in untimed(read_metrics(tmp_path / name)) if r["step"] == 1] for name in ("full", "term")}
+    assert rows["full"] == rows["term"] and len(rows["full"]) == 1
+
+
+@pytest.mark.parametrize("case", ["directory", "cut line", "cut header", "not UTF-8"])
+def test_p10_bad_value_cache_is_an_error_before_stage1(tmp_path, capsys, case):
+    path = tmp_path / "cache.jsonl"
+    if case == "directory":
+        path.mkdir()
+    else:  # (the header's settings need not match: the file is refused before they are compared)
+        cut = b'{"meta": {}}\n{"prompt_id": 0, "rewards": [0.0, 1.0, 0.0], "v_hat": 0.3}\n{"pro'
+        path.write_bytes({"cut line": cut, "cut header": b'{"meta": {"task": "ari', "not UTF-8": b"\xff\xfe\x00"}[case])
+    flags = [*STAGE1, "--value_cache", str(path), "--output_dir", str(tmp_path / "out"), "--run_name", "r"]
+    code, err = run_in_process("a_star_po", flags, capsys)
+    message = "is a directory" if case == "directory" else "is truncated or corrupt"
+    assert isinstance(code, str) and code.startswith("error: ") and message in code and "Traceback" not in err, code
+    assert not (tmp_path / "out" / "r").exists()  # before stage 1: no run folder, no model loaded

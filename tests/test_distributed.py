@@ -41,6 +41,7 @@ CASES = [
     ("a_star_po", {"num_iterations": 2, "entropy_coef": 0.01}),
     ("q_sharp", {}),
     ("dpo_kl", {"divergence": "js", "loss": "robust", "label_smoothing": 0.2}),
+    ("dpo_kl", {"num_minibatches": 3, "micro_batch_size": 2, "num_generations": 2}),  # 1 pair per global mini-batch
     ("gkd", {"divergence": "akl", "num_iterations": 2, "micro_batch_size": 3}),
 ]
 

@@ -21,6 +21,7 @@ from tests.harness import (
     max_abs,
     random_logits,
     read_metrics,
+    run_in_process,
     run_script,
 )
 
@@ -387,9 +388,29 @@ def test_d9_global_pair_count_micro_batches_and_an_empty_batch():
     assert max_abs(init + (2 * deltas[0] + deltas[1]) / 3, whole) < 1e-6
     # negative control: adding the per-rank means (each rank divides by its own pair count) differs
     assert max_abs(init + deltas[0] + deltas[1], whole) > GAP
-    # a batch without any pair: a zero-weighted backward, no parameter change, finite metrics
+    # a batch without any pair: no optimizer step, no parameter change, no metrics (no loss of 0 as if it trained)
     none, m_none = sgd_update(policy, {**batch, "pair_role": torch.zeros_like(roles)})
-    assert torch.equal(none, init) and m_none["losses/loss"] == 0.0
+    assert torch.equal(none, init) and m_none == {}
+
+
+def test_d9_a_step_without_pairs_is_skipped(tmp_path, capsys, monkeypatch):
+    """Issue 20: every reward 0 (all ties) gives no pair: no optimizer step (AdamW's weight decay would move the
+    weights), no update metrics, charts/num_pairs 0 and a count of skipped steps that survives a resume."""
+    import common.tasks
+    from transformers import AutoModelForCausalLM
+
+    from common import TINY_POLICY
+
+    monkeypatch.setattr(common.tasks, "exact_match_reward", lambda completion, answer: 0.0)
+    flags = [*TINY_RUN, "--weight_decay", "0.1", "--output_dir", str(tmp_path), "--run_name", "ties"]
+    assert run_in_process("dpo_kl", [*flags, "--total_steps", "1"], capsys)[0] == 0
+    assert run_in_process("dpo_kl", ["--resume", str(tmp_path / "ties"), "--total_steps", "2"], capsys)[0] == 0
+    rows = read_metrics(tmp_path / "ties")[1:]
+    assert [(r["step"], r["charts/num_pairs"], r["charts/skipped_steps"]) for r in rows] == [(1, 0, 1), (2, 0, 2)]
+    update_keys = ("losses/loss", "losses/logratio_abs_max", "rewards/", "logps/", "charts/grad_norm")
+    assert not [k for r in rows for k in r if k.startswith(update_keys)]
+    init, final = (AutoModelForCausalLM.from_pretrained(p) for p in (TINY_POLICY, tmp_path / "ties" / "final"))
+    assert all(torch.equal(p, q) for p, q in zip(init.parameters(), final.parameters()))
 
 
 def write_pairs(path, rows):

@@ -57,8 +57,10 @@ def exact_tables(theta_ref, R, eta, atoms):
 
 
 def guided_tree_logits(theta_ref, offsets_by_state, temperature=1.0, top_k=0, outside="zero"):
-    rows = [qs.guided_logits(theta_ref[i], offsets_by_state[s], temperature, top_k, outside)
-            for i, s in enumerate(TREE.states)]
+    rows = [
+        qs.guided_logits(theta_ref[i], offsets_by_state[s], temperature, top_k, outside)
+        for i, s in enumerate(TREE.states)
+    ]
     return torch.stack(rows)
 
 
@@ -101,8 +103,9 @@ def test_q3_q4_guided_policy_is_pi_star(eta):
     star = pi_star_seq(theta_ref, R, eta)
     assert max_abs(TREE.seq_logprobs(g).exp(), star) < 1e-12
     log_z = torch.logsumexp(TREE.seq_logprobs(theta_ref) + R / eta, -1)
-    assert abs((eta * torch.logsumexp(torch.log_softmax(theta_ref[0], -1) + Q[()] / eta, -1))
-               / eta - log_z) < 1e-12  # V*(root) / eta = ln Z
+    assert (
+        abs((eta * torch.logsumexp(torch.log_softmax(theta_ref[0], -1) + Q[()] / eta, -1)) / eta - log_z) < 1e-12
+    )  # V*(root) / eta = ln Z
     shifted = guided_tree_logits(theta_ref, {s: o + 3.7 * (len(s) + 1) for s, o in offsets.items()})
     assert max_abs(TREE.seq_logprobs(shifted).exp(), star) < 1e-12
     # Q4: KL three ways, the third through seq_kl along every sequence
@@ -115,8 +118,9 @@ def test_q3_q4_guided_policy_is_pi_star(eta):
     assert abs(kl_seq - kl_value) < 1e-12 and abs(kl_seq - kl_chain) < 1e-12
     J = lambda p: (p * R).sum() - eta * (p * (torch.log(p) - lp_ref)).sum()  # noqa: E731
     assert abs(J(star) - eta * log_z) < 1e-12
-    perturbed = torch.softmax(torch.log(star) + 0.05 * torch.randn(len(star), generator=torch.Generator().manual_seed(1),
-                                                                    dtype=DT), -1)
+    perturbed = torch.softmax(
+        torch.log(star) + 0.05 * torch.randn(len(star), generator=torch.Generator().manual_seed(1), dtype=DT), -1
+    )
     assert J(perturbed) < J(star) - 1e-6
 
 
@@ -159,10 +163,11 @@ def test_q5_labels_are_unbiased_under_guided_roll_in():
     cmask = (torch.arange(TREE.L)[None] < L[:, None]).long()
     labels_at = qs.make_targets(cmask, switch)
     seq_index = {s: i for i, s in enumerate(TREE.seq_list)}
-    reward = torch.tensor([R[seq_index[tuple(row[: n].tolist())]] for row, n in zip(toks, L)], dtype=DT)
+    reward = torch.tensor([R[seq_index[tuple(row[:n].tolist())]] for row, n in zip(toks, L)], dtype=DT)
     pair = states * 3 + toks
-    count = torch.zeros(TREE.num_states * 3, dtype=DT).index_add_(0, pair[labels_at], torch.ones_like(reward[
-        labels_at.nonzero()[:, 0]]))
+    count = torch.zeros(TREE.num_states * 3, dtype=DT).index_add_(
+        0, pair[labels_at], torch.ones_like(reward[labels_at.nonzero()[:, 0]])
+    )
     total = torch.zeros(TREE.num_states * 3, dtype=DT).index_add_(0, pair[labels_at], reward[labels_at.nonzero()[:, 0]])
     exact = torch.stack([pmf[s][:, 1] for s in TREE.states]).view(-1)
     top = count.argsort(descending=True)[:2]
@@ -183,8 +188,11 @@ def test_q6_small_and_large_eta_limits():
         for a, _ in children(s):
             reach = [y for y in TREE.seq_list if y[: len(s) + 1] == s + (a,)]
             best = max(R[seq_index[y]].item() for y in reach)
-            p_best = sum(math.exp(sum(math.log(pi[TREE.states.index(y[:t]), y[t]].item()) for t in range(len(s) + 1,
-                         len(y)))) for y in reach if R[seq_index[y]].item() == best)
+            p_best = sum(
+                math.exp(sum(math.log(pi[TREE.states.index(y[:t]), y[t]].item()) for t in range(len(s) + 1, len(y))))
+                for y in reach
+                if R[seq_index[y]].item() == best
+            )
             assert best + 1e-3 * math.log(p_best) - 1e-12 <= Qs[s][a].item() <= best + 1e-12
             gap = Ql[s][a].item() - mean[s][a].item()
             assert -1e-12 <= gap <= 1 / (8 * 1e4) + 1e-12
@@ -260,6 +268,82 @@ def test_q10_targets():
     assert only.sum(-1).tolist() == [1, 1, 1] and only[0, 1] and only[1, 3] and only[2, 0]
 
 
+# ---- exact maximum likelihood: every label weighs the same ------------------------------------------------------
+def collection(theta_ref, reroll=True):
+    """Every outcome of one collection from pi_ref, exactly (the TokenTree's EOS ends sequences at any depth): a
+    response y' ~ pi_ref, the switch c ~ Unif{0..|y'|-1}, y'_0..y'_c kept and the rest re-sampled from pi_ref (as
+    `collect` does in every round; reroll=False: y' kept whole). Returns (probability, final sequence, c) of each."""
+    lp, tok_lp = TREE.seq_logprobs(theta_ref), TREE.token_logprobs(theta_ref)
+    prob, seq, switch = [], [], []
+    for i, first in enumerate(TREE.seq_list):
+        for c in range(len(first)):
+            for k, y in enumerate(TREE.seq_list):
+                if y[: c + 1] == first[: c + 1] and (reroll or k == i):
+                    prob.append(lp[i].exp() / len(first) * (tok_lp[k, c + 1 :].sum().exp() if reroll else 1))
+                    seq.append(k)
+                    switch.append(c)
+    return torch.stack(prob), torch.tensor(seq), torch.tensor(switch)
+
+
+def fitted_law(theta_ref, R, weighting, reroll=True):
+    """argmin over tabular return laws p(. | s, a) of the EXPECTED `dist_loss` of one collection: the loss is
+    -sum_z m(s, a, z) log p(z | s, a) with m the expected label mass that dist_loss puts on (s, a, z) (its gradient
+    w.r.t. a table of log-pmfs), minimised by p = m / sum_z m (Gibbs' inequality)."""
+    prob, k, c = collection(theta_ref, reroll)
+    table = torch.zeros(TREE.num_states, TREE.V, len(ATOMS11), dtype=DT, requires_grad=True)
+    log_pmf = table[TREE.seq_states[k], TREE.tokens[k]] * prob[:, None, None]  # each outcome weighted by its prob
+    loss = qs.dist_loss(log_pmf, qs.atom_bin(R[k], ATOMS11)[0], qs.make_targets(TREE.mask[k], c), 1, 1, weighting)
+    mass = -torch.autograd.grad(loss, table)[0]
+    return mass / mass.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_label_weighting_is_the_exact_maximum_likelihood(seed):
+    theta_ref, R = setup(seed=seed)
+    theta_ref = theta_ref.detach()
+    _, pmf, _ = exact_tables(theta_ref, R, 1.0, ATOMS11)
+    exact = torch.stack([pmf[s] for s in TREE.states])  # pi_ref's return law at every (state, token)
+    assert max_abs(fitted_law(theta_ref, R, "labels"), exact) < 1e-12  # the default
+    # negative controls: the official per-sequence weights 1/|T_i| (|T_i| depends on the continuation's length);
+    # and keeping round 1's own tokens after the switch (c uniform over that sequence's own length)
+    assert max_abs(fitted_law(theta_ref, R, "sequences"), exact) > 1e-3
+    assert max_abs(fitted_law(theta_ref, R, "labels", reroll=False), exact) > 1e-3
+
+
+@pytest.mark.parametrize("weighting", ["labels", "sequences"])
+def test_q_model_step_is_independent_of_micro_batching(weighting, monkeypatch):
+    """One Q-model step (SGD, lr 1) on 8 sequences of different label counts: one micro-batch or three give the same
+    update, since the step's label count is counted before any loss is formed. Negative control: each micro-batch
+    normalised by its own label count."""
+    from types import SimpleNamespace
+
+    from common import TINY_POLICY
+
+    tok = AutoTokenizer.from_pretrained(TINY_POLICY)
+    prompts = [tok(p)["input_ids"] for p in ("12+34=", "5+6=", "99+99=")]
+    completions = [[17, 18, 19][: 1 + i % 3] + [tok.eos_token_id] for i in range(8)]  # 2 to 4 tokens
+    examples = [
+        dict(prompt_id=i % 3, completion=c, switch=i % 2, reward=float(i % 2)) for i, c in enumerate(completions)
+    ]
+    kw = dict(q_batch_size=8, learning_rate=1.0, max_grad_norm=0.0, bf16=False, q_loss_weighting=weighting)
+
+    def step(micro_batch_size):
+        args = qs.Args(micro_batch_size=micro_batch_size, **kw)
+        run = SimpleNamespace(args=args, rank=0, world=1, train_prompts=prompts, tokenizer=tok)
+        q = tiny_q("q").double().train()
+        qs.train_q_epoch(
+            q, torch.optim.SGD(q.parameters(), lr=1.0), examples, run, ATOMS2, torch.tensor([tok.eos_token_id]), seed=0
+        )
+        return q.head.weight.detach().clone()
+
+    whole = step(8)
+    assert max_abs(step(3), whole) < 1e-12
+    if weighting == "labels":
+        real = qs.dist_loss
+        monkeypatch.setattr(qs, "dist_loss", lambda lp, b, m, s, n, w: real(lp, b, m, s, None, w))  # local counts
+        assert max_abs(step(3), whole) > 1e-4
+
+
 # ---- Q11 the tiny model: cached V-type scoring, both heads through the sampler ------------------------------------
 def tiny_q(head):
     from common import TINY_POLICY
@@ -287,8 +371,8 @@ def test_q11_cached_candidate_scoring_equals_recomputation():
         q.hidden(ids, attn, pos, cache=cache)
         cached = qs.score_candidates(q, cache, attn, pos[:, -1:], chunk=1)
         for b in range(2):
-            full = torch.cat([ids[b: b + 1].repeat(101, 1), torch.arange(101)[:, None]], 1)
-            a = torch.cat([attn[b: b + 1].repeat(101, 1), torch.ones(101, 1, dtype=torch.long)], 1)
+            full = torch.cat([ids[b : b + 1].repeat(101, 1), torch.arange(101)[:, None]], 1)
+            a = torch.cat([attn[b : b + 1].repeat(101, 1), torch.ones(101, 1, dtype=torch.long)], 1)
             direct = q(full, a, (a.cumsum(-1) - 1).clamp(min=0))[:, -1]
             assert torch.allclose(cached[b], direct, rtol=1e-5, atol=1e-5)  # float32, other batch shapes
         again = qs.score_candidates(q, cache, attn, pos[:, -1:], chunk=1)  # the prefix cache was not touched
@@ -341,8 +425,46 @@ def test_q12_dataset_is_independent_of_world_size(tmp_path):
     two = run_script("q_sharp", *flags, "--run_name", "two", nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     read = lambda p: sorted(json.dumps(x, sort_keys=True) for x in torch.load(p, weights_only=False)["examples"])  # noqa: E731
-    assert read(tmp_path / "one" / "final" / "trainer_state.pt") == read(tmp_path / "two" / "final" / "trainer_state.pt")
+    assert read(tmp_path / "one" / "final" / "trainer_state.pt") == read(
+        tmp_path / "two" / "final" / "trainer_state.pt"
+    )
     assert ROOT
+
+
+# ---- sampling from a finished run -------------------------------------------------------------------------------
+def test_sample_from_a_run_reproduces_its_final_eval(tmp_path, capsys):
+    """`--sample_from RUN --eta` (the run's eta and seed) draws exactly the samples of the run's final eval: its
+    completions, pass@1 and mean exact KL. A --prompts_file of the same held-out prompts gives the same samples,
+    reward None where a row has no answer. Negative control: another --seed draws other samples."""
+    import json
+
+    from common.tasks import arithmetic_task
+    from tests.harness import read_metrics, run_in_process, tiny_flags
+
+    flags = [*tiny_flags("q_sharp"), "--output_dir", str(tmp_path), "--run_name", "r", "--log_completions", "16"]
+    code, err = run_in_process("q_sharp", flags, capsys)
+    assert code == 0, err[-3000:]
+    run, read = tmp_path / "r", lambda p: [json.loads(line) for line in open(p)]  # noqa: E731
+
+    def sample_run(*flags):
+        code, err = run_in_process("q_sharp", ["--sample_from", str(run), *flags], capsys)
+        assert code == 0, err[-3000:]
+
+    sample_run("--eta", "0.1")
+    rows, last = read(run / "samples_eta0.1.jsonl"), read_metrics(run)[-1]
+    logged = [r for r in read(run / "completions.jsonl") if r["step"] == last["step"]]
+    assert [r["completion"] for r in rows] == [r["completion"] for r in logged] and len(rows) == 16
+    assert sum(r["reward"] >= 1 for r in rows) / len(rows) == last["eval/pass@1"]
+    assert abs(sum(r["kl"] for r in rows) / len(rows) - last["eval/kl_init_rkl_exact_seq"]) < 1e-9
+    assert min(min(r["token_kl"]) for r in rows) >= 0 and max(len(r["token_kl"]) for r in rows) <= 4  # per token
+    prompts = [{"prompt": e.prompt} | ({"answer": e.answer} if i else {}) for i, e in enumerate(arithmetic_task().eval)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts[:8]))
+    sample_run("--prompts_file", str(tmp_path / "prompts.jsonl"), "--samples_out", str(tmp_path / "file.jsonl"))
+    from_file = read(tmp_path / "file.jsonl")
+    assert [r["completion"] for r in from_file] == [r["completion"] for r in rows]
+    assert [r["reward"] for r in from_file] == [None, None] + [r["reward"] for r in rows[2:]]
+    sample_run("--seed", "2", "--samples_out", str(tmp_path / "seed2.jsonl"))
+    assert [r["completion"] for r in read(tmp_path / "seed2.jsonl")] != [r["completion"] for r in rows]
 
 
 # ---- the frontier comparison the script logs ------------------------------------------------------------------------
@@ -353,4 +475,3 @@ def test_kl_at_equal_reward_interpolates_the_pareto_front():
     assert math.isnan(qs.kl_at_equal_reward(front, 0.75)) and math.isnan(qs.kl_at_equal_reward(front, 0.2))
     # negative control: interpolating the raw eta-ordered points through the dominated one gives another answer
     assert abs(qs.kl_at_equal_reward(front, 0.65) - (3.0 + (8.0 - 3.0) * (0.65 - 0.7) / (0.6 - 0.7))) > 1
-

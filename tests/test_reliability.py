@@ -108,7 +108,11 @@ ALGO_CASES = {  # values that make no sense for one algorithm's math
     "a_star_po": {"zero beta2": (["--beta2", "0"], "--beta2 must be > 0")},
     "dpo_kl": {"zero beta": (["--beta", "0"], "--beta must be > 0")},
     "gkd": {"beta above 1": (["--beta", "1.5"], "--beta")},
-    "q_sharp": {"zero eta": (["--eta", "0"], "--eta must be > 0")},
+    "q_sharp": {
+        "zero eta": (["--eta", "0"], "--eta must be > 0"),
+        "sampling a folder that is no run": (["--sample_from", "/no/such/run"], "is not a run folder"),
+        "prompts file without a run": (["--prompts_file", "p.jsonl"], "go with --sample_from RUN"),
+    },
 }  # a second model that must share the tokenizer
 
 

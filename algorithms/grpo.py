@@ -722,6 +722,8 @@ class Run:
         metrics |= {"charts/tokens_per_s": tokens.item() / elapsed, "charts/completion_len_mean": tokens.item() / n}
         metrics |= {"charts/truncated_frac": cut.item() / n, "charts/prompts_seen": self.state["prompts_seen"]}
         metrics["charts/learning_rate"] = self.optimizer.param_groups[0]["lr"]
+        if DEVICE.type == "cuda":  # this rank's high-water mark since the start
+            metrics["perf/max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if (args.eval_every and step % args.eval_every == 0) or step == args.total_steps:
             metrics |= self.eval()
         self.log(step, metrics)

@@ -178,3 +178,23 @@ def test_generation_uses_the_kv_cache_under_gradient_checkpointing():
         assert model.training  # mode restored
         outs.append(batch["completion_ids"])
     assert torch.equal(outs[0], outs[1])
+
+
+def test_gpu_check_runs_on_cpu(tmp_path):
+    """benchmarks/gpu_check.py, the prepared GPU script, end to end in its CPU mode (--device cpu --tiny: the same
+    model and tokenizer builder at 2 layers, the same flags and table), so it cannot rot before a GPU is lent: every
+    run completes with finite losses and KL (online DPO on a random model finds no pair: no update, said so)."""
+    import subprocess
+
+    cmd = [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--tiny", "--steps", "2", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {*SCRIPTS, "dpo_kl offline pairs", "TRL GRPOTrainer"}
+    for name in [*SCRIPTS, "dpo_kl offline pairs"]:
+        r = results[name]
+        assert r["loss_finite"] is True or (name, r["loss_finite"]) == ("dpo_kl", "no update"), (name, r)
+        assert r["kl_finite"] is True and r["step_s"] > 0 and r["tokens_per_s"] > 0, (name, r)
+    assert "error" not in results["TRL GRPOTrainer"] or results["TRL GRPOTrainer"]["error"] == "not installed"
+    table = (tmp_path / "table.md").read_text()
+    assert all(f"| {name} |" in table for name in results)

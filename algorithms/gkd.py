@@ -99,7 +99,7 @@ class Args:
     save_every: int = 0  # checkpoint every this many steps (0 = only at the end)
     keep_last: int = 0  # keep only the newest this many checkpoints (0 = all)
     resume: Optional[str] = None  # a run folder to continue, bit for bit; it keeps writing there
-    bf16: Optional[bool] = None  # bf16 autocast of forwards (weights and optimizer stay float32); default: on CUDA
+    bf16: Optional[bool] = None  # bf16 autocast of forwards (weights, optimizer float32); default: on bf16 GPUs
     gradient_checkpointing: bool = False  # trade compute for memory on real models
     reshard_after_forward: bool = True  # under torchrun (FSDP2): free gathered weights after each forward (ZeRO-3)
 
@@ -595,10 +595,12 @@ def optimizer_step(model, optimizer, args) -> dict:
 
 def load_model(path: str, args, trainable: bool = False):
     """A causal LM, dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained: a trained one in
-    float32 (the optimizer's master weights), a frozen one in bf16 when --bf16 on CUDA (it computes in bf16 anyway)."""
+    float32 (the optimizer's master weights). A frozen one computes as the trained one does, so their log-probs agree
+    at theta = theta_ref: bf16 weights with --bf16 under FSDP (whose MixedPrecisionPolicy casts the trained weights
+    to bf16), else float32 weights under autocast (bf16 ones would round the residual stream the policy keeps)."""
     from transformers import AutoModelForCausalLM
 
-    bf16 = args.bf16 and DEVICE.type == "cuda" and not trainable
+    bf16 = args.bf16 and DEVICE.type == "cuda" and not trainable and dist.is_initialized()
     model = AutoModelForCausalLM.from_pretrained(local(path), dtype=torch.bfloat16 if bf16 else torch.float32)
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout) or hasattr(m, "attention_dropout"):
@@ -615,10 +617,12 @@ def shard(model, args):
     the ranks; on CUDA bf16 weights in compute with float32 gradient reductions. One process: the model as it is."""
     if not dist.is_initialized():
         return model
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if args.bf16 and DEVICE.type == "cuda" else None
-    kw = {"reshard_after_forward": args.reshard_after_forward, "mp_policy": mp or MixedPrecisionPolicy()}
+    mesh = init_device_mesh(DEVICE.type, (dist.get_world_size(),))  # --no_cuda on a GPU machine: CPU shards
+    kw = {"reshard_after_forward": args.reshard_after_forward, "mp_policy": mp or MixedPrecisionPolicy(), "mesh": mesh}
     layers = {n for m in model.modules() for n in getattr(m, "_no_split_modules", None) or []}
     for m in [m for m in model.modules() if type(m).__name__ in layers]:
         fully_shard(m, **kw)
@@ -661,8 +665,9 @@ class Run:
         global DEVICE
         self.args, self.world, self.rank = args, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
         cuda, self.stop = args.cuda and torch.cuda.is_available(), []
-        DEVICE = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
-        args.bf16 = cuda if args.bf16 is None else args.bf16
+        DEVICE = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % max(torch.cuda.device_count(), 1)}")
+        DEVICE = DEVICE if cuda else torch.device("cpu")  # (% : launchers that show each process one GPU)
+        args.bf16 = cuda and torch.cuda.is_bf16_supported() if args.bf16 is None else args.bf16
         self.task = load_task(args.task, args.train_file, args.eval_file, args.prompt_field, args.answer_field)
         if args.max_prompt_length is None:  # task defaults (0 is refused by check_args, not replaced)
             args.max_prompt_length = self.task.max_prompt_length

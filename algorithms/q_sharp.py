@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal, Optional, Tuple
+from typing import Literal, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `common`, without an install step
@@ -94,13 +94,13 @@ class Args:
     eval_every: int = 1  # guided held-out eval every this many rounds (and at step 0 for pi_ref)
     eval_num_prompts: int = 500  # held-out prompts per eval
     eval_samples_per_prompt: int = 4  # samples per held-out prompt; pass@1 = mean correctness
-    eval_etas: Tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)  # eta sweep of Q-sharp and CD at the end
+    eval_etas: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)  # eta sweep of Q-sharp and CD at the end
     eval_cd: bool = True  # also evaluate CD, pi_ref e^{E[R|s,a]/eta}, from the same Q model
     log_completions: int = 0  # held-out (prompt, completion, reward) rows per eval written to completions.jsonl
     save_every: int = 1  # checkpoint every this many rounds (the last is always saved)
     keep_last: int = 0  # keep only the newest this many checkpoints (0 = all)
     resume: Optional[str] = None  # a run folder to continue (Q model, optimizer, data); it keeps writing there
-    bf16: Optional[bool] = None  # bf16 autocast of forwards (weights and optimizer stay float32); default: on CUDA
+    bf16: Optional[bool] = None  # bf16 autocast of forwards (weights, optimizer float32); default: on bf16 GPUs
     gradient_checkpointing: bool = False  # trade compute for memory on real Q models
     reshard_after_forward: bool = True  # under torchrun (FSDP2): free gathered weights after each forward (ZeRO-3)
     sample_from: Optional[str] = None  # a run folder: its flags, newest checkpoint; sample pi_ref e^{Q/eta} at --eta
@@ -322,7 +322,7 @@ def sample(ref, qmodel, prompts: list, uniforms, mode: str, eta: float, args, at
     rows that emitted EOS leave the batch. mode "ref": pi_ref = softmax(l / T); "qsharp": softmax(l / T + Q/eta);
     "cd": softmax(l / T + E[R]/eta) (`guided_logits`, with --top_k). Returns (tokens [B, C], completion mask,
     kl [B, H]): the exact KL(pi_g(.|s_t) || pi_ref(.|s_t)) at each generated position t (0 after the end and for
-    "ref"), whose sum along a sample is its sequence KL."""
+    "ref"), whose sum along a sample is its sequence KL. Under FSDP the caller holds qmodel `gathered`."""
     from transformers import DynamicCache
 
     batch, H = make_batch(prompts, None, eos, pad), max_tokens or args.max_new_tokens
@@ -331,46 +331,45 @@ def sample(ref, qmodel, prompts: list, uniforms, mode: str, eta: float, args, at
     pos = attn.sum(-1, keepdim=True) - 1  # the position of each row's last token
     tokens = torch.full((len(prompts), H), pad, device=DEVICE)
     kl, live = tokens.new_zeros(tokens.shape, dtype=torch.float64), torch.arange(len(prompts), device=DEVICE)
-    with gathered(qmodel, args):  # FSDP: the Q model's weights gathered once for the whole rollout
-        with autocast(args):  # each distinct prompt runs once in each model, its caches copied to its rows
-            ref_logits, ref_cache = prefill(ref, p_ids, p_mask, index)
-            if mode != "ref":
-                q_hidden = qmodel.hidden(p_ids, p_mask, (p_mask.cumsum(-1) - 1).clamp(min=0), q_cache)[index, -1]
-                keep_rows(q_cache, index)
-        for t in range(H):
-            ref_logits = ref_logits.to(torch.promote_types(ref_logits.dtype, torch.float32))
-            logits = ref_logits / args.temperature
-            if mode != "ref":
-                with autocast(args):
-                    log_pmf = (
-                        qmodel.log_pmf(q_hidden)
-                        if qmodel.head_type == "q"
-                        else score_candidates(qmodel, q_cache, attn, pos, args.score_batch_size)
-                    )
-                offsets = soft_q(log_pmf, atoms, eta) / eta if mode == "qsharp" else cd_value(log_pmf, atoms) / eta
-                logits = guided_logits(ref_logits, offsets, args.temperature, args.top_k, args.topk_outside)
-                kl[live, t] = seq_kl(
-                    logits[:, None], (ref_logits / args.temperature)[:, None], torch.ones_like(live)[:, None]
-                ).double()
-            u = uniforms[live.cpu(), t, None].to(DEVICE, torch.float64)
-            tok = (
-                torch.searchsorted(torch.softmax(logits.double(), -1).cumsum(-1), u)
-                .squeeze(-1)
-                .clamp(max=logits.shape[-1] - 1)
-            )
-            tokens[live, t], done = tok, torch.isin(tok, eos)
-            if t == H - 1 or done.all():
-                break
-            if done.any():  # finished rows leave the batch and both caches
-                keep = (~done).nonzero().squeeze(-1)
-                for cache in (ref_cache, q_cache) if mode != "ref" else (ref_cache,):
-                    keep_rows(cache, keep)
-                live, tok, attn, pos = live[keep], tok[keep], attn[keep], pos[keep]
-            attn, pos = torch.cat([attn, attn.new_ones(len(live), 1)], 1), pos + 1
+    with autocast(args):  # each distinct prompt runs once in each model, its caches copied to its rows
+        ref_logits, ref_cache = prefill(ref, p_ids, p_mask, index)
+        if mode != "ref":
+            q_hidden = qmodel.hidden(p_ids, p_mask, (p_mask.cumsum(-1) - 1).clamp(min=0), q_cache)[index, -1]
+            keep_rows(q_cache, index)
+    for t in range(H):
+        ref_logits = ref_logits.to(torch.promote_types(ref_logits.dtype, torch.float32))
+        logits = ref_logits / args.temperature
+        if mode != "ref":
             with autocast(args):
-                ref_logits = forward(ref, tok[:, None], attn, pos, ref_cache, keep=1)[:, -1]
-                if mode != "ref":
-                    q_hidden = qmodel.hidden(tok[:, None], attn, pos, q_cache)[:, -1]
+                log_pmf = (
+                    qmodel.log_pmf(q_hidden)
+                    if qmodel.head_type == "q"
+                    else score_candidates(qmodel, q_cache, attn, pos, args.score_batch_size)
+                )
+            offsets = soft_q(log_pmf, atoms, eta) / eta if mode == "qsharp" else cd_value(log_pmf, atoms) / eta
+            logits = guided_logits(ref_logits, offsets, args.temperature, args.top_k, args.topk_outside)
+            kl[live, t] = seq_kl(
+                logits[:, None], (ref_logits / args.temperature)[:, None], torch.ones_like(live)[:, None]
+            ).double()
+        u = uniforms[live.cpu(), t, None].to(DEVICE, torch.float64)
+        tok = (
+            torch.searchsorted(torch.softmax(logits.double(), -1).cumsum(-1), u)
+            .squeeze(-1)
+            .clamp(max=logits.shape[-1] - 1)
+        )
+        tokens[live, t], done = tok, torch.isin(tok, eos)
+        if t == H - 1 or done.all():
+            break
+        if done.any():  # finished rows leave the batch and both caches
+            keep = (~done).nonzero().squeeze(-1)
+            for cache in (ref_cache, q_cache) if mode != "ref" else (ref_cache,):
+                keep_rows(cache, keep)
+            live, tok, attn, pos = live[keep], tok[keep], attn[keep], pos[keep]
+        attn, pos = torch.cat([attn, attn.new_ones(len(live), 1)], 1), pos + 1
+        with autocast(args):
+            ref_logits = forward(ref, tok[:, None], attn, pos, ref_cache, keep=1)[:, -1]
+            if mode != "ref":
+                q_hidden = qmodel.hidden(tok[:, None], attn, pos, q_cache)[:, -1]
     out = make_batch(prompts, tokens[:, : t + 1].unbind(), eos, pad)
     return out["completion_ids"], out["completion_mask"], kl
 
@@ -392,41 +391,42 @@ def collect(step: int, ref, qmodel, run, prompt_ids: list, atoms, eos) -> list:
     over the sequence's own length) by the continuation, biasing the law they sample."""
     args, tok = run.args, run.tokenizer
     H, S, out = args.max_new_tokens, args.samples_per_prompt, []
-    for i in range(0, len(prompt_ids), max(1, args.gen_batch_size // S)):
-        rows = [(p, j) for p in prompt_ids[i : i + max(1, args.gen_batch_size // S)] for j in range(S)]
-        u = torch.stack([noise(args, step, p, j, 2 * H + 1) for p, j in rows])
-        prompts = [run.train_prompts[p] for p, _ in rows]
-        mode = "ref" if step == 1 else "qsharp"
-        toks, cmask, _ = sample(
-            ref, qmodel, prompts, u[:, :H], mode, args.rollin_eta or args.eta, args, atoms, eos, tok.pad_token_id
-        )
-        lengths = cmask.sum(-1).tolist()
-        switch = [min(int(u[k, 2 * H].item() * L), L - 1) for k, L in enumerate(lengths)]
-        completions = [toks[k, : c + 1].tolist() for k, c in enumerate(switch)]
-        redo = [k for k in range(len(rows)) if switch[k] + 1 < lengths[k]]
-        if redo:  # roll out from the switch token with pi_ref, at most H tokens in all
-            more, mask, _ = sample(
-                ref,
-                None,
-                [prompts[k] + completions[k] for k in redo],
-                u[redo, H : 2 * H],
-                "ref",
-                args.eta,
-                args,
-                atoms,
-                eos,
-                tok.pad_token_id,
-                max_tokens=H - 1,
+    with gathered(qmodel, args):  # FSDP: the Q model gathered once for all chunks (ranks may run different numbers)
+        for i in range(0, len(prompt_ids), max(1, args.gen_batch_size // S)):
+            rows = [(p, j) for p in prompt_ids[i : i + max(1, args.gen_batch_size // S)] for j in range(S)]
+            u = torch.stack([noise(args, step, p, j, 2 * H + 1) for p, j in rows])
+            prompts = [run.train_prompts[p] for p, _ in rows]
+            mode = "ref" if step == 1 else "qsharp"
+            toks, cmask, _ = sample(
+                ref, qmodel, prompts, u[:, :H], mode, args.rollin_eta or args.eta, args, atoms, eos, tok.pad_token_id
             )
-            for r, k in enumerate(redo):
-                completions[k] += more[r, : min(int(mask[r].sum()), H - 1 - switch[k])].tolist()
-        rewards = run.task.score(
-            tok.batch_decode(completions, skip_special_tokens=True), [run.task.train[p].answer for p, _ in rows]
-        )
-        out += [
-            {"prompt_id": p, "sample": j, "round": step, "completion": c, "switch": s, "reward": r}
-            for (p, j), c, s, r in zip(rows, completions, switch, rewards)
-        ]
+            lengths = cmask.sum(-1).tolist()
+            switch = [min(int(u[k, 2 * H].item() * L), L - 1) for k, L in enumerate(lengths)]
+            completions = [toks[k, : c + 1].tolist() for k, c in enumerate(switch)]
+            redo = [k for k in range(len(rows)) if switch[k] + 1 < lengths[k]]
+            if redo:  # roll out from the switch token with pi_ref, at most H tokens in all
+                more, mask, _ = sample(
+                    ref,
+                    None,
+                    [prompts[k] + completions[k] for k in redo],
+                    u[redo, H : 2 * H],
+                    "ref",
+                    args.eta,
+                    args,
+                    atoms,
+                    eos,
+                    tok.pad_token_id,
+                    max_tokens=H - 1,
+                )
+                for r, k in enumerate(redo):
+                    completions[k] += more[r, : min(int(mask[r].sum()), H - 1 - switch[k])].tolist()
+            rewards = run.task.score(
+                tok.batch_decode(completions, skip_special_tokens=True), [run.task.train[p].answer for p, _ in rows]
+            )
+            out += [
+                {"prompt_id": p, "sample": j, "round": step, "completion": c, "switch": s, "reward": r}
+                for (p, j), c, s, r in zip(rows, completions, switch, rewards)
+            ]
     return out
 
 
@@ -511,18 +511,19 @@ def evaluate_guided(mode: str, eta: float, ref, qmodel, run, atoms, eos) -> tupl
         (p, j) for p in range(run.rank, len(run.eval_prompts), run.world) for j in range(args.eval_samples_per_prompt)
     ]
     sums, shown = torch.zeros(2, dtype=torch.float64, device=DEVICE), []
-    for i in range(0, len(rows), args.gen_batch_size):
-        chunk = rows[i : i + args.gen_batch_size]
-        u = torch.stack([noise(args, -1, p, j, args.max_new_tokens) for p, j in chunk])
-        prompts = [run.eval_prompts[p] for p, _ in chunk]
-        toks, cmask, kl = sample(ref, qmodel, prompts, u, mode, eta, args, atoms, eos, tok.pad_token_id)
-        texts = tok.batch_decode([t[m.bool()] for t, m in zip(toks, cmask)], skip_special_tokens=True)
-        r = run.task.score(texts, [run.eval_answers[p] for p, _ in chunk])
-        sums += torch.stack([torch.tensor(sum(x >= 1 for x in r), dtype=torch.float64, device=DEVICE), kl.sum()])
-        shown += [  # token_kl: the exact KL(pi_g || pi_ref) at each completion token
-            {"prompt": tok.decode(prompts[k]), "completion": texts[k], "reward": r[k], "token_kl": x[:n].tolist()}
-            for k, (x, n) in enumerate(zip(kl.cpu(), cmask.sum(-1).tolist()))
-        ]
+    with gathered(qmodel, args):  # FSDP: the Q model gathered once for all chunks (ranks may run different numbers)
+        for i in range(0, len(rows), args.gen_batch_size):
+            chunk = rows[i : i + args.gen_batch_size]
+            u = torch.stack([noise(args, -1, p, j, args.max_new_tokens) for p, j in chunk])
+            prompts = [run.eval_prompts[p] for p, _ in chunk]
+            toks, cmask, kl = sample(ref, qmodel, prompts, u, mode, eta, args, atoms, eos, tok.pad_token_id)
+            texts = tok.batch_decode([t[m.bool()] for t, m in zip(toks, cmask)], skip_special_tokens=True)
+            r = run.task.score(texts, [run.eval_answers[p] for p, _ in chunk])
+            sums += torch.stack([torch.tensor(sum(x >= 1 for x in r), dtype=torch.float64, device=DEVICE), kl.sum()])
+            shown += [  # token_kl: the exact KL(pi_g || pi_ref) at each completion token
+                {"prompt": tok.decode(prompts[k]), "completion": texts[k], "reward": r[k], "token_kl": x[:n].tolist()}
+                for k, (x, n) in enumerate(zip(kl.cpu(), cmask.sum(-1).tolist()))
+            ]
     s = all_reduce(sums) / (len(run.eval_prompts) * args.eval_samples_per_prompt)
     return {"pass@1": s[0].item(), "kl_init_rkl_exact_seq": s[1].item()}, shown[: args.log_completions]
 
@@ -759,10 +760,12 @@ def optimizer_step(model, optimizer, args) -> dict:
 
 def load_model(path: str, args, trainable: bool = False):
     """A causal LM, dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained: a trained one in
-    float32 (the optimizer's master weights), a frozen one in bf16 when --bf16 on CUDA (it computes in bf16 anyway)."""
+    float32 (the optimizer's master weights). A frozen one computes as the trained one does, so their log-probs agree
+    at theta = theta_ref: bf16 weights with --bf16 under FSDP (whose MixedPrecisionPolicy casts the trained weights
+    to bf16), else float32 weights under autocast (bf16 ones would round the residual stream the policy keeps)."""
     from transformers import AutoModelForCausalLM
 
-    bf16 = args.bf16 and DEVICE.type == "cuda" and not trainable
+    bf16 = args.bf16 and DEVICE.type == "cuda" and not trainable and dist.is_initialized()
     model = AutoModelForCausalLM.from_pretrained(local(path), dtype=torch.bfloat16 if bf16 else torch.float32)
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout) or hasattr(m, "attention_dropout"):
@@ -779,10 +782,12 @@ def shard(model, args):
     the ranks; on CUDA bf16 weights in compute with float32 gradient reductions. One process: the model as it is."""
     if not dist.is_initialized():
         return model
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if args.bf16 and DEVICE.type == "cuda" else None
-    kw = {"reshard_after_forward": args.reshard_after_forward, "mp_policy": mp or MixedPrecisionPolicy()}
+    mesh = init_device_mesh(DEVICE.type, (dist.get_world_size(),))  # --no_cuda on a GPU machine: CPU shards
+    kw = {"reshard_after_forward": args.reshard_after_forward, "mp_policy": mp or MixedPrecisionPolicy(), "mesh": mesh}
     layers = {n for m in model.modules() for n in getattr(m, "_no_split_modules", None) or []}
     for m in [m for m in model.modules() if type(m).__name__ in layers]:
         fully_shard(m, **kw)
@@ -825,8 +830,9 @@ class Run:
         global DEVICE
         self.args, self.world, self.rank = args, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
         cuda, self.stop = args.cuda and torch.cuda.is_available(), []
-        DEVICE = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
-        args.bf16 = cuda if args.bf16 is None else args.bf16
+        DEVICE = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % max(torch.cuda.device_count(), 1)}")
+        DEVICE = DEVICE if cuda else torch.device("cpu")  # (% : launchers that show each process one GPU)
+        args.bf16 = cuda and torch.cuda.is_bf16_supported() if args.bf16 is None else args.bf16
         self.task = load_task(args.task, args.train_file, args.eval_file, args.prompt_field, args.answer_field)
         if args.max_prompt_length is None:  # task defaults (0 is refused by check_args, not replaced)
             args.max_prompt_length = self.task.max_prompt_length

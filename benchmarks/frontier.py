@@ -2,7 +2,7 @@
 
 Each script runs with its own defaults except the length: `--total_steps = budget // prompts_per_step`, so every
 method sees the same number of training prompts (GRPO's default budget: 200 steps x 64 prompts = 12,800). Q# does
-not train the policy; it gets `--num_rounds` rounds of `--prompts_per_round = budget // num_rounds` prompts for
+not train the policy; it gets `--total_steps` rounds of `--prompts_per_step = budget // total_steps` prompts for
 its Q model (its own collect + train budget). A*-PO's stage 1 (reference samples of every training prompt) comes
 on top of the budget, as in the paper. For each run the harness reads `metrics.jsonl`: the final held-out
 `eval/pass@1`, the sequence KL to the initial policy `eval/kl_init_rkl_exact_seq`, the wall time and the mean
@@ -43,7 +43,7 @@ def defaults(algo: str):
 def budget_flags(algo: str, budget: int) -> list:
     d = defaults(algo)
     if algo == "q_sharp":
-        return ["--prompts_per_round", str(budget // d.num_rounds)]
+        return ["--prompts_per_step", str(budget // d.total_steps)]
     return ["--total_steps", str(max(1, budget // d.prompts_per_step))]
 
 

@@ -41,7 +41,6 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from trl_compare import realistic_setup
 
     work = tempfile.mkdtemp(prefix="sampler_scaling_")

@@ -6,7 +6,7 @@ the median over runs of each run's median step time, completion tokens/s (sample
 over the summed step times), the peak RSS of the process (`run` from trl_compare.py) and the quality reached: the
 exact held-out pass@1 of the final model (`exact_pass_at_1` from trl_compare.py: the mean over the 500 held-out
 prompts of P(answer + EOS) at T = 1, no sampling noise), the same scorer for both since the TRL trainers have no
-held-out evaluation. Step time: ours, `charts/step_time_s` in metrics.jsonl (prompt draw to optimizer step, eval
+held-out evaluation. Step time: ours, `perf/step_s` in metrics.jsonl (prompt draw to optimizer step, eval
 excluded; run with `--eval_every 0 --eval_num_prompts 8`); TRL, on_step_begin -> on_step_end of a TrainerCallback
 (generation, rewards, forwards, backward and optimizer step all happen inside it).
 
@@ -328,10 +328,10 @@ def trl_worker(algo: str, out: str, steps: int, seed: int) -> None:
 def ours_result(out: str) -> dict:
     """Step times, completion tokens and pairs per step from one of our runs' metrics.jsonl."""
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl")) if x.strip()]
-    rows = [r for r in rows if "charts/step_time_s" in r]
+    rows = [r for r in rows if "perf/step_s" in r]
     return {
-        "step_times": [r["charts/step_time_s"] for r in rows],
-        "tokens": [r["charts/tokens_per_s"] * r["charts/step_time_s"] for r in rows],
+        "step_times": [r["perf/step_s"] for r in rows],
+        "tokens": [r["charts/tokens_per_s"] * r["perf/step_s"] for r in rows],
         "pairs": [r["charts/num_pairs"] for r in rows if "charts/num_pairs" in r],
     }
 

@@ -56,9 +56,21 @@ def normalize_math(s: str) -> str:
     percent), unify ``\\dfrac``/``\\tfrac`` to ``\\frac``, remove spaces and a trailing period."""
     s = s.strip()
     s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
-    for old, new in (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
-                     ("\\!", ""), ("\\,", ""), ("\\;", ""), ("^\\circ", ""), ("^{\\circ}", ""),
-                     ("\\%", ""), ("%", ""), ("$", ""), (" ", "")):
+    for old, new in (
+        ("\\dfrac", "\\frac"),
+        ("\\tfrac", "\\frac"),
+        ("\\left", ""),
+        ("\\right", ""),
+        ("\\!", ""),
+        ("\\,", ""),
+        ("\\;", ""),
+        ("^\\circ", ""),
+        ("^{\\circ}", ""),
+        ("\\%", ""),
+        ("%", ""),
+        ("$", ""),
+        (" ", ""),
+    ):
         s = s.replace(old, new)
     return s.rstrip(".")
 

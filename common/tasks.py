@@ -16,8 +16,8 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -49,8 +49,10 @@ class Task:
         rewards = [float(self.reward_fn(c, a)) for c, a in zip(completions, answers)]
         for r, c in zip(rewards, completions):
             if not math.isfinite(r):
-                raise TaskError(f"reward function {getattr(self.reward_fn, '__name__', self.reward_fn)} returned {r} "
-                                f"for the completion {c[:80]!r}")
+                raise TaskError(
+                    f"reward function {getattr(self.reward_fn, '__name__', self.reward_fn)} returned {r} "
+                    f"for the completion {c[:80]!r}"
+                )
         return rewards
 
 
@@ -58,15 +60,21 @@ def encode_prompts(tokenizer, examples: list[Example], chat_template: bool, max_
     """Token ids of each prompt, wrapped in the tokenizer's chat template when it has one (and `chat_template`);
     a prompt longer than `max_length` tokens is an error, never truncated."""
     if chat_template and getattr(tokenizer, "chat_template", None):
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": e.prompt}], tokenize=False,
-                                               add_generation_prompt=True) for e in examples]
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": e.prompt}], tokenize=False, add_generation_prompt=True
+            )
+            for e in examples
+        ]
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # the template already has any BOS
     else:
         ids = tokenizer([e.prompt for e in examples])["input_ids"]
     for i, seq in enumerate(ids):
         if len(seq) > max_length:
-            raise TaskError(f"{split} prompt {i} has {len(seq)} tokens > --max_prompt_length {max_length}: "
-                            f"{examples[i].prompt[:60]!r}")
+            raise TaskError(
+                f"{split} prompt {i} has {len(seq)} tokens > --max_prompt_length {max_length}: "
+                f"{examples[i].prompt[:60]!r}"
+            )
     return ids
 
 
@@ -83,8 +91,14 @@ def arithmetic_task() -> Task:
     pairs = [(a, b) for a in range(ARITHMETIC_MAX_OPERAND + 1) for b in range(ARITHMETIC_MAX_OPERAND + 1)]
     order = np.random.default_rng(ARITHMETIC_SPLIT_SEED).permutation(len(pairs))
     examples = [Example(f"{pairs[i][0]}+{pairs[i][1]}=", str(sum(pairs[i]))) for i in order]
-    return Task("arithmetic", examples[ARITHMETIC_NUM_EVAL:], examples[:ARITHMETIC_NUM_EVAL],
-                exact_match_reward, max_prompt_length=16, max_new_tokens=4)
+    return Task(
+        "arithmetic",
+        examples[ARITHMETIC_NUM_EVAL:],
+        examples[:ARITHMETIC_NUM_EVAL],
+        exact_match_reward,
+        max_prompt_length=16,
+        max_new_tokens=4,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -130,8 +144,9 @@ def read_jsonl(path: str) -> list[tuple[int, dict]]:
 
 def load_jsonl(path: str, prompt_field: str, answer_field: str) -> list[Example]:
     """One JSON object per non-blank line; ``answer_field`` goes through ``extract_answer``."""
-    examples = [_example_from_row(row, prompt_field, answer_field, f"{path}:{lineno}")
-                for lineno, row in read_jsonl(path)]
+    examples = [
+        _example_from_row(row, prompt_field, answer_field, f"{path}:{lineno}") for lineno, row in read_jsonl(path)
+    ]
     if not examples:
         raise TaskError(f"{path}: empty dataset (no examples)")
     return examples
@@ -140,8 +155,9 @@ def load_jsonl(path: str, prompt_field: str, answer_field: str) -> list[Example]
 def _example_from_row(row: dict, prompt_field: str, answer_field: str, where: str) -> Example:
     for field in (prompt_field, answer_field):
         if field not in row:
-            raise TaskError(f"{where}: missing field {field!r} (has {sorted(row)}); "
-                            f"set --prompt_field / --answer_field")
+            raise TaskError(
+                f"{where}: missing field {field!r} (has {sorted(row)}); set --prompt_field / --answer_field"
+            )
     prompt, answer = row[prompt_field], row[answer_field]
     if not isinstance(prompt, str) or not prompt.strip():
         raise TaskError(f"{where}: field {prompt_field!r} must be a non-empty string")
@@ -156,25 +172,27 @@ def _example_from_row(row: dict, prompt_field: str, answer_field: str, where: st
 
 def load_hub_dataset(spec: str, prompt_field: str, answer_field: str) -> tuple[list[Example], list[Example]]:
     """``hf:openai/gsm8k:main`` -> (train split, test split) via the optional ``datasets`` package."""
-    parts = spec[len("hf:"):].split(":")
+    parts = spec[len("hf:") :].split(":")
     if not parts[0] or len(parts) > 2:
         raise TaskError(f"bad hub task {spec!r}: expected hf:<dataset>[:<config>], e.g. hf:openai/gsm8k:main")
     try:
         import datasets
     except ImportError:
-        raise TaskError(f"task {spec!r} needs the optional package `datasets` (pip install datasets); "
-                        f"or export the data to JSONL and use --task jsonl --train_file ...") from None
+        raise TaskError(
+            f"task {spec!r} needs the optional package `datasets` (pip install datasets); "
+            f"or export the data to JSONL and use --task jsonl --train_file ..."
+        ) from None
     try:
         ds = datasets.load_dataset(parts[0], parts[1] if len(parts) == 2 else None)
     except Exception as e:  # offline, unknown name, ...: one line, not a deep traceback
-        raise TaskError(f"could not load hub dataset {spec!r}: {type(e).__name__}: {str(e).splitlines()[0]}") \
-            from None
+        raise TaskError(f"could not load hub dataset {spec!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     splits = {}
     for name in ("train", "test"):
         if name not in ds:
             raise TaskError(f"hub dataset {spec!r} has no {name!r} split (has {list(ds)})")
-        rows = [_example_from_row(r, prompt_field, answer_field, f"{spec}[{name}][{i}]")
-                for i, r in enumerate(ds[name])]
+        rows = [
+            _example_from_row(r, prompt_field, answer_field, f"{spec}[{name}][{i}]") for i, r in enumerate(ds[name])
+        ]
         if not rows:
             raise TaskError(f"hub dataset {spec!r}: empty {name!r} split")
         splits[name] = rows
@@ -184,8 +202,13 @@ def load_hub_dataset(spec: str, prompt_field: str, answer_field: str) -> tuple[l
 # ----------------------------------------------------------------------------------------------------------
 # Entry point used by every algorithm file
 # ----------------------------------------------------------------------------------------------------------
-def load_task(task: str, train_file: str | None = None, eval_file: str | None = None,
-              prompt_field: str = "prompt", answer_field: str = "answer") -> Task:
+def load_task(
+    task: str,
+    train_file: str | None = None,
+    eval_file: str | None = None,
+    prompt_field: str = "prompt",
+    answer_field: str = "answer",
+) -> Task:
     """Resolve ``--task`` (+ files) into a Task. Real-data tasks are scored by ``math_reward``."""
     if task == "arithmetic":
         if train_file or eval_file:
@@ -201,5 +224,6 @@ def load_task(task: str, train_file: str | None = None, eval_file: str | None = 
         train, held_out = load_hub_dataset(task, prompt_field, answer_field)
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", task[3:])
         return Task(name, train, held_out, math_reward, max_prompt_length=512, max_new_tokens=1024)
-    raise TaskError(f"unknown task {task!r}: use 'arithmetic', 'jsonl' (with --train_file/--eval_file) "
-                    f"or 'hf:<dataset>[:<config>]'")
+    raise TaskError(
+        f"unknown task {task!r}: use 'arithmetic', 'jsonl' (with --train_file/--eval_file) or 'hf:<dataset>[:<config>]'"
+    )

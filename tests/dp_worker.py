@@ -52,15 +52,31 @@ def fill_gkd(algo, batch, rewards, G, frozen_logprobs):
     batch["teacher"] = algo.load_model(TINY_TEACHER, algo.Args()).double()  # micro_loss runs it per micro-batch
 
 
-FILL = {"grpo": fill_grpo, "rpg_fkl": fill_rpg, "rpg_rkl": fill_rpg, "pmd_mean": fill_pmd,
-        "a_star_po": fill_a_star_po, "dpo_kl": fill_dpo_kl, "gkd": fill_gkd}
+FILL = {
+    "grpo": fill_grpo,
+    "rpg_fkl": fill_rpg,
+    "rpg_rkl": fill_rpg,
+    "pmd_mean": fill_pmd,
+    "a_star_po": fill_a_star_po,
+    "dpo_kl": fill_dpo_kl,
+    "gkd": fill_gkd,
+}
 
 
 def q_sharp_update(algo, out):
     """Q#'s update: one Q-model step (q_batch_size 16) on 16 round-1 examples collected from pi_ref; every rank
     takes its slice of the global batch inside train_q_epoch. The script's own Run sets up the processes."""
-    args = algo.Args(max_new_tokens=4, max_prompt_length=16, q_batch_size=16, micro_batch_size=16,
-                     samples_per_prompt=2, learning_rate=1.0, max_grad_norm=0.0, bf16=False, output_dir=out + ".runs")
+    args = algo.Args(
+        max_new_tokens=4,
+        max_prompt_length=16,
+        q_batch_size=16,
+        micro_batch_size=16,
+        samples_per_prompt=2,
+        learning_rate=1.0,
+        max_grad_norm=0.0,
+        bf16=False,
+        output_dir=out + ".runs",
+    )
     run = algo.Run(args)
     ref = algo.load_model(TINY_POLICY, args)
     torch.manual_seed(0)
@@ -68,7 +84,9 @@ def q_sharp_update(algo, out):
     torch.nn.init.normal_(qmodel.head.weight, std=0.1)
     atoms, eos = torch.tensor([0.0, 1.0]), torch.tensor([run.tokenizer.eos_token_id])
     examples = algo.collect(1, ref, None, run, list(range(8))[run.rank :: run.world], atoms, eos)
-    examples = sorted((e for part in algo.all_gather(examples) for e in part), key=lambda e: (e["prompt_id"], e["sample"]))
+    examples = sorted(
+        (e for part in algo.all_gather(examples) for e in part), key=lambda e: (e["prompt_id"], e["sample"])
+    )
     examples[0]["reward"] = 1.0  # both labels present
     init = flat(qmodel)
     model = algo.shard(qmodel, args)
@@ -101,7 +119,9 @@ def checkpoint_roundtrip(algo, model, opt, tok, args, batch, out, ref):
 
 def flat(model):
     """Every parameter, whole (FSDP shards are gathered), as one vector."""
-    return torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().reshape(-1) for p in model.parameters()])
+    return torch.cat(
+        [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().reshape(-1) for p in model.parameters()]
+    )
 
 
 def logprobs(algo, model, batch, C):
@@ -119,8 +139,9 @@ def main():
         return
     if world > 1:
         dist.init_process_group("gloo")
-    args = algo.Args(max_new_tokens=4, max_prompt_length=16, micro_batch_size=16, num_minibatches=1,
-                     learning_rate=1.0, bf16=False)
+    args = algo.Args(
+        max_new_tokens=4, max_prompt_length=16, micro_batch_size=16, num_minibatches=1, learning_rate=1.0, bf16=False
+    )
     # 16 sequences: 4 prompts x 4 samples, or 16 prompts x 1 sample where a script samples once per prompt
     for k, v in {"loss_agg": "token_mean", "beta": 0.1, "num_generations": 4}.items():  # where the script has them
         if hasattr(args, k):
@@ -142,7 +163,9 @@ def main():
     eos = torch.tensor([tok.eos_token_id])
     batch = algo.sample_batch(policy, prompts, args, eos, tok.pad_token_id, torch.Generator().manual_seed(123))
     texts = algo.decode(tok, batch)
-    rewards = torch.tensor([task.reward_fn(t, e.answer) for t, e in zip(texts, [e for e in examples for _ in range(G)])])
+    rewards = torch.tensor(
+        [task.reward_fn(t, e.answer) for t, e in zip(texts, [e for e in examples for _ in range(G)])]
+    )
     rewards[0] = 1.0 - rewards[1]  # make sure the first group has signal
     batch["loss_mask"] = batch["completion_mask"].clone()
     C = batch["completion_ids"].shape[1]
@@ -152,8 +175,10 @@ def main():
         batch["old_logprobs"] = logprobs(algo, policy, batch, C)
     per_rank = len(prompts) // world
     # prompt_ids/prompt_mask are the table of distinct prompts that the rows' prompt_index points into
-    shard = {k: v if k in ("prompt_ids", "prompt_mask", "teacher") else v[rank * per_rank: (rank + 1) * per_rank]
-             for k, v in batch.items()}
+    shard = {
+        k: v if k in ("prompt_ids", "prompt_mask", "teacher") else v[rank * per_rank : (rank + 1) * per_rank]
+        for k, v in batch.items()
+    }
     init = flat(policy)
     model = algo.shard(policy, args)  # FSDP2 over the ranks, as the script's Run does
     # plain SGD: parameter differences are gradient differences (Adam's g / sqrt(v) would amplify float rounding

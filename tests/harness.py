@@ -116,14 +116,48 @@ class TokenTree:
 
 # ---- running the scripts ----------------------------------------------------------------------------------
 # Small settings that make any default run take seconds: flags shared by the smoke tests of every script.
-TINY_RUN = ["--prompts_per_step", "4", "--eval_num_prompts", "8", "--eval_samples_per_prompt", "2",
-            "--total_steps", "2", "--eval_every", "1"]
-SCRIPTS = ["grpo", "rpg_fkl", "rpg_rkl", "pmd_mean", "a_star_po", "q_sharp", "dpo_kl", "gkd"]  # every script in algorithms/
+TINY_RUN = [
+    "--prompts_per_step",
+    "4",
+    "--eval_num_prompts",
+    "8",
+    "--eval_samples_per_prompt",
+    "2",
+    "--total_steps",
+    "2",
+    "--eval_every",
+    "1",
+]
+SCRIPTS = [
+    "grpo",
+    "rpg_fkl",
+    "rpg_rkl",
+    "pmd_mean",
+    "a_star_po",
+    "q_sharp",
+    "dpo_kl",
+    "gkd",
+]  # every script in algorithms/
 TINY_FLAGS = {
     "a_star_po": TINY_RUN + ["--max_train_prompts", "32", "--num_ref_samples", "2"],  # a short stage 1
-    "q_sharp": ["--prompts_per_step", "8", "--samples_per_prompt", "2", "--epochs_per_round", "1",
-                "--q_batch_size", "8", "--eval_num_prompts", "8", "--eval_samples_per_prompt", "2",
-                "--eval_etas", "0.1", "--total_steps", "1"],
+    "q_sharp": [
+        "--prompts_per_step",
+        "8",
+        "--samples_per_prompt",
+        "2",
+        "--epochs_per_round",
+        "1",
+        "--q_batch_size",
+        "8",
+        "--eval_num_prompts",
+        "8",
+        "--eval_samples_per_prompt",
+        "2",
+        "--eval_etas",
+        "0.1",
+        "--total_steps",
+        "1",
+    ],
 }
 
 
@@ -134,9 +168,13 @@ def tiny_flags(script: str) -> list:
 def script_command(name: str, *flags: str, nproc: int = 1) -> tuple:
     """(argv, env) of `python algorithms/<name>.py *flags` (or torchrun with nproc > 1), offline, one thread."""
     path = os.path.join(ROOT, "algorithms", f"{name}.py")
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the equality tests are float32 CPU tests, also on a GPU machine
     return [*launcher, path, *flags], env
 
 
@@ -149,8 +187,9 @@ def start_script(name: str, *flags: str, nproc: int = 1) -> subprocess.Popen:
     """The same as run_script, in the background (to be signalled), in its own process group (torchrun's workers
     included: os.killpg reaches them all)."""
     argv, env = script_command(name, *flags, nproc=nproc)
-    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def run_in_process(script, flags, capsys):
@@ -170,6 +209,7 @@ def run_in_process(script, flags, capsys):
 
 def read_metrics(run_dir) -> list:
     """Rows of metrics.jsonl, parsed strictly: a bare NaN or Infinity (not JSON) is an error."""
+
     def reject(constant):
         raise ValueError(f"metrics.jsonl holds {constant}, which is not JSON")
 
@@ -206,8 +246,15 @@ def bisect(f, lo: float, hi: float, iters: int = 100) -> float:
 def lbfgs_minimize(loss_fn, z0: torch.Tensor, max_iter: int = 1000) -> torch.Tensor:
     """argmin of loss_fn(z) from z0 by L-BFGS with a strong-Wolfe line search, in float64."""
     z = z0.detach().clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([z], lr=1.0, max_iter=max_iter, tolerance_grad=1e-15, tolerance_change=1e-20,
-                            history_size=50, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [z],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=1e-15,
+        tolerance_change=1e-20,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()

@@ -10,8 +10,22 @@ import os
 import pytest
 import torch
 
-from tests.harness import (DT, TINY_RUN, TokenTree, grad, kl, lbfgs_minimize, load_algorithm, max_abs, one_line_error,
-                           random_logits, read_metrics, run_in_process, run_script, start_script)
+from tests.harness import (
+    DT,
+    TINY_RUN,
+    TokenTree,
+    grad,
+    kl,
+    lbfgs_minimize,
+    load_algorithm,
+    max_abs,
+    one_line_error,
+    random_logits,
+    read_metrics,
+    run_in_process,
+    run_script,
+    start_script,
+)
 from tests.test_reliability import kill_when, untimed
 
 apo = load_algorithm("a_star_po")
@@ -25,8 +39,9 @@ def loss_one(lp, lp_ref, v_hat, r, beta, length_normalized=False):
     scale = 1.0 / T if length_normalized else 1.0
     zero = lp.new_zeros(())
     args = apo.Args(beta2=beta, entropy_coef=0.0)
-    return apo.a_star_po_loss(lp * scale, lp_ref * scale, torch.ones_like(lp), v_hat.view(1), r.view(1), zero, args,
-                              1, T)[0]
+    return apo.a_star_po_loss(
+        lp * scale, lp_ref * scale, torch.ones_like(lp), v_hat.view(1), r.view(1), zero, args, 1, T
+    )[0]
 
 
 def categorical(K=7, seed=0, beta=0.4):
@@ -79,14 +94,20 @@ def test_p4_token_tree_soft_bellman():
 
     def population(theta, length_normalized=False):
         lp = tree.token_logprobs(theta)
-        return sum(mu[i] * loss_one(lp[i:i + 1], lp_ref[i:i + 1], v_star, R[i], beta, length_normalized)
-                   for i in range(len(R)))
+        return sum(
+            mu[i] * loss_one(lp[i : i + 1], lp_ref[i : i + 1], v_star, R[i], beta, length_normalized)
+            for i in range(len(R))
+        )
 
     # soft-Bellman: pi*(a2|a1) = pi_ref(a2|a1) e^{R/beta} / Z(a1), pi*(a1) proportional to pi_ref(a1) Z(a1)
     ref = torch.softmax(theta_ref, -1)
     first = [s for s in tree.states if len(s) == 1]
-    second = torch.stack([ref[tree.states.index(s)] * torch.exp(R[[tree.seq_list.index(s + (a,)) for a in range(3)]]
-                                                                 / beta) for s in first])
+    second = torch.stack(
+        [
+            ref[tree.states.index(s)] * torch.exp(R[[tree.seq_list.index(s + (a,)) for a in range(3)]] / beta)
+            for s in first
+        ]
+    )
     Z = second.sum(-1)
     star_first = ref[0] * Z / (ref[0] * Z).sum()
     star = torch.cat([star_first.view(1, 3), second / Z[:, None]])
@@ -106,8 +127,13 @@ def test_p5_frozen_sampler_prefers_a_low_value_baseline():
     lp_ref, r, v_star, pi_star = categorical(beta=beta)
 
     def best_of_restarts(v_hat):
-        fits = [lbfgs_minimize(lambda z: sampler_loss(z, lp_ref, r, v_hat, beta, pi_star),
-                               random_logits(7, 20 + k, requires_grad=False)) for k in range(6)]
+        fits = [
+            lbfgs_minimize(
+                lambda z: sampler_loss(z, lp_ref, r, v_hat, beta, pi_star),
+                random_logits(7, 20 + k, requires_grad=False),
+            )
+            for k in range(6)
+        ]
         losses = [sampler_loss(z, lp_ref, r, v_hat, beta, pi_star).item() for z in fits]
         return torch.softmax(fits[min(range(6), key=losses.__getitem__)], -1)
 
@@ -130,8 +156,10 @@ def test_p6_value_estimate_closed_forms():
     # Jensen: p = 0.3, N = 8, beta1 = 0.5
     p, beta1 = 0.3, 0.5
     v_star = beta1 * math.log(1 - p + p * math.exp(1 / beta1))
-    expected_v_hat = sum(math.comb(N, k) * p ** k * (1 - p) ** (N - k) * apo.value_estimate(rows[k:k + 1], beta1).item()
-                         for k in range(N + 1))
+    expected_v_hat = sum(
+        math.comb(N, k) * p**k * (1 - p) ** (N - k) * apo.value_estimate(rows[k : k + 1], beta1).item()
+        for k in range(N + 1)
+    )
     assert abs(v_star - 0.535229) < 1e-6 and abs(expected_v_hat - 0.499968) < 1e-6
 
 
@@ -187,15 +215,26 @@ def test_p8_p9_stage1_cache_and_world_size(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "one")] == [0, 0, 1, 2]
     assert os.readlink(tmp_path / "one" / "final") == os.path.join("checkpoints", "step_000002")
     # another run given the cache: reads it, generates nothing, writes no cache of its own
-    again = run_script("a_star_po", *STAGE1, "--output_dir", str(tmp_path), "--run_name", "again",
-                       "--value_cache", cache)
+    again = run_script(
+        "a_star_po", *STAGE1, "--output_dir", str(tmp_path), "--run_name", "again", "--value_cache", cache
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "read from" in again.stdout and stage1_row(tmp_path / "again")["charts/stage1_generated"] == 0
     assert stage1_row(tmp_path / "again")["charts/value_mean"] == stage1_row(tmp_path / "one")["charts/value_mean"]
     assert not os.path.exists(tmp_path / "again" / "value_estimates.jsonl")
     # a cache written under other settings: a one-line error before anything is written
-    other = run_script("a_star_po", *STAGE1, "--num_ref_samples", "4", "--output_dir", str(tmp_path),
-                       "--run_name", "other", "--value_cache", cache)
+    other = run_script(
+        "a_star_po",
+        *STAGE1,
+        "--num_ref_samples",
+        "4",
+        "--output_dir",
+        str(tmp_path),
+        "--run_name",
+        "other",
+        "--value_cache",
+        cache,
+    )
     assert "written with other settings" in one_line_error(other)
     assert not os.path.exists(tmp_path / "other")
 
@@ -204,8 +243,17 @@ def test_p8_p9_stage1_cache_and_world_size(tmp_path):
 def test_p10_sigterm_in_stage1_keeps_the_finished_prompts_and_resume_completes_them(tmp_path, capsys):
     """SIGTERM during stage 1 (one prompt per chunk): exit 143 with a `stopped:` line, the finished prompts kept in
     the cache; --resume samples only the others and ends with the cache and the step-1 row of an uninterrupted run."""
-    flags = [*STAGE1, "--max_train_prompts", "300", "--num_ref_samples", "4", "--gen_batch_size", "4",
-             "--output_dir", str(tmp_path)]
+    flags = [
+        *STAGE1,
+        "--max_train_prompts",
+        "300",
+        "--num_ref_samples",
+        "4",
+        "--gen_batch_size",
+        "4",
+        "--output_dir",
+        str(tmp_path),
+    ]
     code, err = run_in_process("a_star_po", [*flags, "--run_name", "full"], capsys)
     assert code == 0, err[-3000:]
     cache = tmp_path / "term" / "value_estimates.jsonl"

@@ -8,8 +8,7 @@ import torch
 
 from common import TINY_POLICY, TINY_TEACHER
 from common.rewards import builtin_math_match, exact_match_reward, math_reward, normalize_math, predicted_answer
-from common.tasks import (ARITHMETIC_NUM_EVAL, TaskError, arithmetic_task, extract_answer, load_jsonl,
-                          load_task)
+from common.tasks import ARITHMETIC_NUM_EVAL, TaskError, arithmetic_task, extract_answer, load_jsonl, load_task
 
 
 # ---- arithmetic task --------------------------------------------------------------------------------------
@@ -30,30 +29,36 @@ def test_exact_match_reward():
 
 
 # ---- answer extraction and math rewards -------------------------------------------------------------------
-@pytest.mark.parametrize("text,answer", [
-    ("Natalia sold 48/2 = 24 clips.\n#### 72", "72"),
-    ("so the total is\n#### 1,234", "1234"),
-    ("The answer is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
-    ("first \\boxed{1} then \\boxed{x^{2}+1}", "x^{2}+1"),
-    ("  42 ", "42"),
-])
+@pytest.mark.parametrize(
+    "text,answer",
+    [
+        ("Natalia sold 48/2 = 24 clips.\n#### 72", "72"),
+        ("so the total is\n#### 1,234", "1234"),
+        ("The answer is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
+        ("first \\boxed{1} then \\boxed{x^{2}+1}", "x^{2}+1"),
+        ("  42 ", "42"),
+    ],
+)
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
 
 
-@pytest.mark.parametrize("completion,answer,reward", [
-    ("... so she has \\boxed{72} clips", "72", 1.0),
-    ("The answer is 1,234.", "1234", 1.0),
-    ("#### 18", "18", 1.0),
-    ("\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}", 1.0),
-    ("\\boxed{0.5}", "\\frac{1}{2}", 1.0),
-    ("\\boxed{1/2}", "0.5", 1.0),
-    ("\\boxed{10\\%}", "10", 1.0),
-    ("\\boxed{\\text{(B)}}", "(B)", 1.0),
-    ("it is 71", "72", 0.0),
-    ("no number here", "72", 0.0),
-    ("\\boxed{x+1}", "x+2", 0.0),
-])
+@pytest.mark.parametrize(
+    "completion,answer,reward",
+    [
+        ("... so she has \\boxed{72} clips", "72", 1.0),
+        ("The answer is 1,234.", "1234", 1.0),
+        ("#### 18", "18", 1.0),
+        ("\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}", 1.0),
+        ("\\boxed{0.5}", "\\frac{1}{2}", 1.0),
+        ("\\boxed{1/2}", "0.5", 1.0),
+        ("\\boxed{10\\%}", "10", 1.0),
+        ("\\boxed{\\text{(B)}}", "(B)", 1.0),
+        ("it is 71", "72", 0.0),
+        ("no number here", "72", 0.0),
+        ("\\boxed{x+1}", "x+2", 0.0),
+    ],
+)
 def test_builtin_math_match(completion, answer, reward):
     assert builtin_math_match(completion, answer) == reward
 
@@ -76,16 +81,22 @@ def test_jsonl_loader_custom_fields(tmp_path):
     assert [(e.prompt, e.answer) for e in ex] == [("q1", "3"), ("q2", "7")]
 
 
-@pytest.mark.parametrize("content,message", [
-    ('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": \n', "x.jsonl:2: malformed JSON"),
-    ('{"prompt": "a", "answer": "1"}\n[1, 2]\n', "x.jsonl:2: expected a JSON object"),
-    ('{"prompt": "a"}\n', "x.jsonl:1: missing field 'answer'"),
-    ('{"prompt": "", "answer": "1"}\n', "x.jsonl:1: field 'prompt' must be a non-empty string"),
-    ("\n\n", "empty dataset"),
-    ('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": "so ####"}\n', "x.jsonl:2: the answer 'so ####' is empty"),
-    ('{"prompt": "a", "answer": "\\\\boxed{}"}\n', "x.jsonl:1: the answer .* is empty"),
-    (b'{"prompt": "a", "answer": "1"}\n{"prompt": "\xff", "answer": "1"}\n', "x.jsonl:2: not UTF-8 text"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": \n', "x.jsonl:2: malformed JSON"),
+        ('{"prompt": "a", "answer": "1"}\n[1, 2]\n', "x.jsonl:2: expected a JSON object"),
+        ('{"prompt": "a"}\n', "x.jsonl:1: missing field 'answer'"),
+        ('{"prompt": "", "answer": "1"}\n', "x.jsonl:1: field 'prompt' must be a non-empty string"),
+        ("\n\n", "empty dataset"),
+        (
+            '{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": "so ####"}\n',
+            "x.jsonl:2: the answer 'so ####' is empty",
+        ),
+        ('{"prompt": "a", "answer": "\\\\boxed{}"}\n', "x.jsonl:1: the answer .* is empty"),
+        (b'{"prompt": "a", "answer": "1"}\n{"prompt": "\xff", "answer": "1"}\n', "x.jsonl:2: not UTF-8 text"),
+    ],
+)
 def test_jsonl_errors_name_file_and_line(tmp_path, content, message):
     """Each bad line is named by file and line; an answer with nothing after `####` or in `\\boxed{}` would match
     any completion ending that way, so it is a data error too."""
@@ -138,7 +149,7 @@ def exact_pass_at_1(path):
     for ex in arithmetic_task().eval:
         p = tok(ex.prompt)["input_ids"]
         c = tok(ex.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        logp = torch.log_softmax(model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1: -1], -1)
+        logp = torch.log_softmax(model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1], -1)
         total += logp.gather(-1, torch.tensor(c)[:, None]).sum().exp().item()
     return total / ARITHMETIC_NUM_EVAL
 

@@ -23,8 +23,17 @@ def run_worker(tmp_path, algo, name, nproc=1, **overrides):
     if nproc == 1:
         cmd = [sys.executable, WORKER, algo, out, *kv]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               WORKER, algo, out, *kv]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            WORKER,
+            algo,
+            out,
+            *kv,
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -396,9 +396,9 @@ def test_d9_global_pair_count_micro_batches_and_an_empty_batch():
 def test_d9_a_step_without_pairs_is_skipped(tmp_path, capsys, monkeypatch):
     """Issue 20: every reward 0 (all ties) gives no pair: no optimizer step (AdamW's weight decay would move the
     weights), no update metrics, charts/num_pairs 0 and a count of skipped steps that survives a resume."""
-    import common.tasks
     from transformers import AutoModelForCausalLM
 
+    import common.tasks
     from common import TINY_POLICY
 
     monkeypatch.setattr(common.tasks, "exact_match_reward", lambda completion, answer: 0.0)

@@ -18,8 +18,16 @@ def one_token_loss(lp, adv, **kw):
     lp_old = kw.pop("lp_old")
     lp_ref = kw.pop("lp_ref", None)
     n = lp.shape[0]
-    loss, _ = grpo.grpo_loss(lp[:, None], lp_old[:, None], None if lp_ref is None else lp_ref[:, None], adv,
-                             torch.ones(n, 1, dtype=DT), grpo.Args(max_new_tokens=1, **kw), n, n)
+    loss, _ = grpo.grpo_loss(
+        lp[:, None],
+        lp_old[:, None],
+        None if lp_ref is None else lp_ref[:, None],
+        adv,
+        torch.ones(n, 1, dtype=DT),
+        grpo.Args(max_new_tokens=1, **kw),
+        n,
+        n,
+    )
     return loss
 
 
@@ -195,10 +203,14 @@ def test_t5_token_weights_per_aggregation(agg):
     mask = (torch.arange(4)[None] < lens[:, None]).to(DT)
     lp = torch.zeros(3, 4, dtype=DT, requires_grad=True)
     adv = torch.tensor([1.0, -2.0, 0.5], dtype=DT)
-    loss, _ = grpo.grpo_loss(lp, lp.detach(), None, adv, mask, grpo.Args(beta=0.0, loss_agg=agg, max_new_tokens=4),
-                             3, int(lens.sum()))
-    weight = {"seq_mean_token_mean": 1.0 / (3 * lens[:, None].to(DT)), "token_mean": 1.0 / lens.sum().to(DT),
-              "seq_mean_token_sum_norm": torch.tensor(1.0 / (3 * 4), dtype=DT)}[agg]
+    loss, _ = grpo.grpo_loss(
+        lp, lp.detach(), None, adv, mask, grpo.Args(beta=0.0, loss_agg=agg, max_new_tokens=4), 3, int(lens.sum())
+    )
+    weight = {
+        "seq_mean_token_mean": 1.0 / (3 * lens[:, None].to(DT)),
+        "token_mean": 1.0 / lens.sum().to(DT),
+        "seq_mean_token_sum_norm": torch.tensor(1.0 / (3 * 4), dtype=DT),
+    }[agg]
     expected = -adv[:, None] * weight * mask
     assert max_abs(grad(loss, lp), expected) < TOL
 
@@ -211,16 +223,23 @@ def test_t6_clip_regions_with_asymmetric_eps():
     lp_old = torch.zeros(6, dtype=DT)
     lp = rho.log().requires_grad_()
     n = 6
-    loss = one_token_loss(lp, adv, lp_old=lp_old, beta=0.0, epsilon=0.2, epsilon_high=0.28,
-                          loss_agg="token_mean")
+    loss = one_token_loss(lp, adv, lp_old=lp_old, beta=0.0, epsilon=0.2, epsilon_high=0.28, loss_agg="token_mean")
     g = grad(loss, lp)
     expected = torch.where(clipped, torch.zeros(n, dtype=DT), -rho * adv / n)
     assert max_abs(g, expected) < TOL
     # negative control: with the symmetric 0.2 clip, rho = 1.25 with A > 0 would be clipped
     g_sym = grad(one_token_loss(lp, adv, lp_old=lp_old, beta=0.0, epsilon=0.2, loss_agg="token_mean"), lp)
     assert abs(g_sym[0] - g[0]) > GAP
-    _, stats = grpo.grpo_loss(lp[:, None], lp_old[:, None], None, adv, torch.ones(n, 1, dtype=DT),
-                              grpo.Args(beta=0.0, epsilon=0.2, epsilon_high=0.28, max_new_tokens=1), n, n)
+    _, stats = grpo.grpo_loss(
+        lp[:, None],
+        lp_old[:, None],
+        None,
+        adv,
+        torch.ones(n, 1, dtype=DT),
+        grpo.Args(beta=0.0, epsilon=0.2, epsilon_high=0.28, max_new_tokens=1),
+        n,
+        n,
+    )
     assert abs(stats["clipfrac_high"] - 1 / 6) < TOL and abs(stats["clipfrac_low"] - 1 / 6) < TOL
     assert abs(stats["clipfrac"] - 2 / 6) < TOL
 
@@ -233,8 +252,9 @@ def expected_group_grad(theta, r, G, beta=0.0, lp_ref=None, **kw):
     for tup in enumerate_groups(theta.shape[0], G):
         p = lp_all[tup].sum().exp().detach()
         adv = grpo.group_advantages(r[tup], G, "none")
-        total = total + p * one_token_loss(lp_all[tup], adv, beta=beta,
-                                           lp_ref=None if lp_ref is None else lp_ref[tup], **kw)
+        total = total + p * one_token_loss(
+            lp_all[tup], adv, beta=beta, lp_ref=None if lp_ref is None else lp_ref[tup], **kw
+        )
     return grad(total, theta)
 
 
@@ -271,8 +291,16 @@ def test_t8_stationary_points_show_which_kl(G):
     assert abs(pi_f.sum().item() - 1) < 1e-12
 
     def g(pi, iw):
-        return expected_group_grad(pi.log().clone().requires_grad_(), r, G, beta=beta, lp_ref=lp_ref,
-                                   kl_estimator="k3", kl_importance_weight=iw)
+        return expected_group_grad(
+            pi.log().clone().requires_grad_(),
+            r,
+            G,
+            beta=beta,
+            lp_ref=lp_ref,
+            kl_estimator="k3",
+            kl_importance_weight=iw,
+        )
+
     assert g(pi_f, False).abs().max() < TOL  # default k3: stationary at the forward-KL solution
     assert g(pi_r, False).abs().max() > GAP
     assert g(pi_r, True).abs().max() < TOL  # importance-weighted k3: stationary at pi_ref e^{c r / beta}
@@ -284,18 +312,21 @@ HAND = torch.tensor([[1.0, 0, 0, 0], [2.0, 3.0, 4.0, 0]], dtype=DT)
 HAND_MASK = torch.tensor([[1.0, 0, 0, 0], [1.0, 1, 1, 0]], dtype=DT)
 
 
-@pytest.mark.parametrize("agg,value", [("seq_mean_token_mean", 2.0), ("token_mean", 2.5),
-                                       ("seq_mean_token_sum_norm", 1.25)])
+@pytest.mark.parametrize(
+    "agg,value", [("seq_mean_token_mean", 2.0), ("token_mean", 2.5), ("seq_mean_token_sum_norm", 1.25)]
+)
 def test_t9_aggregation_by_hand(agg, value):
     assert abs(grpo.aggregate(HAND, HAND_MASK, agg, 2, 4, 4).item() - value) < TOL
 
 
 def test_t10_split_over_ranks_with_global_counts():
-    parts = [grpo.aggregate(HAND[i: i + 1], HAND_MASK[i: i + 1], "token_mean", 2, 4, 4) for i in range(2)]
+    parts = [grpo.aggregate(HAND[i : i + 1], HAND_MASK[i : i + 1], "token_mean", 2, 4, 4) for i in range(2)]
     assert abs(sum(parts).item() - 2.5) < TOL
     # negative control: averaging per-rank token means of ragged batches gives 2.0
-    local = [grpo.aggregate(HAND[i: i + 1], HAND_MASK[i: i + 1], "token_mean", 1, HAND_MASK[i].sum().item(), 4)
-             for i in range(2)]
+    local = [
+        grpo.aggregate(HAND[i : i + 1], HAND_MASK[i : i + 1], "token_mean", 1, HAND_MASK[i].sum().item(), 4)
+        for i in range(2)
+    ]
     assert abs(sum(local).item() / 2 - 2.0) < TOL and abs(sum(local).item() / 2 - 2.5) > GAP
 
 

@@ -29,18 +29,68 @@ from tests.harness import load_algorithm, read_metrics, run_in_process
 T = 0.7  # every run samples and scores at this temperature: a loop that drops it cannot pass
 LR, CLIP = 0.05, 1.0  # SGD steps of norm <= 0.05: step 2's policy differs clearly from the reference
 RTOL = 1e-6
-COMMON = ["--total_steps", "2", "--eval_every", "0", "--eval_num_prompts", "4", "--eval_samples_per_prompt", "2",
-          "--temperature", str(T), "--learning_rate", str(LR), "--max_grad_norm", str(CLIP), "--micro_batch_size", "64", "--num_minibatches", "1"]
+COMMON = [
+    "--total_steps",
+    "2",
+    "--eval_every",
+    "0",
+    "--eval_num_prompts",
+    "4",
+    "--eval_samples_per_prompt",
+    "2",
+    "--temperature",
+    str(T),
+    "--learning_rate",
+    str(LR),
+    "--max_grad_norm",
+    str(CLIP),
+    "--micro_batch_size",
+    "64",
+    "--num_minibatches",
+    "1",
+]
 FLAGS = {  # two passes over each rollout (num_iterations 2), so old log-probs matter; grpo also with one pass
     "grpo": ["--prompts_per_step", "4", "--num_generations", "4", "--num_iterations", "2", "--beta", "0.3"],
     "grpo:mu1": ["--prompts_per_step", "4", "--num_generations", "4", "--beta", "0.3", "--loss_agg", "token_mean"],
-    "rpg_fkl": ["--prompts_per_step", "4", "--num_generations", "4", "--num_iterations", "2",
-                "--kl_anchor", "init", "--beta", "0.3"],
-    "rpg_rkl": ["--prompts_per_step", "4", "--num_generations", "4", "--num_iterations", "2",
-                "--kl_anchor", "init", "--beta", "0.3"],
+    "rpg_fkl": [
+        "--prompts_per_step",
+        "4",
+        "--num_generations",
+        "4",
+        "--num_iterations",
+        "2",
+        "--kl_anchor",
+        "init",
+        "--beta",
+        "0.3",
+    ],
+    "rpg_rkl": [
+        "--prompts_per_step",
+        "4",
+        "--num_generations",
+        "4",
+        "--num_iterations",
+        "2",
+        "--kl_anchor",
+        "init",
+        "--beta",
+        "0.3",
+    ],
     "pmd_mean": ["--prompts_per_step", "4", "--num_generations", "4", "--num_iterations", "2"],
-    "a_star_po": ["--prompts_per_step", "8", "--num_iterations", "2", "--max_train_prompts", "16",
-                  "--num_ref_samples", "4", "--beta2", "0.05", "--entropy_coef", "0.01"],
+    "a_star_po": [
+        "--prompts_per_step",
+        "8",
+        "--num_iterations",
+        "2",
+        "--max_train_prompts",
+        "16",
+        "--num_ref_samples",
+        "4",
+        "--beta2",
+        "0.05",
+        "--entropy_coef",
+        "0.01",
+    ],
     "dpo_kl": ["--prompts_per_step", "4", "--num_generations", "4", "--num_iterations", "2"],
     "gkd": ["--prompts_per_step", "8", "--num_iterations", "2", "--beta", "0.2"],  # JSD(0.5) is symmetric
 }
@@ -154,7 +204,7 @@ def rewards_of(rows) -> torch.Tensor:
 
 def row_logits(model, rows) -> list:
     """Raw logits predicting each completion token, one unpadded forward per row: [len(c), V] per row."""
-    return [model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1: len(p) + len(c) - 1] for p, c in rows]
+    return [model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : len(p) + len(c) - 1] for p, c in rows]
 
 
 def padded(per_row: list, value=0.0) -> torch.Tensor:
@@ -168,8 +218,10 @@ def completion_mask(rows) -> torch.Tensor:
 
 def token_logprobs(model, rows) -> torch.Tensor:
     """log softmax(logits / T) of each completion token, [B, C] (0 at padding)."""
-    lps = [(lg / T).log_softmax(-1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
-           for lg, (_, c) in zip(row_logits(model, rows), rows)]
+    lps = [
+        (lg / T).log_softmax(-1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+        for lg, (_, c) in zip(row_logits(model, rows), rows)
+    ]
     return padded(lps)
 
 
@@ -190,9 +242,10 @@ def sgd_replay(params_before, loss_fn, iterations: int):
     stats_sum = {}
     for _ in range(iterations):
         loss, stats = loss_fn(model)
-        grads = [torch.zeros_like(p) if g is None else g
-                 for p, g in zip(model.parameters(), torch.autograd.grad(loss, list(model.parameters()),
-                                                                         allow_unused=True))]
+        grads = [
+            torch.zeros_like(p) if g is None else g
+            for p, g in zip(model.parameters(), torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
+        ]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         scale = torch.clamp(CLIP / (norm + 1e-6), max=1.0)
         with torch.no_grad():
@@ -337,8 +390,16 @@ def gkd_expected(algo, args, rows, rollout, init, iterations):
     return loss_fn, {}
 
 
-EXPECTED = {"grpo": grpo_expected, "grpo:mu1": grpo_expected, "rpg_fkl": rpg_expected, "rpg_rkl": rpg_expected, "pmd_mean": pmd_expected,
-            "a_star_po": a_star_po_expected, "dpo_kl": dpo_expected, "gkd": gkd_expected}
+EXPECTED = {
+    "grpo": grpo_expected,
+    "grpo:mu1": grpo_expected,
+    "rpg_fkl": rpg_expected,
+    "rpg_rkl": rpg_expected,
+    "pmd_mean": pmd_expected,
+    "a_star_po": a_star_po_expected,
+    "dpo_kl": dpo_expected,
+    "gkd": gkd_expected,
+}
 SKIP = {"loss"}  # checked through the update itself (and by name below)
 
 
@@ -374,8 +435,10 @@ def recompute(case, rec, bug=None):
         from common.tasks import arithmetic_task
 
         tok = tokenizer()
-        extra = {"run_dir": rec.run_dir,
-                 "train_prompts": [tok(e.prompt)["input_ids"] for e in arithmetic_task().train[:16]]}
+        extra = {
+            "run_dir": rec.run_dir,
+            "train_prompts": [tok(e.prompt)["input_ids"] for e in arithmetic_task().train[:16]],
+        }
     loss_fn, charts = EXPECTED[case](algo, args, rows, rollout, init, args.num_iterations, **extra)
     expected_after, stats = sgd_replay(rec.updates[1][0], loss_fn, args.num_iterations)
     row = next(r for r in rec.rows if r["step"] == 2)
@@ -399,8 +462,15 @@ def test_one_step_end_to_end(case, tmp_path, monkeypatch, capsys):
     assert kl > 1e-3 and abs(last["eval/kl_init_rkl_exact_seq"] - float(kl)) < RTOL * float(kl)
 
 
-CONTROLS = [("grpo", "reference=policy"), ("grpo", "temperature"), ("grpo", "mask"), ("gkd", "temperature"),
-            ("a_star_po", "reference=policy"), ("dpo_kl", "reference=policy"), ("rpg_rkl", "mask")]
+CONTROLS = [
+    ("grpo", "reference=policy"),
+    ("grpo", "temperature"),
+    ("grpo", "mask"),
+    ("gkd", "temperature"),
+    ("a_star_po", "reference=policy"),
+    ("dpo_kl", "reference=policy"),
+    ("rpg_rkl", "mask"),
+]
 
 
 @pytest.mark.parametrize("name,bug", CONTROLS)
@@ -415,10 +485,36 @@ def test_negative_controls(name, bug, tmp_path, monkeypatch, capsys):
 
 
 # ---- Q#: the collected data, the Q-model update and the guided eval ---------------------------------------------
-Q_FLAGS = ["--total_steps", "1", "--prompts_per_step", "4", "--samples_per_prompt", "2", "--epochs_per_round", "2",
-           "--q_batch_size", "8", "--micro_batch_size", "8", "--heldout_frac", "0", "--eval_num_prompts", "4",
-           "--eval_samples_per_prompt", "2", "--eval_etas", "0.5", "--eta", "0.5", "--temperature", str(T),
-           "--learning_rate", str(LR), "--max_grad_norm", str(CLIP)]
+Q_FLAGS = [
+    "--total_steps",
+    "1",
+    "--prompts_per_step",
+    "4",
+    "--samples_per_prompt",
+    "2",
+    "--epochs_per_round",
+    "2",
+    "--q_batch_size",
+    "8",
+    "--micro_batch_size",
+    "8",
+    "--heldout_frac",
+    "0",
+    "--eval_num_prompts",
+    "4",
+    "--eval_samples_per_prompt",
+    "2",
+    "--eval_etas",
+    "0.5",
+    "--eta",
+    "0.5",
+    "--temperature",
+    str(T),
+    "--learning_rate",
+    str(LR),
+    "--max_grad_norm",
+    str(CLIP),
+]
 
 
 def q_model(params):
@@ -434,7 +530,7 @@ def q_model(params):
 def q_log_pmf(backbone, head, prompt, tokens):
     """log p(atom | s_t, a) for every state s_t = prompt + tokens[:t] (t = 0..len) and every next token a:
     [len + 1, V, 2], from the last hidden state of each state (the Q-type head)."""
-    h = backbone(input_ids=torch.tensor([prompt + tokens])).last_hidden_state[0, len(prompt) - 1:]
+    h = backbone(input_ids=torch.tensor([prompt + tokens])).last_hidden_state[0, len(prompt) - 1 :]
     return head(h).view(h.shape[0], -1, 2).log_softmax(-1)
 
 
@@ -461,8 +557,14 @@ def test_q_sharp_round_end_to_end(tmp_path, monkeypatch, capsys):
     labels = torch.tensor([[float(e["switch"] <= t < len(c)) for t in range(C)] for e, (_, c) in zip(examples, rows)])
 
     def loss_fn(_):
-        log_pmf = padded([q_log_pmf(backbone, head, p, c)[:-1].gather(
-            1, torch.tensor(c)[:, None, None].expand(-1, 1, 2)).squeeze(1) for p, c in rows])
+        log_pmf = padded(
+            [
+                q_log_pmf(backbone, head, p, c)[:-1]
+                .gather(1, torch.tensor(c)[:, None, None].expand(-1, 1, 2))
+                .squeeze(1)
+                for p, c in rows
+            ]
+        )
         loss = algo.dist_loss(log_pmf, bins, labels, len(rows))
         return loss, {"q_loss": loss.detach()}
 
@@ -484,7 +586,7 @@ def test_q_sharp_round_end_to_end(tmp_path, monkeypatch, capsys):
     with torch.no_grad():
         kl = []
         for p, c in eval_rows:
-            lr = (ref(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1: len(p) + len(c) - 1] / T).log_softmax(-1)
+            lr = (ref(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : len(p) + len(c) - 1] / T).log_softmax(-1)
             q = eta * torch.logsumexp(q_log_pmf(backbone, head, p, c)[:-1] + torch.tensor([0.0, 1.0]) / eta, -1)
             lg = (lr + q / eta).log_softmax(-1)
             kl.append((lg.exp() * (lg - lr)).sum())

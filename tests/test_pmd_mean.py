@@ -9,8 +9,18 @@ import math
 import pytest
 import torch
 
-from tests.harness import (DT, bisect, enumerate_groups, grad, kl, lambert_w0_exp, lbfgs_minimize, load_algorithm,
-                           max_abs, random_logits)
+from tests.harness import (
+    DT,
+    bisect,
+    enumerate_groups,
+    grad,
+    kl,
+    lambert_w0_exp,
+    lbfgs_minimize,
+    load_algorithm,
+    max_abs,
+    random_logits,
+)
 
 pmd = load_algorithm("pmd_mean")
 TOL, GAP = 1e-10, 1e-3
@@ -41,7 +51,7 @@ def population_loss(z, lp_t, r, tau, adv, lengths=None):
         x = x.clone()
         x[0, 0], x_old[0, 0] = lp[y], lp_t[y]
         mask[0, : L[y]] = 1.0
-        total = total + lp_t[y].exp() * pmd.pmd_loss(x, x_old, mask, adv[y:y + 1], args, 1, L[y])[0]
+        total = total + lp_t[y].exp() * pmd.pmd_loss(x, x_old, mask, adv[y : y + 1], args, 1, L[y])[0]
     return total
 
 
@@ -68,10 +78,12 @@ def test_p1_p3_population_minimizer_is_the_lambert_w_closed_form():
     # optimizer-free: (a - v) e^{-v} = lambda for every arm, v = log(pi / pi_t)
     a, v = (r - (pi_t * r).sum()) / tau, torch.log(pi_cf / pi_t)
     assert max_abs((a - v) * torch.exp(-v), torch.full_like(a, lam)) < 1e-10
+
     # P2: it maximizes E r - tau KL(pi || pi_t) - (tau lambda / 2) chi2(pi || pi_t)
     def neg_objective(z):
         p = torch.softmax(z, -1)
         return -((p * r).sum() - tau * kl(torch.log(p), lp_t) - tau * lam / 2 * ((p - pi_t) ** 2 / pi_t).sum())
+
     assert max_abs(argmin_probs(neg_objective, 6), pi_cf) < 1e-8
     # P3 negative control: not the exact mirror-descent step pi_t e^{r/tau} / Z
     exact = torch.softmax(lp_t + r / tau, -1)
@@ -124,7 +136,7 @@ def test_p6_kimi_identity():
     delta = lp[y] - lp_t[y]
     kimi = grad((A - tau * delta) ** 2, z)  # Kimi k1.5's squared loss = 2 tau x ours
     assert max_abs(grad(2 * tau * loss, z), kimi) < 1e-12
-    assert max_abs(kimi, -2 * tau * (A * grad(lp[y], z) - tau / 2 * grad(delta ** 2, z))) < 1e-12
+    assert max_abs(kimi, -2 * tau * (A * grad(lp[y], z) - tau / 2 * grad(delta**2, z))) < 1e-12
 
 
 # ---- P7 group baselines over all groups ------------------------------------------------------------------------------
@@ -165,9 +177,11 @@ def test_p8_length_weighted_minimizer():
 
 
 # ---- P9 binary rewards -------------------------------------------------------------------------------------------------
-TABLE = {1.0: [(0.05, 0.120484, 0.125161), (0.5, 0.713759, 0.731059), (0.95, 0.980793, 0.981006)],
-         0.3: [(0.05, 0.311613, 0.596017), (0.5, 0.914496, 0.965555), (0.95, 0.997903, 0.998126)],
-         0.1: [(0.05, 0.566578, 0.999138), (0.5, 0.996679, 0.999955), (0.95, 0.999996, 0.999998)]}
+TABLE = {
+    1.0: [(0.05, 0.120484, 0.125161), (0.5, 0.713759, 0.731059), (0.95, 0.980793, 0.981006)],
+    0.3: [(0.05, 0.311613, 0.596017), (0.5, 0.914496, 0.965555), (0.95, 0.997903, 0.998126)],
+    0.1: [(0.05, 0.566578, 0.999138), (0.5, 0.996679, 0.999955), (0.95, 0.999996, 0.999998)],
+}
 
 
 @pytest.mark.parametrize("tau", list(TABLE))
@@ -210,7 +224,7 @@ def test_p10_unique_best_partition_advantage():
         rr, tau = torch.rand(6, generator=g), 0.05 + 0.2 * seed
         ours = pmd.pmd_advantages(rr, 6, "partition", tau)
         for i in range(6):
-            others = torch.cat([rr[:i], rr[i + 1:]]).double() / tau
+            others = torch.cat([rr[:i], rr[i + 1 :]]).double() / tau
             expected = rr[i].double() - tau * (torch.logsumexp(others, 0) - math.log(5))
             assert abs(ours[i].double() - expected).item() < 1e-6
 

@@ -40,7 +40,7 @@ def reference_sample(model, prompt_rows, uniforms, eos):
             seq.append(min(int(torch.searchsorted(cdf, u[t : t + 1])), cdf.numel() - 1))
             if seq[-1] in eos.tolist():
                 break
-        out.append(seq[len(p):])
+        out.append(seq[len(p) :])
     return out
 
 

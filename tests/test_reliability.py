@@ -19,8 +19,14 @@ FINAL_ONLY = ("eval/sweep/", "eval/frontier/")  # q_sharp's eta sweep runs after
 def untimed(rows):
     """Rows without timing keys, and without the end-of-run sweep except on the last row (a run resumed past
     its old end has that sweep on an inner row; an uninterrupted run has it only at its own end)."""
-    return [{k: v for k, v in r.items() if not k.startswith(TIMING) and (i == len(rows) - 1 or not k.startswith(
-        FINAL_ONLY))} for i, r in enumerate(rows)]
+    return [
+        {
+            k: v
+            for k, v in r.items()
+            if not k.startswith(TIMING) and (i == len(rows) - 1 or not k.startswith(FINAL_ONLY))
+        }
+        for i, r in enumerate(rows)
+    ]
 
 
 def final_params(run_dir, script):
@@ -49,8 +55,11 @@ def logged_rows(run_dir):
 
 def has_checkpoint(run_dir):
     ckpt = os.path.join(run_dir, "checkpoints")
-    return os.path.isdir(ckpt) and any(os.path.isfile(os.path.join(ckpt, d, "trainer_state.pt"))
-                                       for d in os.listdir(ckpt) if not d.endswith((".tmp", ".old")))
+    return os.path.isdir(ckpt) and any(
+        os.path.isfile(os.path.join(ckpt, d, "trainer_state.pt"))
+        for d in os.listdir(ckpt)
+        if not d.endswith((".tmp", ".old"))
+    )
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -81,7 +90,9 @@ def test_kill_then_resume_equals_uninterrupted_run(tmp_path, script, capsys):
         for key, p in a.items():
             assert torch.equal(p, b[key]), (name, key)
     # another seed: other samples (its first logged training row differs)
-    code, err = run_in_process(script, [*flags[:-2], "--total_steps", "1", "--seed", "2", "--run_name", "seed2"], capsys)
+    code, err = run_in_process(
+        script, [*flags[:-2], "--total_steps", "1", "--seed", "2", "--run_name", "seed2"], capsys
+    )
     assert code == 0, err[-3000:]
     assert untimed(read_metrics(tmp_path / "seed2"))[1] != want[1]
 
@@ -97,7 +108,12 @@ SPLIT = {  # a batch that cannot be split as asked (N/A: the script has no such 
     "gkd": (["--prompts_per_step", "3", "--num_minibatches", "2"], "does not split"),
 }
 NONFINITE = {  # flags that make an update non-finite (default: a learning rate of 1e30). DPO: after a 1e30 step
-    "dpo_kl": ["--loss", "ipo", "--beta", "1e-30"],  # no prompt has a pair (an honest 0 loss); IPO's 1/(2 beta) overflows
+    "dpo_kl": [
+        "--loss",
+        "ipo",
+        "--beta",
+        "1e-30",
+    ],  # no prompt has a pair (an honest 0 loss); IPO's 1/(2 beta) overflows
 }
 MISMATCH = {"q_sharp": "--q_model_name_or_path", "gkd": "--teacher_name_or_path"}
 ALGO_CASES = {  # values that make no sense for one algorithm's math
@@ -129,10 +145,21 @@ def bad_cases(script, tmp):
         "unknown flag value": (["--learning_rate", "fast"], "--learning_rate"),
         "unknown task": (["--task", "nope"], "unknown task 'nope'"),
         "missing local model": (["--model_name_or_path", str(tmp / "no_such_model")], "no such local folder"),
-        "malformed jsonl": (["--task", "jsonl", "--train_file", write("bad.jsonl", GOOD + "{oops\n"),
-                             "--eval_file", write("ok.jsonl", GOOD)], "bad.jsonl:2: malformed JSON"),
-        "empty dataset": (["--task", "jsonl", "--train_file", write("empty.jsonl", "\n"),
-                           "--eval_file", write("ok2.jsonl", GOOD)], "empty dataset"),
+        "malformed jsonl": (
+            [
+                "--task",
+                "jsonl",
+                "--train_file",
+                write("bad.jsonl", GOOD + "{oops\n"),
+                "--eval_file",
+                write("ok.jsonl", GOOD),
+            ],
+            "bad.jsonl:2: malformed JSON",
+        ),
+        "empty dataset": (
+            ["--task", "jsonl", "--train_file", write("empty.jsonl", "\n"), "--eval_file", write("ok2.jsonl", GOOD)],
+            "empty dataset",
+        ),
         "prompt too long": (["--max_prompt_length", "4"], "> --max_prompt_length 4"),
         "non-finite loss": (NONFINITE.get(script, ["--learning_rate", "1e30"]), "stopping without saving"),
         "negative learning rate": (["--learning_rate", "-1e-4"], "--learning_rate must be >= 0"),
@@ -142,12 +169,32 @@ def bad_cases(script, tmp):
         "longer than the model": (["--max_new_tokens", "600"], "the model's 512 positions"),
         "zero temperature": (["--temperature", "0"], "--temperature must be > 0"),
         "output dir is a file": (["--output_dir", write("a_file", "x")], "a_file"),
-        "non-utf8 jsonl": (["--task", "jsonl", "--train_file", write_bytes("latin.jsonl", GOOD.encode() + b'{"prompt": "\xe9"}\n'),
-                            "--eval_file", write("ok3.jsonl", GOOD)], "latin.jsonl:2: not UTF-8"),
-        "empty answer": (["--task", "jsonl", "--train_file", write("hash.jsonl", GOOD + '{"prompt": "2+2=", "answer": "4 ####"}\n'),
-                          "--eval_file", write("ok4.jsonl", GOOD)], "hash.jsonl:2: the answer"),
-        "data file is a directory": (["--task", "jsonl", "--train_file", str(tmp), "--eval_file", write("ok5.jsonl", GOOD)],
-                                     "is a directory"),
+        "non-utf8 jsonl": (
+            [
+                "--task",
+                "jsonl",
+                "--train_file",
+                write_bytes("latin.jsonl", GOOD.encode() + b'{"prompt": "\xe9"}\n'),
+                "--eval_file",
+                write("ok3.jsonl", GOOD),
+            ],
+            "latin.jsonl:2: not UTF-8",
+        ),
+        "empty answer": (
+            [
+                "--task",
+                "jsonl",
+                "--train_file",
+                write("hash.jsonl", GOOD + '{"prompt": "2+2=", "answer": "4 ####"}\n'),
+                "--eval_file",
+                write("ok4.jsonl", GOOD),
+            ],
+            "hash.jsonl:2: the answer",
+        ),
+        "data file is a directory": (
+            ["--task", "jsonl", "--train_file", str(tmp), "--eval_file", write("ok5.jsonl", GOOD)],
+            "is a directory",
+        ),
         **ALGO_CASES.get(script, {}),
     }
     if script in SPLIT:
@@ -180,10 +227,27 @@ def assert_one_line_error(code, message, err=""):
     assert message in code, code
 
 
-CASE_NAMES = ["unknown flag value", "unknown task", "missing local model", "malformed jsonl", "empty dataset",
-              "prompt too long", "non-finite loss", "batch split", "tokenizer mismatch", "negative learning rate",
-              "negative grad clip", "zero new tokens", "zero prompt length", "longer than the model",
-              "zero temperature", "output dir is a file", "non-utf8 jsonl", "empty answer", "data file is a directory"]
+CASE_NAMES = [
+    "unknown flag value",
+    "unknown task",
+    "missing local model",
+    "malformed jsonl",
+    "empty dataset",
+    "prompt too long",
+    "non-finite loss",
+    "batch split",
+    "tokenizer mismatch",
+    "negative learning rate",
+    "negative grad clip",
+    "zero new tokens",
+    "zero prompt length",
+    "longer than the model",
+    "zero temperature",
+    "output dir is a file",
+    "non-utf8 jsonl",
+    "empty answer",
+    "data file is a directory",
+]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -218,8 +282,9 @@ def test_bad_input_table(tmp_path, script, capsys):
 def test_existing_run_folder_is_not_overwritten(tmp_path, script, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "metrics.jsonl").write_text("keep me\n")
-    code, _ = run_in_process(script, [*tiny_flags(script), "--output_dir", str(tmp_path), "--run_name", "taken"],
-                             capsys)
+    code, _ = run_in_process(
+        script, [*tiny_flags(script), "--output_dir", str(tmp_path), "--run_name", "taken"], capsys
+    )
     assert_one_line_error(code, "already exists")
     assert (tmp_path / "taken" / "metrics.jsonl").read_text() == "keep me\n"
     assert os.listdir(tmp_path / "taken") == ["metrics.jsonl"]
@@ -228,7 +293,17 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, script, capsys):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_failed_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, script, capsys, monkeypatch):
     """Disk full while saving the last checkpoint: one line, and the periodic checkpoint before it is intact."""
-    flags = [*tiny_flags(script), "--output_dir", str(tmp_path), "--run_name", "r", "--total_steps", "2", "--save_every", "1"]
+    flags = [
+        *tiny_flags(script),
+        "--output_dir",
+        str(tmp_path),
+        "--run_name",
+        "r",
+        "--total_steps",
+        "2",
+        "--save_every",
+        "1",
+    ]
     real_save = torch.save
 
     def disk_full(obj, f, *a, **k):

@@ -7,8 +7,18 @@ Every check runs all eight variants {FKL, UFKL, RKL, URKL} x {differentiable, re
 import pytest
 import torch
 
-from tests.harness import DT, TokenTree, enumerate_groups, grad, kl, load_algorithm, max_abs, random_logits
-from tests.harness import read_metrics, run_in_process
+from tests.harness import (
+    DT,
+    TokenTree,
+    enumerate_groups,
+    grad,
+    kl,
+    load_algorithm,
+    max_abs,
+    random_logits,
+    read_metrics,
+    run_in_process,
+)
 
 FKL, RKL = load_algorithm("rpg_fkl"), load_algorithm("rpg_rkl")
 VARIANTS = {"FKL": (FKL, False), "UFKL": (FKL, True), "RKL": (RKL, False), "URKL": (RKL, True)}
@@ -32,8 +42,16 @@ def loss_of(variant, form, lp, lp_old, lp_anchor, adv, mask=None, level="token",
     one sequence and max_new_tokens 1 per call is exactly the per-sequence sum)."""
     mod, unnorm = VARIANTS[variant]
     mask = torch.ones_like(lp) if mask is None else mask
-    args = mod.Args(beta=beta, unnormalized=unnorm, form=form, ratio_level=level, clip=clip,
-                    loss_agg="seq_mean_token_sum_norm", max_new_tokens=1, **kw)
+    args = mod.Args(
+        beta=beta,
+        unnormalized=unnorm,
+        form=form,
+        ratio_level=level,
+        clip=clip,
+        loss_agg="seq_mean_token_sum_norm",
+        max_new_tokens=1,
+        **kw,
+    )
     return mod.rpg_loss(lp, lp_old, lp_anchor, adv, mask, args, 1, int(mask.sum()))[0]
 
 
@@ -50,8 +68,10 @@ def test_r1_categorical_gradient_is_minus_grad_j(variant, form, anchor, level):
     lp, lp_old = torch.log_softmax(theta, -1), torch.log_softmax(theta_old, -1)
     lp_a = lp_old if anchor == "old" else torch.log_softmax(random_logits(6, 2, requires_grad=False), -1)
     R = torch.tensor([1.0, 0.0, 0.3, -0.5, 2.0, 0.0], dtype=DT)
-    losses = [loss_of(variant, form, lp[y].view(1, 1), lp_old[y].view(1, 1), lp_a[y].view(1, 1), R[y:y + 1],
-                      level=level) for y in range(6)]
+    losses = [
+        loss_of(variant, form, lp[y].view(1, 1), lp_old[y].view(1, 1), lp_a[y].view(1, 1), R[y : y + 1], level=level)
+        for y in range(6)
+    ]
     g = grad(expected_over(lp_old.exp(), losses), theta)
     J = (lp.exp() * R).sum() - BETA * divergence(variant, lp, lp_a)
     assert max_abs(g, -grad(J, theta)) < TOL
@@ -72,8 +92,12 @@ def test_r2_per_sample_kl_gradient_at_w_equal_1(form):
     theta = random_logits(6, 0)
     lp = torch.log_softmax(theta, -1)
     y = 3
-    expected = {"FKL": -BETA * grad(lp[y], theta), "RKL": BETA * grad(lp[y], theta),
-                "UFKL": torch.zeros(6, dtype=DT), "URKL": torch.zeros(6, dtype=DT)}
+    expected = {
+        "FKL": -BETA * grad(lp[y], theta),
+        "RKL": BETA * grad(lp[y], theta),
+        "UFKL": torch.zeros(6, dtype=DT),
+        "URKL": torch.zeros(6, dtype=DT),
+    }
     for variant, e in expected.items():
         x = lp[y].view(1, 1)
         g = grad(loss_of(variant, form, x, x.detach(), x.detach(), torch.zeros(1, dtype=DT)), theta)
@@ -111,8 +135,10 @@ def test_r3_baseline_outside_w_agrees_on_policy():
     total = 0.0
     for tup in enumerate_groups(3, 2):
         x = lp[tup]
-        total = total + x.sum().exp().detach() * -((x.detach().exp() / x.detach().exp() * R[tup] - R[tup].mean())
-                                                   * x).mean()
+        total = (
+            total
+            + x.sum().exp().detach() * -((x.detach().exp() / x.detach().exp() * R[tup] - R[tup].mean()) * x).mean()
+        )
     assert max_abs(grad(total, theta), -(1 - 1 / 2) * grad((lp.exp() * R).sum(), theta)) < TOL
 
 
@@ -125,8 +151,10 @@ def test_r4_unnormalized_measures(variant, form, anchor):
     lp_a = lp_old if anchor == "old" else random_logits(6, 2, requires_grad=False) - 0.2
     assert abs(lp_old.exp().sum().item() - 1) > 0.1
     R = torch.tensor([1.0, 0.0, 0.3, -0.5, 2.0, 0.0], dtype=DT)
-    losses = [loss_of(variant, form, theta[y].view(1, 1), lp_old[y].view(1, 1), lp_a[y].view(1, 1), R[y:y + 1])
-              for y in range(6)]
+    losses = [
+        loss_of(variant, form, theta[y].view(1, 1), lp_old[y].view(1, 1), lp_a[y].view(1, 1), R[y : y + 1])
+        for y in range(6)
+    ]
     g = grad(expected_over(lp_old.exp(), losses), theta)  # E under pi_old / Z_old, times Z_old
     J = (theta.exp() * R).sum() - BETA * divergence(variant, theta, lp_a)
     assert max_abs(g, -grad(J, theta)) < TOL
@@ -171,8 +199,12 @@ def tree_setup(seed_theta=0, on_policy=False):
 def tree_expected_grad(variant, form, theta, theta_old, theta_anchor, level, adv=R_TREE, beta=BETA):
     lp, lp_old, lp_a = (TREE.token_logprobs(t) for t in (theta, theta_old, theta_anchor))
     p_old = TREE.seq_logprobs(theta_old).exp()
-    losses = [loss_of(variant, form, lp[i:i + 1], lp_old[i:i + 1], lp_a[i:i + 1], adv[i:i + 1], level=level,
-                      beta=beta) for i in range(len(TREE.seq_list))]
+    losses = [
+        loss_of(
+            variant, form, lp[i : i + 1], lp_old[i : i + 1], lp_a[i : i + 1], adv[i : i + 1], level=level, beta=beta
+        )
+        for i in range(len(TREE.seq_list))
+    ]
     return grad(expected_over(p_old, losses), theta)
 
 
@@ -257,12 +289,12 @@ def test_r7_mask_follows_the_effective_advantage():
 @pytest.mark.parametrize("d", [15.0, -15.0])
 def test_r8_large_log_ratios_pass_through(d):
     for mod in (FKL, RKL):
-        assert abs(mod.k3(torch.tensor(d, dtype=DT)).item() - (torch.tensor(d, dtype=DT).exp().item() - 1 - d)) \
-            < 1e-9 * max(1.0, abs(torch.tensor(d).exp().item()))
+        assert abs(
+            mod.k3(torch.tensor(d, dtype=DT)).item() - (torch.tensor(d, dtype=DT).exp().item() - 1 - d)
+        ) < 1e-9 * max(1.0, abs(torch.tensor(d).exp().item()))
     lp, lp_old = torch.tensor([[d]], dtype=DT), torch.zeros(1, 1, dtype=DT)
     w = torch.tensor(d, dtype=DT).exp()
-    expected = {"RKL": w * d, "URKL": w * (torch.exp(torch.tensor(-d, dtype=DT)) - 1 + d), "FKL": -d,
-                "UFKL": w - 1 - d}
+    expected = {"RKL": w * d, "URKL": w * (torch.exp(torch.tensor(-d, dtype=DT)) - 1 + d), "FKL": -d, "UFKL": w - 1 - d}
     for variant, e in expected.items():
         value = loss_of(variant, "differentiable", lp, lp_old, lp_old, torch.zeros(1, dtype=DT), beta=1.0)
         assert abs(value.item() - e.item() if torch.is_tensor(e) else value.item() - e) < 1e-9 * max(1.0, abs(float(e)))
@@ -277,8 +309,9 @@ def hand_loss(rows, agg, num_seqs, num_tokens):
     """FKL, old anchor, A = 0, beta = 1: every token's term is -lp = 1 | 2, 3, 4 (the grpo.md T9 batch)."""
     lp = HAND_LP[rows]
     args = FKL.Args(beta=1.0, loss_agg=agg, max_new_tokens=4)
-    return FKL.rpg_loss(lp, lp, lp, torch.zeros(lp.shape[0], dtype=DT), HAND_MASK[rows], args, num_seqs,
-                        num_tokens)[0].item()
+    return FKL.rpg_loss(lp, lp, lp, torch.zeros(lp.shape[0], dtype=DT), HAND_MASK[rows], args, num_seqs, num_tokens)[
+        0
+    ].item()
 
 
 def test_r9_aggregation_by_hand_and_split_over_ranks():
@@ -287,6 +320,8 @@ def test_r9_aggregation_by_hand_and_split_over_ranks():
     assert abs(hand_loss([0], "token_mean", 2, 4) + hand_loss([1], "token_mean", 2, 4) - 2.5) < TOL
     local_means = (hand_loss([0], "token_mean", 1, 1) + hand_loss([1], "token_mean", 1, 3)) / 2
     assert abs(local_means - 2.0) < TOL  # negative control: averaging per-rank token means
+
+
 # ---- dynamic sampling: a short in-process run, the batch given to the update spied ----------------------------
 @pytest.mark.parametrize("script", ["rpg_fkl", "rpg_rkl"])
 def test_dynamic_sampling_fills_the_batch_with_groups_that_have_reward_variance(script, tmp_path, monkeypatch, capsys):

@@ -45,8 +45,9 @@ def draw(sampler: str, T: float):
         torch.nn.init.normal_(qmodel.head.weight, std=0.5)  # a non-trivial learned law
         args.eta, args.top_k = ETA, 0
         u = torch.rand(N, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        toks, _, _ = algo.sample(model, qmodel, [prompt] * N, u, "qsharp", ETA, args, torch.tensor([0.0, 1.0]), eos,
-                                 tok.pad_token_id)
+        toks, _, _ = algo.sample(
+            model, qmodel, [prompt] * N, u, "qsharp", ETA, args, torch.tensor([0.0, 1.0]), eos, tok.pad_token_id
+        )
 
         @torch.no_grad()
         def law(prefix, temperature):

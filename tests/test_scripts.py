@@ -11,22 +11,56 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.harness import (SCRIPTS, TINY_RUN, load_algorithm, one_line_error, read_metrics, run_script, start_script,
-                           tiny_flags)
+from tests.harness import (
+    SCRIPTS,
+    TINY_RUN,
+    load_algorithm,
+    one_line_error,
+    read_metrics,
+    run_script,
+    start_script,
+    tiny_flags,
+)
 
 FLAGS = {  # flags each script must document in --help
-    "grpo": ["--beta", "--kl_estimator", "--kl_importance_weight", "--epsilon_high", "--num_iterations",
-             "--scale_rewards", "--loss_agg"],
+    "grpo": [
+        "--beta",
+        "--kl_estimator",
+        "--kl_importance_weight",
+        "--epsilon_high",
+        "--num_iterations",
+        "--scale_rewards",
+        "--loss_agg",
+    ],
     "rpg_fkl": ["--unnormalized", "--form", "--kl_anchor", "--ratio_level", "--clip_eps_low", "--clip_c"],
     "rpg_rkl": ["--unnormalized", "--form", "--kl_anchor", "--ratio_level", "--clip_eps_high", "--no_clip"],
     "pmd_mean": ["--tau", "--baseline", "--length_norm", "--no_length_norm", "--num_minibatches"],
     "a_star_po": ["--num_ref_samples", "--beta1", "--beta2", "--entropy_coef", "--filter_unsolved", "--value_cache"],
-    "q_sharp": ["--eta", "--head", "--num_atoms", "--v_min", "--top_k", "--topk_outside", "--total_steps",
-                "--rollin_eta", "--only_switch_token", "--eval_etas", "--q_model_name_or_path"],
-    "dpo_kl": ["--beta", "--divergence", "--alpha", "--loss", "--label_smoothing", "--num_generations",
-               "--pairs_path"],
-    "gkd": ["--lmbda", "--seq_kd", "--divergence", "--beta", "--skew_alpha", "--akl_mu", "--temperature",
-            "--teacher_name_or_path", "--divergence_chunk_size"],
+    "q_sharp": [
+        "--eta",
+        "--head",
+        "--num_atoms",
+        "--v_min",
+        "--top_k",
+        "--topk_outside",
+        "--total_steps",
+        "--rollin_eta",
+        "--only_switch_token",
+        "--eval_etas",
+        "--q_model_name_or_path",
+    ],
+    "dpo_kl": ["--beta", "--divergence", "--alpha", "--loss", "--label_smoothing", "--num_generations", "--pairs_path"],
+    "gkd": [
+        "--lmbda",
+        "--seq_kd",
+        "--divergence",
+        "--beta",
+        "--skew_alpha",
+        "--akl_mu",
+        "--temperature",
+        "--teacher_name_or_path",
+        "--divergence_chunk_size",
+    ],
 }
 
 
@@ -39,16 +73,37 @@ def test_help(script):
     assert "--no_no_" not in proc.stdout  # booleans read naturally
 
 
-KEYS = {"grpo": ["losses/kl_ref_rkl_k3"], "rpg_fkl": ["losses/kl_term", "losses/ratio_max", "losses/clipfrac_high"],
-        "rpg_rkl": ["losses/kl_old_rkl_k3w", "losses/ratio_min", "losses/clipfrac_dual"],
-        "pmd_mean": ["losses/pmd_loss", "losses/residual_abs_mean", "losses/delta_max", "losses/ratio_seq_min",
-                     "losses/kl_old_fkl_k1"],
-        "a_star_po": ["losses/regression_loss", "losses/kl_ref_rkl_k1_seq", "losses/adv_mean", "perf/stage2_s"],
-        "q_sharp": ["losses/q_loss", "charts/num_examples", "eval/sweep/cd_eta0.1/pass@1"],
-        "dpo_kl": ["rewards/margins", "rewards/accuracies", "logps/chosen", "losses/kl_ref_rkl_k1_seq",
-                   "charts/kl_reg_objective", "charts/frac_usable_prompts", "losses/logratio_abs_max"],
-        "gkd": ["losses/kl_teacher_fkl_exact", "losses/kl_teacher_rkl_exact", "losses/entropy_teacher",
-                "charts/teacher_logprob_mean", "charts/on_policy_frac", "eval/kl_teacher_rkl_exact_seq"]}
+KEYS = {
+    "grpo": ["losses/kl_ref_rkl_k3"],
+    "rpg_fkl": ["losses/kl_term", "losses/ratio_max", "losses/clipfrac_high"],
+    "rpg_rkl": ["losses/kl_old_rkl_k3w", "losses/ratio_min", "losses/clipfrac_dual"],
+    "pmd_mean": [
+        "losses/pmd_loss",
+        "losses/residual_abs_mean",
+        "losses/delta_max",
+        "losses/ratio_seq_min",
+        "losses/kl_old_fkl_k1",
+    ],
+    "a_star_po": ["losses/regression_loss", "losses/kl_ref_rkl_k1_seq", "losses/adv_mean", "perf/stage2_s"],
+    "q_sharp": ["losses/q_loss", "charts/num_examples", "eval/sweep/cd_eta0.1/pass@1"],
+    "dpo_kl": [
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "losses/kl_ref_rkl_k1_seq",
+        "charts/kl_reg_objective",
+        "charts/frac_usable_prompts",
+        "losses/logratio_abs_max",
+    ],
+    "gkd": [
+        "losses/kl_teacher_fkl_exact",
+        "losses/kl_teacher_rkl_exact",
+        "losses/entropy_teacher",
+        "charts/teacher_logprob_mean",
+        "charts/on_policy_frac",
+        "eval/kl_teacher_rkl_exact_seq",
+    ],
+}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -67,17 +122,24 @@ def test_torchrun_two_processes(tmp_path, script):
     killed.wait()
     resumed = run_script(script, "--resume", str(tmp_path / "kill"), nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    untimed = lambda rows: [{k: v for k, v in r.items() if k != "time_s" and "perf/" not in k and "_per_s" not in k}
-                            for r in rows]  # noqa: E731
+    untimed = lambda rows: [
+        {k: v for k, v in r.items() if k != "time_s" and "perf/" not in k and "_per_s" not in k} for r in rows
+    ]  # noqa: E731
     assert untimed(read_metrics(tmp_path / "kill")) == untimed(read_metrics(tmp_path / "ddp"))
     a, b = (safe_open(str(tmp_path / r / "final" / "model.safetensors"), "pt") for r in ("ddp", "kill"))
     assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
     rows = read_metrics(tmp_path / "ddp")
     assert rows[0]["step"] == 0 and "eval/pass@1" in rows[0] and len(rows) >= 2
     assert abs(rows[0]["eval/kl_init_rkl_exact_seq"]) < 1e-6  # the start is the reference
-    for key in ["eval/pass@1", "eval/kl_init_rkl_exact_seq"] + KEYS[script] + (
-            [] if script == "q_sharp" else ["charts/reward_mean", "losses/loss", "losses/entropy", "charts/grad_norm",
-                                            "charts/tokens_per_s"]):
+    for key in (
+        ["eval/pass@1", "eval/kl_init_rkl_exact_seq"]
+        + KEYS[script]
+        + (
+            []
+            if script == "q_sharp"
+            else ["charts/reward_mean", "losses/loss", "losses/entropy", "charts/grad_norm", "charts/tokens_per_s"]
+        )
+    ):
         assert key in rows[-1] and torch.isfinite(torch.tensor(rows[-1][key])), key
     assert os.path.isfile(tmp_path / "ddp" / "final" / "model.safetensors")
 
@@ -89,8 +151,11 @@ def test_log_completions_status_lines_and_strict_json(tmp_path, script, capsys, 
     algo = load_algorithm(script)
     real_log = algo.Run.log
     monkeypatch.setattr(algo.Run, "log", lambda self, step, m: real_log(self, step, m | {"test/nan": float("nan")}))
-    monkeypatch.setattr(sys, "argv", [script, *tiny_flags(script), "--output_dir", str(tmp_path), "--run_name", "r",
-                                      "--log_completions", "3"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [script, *tiny_flags(script), "--output_dir", str(tmp_path), "--run_name", "r", "--log_completions", "3"],
+    )
     with pytest.raises(SystemExit) as done:
         algo.main()
     out = capsys.readouterr().out.splitlines()
@@ -114,8 +179,10 @@ def test_missing_hub_model_offline_is_one_line(tmp_path):
 
 
 # ---- any causal LM, chat templates ------------------------------------------------------------------------
-CHAT = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<assistant>{% endif %}")
+CHAT = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 def chat_tokenizer():
@@ -142,14 +209,36 @@ def test_other_architecture_with_chat_template(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = chat_tokenizer()
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "qwen")
     tok.save_pretrained(tmp_path / "qwen")
-    proc = run_script("grpo", *TINY_RUN, "--model_name_or_path", str(tmp_path / "qwen"), "--max_prompt_length", "32",
-                      "--bf16", "True", "--gradient_checkpointing", "--output_dir", str(tmp_path), "--run_name", "q")
+    proc = run_script(
+        "grpo",
+        *TINY_RUN,
+        "--model_name_or_path",
+        str(tmp_path / "qwen"),
+        "--max_prompt_length",
+        "32",
+        "--bf16",
+        "True",
+        "--gradient_checkpointing",
+        "--output_dir",
+        str(tmp_path),
+        "--run_name",
+        "q",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(tmp_path / "q")
     assert [r["step"] for r in rows] == [0, 1, 2]  # (a random model scores 0: no reward signal to check)
@@ -159,11 +248,10 @@ def test_other_architecture_with_chat_template(tmp_path):
 def test_generation_uses_the_kv_cache_under_gradient_checkpointing():
     """HF switches the cache off for a training-mode model with gradient checkpointing; `generate` must not let
     that happen (it would feed single tokens without their past)."""
-    from tests.harness import load_algorithm
+    from transformers import AutoTokenizer
 
     from common import TINY_POLICY
-
-    from transformers import AutoTokenizer
+    from tests.harness import load_algorithm
 
     grpo = load_algorithm("grpo")
     tok = AutoTokenizer.from_pretrained(TINY_POLICY)
@@ -186,7 +274,17 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     run completes with finite losses and KL (online DPO on a random model finds no pair: no update, said so)."""
     import subprocess
 
-    cmd = [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--tiny", "--steps", "2", "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "benchmarks/gpu_check.py",
+        "--device",
+        "cpu",
+        "--tiny",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())

@@ -6,8 +6,6 @@ import ast
 import os
 import shutil
 
-import pytest
-
 from tests.harness import ROOT, SCRIPTS
 
 BANNER = "# PLUMBING"
@@ -23,20 +21,25 @@ ALLOWED = {  # (name, files that may differ from the others): why
 
 def plumbing(text: str) -> str:
     assert text.count(BANNER) == 1, "one PLUMBING block per file"
-    return text[text.index(BANNER):]
+    return text[text.index(BANNER) :]
 
 
 def definitions(text: str) -> dict:
     """name -> source of every top-level function and class."""
     tree = ast.parse(text)
-    return {n.name: ast.get_source_segment(text, n) for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    return {
+        n.name: ast.get_source_segment(text, n) for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+    }
 
 
 def differences(root: str) -> list:
     """Every violation: a PLUMBING block that differs from grpo.py's, or a shared name with two sources."""
     texts = {s: open(os.path.join(root, "algorithms", f"{s}.py")).read() for s in SCRIPTS}
-    out = [f"{s}.py: its PLUMBING block differs from grpo.py's" for s in SCRIPTS
-           if plumbing(texts[s]) != plumbing(texts["grpo"])]
+    out = [
+        f"{s}.py: its PLUMBING block differs from grpo.py's"
+        for s in SCRIPTS
+        if plumbing(texts[s]) != plumbing(texts["grpo"])
+    ]
     sources = {}
     for s, text in texts.items():
         for name, src in definitions(text).items():

@@ -140,24 +140,10 @@ SCRIPTS = [
 ]  # every script in algorithms/
 TINY_FLAGS = {
     "a_star_po": TINY_RUN + ["--max_train_prompts", "32", "--num_ref_samples", "2"],  # a short stage 1
-    "q_sharp": [
-        "--prompts_per_step",
-        "8",
-        "--samples_per_prompt",
-        "2",
-        "--epochs_per_round",
-        "1",
-        "--q_batch_size",
-        "8",
-        "--eval_num_prompts",
-        "8",
-        "--eval_samples_per_prompt",
-        "2",
-        "--eval_etas",
-        "0.1",
-        "--total_steps",
-        "1",
-    ],
+    "q_sharp": (
+        "--prompts_per_step 8 --samples_per_prompt 2 --epochs_per_round 1 --q_batch_size 8 --eval_num_prompts 8 "
+        "--eval_samples_per_prompt 2 --eval_etas 0.1 --total_steps 1"
+    ).split(),
 }
 
 

@@ -512,11 +512,10 @@ def main() -> None:
     resume = [b if a == "--resume" else a[9:] for a, b in zip(sys.argv, sys.argv[1:] + [""]) if a[:8] == "--resume"]
     code = 0
     try:
-        saved = json.load(open(os.path.join(resume[0], "args.json"))) if resume else None
-        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in (saved or {}).items()}  # JSON lists: tuples
+        saved = saved_args(resume[0]) if resume else None
         args = tyro.cli(Args, default=Args(**saved) if saved else None, use_underscores=True)
         for k, v in asdict(args).items() if saved else []:
-            if v != saved[k] and k not in RESUMABLE:
+            if k in saved and v != saved[k] and k not in RESUMABLE:  # (a missing flag: its default)
                 raise UserError(f"--{k} cannot change when resuming (the run has {saved[k]!r}); start a new run")
         train(args)
     except (UserError, TaskError, FloatingPointError, OSError) as e:
@@ -527,6 +526,19 @@ def main() -> None:
     if dist.is_initialized():  # only now: the failed step's frames (holding DDP's reducer) are gone
         dist.destroy_process_group()
     sys.exit(code)
+
+
+def saved_args(folder: str) -> dict:
+    """A run folder's flags (its args.json, JSON lists back to tuples); a folder of another script is an error."""
+    try:
+        with open(os.path.join(folder, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder} is not a run folder (args.json: {e})") from None
+    other = sorted(set(saved) - set(Args.__dataclass_fields__)) if isinstance(saved, dict) else ["?"]
+    if other:
+        raise UserError(f"{folder} is a run of another script (flags {', '.join(other[:3])} are not this one's)")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
 
 
 def check_numbers(args, positive: tuple) -> None:

@@ -195,6 +195,7 @@ def bad_cases(script, tmp):
             ["--task", "jsonl", "--train_file", str(tmp), "--eval_file", write("ok5.jsonl", GOOD)],
             "is a directory",
         ),
+        "resume of another script's run": (["--resume", foreign_run(tmp)], "is a run of another script"),
         **ALGO_CASES.get(script, {}),
     }
     if script in SPLIT:
@@ -204,6 +205,13 @@ def bad_cases(script, tmp):
         make_other_tokenizer_model(other)
         cases["tokenizer mismatch"] = ([MISMATCH[script], str(other)], "tokenizer")
     return cases
+
+
+def foreign_run(tmp) -> str:
+    """A run folder whose args.json holds a flag no script has."""
+    (tmp / "foreign_run").mkdir(exist_ok=True)
+    (tmp / "foreign_run" / "args.json").write_text('{"no_such_flag": 1}')
+    return str(tmp / "foreign_run")
 
 
 def make_other_tokenizer_model(path):
@@ -247,6 +255,7 @@ CASE_NAMES = [
     "non-utf8 jsonl",
     "empty answer",
     "data file is a directory",
+    "resume of another script's run",
 ]
 
 

@@ -20,6 +20,7 @@ What this estimator really regularizes:
 """
 
 import contextlib
+import gc
 import glob
 import inspect
 import json
@@ -463,7 +464,8 @@ def main() -> None:
     except Stop as e:
         print(f"stopped: {e}", file=sys.stderr)
         code = 143
-    if dist.is_initialized():  # only now: the failed step's frames (holding DDP's reducer) are gone
+    if dist.is_initialized():  # only now, with the sharded model's reference cycles collected: not after the group
+        gc.collect()
         dist.destroy_process_group()
     sys.exit(code)
 

@@ -7,6 +7,7 @@ process against 2 and 1 micro-batch against several.
 Usage: python tests/dp_worker.py ALGO OUT [key=value ...]   (ALGO: grpo, rpg_fkl, ...; keys: Args fields)
 """
 
+import gc
 import os
 import sys
 
@@ -134,9 +135,7 @@ def main():
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if name == "q_sharp":
         q_sharp_update(algo, out)
-        if world > 1:
-            dist.destroy_process_group()
-        return
+        return teardown(world)
     if world > 1:
         dist.init_process_group("gloo")
     args = algo.Args(
@@ -190,8 +189,18 @@ def main():
     saved_gap = checkpoint_roundtrip(algo, model, opt, tok, args, batch, out, ref) if "save" in overrides else None
     if rank == 0:
         torch.save({"params": params, "init": init, "metrics": metrics, "saved_gap": saved_gap}, out)
+    del model, opt  # the sharded model goes before its process group
+    teardown(world)
+
+
+def teardown(world: int) -> None:
+    """Free the sharded model (FSDP hooks form reference cycles: `del` alone leaves it to a later collection, which
+    could then run after the group is gone), wait until every rank is done (rank 0 may still be writing), and only
+    then destroy the gloo group. Destroying it while a peer was busy, or before the model's cycles were collected,
+    aborted one rank under load (`terminate called without an active exception`, SIGABRT)."""
     if world > 1:
-        del model, opt  # the sharded model goes before its process group
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -285,7 +285,8 @@ def test_gpu_check_runs_on_cpu(tmp_path):
         "--out",
         str(tmp_path),
     ]
-    proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # beside other test workers: no oversubscribed OpenMP spinning
+    proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {*SCRIPTS, "dpo_kl offline pairs", "TRL GRPOTrainer"}

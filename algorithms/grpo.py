@@ -434,6 +434,7 @@ def train(args: Args) -> None:
 # ==========================================================================================================
 DEVICE = torch.device("cpu")  # this rank's GPU, or the CPU (set by Run)
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # checkpoints: whole tensors on rank 0
+RUN_LOCKS = []  # this process's held run-folder locks, closed when main ends (in-process callers run again)
 RESUMABLE = {"resume", "total_steps", "learning_rate", "weight_decay", "max_grad_norm", "eval_every", "save_every"}
 
 
@@ -467,7 +468,23 @@ def main() -> None:
     if dist.is_initialized():  # only now, with the sharded model's reference cycles collected: not after the group
         gc.collect()
         dist.destroy_process_group()
+    while RUN_LOCKS:
+        RUN_LOCKS.pop().close()
     sys.exit(code)
+
+
+def lock_run_folder(run_dir: str) -> None:
+    """Rank 0 holds an exclusive flock on RUN/.lock while it runs (the OS drops it on any exit, SIGKILL included):
+    a second process resuming the same folder gets an error instead of interleaving checkpoints and metrics."""
+    import fcntl
+
+    f = open(os.path.join(run_dir, ".lock"), "w")  # held open for the run's life
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UserError(f"{run_dir} is in use by another run (it holds {run_dir}/.lock); wait for it to end") from None
+    RUN_LOCKS.append(f)
 
 
 def saved_args(folder: str) -> dict:
@@ -629,6 +646,8 @@ class Run:
         name = args.run_name or f"{self.task.name}__{args.exp_name}__{args.seed}__{int(time.time())}_{os.getpid()}"
         self.run_dir, self.checkpoint = args.resume or os.path.join(args.output_dir, name), None
         if args.resume:
+            if self.rank == 0 and not getattr(args, "sample_from", None):  # (Q#'s --sample_from only reads it)
+                lock_run_folder(self.run_dir)
             found = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*")))
             for tmp in [c for c in found if c.endswith(".tmp")]:
                 print(f"warning: skipping {tmp}, an interrupted save", file=sys.stderr)
@@ -682,6 +701,8 @@ class Run:
         self.log_path = os.path.join(self.run_dir, "metrics.jsonl")
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=bool(args.resume))
+            if not args.resume:
+                lock_run_folder(self.run_dir)
             with open(os.path.join(self.run_dir, "args.json"), "w") as f:
                 json.dump(asdict(args) | {"resume": None}, f, indent=1)
             rows = open(self.log_path).readlines() if os.path.exists(self.log_path) else []

@@ -168,7 +168,7 @@ def flags(script: str, model: str, train: str, held: str, a, out: str, run_name:
     )
 
 
-def summarize(run_dir: str, n_seqs: int) -> dict:
+def summarize(run_dir: str) -> dict:
     rows = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl")) if x.strip()]
     steps = [r for r in rows if "perf/step_s" in r]
     losses = [r[k] for r in steps for k in ("losses/loss", "losses/q_loss") if k in r]  # none: no update ran
@@ -292,7 +292,7 @@ def check(a, work: str) -> None:
         if proc.returncode != 0:
             results[name] = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1], "wall_s": time.time() - t}
         else:
-            results[name] = summarize(os.path.join(work, f"runs{nproc}", run_name), 32) | {"wall_s": time.time() - t}
+            results[name] = summarize(os.path.join(work, f"runs{nproc}", run_name)) | {"wall_s": time.time() - t}
         shutil.rmtree(os.path.join(work, f"runs{nproc}", run_name), ignore_errors=True)
         print(name, json.dumps(results[name]), flush=True)
         write_outputs(a, results, t_all)  # after every run: a command cut short keeps the table so far

@@ -287,6 +287,25 @@ def test_bad_input_table(tmp_path, script, capsys):
             assert written == [], (name, written)
 
 
+def test_a_run_folder_in_use_is_not_resumed(tmp_path, capsys):
+    """Two processes on one folder: while a run holds RUN/.lock (here this test, as the other process), --resume of
+    that folder is a one-line error that writes nothing; once it is free the resume runs. (The lock is shared
+    PLUMBING: one script tests it for all.)"""
+    import fcntl
+
+    run = tmp_path / "r"
+    flags = [*tiny_flags("grpo"), "--output_dir", str(tmp_path), "--run_name", "r", "--total_steps", "1"]
+    assert run_in_process("grpo", flags, capsys)[0] == 0
+    logged = (run / "metrics.jsonl").read_text()
+    with open(run / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again: the finished run released it
+        code, _ = run_in_process("grpo", ["--resume", str(run), "--total_steps", "2"], capsys)
+        assert_one_line_error(code, "is in use by another run")
+        assert (run / "metrics.jsonl").read_text() == logged and not (run / "checkpoints" / "step_000002").exists()
+    assert run_in_process("grpo", ["--resume", str(run), "--total_steps", "2"], capsys)[0] == 0
+    assert (run / "checkpoints" / "step_000002").exists()
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_existing_run_folder_is_not_overwritten(tmp_path, script, capsys):
     (tmp_path / "taken").mkdir()

@@ -247,8 +247,11 @@ def main() -> None:
     ap.add_argument("--max_new_tokens", type=int, default=256)
     ap.add_argument("--scripts", nargs="*", default=SCRIPTS)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "gpu_check"))
-    ap.add_argument("--trl_worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--trl_worker", default=None, help=argparse.SUPPRESS)  # the parent's work folder
     a = ap.parse_args()
+    if a.trl_worker:  # TRL in its own process, on the parent's model and data (built once)
+        w = a.trl_worker
+        return print(json.dumps(trl_run(os.path.join(w, "model"), os.path.join(w, "train.jsonl"), a, w + "/trl")))
     work = tempfile.mkdtemp(prefix="gpu_check_")
     try:
         check(a, work)
@@ -260,8 +263,6 @@ def check(a, work: str) -> None:
     model = os.path.join(work, "model")
     build_model(model, a.tiny)
     train, held, pairs = write_data(work)
-    if a.trl_worker:
-        return print(json.dumps(trl_run(model, train, a, a.trl_worker)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if a.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -305,15 +306,14 @@ def check(a, work: str) -> None:
                 sys.executable,
                 __file__,
                 "--trl_worker",
-                os.path.join(work, "trl"),
+                work,
                 "--device",
                 a.device,
                 "--steps",
                 str(a.steps),
                 "--max_new_tokens",
                 str(a.max_new_tokens),
-            ]
-            + ["--tiny"] * a.tiny,
+            ],
             cwd=ROOT,
             env=one_gpu,
             capture_output=True,

@@ -9,14 +9,9 @@ Stage 1 (once): N reference samples per training prompt give
     V_hat(x) = beta1 (logsumexp_i(r_i / beta1) - log N)    (--value_estimator mean: the plain mean, as the original).
 Stage 2: one on-policy sample per prompt, Delta_ref = sum_t (log pi_theta - log pi_ref) over its tokens,
     loss = mean_x (beta2 Delta_ref + V_hat(x) - r(x, y))^2  -  entropy_coef * H.
-What this regression really optimizes:
-  * Per sample the gradient is -2 beta2 (r - beta2 Delta_ref - V_hat) grad log pi_theta(y): REINFORCE on the
-    KL-shaped reward r - beta2 log(pi/pi_ref) with baseline V_hat, so the expected on-policy gradient is
-    -2 beta2 grad J_beta2 whatever the error of V_hat.
-  * With the exact V* the loss is 0 at pi* for any sampler; with a fixed sampler an error in V_hat moves the
-    minimizer, safely only when V_hat <= V* (beta1 = 0.5 >> beta2 keeps V_hat below V*_beta2, about the max).
-  * The entropy bonus is a token mean while the regression is over sequence sums: its relative weight grows as
-    completions get shorter.
+Per sample the gradient is -2 beta2 (r - beta2 Delta_ref - V_hat) grad log pi_theta(y): REINFORCE on the KL-shaped
+reward with baseline V_hat, so the on-policy gradient is -2 beta2 grad J_beta2 whatever the error of V_hat. With a
+fixed sampler an error in V_hat moves the minimizer, safely only when V_hat <= V* (beta1 = 0.5 >> beta2 keeps it so).
 """
 
 import contextlib
@@ -104,13 +99,11 @@ def check_args(args: Args, world: int) -> None:
     if args.value_estimator == "soft_max" and not args.beta1 > 0:  # beta1 -> 0 tends to the max, not the mean
         raise UserError(f"--beta1 must be > 0, got {args.beta1} (the plain mean is --value_estimator mean)")
     check_numbers(args, positive=("temperature", "max_train_prompts", "beta2"))
-    if args.prompts_per_step > (args.max_train_prompts or math.inf):
-        raise UserError(f"--prompts_per_step {args.prompts_per_step} > --max_train_prompts {args.max_train_prompts}")
-    if args.prompts_per_step % world or args.prompts_per_step // world % args.num_minibatches:
-        raise UserError(
-            f"--prompts_per_step {args.prompts_per_step} does not split into {world} ranks x --num_minibatches "
-            f"{args.num_minibatches}"
-        )
+    n, m = args.prompts_per_step, args.num_minibatches
+    if n > (args.max_train_prompts or math.inf):
+        raise UserError(f"--prompts_per_step {n} > --max_train_prompts {args.max_train_prompts}")
+    if n % (world * m):  # whole mini-batches of whole prompts on every rank
+        raise UserError(f"--prompts_per_step {n} does not split into {world} ranks x --num_minibatches {m}")
 
 
 # ==========================================================================================================
@@ -134,15 +127,12 @@ def solved_mask(rewards):
 
 
 def a_star_po_loss(lp, lp_ref, mask, v_hat, rewards, entropy_sum, args, num_prompts, num_tokens):
-    """A*-PO loss of one micro-batch, its share of the global mean (args.beta2, args.entropy_coef):
+    """A*-PO loss of one micro-batch, its share of the global mean (num_prompts, num_tokens: global counts):
         L = (1/N_prompts) sum_i (beta2 Delta_i + V_hat_i - r_i)^2  -  entropy_coef H,
         Delta_i = sum_t m_it (lp_it - lp_ref_it)   (sequence SUM: a token mean would regress the wrong policy),
-    H = entropy_sum / num_tokens, the global token mean of the exact entropy (entropy_sum: this micro-batch's sum,
-    with its graph). No 1/2, no 1/L, no clipping, no ratio to pi_old (as the original). Gradient per sample
-    (H aside): -2 beta2 (r_i - beta2 Delta_i - V_hat_i) grad log pi_theta(y_i). lp, lp_ref, mask [B, T];
-    v_hat, rewards [B]; num_prompts, num_tokens: global counts. Returns (loss, stats): shares of global means."""
-    m = mask.to(lp.dtype)
-    delta = ((lp - lp_ref) * m).sum(-1)
+    H = entropy_sum / num_tokens, the global token mean of the exact entropy (entropy_sum with its graph). No 1/2,
+    no 1/L, no clipping, no ratio to pi_old (as the original). lp, lp_ref, mask [B, T]; v_hat, rewards [B]."""
+    delta = ((lp - lp_ref) * mask.to(lp.dtype)).sum(-1)
     adv = rewards.to(lp.dtype) - v_hat.to(lp.dtype)
     residual = adv - args.beta2 * delta
     per = lambda x: x.sum() / max(num_prompts, 1)  # noqa: E731  (a share of the global prompt mean)
@@ -159,12 +149,8 @@ def a_star_po_loss(lp, lp_ref, mask, v_hat, rewards, entropy_sum, args, num_prom
 # ==========================================================================================================
 def forward(model, ids, mask, pos, cache=None, keep=0):
     """Logits with explicit positions (left padding), extending the KV cache `cache` when one is given."""
-    cache_kw = (
-        "cache"
-        if "cache" in inspect.signature(getattr(model, "module", model).forward).parameters
-        else "past_key_values"
-    )
-    kw = {cache_kw: cache, "use_cache": True} if cache is not None else {}
+    names = inspect.signature(getattr(model, "module", model).forward).parameters  # `cache` from transformers 5.x
+    kw = {"cache" if "cache" in names else "past_key_values": cache, "use_cache": True} if cache is not None else {}
     return model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, **kw).logits
 
 
@@ -327,12 +313,10 @@ def evaluate(policy, kl_models: dict, run, eos) -> tuple:
 # ==========================================================================================================
 def micro_loss(lsm, batch: dict, rows, args, num_seqs, num_tokens):
     lp = token_logprobs(lsm, batch["completion_ids"][rows])
-    C, mask = lp.shape[1], batch["loss_mask"][rows, : lp.shape[1]]
+    mask, lp_ref = batch["loss_mask"][rows, : lp.shape[1]], batch["ref_logprobs"][rows, : lp.shape[1]]
     entropy_sum = (-(lsm.exp() * lsm).sum(-1) * mask).sum()  # with its graph: the entropy bonus
     v_hat, rewards = batch["v_hat"][rows], batch["rewards"][rows]
-    return a_star_po_loss(
-        lp, batch["ref_logprobs"][rows, :C], mask, v_hat, rewards, entropy_sum, args, num_seqs, num_tokens
-    )
+    return a_star_po_loss(lp, lp_ref, mask, v_hat, rewards, entropy_sum, args, num_seqs, num_tokens)
 
 
 def update_policy(model, optimizer, batch: dict, args, step: int) -> dict:
@@ -367,11 +351,10 @@ def update_policy(model, optimizer, batch: dict, args, step: int) -> dict:
 # ==========================================================================================================
 @torch.no_grad()
 def stage1_rewards(ref, prompts: list, run, eos, cache: str, meta: dict, done: dict) -> dict:
-    """N = num_ref_samples rewards of every prompt not in `done` ({prompt id: N rewards}, from the cache), sampled
-    from pi_ref in chunks of whole prompts interleaved over ranks; rank 0 appends each finished chunk to `cache`.
-    Each prompt's noise comes from (seed, prompt id) alone (inverse CDF), so V_hat depends neither on the number of
-    ranks nor on the batching, nor on where a stopped stage 1 resumed. SIGTERM / SIGINT (all-reduced between
-    chunks): a step-0 checkpoint (--resume needs one), then Stop. Returns `done`, complete."""
+    """N = num_ref_samples rewards of every prompt not in `done` ({prompt id: N rewards}), sampled from pi_ref in
+    chunks of whole prompts over ranks; rank 0 appends each finished chunk to `cache`. Each prompt's noise comes from
+    (seed, prompt id) alone, so V_hat depends neither on the ranks, the batching nor where a stopped stage 1 resumed.
+    SIGTERM / SIGINT (all-reduced between chunks): a step-0 checkpoint (--resume needs one), then Stop."""
     args, N = run.args, run.args.num_ref_samples
     todo, size = [p for p in range(len(prompts)) if p not in done], max(1, args.gen_batch_size // N) * run.world
     if run.rank == 0 and todo and not os.path.exists(cache):
@@ -408,9 +391,8 @@ def stage1_rewards(ref, prompts: list, run, eos, cache: str, meta: dict, done: d
 
 
 def read_value_cache(path: str, meta: dict) -> dict:
-    """The stage-1 rewards of a cache file, {prompt id: N rewards}: all of them, or those a stopped stage 1
-    finished; {} when there is no file. A directory, a truncated or corrupt file, or a cache written under other
-    settings is an error (before any model loads)."""
+    """{prompt id: N rewards} of a cache file (all prompts, or those a stopped stage 1 finished), {} without one.
+    A directory, a truncated or corrupt file, or a cache of other settings is an error (before any model loads)."""
     if os.path.isdir(path):
         raise UserError(f"--value_cache {path} is a directory, not a cache file")
     if not os.path.exists(path):
@@ -423,10 +405,8 @@ def read_value_cache(path: str, meta: dict) -> dict:
     except (ValueError, TypeError, KeyError, IndexError):  # a cut line, not JSON, not UTF-8, no header
         raise corrupt from None
     if found != meta:
-        raise UserError(
-            f"--value_cache {path} was written with other settings ({found} vs {meta}); remove it or choose another "
-            "path"
-        )
+        why = f"was written with other settings ({found} vs {meta}); remove it or choose another path"
+        raise UserError(f"--value_cache {path} {why}")
     if not all(p in range(meta["num_prompts"]) and np.shape(r) == (meta["num_ref_samples"],) for p, r in rows.items()):
         raise corrupt
     return rows
@@ -485,8 +465,8 @@ def train(args: Args) -> None:
 # ==========================================================================================================
 DEVICE = torch.device("cpu")  # this rank's GPU, or the CPU (set by Run)
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # checkpoints: whole tensors on rank 0
-RUN_LOCKS = []  # this process's held run-folder locks, closed when main ends (in-process callers run again)
 RESUMABLE = {"resume", "total_steps", "learning_rate", "weight_decay", "max_grad_norm", "eval_every", "save_every"}
+LOCKS = []  # run-folder locks this process holds, released when main ends (tests call main again in-process)
 
 
 class UserError(Exception):
@@ -498,9 +478,9 @@ class Stop(Exception):
 
 
 def main() -> None:
-    """Flags (--help on rank 0 only; with --resume DIR, DIR/args.json holds the defaults and only RESUMABLE flags
-    may change), then train; bad input of any kind ends in one `error:` line."""
-    if int(os.environ.get("RANK", 0)) and {"-h", "--help"} & set(sys.argv):
+    """Flags (with --resume DIR, DIR/args.json gives the defaults and only RESUMABLE flags may change), then train;
+    bad input of any kind ends in one `error:` line."""
+    if int(os.environ.get("RANK", 0)) and {"-h", "--help"} & set(sys.argv):  # --help on rank 0 only
         return
     resume = [b if a == "--resume" else a[9:] for a, b in zip(sys.argv, sys.argv[1:] + [""]) if a[:8] == "--resume"]
     code = 0
@@ -516,49 +496,45 @@ def main() -> None:
     except Stop as e:
         print(f"stopped: {e}", file=sys.stderr)
         code = 143
-    if dist.is_initialized():  # only now, with the sharded model's reference cycles collected: not after the group
+    if dist.is_initialized():  # with the sharded model's reference cycles collected first
         gc.collect()
         dist.destroy_process_group()
-    while RUN_LOCKS:
-        RUN_LOCKS.pop().close()
+    while LOCKS:
+        LOCKS.pop().close()
     sys.exit(code)
 
 
-def lock_run_folder(run_dir: str) -> None:
-    """Rank 0 holds an exclusive flock on RUN/.lock while it runs (the OS drops it on any exit, SIGKILL included):
-    a second process resuming the same folder gets an error instead of interleaving checkpoints and metrics."""
-    import fcntl
-
-    f = open(os.path.join(run_dir, ".lock"), "w")  # held open for the run's life
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise UserError(f"{run_dir} is in use by another run (it holds {run_dir}/.lock); wait for it to end") from None
-    RUN_LOCKS.append(f)
-
-
 def saved_args(folder: str) -> dict:
-    """A run folder's flags (its args.json, JSON lists back to tuples); a folder of another script is an error."""
+    """A run folder's flags (JSON lists back to tuples); a folder of another script is an error."""
     try:
         with open(os.path.join(folder, "args.json")) as f:
             saved = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"{folder} is not a run folder (args.json: {e})") from None
-    other = sorted(set(saved) - set(Args.__dataclass_fields__)) if isinstance(saved, dict) else ["?"]
-    if other:
-        raise UserError(f"{folder} is a run of another script (flags {', '.join(other[:3])} are not this one's)")
+    if not isinstance(saved, dict) or set(saved) - set(Args.__dataclass_fields__):
+        raise UserError(f"{folder} is a run of another script (its flags are not this one's)")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+
+
+def lock(run_dir: str) -> None:
+    """Rank 0 holds an flock on RUN/.lock while it runs (the OS drops it on any exit, SIGKILL included), so a second
+    process never writes into a run folder in use."""
+    import fcntl
+
+    LOCKS.append(f := open(os.path.join(run_dir, ".lock"), "w"))
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise UserError(f"{run_dir} is in use by another run (it holds {run_dir}/.lock); wait for it to end") from None
 
 
 def check_numbers(args, positive: tuple) -> None:
     """No flag may be negative; `positive` ones, and sizes, lengths and counts not defaulting to 0, must be > 0."""
     for k, v in asdict(args).items():
-        default = type(args).__dataclass_fields__[k].default
         suffix = k.endswith(("_size", "_length", "_tokens", "_steps", "_per_step", "_per_prompt", "_per_round"))
-        count = (k.startswith("num_") or suffix) and default != 0
-        if type(v) in (int, float) and (v <= 0 if k in positive or count else v < 0):
-            raise UserError(f"--{k} must be {'> 0' if k in positive or count else '>= 0'}, got {v}")
+        strict = k in positive or (k.startswith("num_") or suffix) and type(args).__dataclass_fields__[k].default != 0
+        if type(v) in (int, float) and (v <= 0 if strict else v < 0):
+            raise UserError(f"--{k} must be {'> 0' if strict else '>= 0'}, got {v}")
 
 
 def seed_of(args, *keys) -> int:
@@ -583,8 +559,8 @@ def global_mean_std(x) -> tuple:
 
 
 def reduce_stats(stats: list, steps: int) -> dict:
-    """Metrics of an update from its micro-batches' stats (shares of global means): means over its optimizer
-    steps, summed over ranks; `*_min` / `*_max` are global extremes."""
+    """An update's metrics from its micro-batches' stats (shares of global means): summed over ranks and averaged
+    over its optimizer steps; `*_min` / `*_max` are global extremes."""
     out = {}
     for k in sorted({k for s in stats for k in s}):  # the same keys in the same order on every rank
         op = "min" if k.endswith("_min") else "max" if k.endswith("_max") else "sum"
@@ -599,8 +575,7 @@ def autocast(args):
 
 
 def optimizer_step(model, optimizer, args) -> dict:
-    """Clip the gradient norm (0: no clipping), stop on a non-finite one (the same on every rank), step at the
-    warm-up learning rate."""
+    """Clip the gradient norm (0: no clipping), stop on a non-finite one, step at the warm-up learning rate."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a distributed tensor
     if not torch.isfinite(norm):
@@ -610,14 +585,13 @@ def optimizer_step(model, optimizer, args) -> dict:
         group["lr"] = args.learning_rate * min(1, (done + 1) / max(args.warmup_steps, 1))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"charts/grad_norm": norm.item() / (dist.get_world_size() if dist.is_initialized() else 1)}  # a share
+    return {"charts/grad_norm": norm.item() / world_rank()[0]}  # a share of the global value
 
 
 def load_model(path: str, args, trainable: bool = False):
-    """A causal LM, dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained: a trained one in
-    float32 (the optimizer's master weights). A frozen one computes as the trained one does, so their log-probs agree
-    at theta = theta_ref: bf16 weights with --bf16 under FSDP (whose MixedPrecisionPolicy casts the trained weights
-    to bf16), else float32 weights under autocast (bf16 ones would round the residual stream the policy keeps)."""
+    """A causal LM with dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained; a trained one
+    in float32 (AdamW's master weights). A frozen one computes as the trained one does, so their log-probs agree at
+    theta = theta_ref: in bf16 under FSDP with --bf16 (its MixedPrecisionPolicy), else float32 under autocast."""
     from transformers import AutoModelForCausalLM
 
     bf16 = args.bf16 and DEVICE.type == "cuda" and not trainable and dist.is_initialized()
@@ -625,16 +599,15 @@ def load_model(path: str, args, trainable: bool = False):
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout) or hasattr(m, "attention_dropout"):
             m.p = m.attention_dropout = 0.0
-    if trainable and args.gradient_checkpointing:  # transformers >= 5.2x renamed it activation checkpointing
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)(
-            {"use_reentrant": False}
-        )
+    if trainable and args.gradient_checkpointing:  # (transformers 5.2x renamed it activation checkpointing)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     return model.to(DEVICE).train(trainable).requires_grad_(trainable)
 
 
 def shard(model, args):
-    """Under torchrun, FSDP2 (each decoder layer, then the root): weights, gradients and AdamW state are split over
-    the ranks; on CUDA bf16 weights in compute with float32 gradient reductions. One process: the model as it is."""
+    """Under torchrun, FSDP2 on each decoder layer and the root: weights, gradients and AdamW state split over the
+    ranks; on CUDA with --bf16, bf16 compute and float32 gradient reductions. One process: the model as it is."""
     if not dist.is_initialized():
         return model
     from torch.distributed.device_mesh import init_device_mesh
@@ -651,19 +624,17 @@ def shard(model, args):
 
 @contextlib.contextmanager
 def gathered(model, args):
-    """FSDP2: all-gather the weights once for a whole inference phase (a rollout, log-probs, an eval) rather than per
-    layer at every forward; no collective inside it, so ranks may run different numbers of forwards. Costs the
-    full weights' memory meanwhile. Anything else: nothing to do."""
+    """FSDP2: all-gather the weights once for a whole inference phase (rollout, log-probs, eval), not per layer at
+    every forward; with no collective inside, ranks may run different numbers of forwards. Else: nothing."""
     sharded = [m for m in model.modules() if hasattr(m, "unshard")] if model is not None else []
     for m in sharded:
         m.unshard()
     if sharded:
         model.set_reshard_after_forward(False)
     yield
-    if sharded:
-        model.set_reshard_after_forward(args.reshard_after_forward)
-        for m in sharded:
-            m.reshard()
+    for m in sharded:
+        m.set_reshard_after_forward(args.reshard_after_forward, recurse=False)
+        m.reshard()
 
 
 def local(path: str) -> str:
@@ -676,7 +647,7 @@ def local(path: str) -> str:
 
 
 class Run:
-    """The task and its prompts, processes, the run folder (created exclusively), checkpoints and resume,
+    """The task and its prompts, the processes, the run folder (created exclusively), checkpoints and resume,
     metrics, the progress bar and the stop signals (SIGTERM, SIGINT: finish the step, save, exit 143)."""
 
     def __init__(self, args):
@@ -684,21 +655,19 @@ class Run:
 
         global DEVICE
         self.args, self.world, self.rank = args, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-        cuda, self.stop = args.cuda and torch.cuda.is_available(), []
+        cuda, self.stop, self.checkpoint = args.cuda and torch.cuda.is_available(), [], None
         DEVICE = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % max(torch.cuda.device_count(), 1)}")
         DEVICE = DEVICE if cuda else torch.device("cpu")  # (% : launchers that show each process one GPU)
         args.bf16 = cuda and torch.cuda.is_bf16_supported() if args.bf16 is None else args.bf16
         self.task = load_task(args.task, args.train_file, args.eval_file, args.prompt_field, args.answer_field)
-        if args.max_prompt_length is None:  # task defaults (0 is refused by check_args, not replaced)
-            args.max_prompt_length = self.task.max_prompt_length
-        if args.max_new_tokens is None:
-            args.max_new_tokens = self.task.max_new_tokens
+        for k in ("max_prompt_length", "max_new_tokens"):  # task defaults (0 is refused by check_args)
+            setattr(args, k, getattr(self.task, k) if getattr(args, k) is None else getattr(args, k))
         check_args(args, self.world)
         name = args.run_name or f"{self.task.name}__{args.exp_name}__{args.seed}__{int(time.time())}_{os.getpid()}"
-        self.run_dir, self.checkpoint = args.resume or os.path.join(args.output_dir, name), None
-        if args.resume:
+        self.run_dir = args.resume or os.path.join(args.output_dir, name)
+        if args.resume:  # the newest complete checkpoint, by folder name
             if self.rank == 0 and not getattr(args, "sample_from", None):  # (Q#'s --sample_from only reads it)
-                lock_run_folder(self.run_dir)
+                lock(self.run_dir)
             found = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*")))
             for tmp in [c for c in found if c.endswith(".tmp")]:
                 print(f"warning: skipping {tmp}, an interrupted save", file=sys.stderr)
@@ -725,10 +694,9 @@ class Run:
             config = transformers.AutoConfig.from_pretrained(local(args.model_name_or_path))
         except OSError as e:
             raise UserError(f"could not load {args.model_name_or_path!r}: {str(e).strip().splitlines()[0]}") from None
-        if args.max_prompt_length + args.max_new_tokens > getattr(config, "max_position_embeddings", math.inf):
-            raise UserError(
-                f"--max_prompt_length + --max_new_tokens > the model's {config.max_position_embeddings} positions"
-            )
+        positions = getattr(config, "max_position_embeddings", math.inf)
+        if args.max_prompt_length + args.max_new_tokens > positions:
+            raise UserError(f"--max_prompt_length + --max_new_tokens > the model's {positions} positions")
         self.tokenizer.pad_token = self.tokenizer.pad_token or self.tokenizer.eos_token
         limit, template, evals = args.max_prompt_length, args.chat_template, self.task.eval[: args.eval_num_prompts]
         self.train_prompts = encode_prompts(self.tokenizer, self.task.train, template, limit, "train")
@@ -738,9 +706,9 @@ class Run:
             raise UserError(f"--prompts_per_step {args.prompts_per_step} > {len(self.train_prompts)} training prompts")
 
     def start(self, policy, evaluate):
-        """Wrap the trained model for data parallelism, make AdamW (restored when resuming), create the run folder
-        (exclusively: two runs never share one) and its log, evaluate at step 0. Returns (model, optimizer)."""
-        args, self.evaluate, self.writers = self.args, evaluate, []
+        """Shard the trained model, make AdamW (restored when resuming), create the run folder (exclusively: two
+        runs never share one) and its log, evaluate at step 0. Returns (model, optimizer)."""
+        args, self.evaluate, self.tb = self.args, evaluate, None
         self.model = shard(policy, args)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), args.learning_rate, weight_decay=args.weight_decay)
         self.state = {"step": 0, "elapsed_s": 0.0, "prompts_seen": 0}
@@ -753,13 +721,13 @@ class Run:
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=bool(args.resume))
             if not args.resume:
-                lock_run_folder(self.run_dir)
+                lock(self.run_dir)
             with open(os.path.join(self.run_dir, "args.json"), "w") as f:
                 json.dump(asdict(args) | {"resume": None}, f, indent=1)
             rows = open(self.log_path).readlines() if os.path.exists(self.log_path) else []
             with open(self.log_path, "w") as f:  # what was logged after the checkpoint is logged again
                 f.writelines(r for r in rows if json.loads(r)["step"] <= self.state["step"])
-            self.writers = make_writers(args, self.run_dir) if args.track else []
+            self.tb = tensorboard(args, self.run_dir) if args.track else None
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, lambda signum, _: self.stop.append(signal.Signals(signum).name))
         self.t0 = time.time() - self.state["elapsed_s"]
@@ -800,8 +768,8 @@ class Run:
             row |= {k: v if math.isfinite(v) else None for k, v in metrics.items()}  # JSON has no NaN
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            for write in self.writers:
-                write(step, metrics)
+            for k, v in metrics.items() if self.tb else []:
+                self.tb.add_scalar(k, v, step)
 
     def end_step(self, step: int, batch: dict, metrics: dict) -> None:
         """Counters, the eval when due, the metrics row, a checkpoint every --save_every steps, at the end, or on
@@ -827,9 +795,8 @@ class Run:
             raise Stop(f"{why}: checkpoint of step {step} saved; continue with --resume {self.run_dir}")
 
     def save(self, step: int) -> None:
-        """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt (optimizer, counters),
-        written as step_N.tmp then renamed (never half-written); only the newest --keep_last are kept; `final`
-        links to the last one."""
+        """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt (optimizer, counters), written
+        as step_N.tmp and renamed (never half-written); the newest --keep_last kept; `final` links to the last."""
         self.state |= {"step": step, "elapsed_s": time.time() - self.t0}
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=FULL_STATE)
         path = os.path.join(self.run_dir, "checkpoints", f"step_{step:06d}")
@@ -853,20 +820,17 @@ class Run:
             dist.barrier()
 
 
-def make_writers(args, run_dir: str) -> list:
-    """--track: TensorBoard, mirrored to W&B, each when installed."""
+def tensorboard(args, run_dir: str):
+    """--track: a TensorBoard writer, mirrored to W&B; each when installed."""
     with contextlib.suppress(ImportError):
         import wandb
 
-        wandb.init(
-            project=args.wandb_project_name, name=os.path.basename(run_dir), config=asdict(args), sync_tensorboard=True
-        )
+        name, config = os.path.basename(run_dir), asdict(args)
+        wandb.init(project=args.wandb_project_name, name=name, config=config, sync_tensorboard=True)
     with contextlib.suppress(ImportError):
         from torch.utils.tensorboard import SummaryWriter
 
-        tb = SummaryWriter(run_dir)
-        return [lambda step, metrics: [tb.add_scalar(k, v, step) for k, v in metrics.items()]]
-    return []
+        return SummaryWriter(run_dir)
 
 
 if __name__ == "__main__":

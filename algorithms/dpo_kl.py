@@ -1,26 +1,16 @@
 # docs: docs/dpo_kl.md
 # DPO-KL: "Direct Preference Optimization: Your Language Model is Secretly a Reward Model" (arXiv 2305.18290).
 """DPO as KL-regularized reward maximization, trained online on pairs built from the verifiable reward, in one file.
-Also H-DPO ("Entropy Controllable Direct Preference Optimization", arXiv 2411.07595) and f-DPO ("Beyond Reverse
-KL: Generalizing Direct Preference Optimization with Diverse Divergence Constraints", arXiv 2309.16240).
+Also H-DPO (arXiv 2411.07595) and f-DPO (arXiv 2309.16240).
 
 Objective per prompt x, pi_ref the frozen initial model, SEQUENCE-level reverse KL:
-    J(pi) = E_{y ~ pi}[r(x, y)] - beta KL(pi || pi_ref),   pi* = pi_ref e^{r/beta} / Z,   J(pi*) = beta log Z,
+    J(pi) = E_{y ~ pi}[r(x, y)] - beta KL(pi || pi_ref),   pi* = pi_ref e^{r/beta} / Z,
 so r = beta log(pi*/pi_ref) + beta log Z. Under Bradley-Terry, P(y_w > y_l) = sigma(r_w - r_l), Z cancels and
     L = -E log sigma(h),   h = beta (s_w - s_l),   s = log pi_theta(y) - log pi_ref(y)   (sums over completion tokens)
-is the BT log-likelihood of the implied reward: with BT labels its expectation is stationary exactly at pi*,
-for any pair sampler with full support. Variants: H-DPO s = alpha lp - lr (optimum pi_ref^{1/alpha}
-e^{r/(alpha beta)}: alpha < 1 sharpens), f-DPO s = f'(pi/pi_ref) (forward KL -exp(-l), JS l - softplus(l)).
-What the loss really regularizes:
-  * Online pairs: K samples per prompt from the current policy, chosen = a best one, rejected = a worst one, ties
-    dropped. These labels are deterministic, not BT samples: the plain loss has no finite minimizer (margins grow
-    until the step budget stops them); `--label_smoothing sigma(-1)` restores the BT label law of a 0/1 reward gap.
-  * beta vs grpo.py and the RPG files: all three put beta on the SEQUENCE KL relative to the reward (GRPO's
-    per-token KL shares the advantage's 1/|o| aggregation). GRPO divides rewards by the group std (its beta acts
-    like beta * std on raw rewards) and its group mean includes the sample (reward gradient x (1 - 1/G)): with
-    unscaled rewards and --kl_importance_weight its fixed point is DPO's pi* at beta / (1 - 1/G); with its default
-    k3 (a forward-KL gradient) it is pi = beta pi_ref / (lambda - (1 - 1/G) r), lambda normalizing. RPG uses raw
-    rewards with a leave-in group mean as well. Compare runs by the logged KL, not beta.
+is stationary exactly at pi* for BT labels and any pair sampler with full support. H-DPO: s = alpha lp - lr;
+f-DPO: s = f'(pi/pi_ref). Online pairs (best vs worst of K samples) are deterministic labels, not BT samples: the
+plain loss has no finite minimizer; `--label_smoothing sigma(-1)` restores the BT label law of a 0/1 reward gap.
+beta means something else in grpo.py (std-scaled rewards, leave-in group mean): compare runs by the logged KL.
 """
 
 import contextlib
@@ -122,9 +112,8 @@ def check_args(args: Args, world: int) -> None:
 # ALGO LOGIC: pure functions, tensors in and out (tested against closed forms in tests/test_dpo_kl.py)
 # ==========================================================================================================
 def build_pairs(rewards, group_size: int) -> tuple:
-    """Best-vs-worst pairs, one per group of K = `group_size` contiguous samples: chosen = the FIRST sample with
-    the group's maximum reward, rejected = the first with its minimum (samples are i.i.d., so "first" is a
-    uniformly random tie-break); a group whose rewards are all equal has no pair.
+    """Per group of K = `group_size` contiguous samples: chosen = the FIRST with the maximum reward, rejected = the
+    first with the minimum (i.i.d. samples: a random tie-break); a group of equal rewards has no pair.
     Returns (chosen, rejected, usable), each [num_groups]: indices within each group and a bool mask."""
     r = rewards.view(-1, group_size)
     pos = torch.arange(group_size, device=r.device).expand_as(r)
@@ -137,8 +126,8 @@ def pair_roles(rewards, group_size: int):
     """Per-sample role: +1 chosen, -1 rejected, 0 unused ([B] long; at most one +1 and one -1 per group, so the
     i-th chosen and the i-th rejected row of a batch belong to the same prompt)."""
     chosen, rejected, usable = build_pairs(rewards, group_size)
-    roles = torch.zeros(rewards.view(-1, group_size).shape, dtype=torch.long, device=rewards.device)
-    rows = torch.arange(roles.shape[0], device=rewards.device)[usable]
+    roles = torch.zeros(len(usable), group_size, dtype=torch.long, device=rewards.device)
+    rows = usable.nonzero().view(-1)
     roles[rows, chosen[usable]], roles[rows, rejected[usable]] = 1, -1
     return roles.view(-1)
 
@@ -150,15 +139,13 @@ def dpo_scores(lp, lr, divergence: str = "reverse_kl", alpha: float = 1.0):
         js:          s = l - softplus(l)        (= log(u / (1 + u)); f'(u) = log(2u / (1 + u)), log 2 cancels)
     The f-DPO optimum satisfies beta f'(pi/pi_ref) = r - C, so beta (s_w - s_l) = r_w - r_l there."""
     if divergence == "reverse_kl":
-        return alpha * lp - lr if alpha != 1.0 else lp - lr
+        return alpha * lp - lr
     if alpha != 1.0:
         raise ValueError("--alpha != 1 (H-DPO) is only defined with --divergence reverse_kl")
     l = lp - lr
-    if divergence == "forward_kl":
-        return -torch.exp(-l)
-    if divergence == "js":
-        return l - F.softplus(l)
-    raise ValueError(f"unknown divergence {divergence!r}")
+    if divergence not in ("forward_kl", "js"):
+        raise ValueError(f"unknown divergence {divergence!r}")
+    return -torch.exp(-l) if divergence == "forward_kl" else l - F.softplus(l)
 
 
 def dpo_loss(s_w, s_l, beta: float, loss: str = "sigmoid", eps: float = 0.0, num_pairs_global=None):
@@ -167,9 +154,7 @@ def dpo_loss(s_w, s_l, beta: float, loss: str = "sigmoid", eps: float = 0.0, num
         ipo:      ((s_w - s_l) - 1/(2 beta))^2                          (IPO on sequence sums)
         hinge:    relu(1 - h)                                           (SLiC; no gradient once h >= 1)
         robust:   [-(1 - eps) log sigma(h) + eps log sigma(-h)] / (1 - 2 eps)   (rDPO; unbiased under flip rate eps)
-    L = sum over this micro-batch's pairs / `num_pairs_global` (pairs over all ranks and micro-batches).
-    Sigmoid gradient: beta (sigma(h) - (1 - eps)) (grad s_w - grad s_l); at eps = 0, -beta sigma(-h) (...), so
-    pairs already ranked right by a wide margin stop contributing."""
+    L = sum over this micro-batch's pairs / `num_pairs_global` (pairs over all ranks and micro-batches)."""
     n, d = max(num_pairs_global if num_pairs_global is not None else s_w.shape[0], 1), s_w - s_l
     h = beta * d
     if loss == "sigmoid":
@@ -179,8 +164,6 @@ def dpo_loss(s_w, s_l, beta: float, loss: str = "sigmoid", eps: float = 0.0, num
     elif loss == "hinge":
         per = torch.relu(1 - h)
     elif loss == "robust":
-        if not 0 <= eps < 0.5:
-            raise ValueError("robust loss needs 0 <= label_smoothing < 0.5")
         per = (-(1 - eps) * F.logsigmoid(h) + eps * F.logsigmoid(-h)) / (1 - 2 * eps)
     else:
         raise ValueError(f"unknown loss {loss!r}")
@@ -189,10 +172,8 @@ def dpo_loss(s_w, s_l, beta: float, loss: str = "sigmoid", eps: float = 0.0, num
 
 
 def dpo_metrics(s_w, s_l, lp_w, lp_l, beta: float, num_pairs_global=None) -> dict:
-    """TRL-named pair metrics as this micro-batch's share of global pair means (sum over micro-batches and ranks):
-    rewards/chosen = mean beta s_w, rewards/rejected = mean beta s_l, rewards/margins = mean h,
-    rewards/accuracies = mean [h > 0], logps/chosen, logps/rejected = mean policy sequence log-probs.
-    For reverse_kl with alpha = 1 these are TRL's definitions."""
+    """TRL-named pair metrics (means of beta s_w, beta s_l, h, [h > 0], policy sequence log-probs) as this
+    micro-batch's share of global pair means (summed over micro-batches and ranks)."""
     n = max(num_pairs_global if num_pairs_global is not None else s_w.shape[0], 1)
     s_w, s_l, h = s_w.detach(), s_l.detach(), beta * (s_w - s_l).detach()
     out = {"rewards/chosen": beta * s_w, "rewards/rejected": beta * s_l, "rewards/margins": h}
@@ -211,9 +192,9 @@ def divergence_estimate(lp, lr, divergence: str = "reverse_kl", alpha: float = 1
         return alpha * lp - lr
     if divergence == "forward_kl":
         return -l * torch.exp(-l)
-    if divergence == "js":
-        return l - (1 + torch.exp(-l)) * (F.softplus(l) - math.log(2))
-    raise ValueError(f"unknown divergence {divergence!r}")
+    if divergence != "js":
+        raise ValueError(f"unknown divergence {divergence!r}")
+    return l - (1 + torch.exp(-l)) * (F.softplus(l) - math.log(2))
 
 
 # ==========================================================================================================
@@ -221,12 +202,8 @@ def divergence_estimate(lp, lr, divergence: str = "reverse_kl", alpha: float = 1
 # ==========================================================================================================
 def forward(model, ids, mask, pos, cache=None, keep=0):
     """Logits with explicit positions (left padding), extending the KV cache `cache` when one is given."""
-    cache_kw = (
-        "cache"
-        if "cache" in inspect.signature(getattr(model, "module", model).forward).parameters
-        else "past_key_values"
-    )
-    kw = {cache_kw: cache, "use_cache": True} if cache is not None else {}
+    names = inspect.signature(getattr(model, "module", model).forward).parameters  # `cache` from transformers 5.x
+    kw = {"cache" if "cache" in names else "past_key_values": cache, "use_cache": True} if cache is not None else {}
     return model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, **kw).logits
 
 
@@ -389,9 +366,8 @@ def evaluate(policy, kl_models: dict, run, eos) -> tuple:
 # ==========================================================================================================
 @torch.no_grad()
 def sample_metrics(policy, batch: dict, rewards, args) -> dict:
-    """Over every fresh sample (all K per prompt, no grad): the sampled sequence KL(pi || pi_ref) (mean log-ratio,
-    unbiased), the regularizer the loss really uses (`divergence_estimate`), the per-token entropy, and the
-    estimated objectives J = reward mean - beta * each; the share of prompts that gave a pair."""
+    """Over all K fresh samples per prompt: the sequence KL(pi || pi_ref) (mean log-ratio), the regularizer the loss
+    uses (`divergence_estimate`), the token entropy, J = reward mean - beta * each, and the share giving a pair."""
     ids, mask = batch["completion_ids"], batch["completion_mask"]
     lr = (batch["ref_logprobs"] * mask).sum(-1)
     lp, ent = [], lr.new_zeros(())
@@ -424,14 +400,10 @@ def micro_loss(lsm, batch: dict, rows, args, num_pairs):
 
 
 def update_pairs(model, optimizer, batch: dict, args, step: int) -> dict:
-    """num_iterations passes x num_minibatches optimizer steps over the step's pairs (pair_role: +1 chosen, -1
-    rejected; the i-th chosen and i-th rejected rows are one pair), micro_batch_size // 2 pairs per forward. A
-    mini-batch is a set of GLOBAL pairs (ids numbered across ranks in rank order, one permutation on every rank;
-    each rank trains its own pairs of it) whose count is known BEFORE its loss is formed; every rank backpropagates
-    loss x world size (FSDP averages), so the update does not depend on the number of ranks or micro-batches. Every
-    rank runs as many micro-batches as the busiest one (FSDP's collectives stay in lockstep): a missing one is a
-    zero-weighted forward/backward of a placeholder row. A mini-batch without any pair takes no optimizer step (a
-    step without pairs: no update, no metrics). Returns the global metrics."""
+    """num_iterations x num_minibatches optimizer steps, each on a set of GLOBAL pairs (numbered across ranks, one
+    permutation on every rank) whose count is known before its loss is formed: the update does not depend on the
+    number of ranks. Every rank runs as many micro-batches as the busiest one (a missing one: a zero-weighted
+    placeholder row), so FSDP's collectives stay in lockstep. A mini-batch without pairs takes no step."""
     world, rank, stats, roles, steps = *world_rank(), [], batch["pair_role"], 0
     chosen, rejected = (roles == 1).nonzero().view(-1), (roles == -1).nonzero().view(-1)
     counts = all_reduce(F.one_hot(torch.tensor(rank, device=DEVICE), world) * len(chosen))  # pairs per rank
@@ -462,9 +434,8 @@ def update_pairs(model, optimizer, batch: dict, args, step: int) -> dict:
 # TRAIN
 # ==========================================================================================================
 def load_pairs(path: str, tokenizer, args) -> list:
-    """Offline (prompt, chosen, rejected) token lists, from one {"prompt", "chosen", "rejected"} JSON object per
-    non-blank line; every problem is a one-line error naming the file and line. Completions get EOS appended (it
-    is part of the sequence log-prob) and must fit --max_new_tokens; prompts get the task prompts' chat template."""
+    """Offline (prompt, chosen, rejected) token lists from a JSONL file; every problem is a one-line error naming
+    file:line. Completions get EOS appended (part of the sequence log-prob) and must fit --max_new_tokens."""
     rows, pairs = read_jsonl(path), []  # a missing file, malformed JSON, a non-object: a TaskError naming file:line
     for n, obj in rows:
         for key in ("prompt", "chosen", "rejected"):
@@ -475,8 +446,7 @@ def load_pairs(path: str, tokenizer, args) -> list:
         for key in ("chosen", "rejected"):
             pairs.append(tokenizer(obj[key], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
             if len(pairs[-1]) > args.max_new_tokens:
-                limit = f"> --max_new_tokens {args.max_new_tokens}"
-                raise UserError(f"{path}:{n}: {key} has {len(pairs[-1])} tokens with EOS {limit}")
+                raise UserError(f"{path}:{n}: {key} has {len(pairs[-1])} tokens with EOS > --max_new_tokens")
     if not rows:
         raise UserError(f"{path}: empty file (no pairs)")
     examples = [Example(obj["prompt"], "") for _, obj in rows]
@@ -502,9 +472,8 @@ def train(args: Args) -> None:
             batch = make_batch([p for p, _, _ in pairs for _ in range(2)], completions, eos, pad)
             batch["pair_role"] = torch.tensor([1, -1] * len(pairs), device=DEVICE)
         else:  # 1. K completions per prompt from the current policy
-            batch = sample_batch(
-                policy, [run.train_prompts[i] for i in prompts for _ in range(K)], args, eos, pad, run.sampler(step)
-            )
+            group_prompts = [run.train_prompts[i] for i in prompts for _ in range(K)]
+            batch = sample_batch(policy, group_prompts, args, eos, pad, run.sampler(step))
             run.timer("generate")
             # 2. rewards and best-vs-worst pairs (a group lives on one rank)
             answers = [run.task.train[i].answer for i in prompts for _ in range(K)]
@@ -529,8 +498,8 @@ def train(args: Args) -> None:
 # ==========================================================================================================
 DEVICE = torch.device("cpu")  # this rank's GPU, or the CPU (set by Run)
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # checkpoints: whole tensors on rank 0
-RUN_LOCKS = []  # this process's held run-folder locks, closed when main ends (in-process callers run again)
 RESUMABLE = {"resume", "total_steps", "learning_rate", "weight_decay", "max_grad_norm", "eval_every", "save_every"}
+LOCKS = []  # run-folder locks this process holds, released when main ends (tests call main again in-process)
 
 
 class UserError(Exception):
@@ -542,9 +511,9 @@ class Stop(Exception):
 
 
 def main() -> None:
-    """Flags (--help on rank 0 only; with --resume DIR, DIR/args.json holds the defaults and only RESUMABLE flags
-    may change), then train; bad input of any kind ends in one `error:` line."""
-    if int(os.environ.get("RANK", 0)) and {"-h", "--help"} & set(sys.argv):
+    """Flags (with --resume DIR, DIR/args.json gives the defaults and only RESUMABLE flags may change), then train;
+    bad input of any kind ends in one `error:` line."""
+    if int(os.environ.get("RANK", 0)) and {"-h", "--help"} & set(sys.argv):  # --help on rank 0 only
         return
     resume = [b if a == "--resume" else a[9:] for a, b in zip(sys.argv, sys.argv[1:] + [""]) if a[:8] == "--resume"]
     code = 0
@@ -560,49 +529,45 @@ def main() -> None:
     except Stop as e:
         print(f"stopped: {e}", file=sys.stderr)
         code = 143
-    if dist.is_initialized():  # only now, with the sharded model's reference cycles collected: not after the group
+    if dist.is_initialized():  # with the sharded model's reference cycles collected first
         gc.collect()
         dist.destroy_process_group()
-    while RUN_LOCKS:
-        RUN_LOCKS.pop().close()
+    while LOCKS:
+        LOCKS.pop().close()
     sys.exit(code)
 
 
-def lock_run_folder(run_dir: str) -> None:
-    """Rank 0 holds an exclusive flock on RUN/.lock while it runs (the OS drops it on any exit, SIGKILL included):
-    a second process resuming the same folder gets an error instead of interleaving checkpoints and metrics."""
-    import fcntl
-
-    f = open(os.path.join(run_dir, ".lock"), "w")  # held open for the run's life
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise UserError(f"{run_dir} is in use by another run (it holds {run_dir}/.lock); wait for it to end") from None
-    RUN_LOCKS.append(f)
-
-
 def saved_args(folder: str) -> dict:
-    """A run folder's flags (its args.json, JSON lists back to tuples); a folder of another script is an error."""
+    """A run folder's flags (JSON lists back to tuples); a folder of another script is an error."""
     try:
         with open(os.path.join(folder, "args.json")) as f:
             saved = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"{folder} is not a run folder (args.json: {e})") from None
-    other = sorted(set(saved) - set(Args.__dataclass_fields__)) if isinstance(saved, dict) else ["?"]
-    if other:
-        raise UserError(f"{folder} is a run of another script (flags {', '.join(other[:3])} are not this one's)")
+    if not isinstance(saved, dict) or set(saved) - set(Args.__dataclass_fields__):
+        raise UserError(f"{folder} is a run of another script (its flags are not this one's)")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+
+
+def lock(run_dir: str) -> None:
+    """Rank 0 holds an flock on RUN/.lock while it runs (the OS drops it on any exit, SIGKILL included), so a second
+    process never writes into a run folder in use."""
+    import fcntl
+
+    LOCKS.append(f := open(os.path.join(run_dir, ".lock"), "w"))
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise UserError(f"{run_dir} is in use by another run (it holds {run_dir}/.lock); wait for it to end") from None
 
 
 def check_numbers(args, positive: tuple) -> None:
     """No flag may be negative; `positive` ones, and sizes, lengths and counts not defaulting to 0, must be > 0."""
     for k, v in asdict(args).items():
-        default = type(args).__dataclass_fields__[k].default
         suffix = k.endswith(("_size", "_length", "_tokens", "_steps", "_per_step", "_per_prompt", "_per_round"))
-        count = (k.startswith("num_") or suffix) and default != 0
-        if type(v) in (int, float) and (v <= 0 if k in positive or count else v < 0):
-            raise UserError(f"--{k} must be {'> 0' if k in positive or count else '>= 0'}, got {v}")
+        strict = k in positive or (k.startswith("num_") or suffix) and type(args).__dataclass_fields__[k].default != 0
+        if type(v) in (int, float) and (v <= 0 if strict else v < 0):
+            raise UserError(f"--{k} must be {'> 0' if strict else '>= 0'}, got {v}")
 
 
 def seed_of(args, *keys) -> int:
@@ -627,8 +592,8 @@ def global_mean_std(x) -> tuple:
 
 
 def reduce_stats(stats: list, steps: int) -> dict:
-    """Metrics of an update from its micro-batches' stats (shares of global means): means over its optimizer
-    steps, summed over ranks; `*_min` / `*_max` are global extremes."""
+    """An update's metrics from its micro-batches' stats (shares of global means): summed over ranks and averaged
+    over its optimizer steps; `*_min` / `*_max` are global extremes."""
     out = {}
     for k in sorted({k for s in stats for k in s}):  # the same keys in the same order on every rank
         op = "min" if k.endswith("_min") else "max" if k.endswith("_max") else "sum"
@@ -643,8 +608,7 @@ def autocast(args):
 
 
 def optimizer_step(model, optimizer, args) -> dict:
-    """Clip the gradient norm (0: no clipping), stop on a non-finite one (the same on every rank), step at the
-    warm-up learning rate."""
+    """Clip the gradient norm (0: no clipping), stop on a non-finite one, step at the warm-up learning rate."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a distributed tensor
     if not torch.isfinite(norm):
@@ -654,14 +618,13 @@ def optimizer_step(model, optimizer, args) -> dict:
         group["lr"] = args.learning_rate * min(1, (done + 1) / max(args.warmup_steps, 1))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"charts/grad_norm": norm.item() / (dist.get_world_size() if dist.is_initialized() else 1)}  # a share
+    return {"charts/grad_norm": norm.item() / world_rank()[0]}  # a share of the global value
 
 
 def load_model(path: str, args, trainable: bool = False):
-    """A causal LM, dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained: a trained one in
-    float32 (the optimizer's master weights). A frozen one computes as the trained one does, so their log-probs agree
-    at theta = theta_ref: bf16 weights with --bf16 under FSDP (whose MixedPrecisionPolicy casts the trained weights
-    to bf16), else float32 weights under autocast (bf16 ones would round the residual stream the policy keeps)."""
+    """A causal LM with dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained; a trained one
+    in float32 (AdamW's master weights). A frozen one computes as the trained one does, so their log-probs agree at
+    theta = theta_ref: in bf16 under FSDP with --bf16 (its MixedPrecisionPolicy), else float32 under autocast."""
     from transformers import AutoModelForCausalLM
 
     bf16 = args.bf16 and DEVICE.type == "cuda" and not trainable and dist.is_initialized()
@@ -669,16 +632,15 @@ def load_model(path: str, args, trainable: bool = False):
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout) or hasattr(m, "attention_dropout"):
             m.p = m.attention_dropout = 0.0
-    if trainable and args.gradient_checkpointing:  # transformers >= 5.2x renamed it activation checkpointing
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)(
-            {"use_reentrant": False}
-        )
+    if trainable and args.gradient_checkpointing:  # (transformers 5.2x renamed it activation checkpointing)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     return model.to(DEVICE).train(trainable).requires_grad_(trainable)
 
 
 def shard(model, args):
-    """Under torchrun, FSDP2 (each decoder layer, then the root): weights, gradients and AdamW state are split over
-    the ranks; on CUDA bf16 weights in compute with float32 gradient reductions. One process: the model as it is."""
+    """Under torchrun, FSDP2 on each decoder layer and the root: weights, gradients and AdamW state split over the
+    ranks; on CUDA with --bf16, bf16 compute and float32 gradient reductions. One process: the model as it is."""
     if not dist.is_initialized():
         return model
     from torch.distributed.device_mesh import init_device_mesh
@@ -695,19 +657,17 @@ def shard(model, args):
 
 @contextlib.contextmanager
 def gathered(model, args):
-    """FSDP2: all-gather the weights once for a whole inference phase (a rollout, log-probs, an eval) rather than per
-    layer at every forward; no collective inside it, so ranks may run different numbers of forwards. Costs the
-    full weights' memory meanwhile. Anything else: nothing to do."""
+    """FSDP2: all-gather the weights once for a whole inference phase (rollout, log-probs, eval), not per layer at
+    every forward; with no collective inside, ranks may run different numbers of forwards. Else: nothing."""
     sharded = [m for m in model.modules() if hasattr(m, "unshard")] if model is not None else []
     for m in sharded:
         m.unshard()
     if sharded:
         model.set_reshard_after_forward(False)
     yield
-    if sharded:
-        model.set_reshard_after_forward(args.reshard_after_forward)
-        for m in sharded:
-            m.reshard()
+    for m in sharded:
+        m.set_reshard_after_forward(args.reshard_after_forward, recurse=False)
+        m.reshard()
 
 
 def local(path: str) -> str:
@@ -720,7 +680,7 @@ def local(path: str) -> str:
 
 
 class Run:
-    """The task and its prompts, processes, the run folder (created exclusively), checkpoints and resume,
+    """The task and its prompts, the processes, the run folder (created exclusively), checkpoints and resume,
     metrics, the progress bar and the stop signals (SIGTERM, SIGINT: finish the step, save, exit 143)."""
 
     def __init__(self, args):
@@ -728,21 +688,19 @@ class Run:
 
         global DEVICE
         self.args, self.world, self.rank = args, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-        cuda, self.stop = args.cuda and torch.cuda.is_available(), []
+        cuda, self.stop, self.checkpoint = args.cuda and torch.cuda.is_available(), [], None
         DEVICE = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % max(torch.cuda.device_count(), 1)}")
         DEVICE = DEVICE if cuda else torch.device("cpu")  # (% : launchers that show each process one GPU)
         args.bf16 = cuda and torch.cuda.is_bf16_supported() if args.bf16 is None else args.bf16
         self.task = load_task(args.task, args.train_file, args.eval_file, args.prompt_field, args.answer_field)
-        if args.max_prompt_length is None:  # task defaults (0 is refused by check_args, not replaced)
-            args.max_prompt_length = self.task.max_prompt_length
-        if args.max_new_tokens is None:
-            args.max_new_tokens = self.task.max_new_tokens
+        for k in ("max_prompt_length", "max_new_tokens"):  # task defaults (0 is refused by check_args)
+            setattr(args, k, getattr(self.task, k) if getattr(args, k) is None else getattr(args, k))
         check_args(args, self.world)
         name = args.run_name or f"{self.task.name}__{args.exp_name}__{args.seed}__{int(time.time())}_{os.getpid()}"
-        self.run_dir, self.checkpoint = args.resume or os.path.join(args.output_dir, name), None
-        if args.resume:
+        self.run_dir = args.resume or os.path.join(args.output_dir, name)
+        if args.resume:  # the newest complete checkpoint, by folder name
             if self.rank == 0 and not getattr(args, "sample_from", None):  # (Q#'s --sample_from only reads it)
-                lock_run_folder(self.run_dir)
+                lock(self.run_dir)
             found = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*")))
             for tmp in [c for c in found if c.endswith(".tmp")]:
                 print(f"warning: skipping {tmp}, an interrupted save", file=sys.stderr)
@@ -769,10 +727,9 @@ class Run:
             config = transformers.AutoConfig.from_pretrained(local(args.model_name_or_path))
         except OSError as e:
             raise UserError(f"could not load {args.model_name_or_path!r}: {str(e).strip().splitlines()[0]}") from None
-        if args.max_prompt_length + args.max_new_tokens > getattr(config, "max_position_embeddings", math.inf):
-            raise UserError(
-                f"--max_prompt_length + --max_new_tokens > the model's {config.max_position_embeddings} positions"
-            )
+        positions = getattr(config, "max_position_embeddings", math.inf)
+        if args.max_prompt_length + args.max_new_tokens > positions:
+            raise UserError(f"--max_prompt_length + --max_new_tokens > the model's {positions} positions")
         self.tokenizer.pad_token = self.tokenizer.pad_token or self.tokenizer.eos_token
         limit, template, evals = args.max_prompt_length, args.chat_template, self.task.eval[: args.eval_num_prompts]
         self.train_prompts = encode_prompts(self.tokenizer, self.task.train, template, limit, "train")
@@ -782,9 +739,9 @@ class Run:
             raise UserError(f"--prompts_per_step {args.prompts_per_step} > {len(self.train_prompts)} training prompts")
 
     def start(self, policy, evaluate):
-        """Wrap the trained model for data parallelism, make AdamW (restored when resuming), create the run folder
-        (exclusively: two runs never share one) and its log, evaluate at step 0. Returns (model, optimizer)."""
-        args, self.evaluate, self.writers = self.args, evaluate, []
+        """Shard the trained model, make AdamW (restored when resuming), create the run folder (exclusively: two
+        runs never share one) and its log, evaluate at step 0. Returns (model, optimizer)."""
+        args, self.evaluate, self.tb = self.args, evaluate, None
         self.model = shard(policy, args)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), args.learning_rate, weight_decay=args.weight_decay)
         self.state = {"step": 0, "elapsed_s": 0.0, "prompts_seen": 0}
@@ -797,13 +754,13 @@ class Run:
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=bool(args.resume))
             if not args.resume:
-                lock_run_folder(self.run_dir)
+                lock(self.run_dir)
             with open(os.path.join(self.run_dir, "args.json"), "w") as f:
                 json.dump(asdict(args) | {"resume": None}, f, indent=1)
             rows = open(self.log_path).readlines() if os.path.exists(self.log_path) else []
             with open(self.log_path, "w") as f:  # what was logged after the checkpoint is logged again
                 f.writelines(r for r in rows if json.loads(r)["step"] <= self.state["step"])
-            self.writers = make_writers(args, self.run_dir) if args.track else []
+            self.tb = tensorboard(args, self.run_dir) if args.track else None
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, lambda signum, _: self.stop.append(signal.Signals(signum).name))
         self.t0 = time.time() - self.state["elapsed_s"]
@@ -844,8 +801,8 @@ class Run:
             row |= {k: v if math.isfinite(v) else None for k, v in metrics.items()}  # JSON has no NaN
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            for write in self.writers:
-                write(step, metrics)
+            for k, v in metrics.items() if self.tb else []:
+                self.tb.add_scalar(k, v, step)
 
     def end_step(self, step: int, batch: dict, metrics: dict) -> None:
         """Counters, the eval when due, the metrics row, a checkpoint every --save_every steps, at the end, or on
@@ -871,9 +828,8 @@ class Run:
             raise Stop(f"{why}: checkpoint of step {step} saved; continue with --resume {self.run_dir}")
 
     def save(self, step: int) -> None:
-        """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt (optimizer, counters),
-        written as step_N.tmp then renamed (never half-written); only the newest --keep_last are kept; `final`
-        links to the last one."""
+        """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt (optimizer, counters), written
+        as step_N.tmp and renamed (never half-written); the newest --keep_last kept; `final` links to the last."""
         self.state |= {"step": step, "elapsed_s": time.time() - self.t0}
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=FULL_STATE)
         path = os.path.join(self.run_dir, "checkpoints", f"step_{step:06d}")
@@ -897,20 +853,17 @@ class Run:
             dist.barrier()
 
 
-def make_writers(args, run_dir: str) -> list:
-    """--track: TensorBoard, mirrored to W&B, each when installed."""
+def tensorboard(args, run_dir: str):
+    """--track: a TensorBoard writer, mirrored to W&B; each when installed."""
     with contextlib.suppress(ImportError):
         import wandb
 
-        wandb.init(
-            project=args.wandb_project_name, name=os.path.basename(run_dir), config=asdict(args), sync_tensorboard=True
-        )
+        name, config = os.path.basename(run_dir), asdict(args)
+        wandb.init(project=args.wandb_project_name, name=name, config=config, sync_tensorboard=True)
     with contextlib.suppress(ImportError):
         from torch.utils.tensorboard import SummaryWriter
 
-        tb = SummaryWriter(run_dir)
-        return [lambda step, metrics: [tb.add_scalar(k, v, step) for k, v in metrics.items()]]
-    return []
+        return SummaryWriter(run_dir)
 
 
 if __name__ == "__main__":

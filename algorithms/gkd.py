@@ -9,15 +9,9 @@ y sampled from the current student with probability lambda (on-policy, no gradie
 dataset's answer or, with --seq_kd, a teacher sample. Every D is 0 iff q = p_T at that state, so a fully expressive
 student's optimum is the teacher whatever the data; with limited capacity the data decides WHERE it matches.
 Loss (t = softmax(a / T), s = softmax(z / T) for teacher and student logits a, z at each completion position):
-    L = sum_{valid positions} D(t, s) / (global number of valid positions),   D from --divergence:
-    fkl = KL(t || s), rkl = KL(s || t), jsd = generalized JSD(beta) of the paper (beta 0 / 1: exact fkl / rkl),
-    skl / srkl = DistiLLM's skew KLs, tv = total variation, akl = the adaptive FKL/RKL mix of AKL.
-What this loss really regularizes:
-  * On-policy per-token RKL with detached sampling is the per-state RKL under the student's state distribution,
-    not the gradient of the sequence-level KL(q || p_T), which MiniLLM follows with an extra score-function term
-    (tests/test_gkd.py, G9).
-  * jsd is ~beta fkl next to beta = 0 and ~(1 - beta) rkl next to 1, but exactly fkl / rkl AT 0 / 1 (as TRL): a
-    jump in magnitude. The paper's optional RL term is not implemented.
+    L = sum_{valid positions} D(t, s) / (global number of valid positions),   D from --divergence.
+On-policy per-token RKL with detached sampling is the per-state RKL under the student's state distribution, not
+the gradient of the sequence-level KL(q || p_T) (MiniLLM's extra score-function term; tests/test_gkd.py, G9).
 """
 
 import contextlib
@@ -59,9 +53,7 @@ class Args:
     output_dir: str = "runs"  # run folders go here
     # model and data
     model_name_or_path: str = "common/models/tiny-policy"  # any Hugging Face causal LM: local folder or hub id
-    teacher_name_or_path: str = (
-        "common/models/tiny-teacher"  # the frozen teacher (the student's tokenizer, logit width)
-    )
+    teacher_name_or_path: str = "common/models/tiny-teacher"  # the frozen teacher (same tokenizer, logit width)
     task: str = "arithmetic"  # arithmetic (built in), jsonl (--train_file, --eval_file) or hf:<dataset>[:<config>]
     train_file: Optional[str] = None  # JSONL training prompts (--task jsonl)
     eval_file: Optional[str] = None  # JSONL held-out prompts (--task jsonl)
@@ -113,10 +105,8 @@ def check_args(args: Args, world: int) -> None:
     if args.skew_alpha >= 1:
         raise UserError(f"--skew_alpha must be < 1 (at 1 the skew KLs are identically 0), got {args.skew_alpha}")
     if args.prompts_per_step % world or args.prompts_per_step // world % args.num_minibatches:
-        raise UserError(
-            f"--prompts_per_step {args.prompts_per_step} does not split into {world} ranks x --num_minibatches "
-            f"{args.num_minibatches}"
-        )
+        split = f"{world} ranks x --num_minibatches {args.num_minibatches}"
+        raise UserError(f"--prompts_per_step {args.prompts_per_step} does not split into {split}")
 
 
 def check_same_vocabulary(student_tok, teacher_tok, student_width=None, teacher_width=None) -> None:
@@ -148,13 +138,9 @@ def log_mix(log_a, log_b, w: float):
 
 
 def akl_head_mask(teacher_probs, mu: float):
-    """AKL head H in VOCABULARY order (bool, same shape): sort the teacher's probabilities in descending order,
-    H = the shortest prefix whose cumulative mass reaches mu, the crossing token included (a token is in H iff the
-    mass before it is < mu; never empty), then mapped back to the tokens themselves. The released AKL code
-    (wutaiqiang/LLM_KD_AKL) puts the crossing token in the TAIL (H = cumulative mass <= mu, the top token forced
-    in); its first author's later KDFlow agrees with ours at mu = 0.5. Which one the paper's equation means is not
-    confirmed against its text (test G5 pins ours and the difference). Building it in sorted order and applying it
-    to the unsorted gap vector (a bug in a third-party version) mixes the wrong tokens (test G5)."""
+    """AKL head H in VOCABULARY order (bool, same shape): H = the shortest prefix of the teacher-sorted tokens
+    whose cumulative mass reaches mu, the crossing token included (never empty; the released AKL code puts it in
+    the tail, see docs/gkd.md), mapped back to the tokens themselves (applying the sorted mask unsorted is a bug)."""
     sorted_p, order = teacher_probs.sort(dim=-1, descending=True, stable=True)
     head_sorted = (sorted_p.cumsum(-1) - sorted_p) < mu  # the mass BEFORE a token is < mu: it is still needed
     return torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
@@ -165,14 +151,12 @@ def divergence_from_log_probs(lt, ls, kind: str, beta: float = 0.5, skew_alpha: 
         fkl  = sum t (log t - log s) = KL(t || s)            grad_z = (s - t) / T
         rkl  = sum s (log s - log t) = KL(s || t)            grad_z = s (log(s/t) - rkl) / T
         jsd  = beta KL(t || m) + (1 - beta) KL(s || m),  m = beta t + (1 - beta) s   (paper; 0 <= jsd <= H_b(beta))
-               beta = 0 -> exactly fkl, beta = 1 -> exactly rkl (TRL's convention; DISCONTINUOUS in magnitude:
-               jsd(beta) ~ beta fkl near 0 and ~ (1 - beta) rkl near 1, huggingface/trl#6780)
+               beta = 0 / 1 -> exactly fkl / rkl (TRL; a jump: jsd ~ beta fkl near 0, ~ (1 - beta) rkl near 1)
         skl  = KL(t || m),  m = alpha t + (1 - alpha) s      (DistiLLM skew KL, alpha = skew_alpha)
         srkl = KL(s || m),  m = (1 - alpha) t + alpha s      (DistiLLM skew reverse KL)
         tv   = 0.5 sum |t - s|
         akl  = (g_H fkl + g_tail rkl) / (g_H + g_tail),  g_X = sum_{X} |t - s| over the teacher head H
-               (`akl_head_mask`) and the tail; the weights are detached (whether AKL back-propagates through them
-               is not confirmed against the paper), and D = 0 when s = t.
+               (`akl_head_mask`) and the tail; the weights are detached (our choice), and D = 0 when s = t.
     grad_z for student logits z: every row sums to 0 (softmax) and carries the 1/T factor."""
     t, s = lt.exp(), ls.exp()
     kl = lambda p, lp, lq: (p * (lp - lq)).sum(-1)  # noqa: E731  KL(p || q)
@@ -206,13 +190,11 @@ def divergence(teacher_logits, student_logits, kind: str, beta=0.5, skew_alpha=0
 
 
 def gkd_loss(lt, ls, mask, completion_ids, args, num_tokens):
-    """This micro-batch's share of the global token mean of D = args.divergence (with args.{beta, skew_alpha,
-    akl_mu}) between teacher and student log-probs lt, ls [B, C, V]:
+    """This micro-batch's share of the global token mean of D = args.divergence between teacher and student
+    log-probs lt, ls [B, C, V]:
         L = sum_{b,t} mask_bt D(t_bt, s_bt) / N_tokens,   N_tokens = valid positions over ALL ranks and micro-batches,
-    so L summed over micro-batches and ranks is the same for any split (TRL divides by the number of items,
-    huggingface/trl#4719); exactly D, nothing mixed in. args.divergence_chunk_size > 0: D over chunks of positions
-    under activation checkpointing (same value and gradient). Returns (loss, stats): token-mean shares of the exact
-    KL(t || s), KL(s || t), the teacher's entropy and its log-prob of completion_ids [B, C], whatever D is."""
+    the same for any split. args.divergence_chunk_size > 0: D over chunks of positions under activation
+    checkpointing. Stats: token-mean shares of KL(t || s), KL(s || t), H(t), log t(completion_ids), whatever D is."""
     m, n, step = mask.to(ls.dtype), max(num_tokens, 1), args.divergence_chunk_size or ls.shape[1]
     total, sums = ls.new_zeros(()), torch.zeros(4, dtype=torch.float64, device=ls.device)
 
@@ -234,9 +216,8 @@ def gkd_loss(lt, ls, mask, completion_ids, args, num_tokens):
 
 
 def on_policy_coin(seed: int, step: int, lmbda: float) -> bool:
-    """The step's data source: on-policy iff u < lmbda with u ~ U(0, 1) drawn from (seed, step) alone, so every
-    rank, every world size and a resumed run make the same choice (a per-rank coin would make ranks run different
-    code paths and hang). The whole batch follows one coin, as TRL. lmbda = 1: always; lmbda = 0: never."""
+    """The step's data source: on-policy iff u < lmbda, u ~ U(0, 1) from (seed, step) alone: the same on every rank,
+    for any world size and after a resume (per-rank coins would hang FSDP). The whole batch follows one coin, as TRL."""
     return bool(np.random.default_rng([seed, step, 0x6B6D]).random() < lmbda)
 
 
@@ -245,12 +226,8 @@ def on_policy_coin(seed: int, step: int, lmbda: float) -> bool:
 # ==========================================================================================================
 def forward(model, ids, mask, pos, cache=None, keep=0):
     """Logits with explicit positions (left padding), extending the KV cache `cache` when one is given."""
-    cache_kw = (
-        "cache"
-        if "cache" in inspect.signature(getattr(model, "module", model).forward).parameters
-        else "past_key_values"
-    )
-    kw = {cache_kw: cache, "use_cache": True} if cache is not None else {}
+    names = inspect.signature(getattr(model, "module", model).forward).parameters  # `cache` from transformers 5.x
+    kw = {"cache" if "cache" in names else "past_key_values": cache, "use_cache": True} if cache is not None else {}
     return model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, **kw).logits
 
 
@@ -454,9 +431,8 @@ def train(args: Args) -> None:
     check_same_vocabulary(run.tokenizer, teacher_tokenizer)  # before any weights load
     policy = load_model(run.checkpoint or args.model_name_or_path, args, trainable=True)
     teacher = load_model(args.teacher_name_or_path, args)
-    check_same_vocabulary(
-        run.tokenizer, teacher_tokenizer, *(len(m.get_output_embeddings().weight) for m in (policy, teacher))
-    )
+    widths = [len(m.get_output_embeddings().weight) for m in (policy, teacher)]
+    check_same_vocabulary(run.tokenizer, teacher_tokenizer, *widths)
     init = load_model(args.model_name_or_path, args) if args.eval_kl else None
     if args.lmbda < 1 and not args.seq_kd:
         completions = encode_completions(run.tokenizer, run.task.train, args.max_new_tokens)
@@ -496,8 +472,8 @@ def train(args: Args) -> None:
 # ==========================================================================================================
 DEVICE = torch.device("cpu")  # this rank's GPU, or the CPU (set by Run)
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # checkpoints: whole tensors on rank 0
-RUN_LOCKS = []  # this process's held run-folder locks, closed when main ends (in-process callers run again)
 RESUMABLE = {"resume", "total_steps", "learning_rate", "weight_decay", "max_grad_norm", "eval_every", "save_every"}
+LOCKS = []  # run-folder locks this process holds, released when main ends (tests call main again in-process)
 
 
 class UserError(Exception):
@@ -509,9 +485,9 @@ class Stop(Exception):
 
 
 def main() -> None:
-    """Flags (--help on rank 0 only; with --resume DIR, DIR/args.json holds the defaults and only RESUMABLE flags
-    may change), then train; bad input of any kind ends in one `error:` line."""
-    if int(os.environ.get("RANK", 0)) and {"-h", "--help"} & set(sys.argv):
+    """Flags (with --resume DIR, DIR/args.json gives the defaults and only RESUMABLE flags may change), then train;
+    bad input of any kind ends in one `error:` line."""
+    if int(os.environ.get("RANK", 0)) and {"-h", "--help"} & set(sys.argv):  # --help on rank 0 only
         return
     resume = [b if a == "--resume" else a[9:] for a, b in zip(sys.argv, sys.argv[1:] + [""]) if a[:8] == "--resume"]
     code = 0
@@ -527,49 +503,45 @@ def main() -> None:
     except Stop as e:
         print(f"stopped: {e}", file=sys.stderr)
         code = 143
-    if dist.is_initialized():  # only now, with the sharded model's reference cycles collected: not after the group
+    if dist.is_initialized():  # with the sharded model's reference cycles collected first
         gc.collect()
         dist.destroy_process_group()
-    while RUN_LOCKS:
-        RUN_LOCKS.pop().close()
+    while LOCKS:
+        LOCKS.pop().close()
     sys.exit(code)
 
 
-def lock_run_folder(run_dir: str) -> None:
-    """Rank 0 holds an exclusive flock on RUN/.lock while it runs (the OS drops it on any exit, SIGKILL included):
-    a second process resuming the same folder gets an error instead of interleaving checkpoints and metrics."""
-    import fcntl
-
-    f = open(os.path.join(run_dir, ".lock"), "w")  # held open for the run's life
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise UserError(f"{run_dir} is in use by another run (it holds {run_dir}/.lock); wait for it to end") from None
-    RUN_LOCKS.append(f)
-
-
 def saved_args(folder: str) -> dict:
-    """A run folder's flags (its args.json, JSON lists back to tuples); a folder of another script is an error."""
+    """A run folder's flags (JSON lists back to tuples); a folder of another script is an error."""
     try:
         with open(os.path.join(folder, "args.json")) as f:
             saved = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"{folder} is not a run folder (args.json: {e})") from None
-    other = sorted(set(saved) - set(Args.__dataclass_fields__)) if isinstance(saved, dict) else ["?"]
-    if other:
-        raise UserError(f"{folder} is a run of another script (flags {', '.join(other[:3])} are not this one's)")
+    if not isinstance(saved, dict) or set(saved) - set(Args.__dataclass_fields__):
+        raise UserError(f"{folder} is a run of another script (its flags are not this one's)")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+
+
+def lock(run_dir: str) -> None:
+    """Rank 0 holds an flock on RUN/.lock while it runs (the OS drops it on any exit, SIGKILL included), so a second
+    process never writes into a run folder in use."""
+    import fcntl
+
+    LOCKS.append(f := open(os.path.join(run_dir, ".lock"), "w"))
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise UserError(f"{run_dir} is in use by another run (it holds {run_dir}/.lock); wait for it to end") from None
 
 
 def check_numbers(args, positive: tuple) -> None:
     """No flag may be negative; `positive` ones, and sizes, lengths and counts not defaulting to 0, must be > 0."""
     for k, v in asdict(args).items():
-        default = type(args).__dataclass_fields__[k].default
         suffix = k.endswith(("_size", "_length", "_tokens", "_steps", "_per_step", "_per_prompt", "_per_round"))
-        count = (k.startswith("num_") or suffix) and default != 0
-        if type(v) in (int, float) and (v <= 0 if k in positive or count else v < 0):
-            raise UserError(f"--{k} must be {'> 0' if k in positive or count else '>= 0'}, got {v}")
+        strict = k in positive or (k.startswith("num_") or suffix) and type(args).__dataclass_fields__[k].default != 0
+        if type(v) in (int, float) and (v <= 0 if strict else v < 0):
+            raise UserError(f"--{k} must be {'> 0' if strict else '>= 0'}, got {v}")
 
 
 def seed_of(args, *keys) -> int:
@@ -594,8 +566,8 @@ def global_mean_std(x) -> tuple:
 
 
 def reduce_stats(stats: list, steps: int) -> dict:
-    """Metrics of an update from its micro-batches' stats (shares of global means): means over its optimizer
-    steps, summed over ranks; `*_min` / `*_max` are global extremes."""
+    """An update's metrics from its micro-batches' stats (shares of global means): summed over ranks and averaged
+    over its optimizer steps; `*_min` / `*_max` are global extremes."""
     out = {}
     for k in sorted({k for s in stats for k in s}):  # the same keys in the same order on every rank
         op = "min" if k.endswith("_min") else "max" if k.endswith("_max") else "sum"
@@ -610,8 +582,7 @@ def autocast(args):
 
 
 def optimizer_step(model, optimizer, args) -> dict:
-    """Clip the gradient norm (0: no clipping), stop on a non-finite one (the same on every rank), step at the
-    warm-up learning rate."""
+    """Clip the gradient norm (0: no clipping), stop on a non-finite one, step at the warm-up learning rate."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a distributed tensor
     if not torch.isfinite(norm):
@@ -621,14 +592,13 @@ def optimizer_step(model, optimizer, args) -> dict:
         group["lr"] = args.learning_rate * min(1, (done + 1) / max(args.warmup_steps, 1))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"charts/grad_norm": norm.item() / (dist.get_world_size() if dist.is_initialized() else 1)}  # a share
+    return {"charts/grad_norm": norm.item() / world_rank()[0]}  # a share of the global value
 
 
 def load_model(path: str, args, trainable: bool = False):
-    """A causal LM, dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained: a trained one in
-    float32 (the optimizer's master weights). A frozen one computes as the trained one does, so their log-probs agree
-    at theta = theta_ref: bf16 weights with --bf16 under FSDP (whose MixedPrecisionPolicy casts the trained weights
-    to bf16), else float32 weights under autocast (bf16 ones would round the residual stream the policy keeps)."""
+    """A causal LM with dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained; a trained one
+    in float32 (AdamW's master weights). A frozen one computes as the trained one does, so their log-probs agree at
+    theta = theta_ref: in bf16 under FSDP with --bf16 (its MixedPrecisionPolicy), else float32 under autocast."""
     from transformers import AutoModelForCausalLM
 
     bf16 = args.bf16 and DEVICE.type == "cuda" and not trainable and dist.is_initialized()
@@ -636,16 +606,15 @@ def load_model(path: str, args, trainable: bool = False):
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout) or hasattr(m, "attention_dropout"):
             m.p = m.attention_dropout = 0.0
-    if trainable and args.gradient_checkpointing:  # transformers >= 5.2x renamed it activation checkpointing
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)(
-            {"use_reentrant": False}
-        )
+    if trainable and args.gradient_checkpointing:  # (transformers 5.2x renamed it activation checkpointing)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     return model.to(DEVICE).train(trainable).requires_grad_(trainable)
 
 
 def shard(model, args):
-    """Under torchrun, FSDP2 (each decoder layer, then the root): weights, gradients and AdamW state are split over
-    the ranks; on CUDA bf16 weights in compute with float32 gradient reductions. One process: the model as it is."""
+    """Under torchrun, FSDP2 on each decoder layer and the root: weights, gradients and AdamW state split over the
+    ranks; on CUDA with --bf16, bf16 compute and float32 gradient reductions. One process: the model as it is."""
     if not dist.is_initialized():
         return model
     from torch.distributed.device_mesh import init_device_mesh
@@ -662,19 +631,17 @@ def shard(model, args):
 
 @contextlib.contextmanager
 def gathered(model, args):
-    """FSDP2: all-gather the weights once for a whole inference phase (a rollout, log-probs, an eval) rather than per
-    layer at every forward; no collective inside it, so ranks may run different numbers of forwards. Costs the
-    full weights' memory meanwhile. Anything else: nothing to do."""
+    """FSDP2: all-gather the weights once for a whole inference phase (rollout, log-probs, eval), not per layer at
+    every forward; with no collective inside, ranks may run different numbers of forwards. Else: nothing."""
     sharded = [m for m in model.modules() if hasattr(m, "unshard")] if model is not None else []
     for m in sharded:
         m.unshard()
     if sharded:
         model.set_reshard_after_forward(False)
     yield
-    if sharded:
-        model.set_reshard_after_forward(args.reshard_after_forward)
-        for m in sharded:
-            m.reshard()
+    for m in sharded:
+        m.set_reshard_after_forward(args.reshard_after_forward, recurse=False)
+        m.reshard()
 
 
 def local(path: str) -> str:
@@ -687,7 +654,7 @@ def local(path: str) -> str:
 
 
 class Run:
-    """The task and its prompts, processes, the run folder (created exclusively), checkpoints and resume,
+    """The task and its prompts, the processes, the run folder (created exclusively), checkpoints and resume,
     metrics, the progress bar and the stop signals (SIGTERM, SIGINT: finish the step, save, exit 143)."""
 
     def __init__(self, args):
@@ -695,21 +662,19 @@ class Run:
 
         global DEVICE
         self.args, self.world, self.rank = args, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-        cuda, self.stop = args.cuda and torch.cuda.is_available(), []
+        cuda, self.stop, self.checkpoint = args.cuda and torch.cuda.is_available(), [], None
         DEVICE = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % max(torch.cuda.device_count(), 1)}")
         DEVICE = DEVICE if cuda else torch.device("cpu")  # (% : launchers that show each process one GPU)
         args.bf16 = cuda and torch.cuda.is_bf16_supported() if args.bf16 is None else args.bf16
         self.task = load_task(args.task, args.train_file, args.eval_file, args.prompt_field, args.answer_field)
-        if args.max_prompt_length is None:  # task defaults (0 is refused by check_args, not replaced)
-            args.max_prompt_length = self.task.max_prompt_length
-        if args.max_new_tokens is None:
-            args.max_new_tokens = self.task.max_new_tokens
+        for k in ("max_prompt_length", "max_new_tokens"):  # task defaults (0 is refused by check_args)
+            setattr(args, k, getattr(self.task, k) if getattr(args, k) is None else getattr(args, k))
         check_args(args, self.world)
         name = args.run_name or f"{self.task.name}__{args.exp_name}__{args.seed}__{int(time.time())}_{os.getpid()}"
-        self.run_dir, self.checkpoint = args.resume or os.path.join(args.output_dir, name), None
-        if args.resume:
+        self.run_dir = args.resume or os.path.join(args.output_dir, name)
+        if args.resume:  # the newest complete checkpoint, by folder name
             if self.rank == 0 and not getattr(args, "sample_from", None):  # (Q#'s --sample_from only reads it)
-                lock_run_folder(self.run_dir)
+                lock(self.run_dir)
             found = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*")))
             for tmp in [c for c in found if c.endswith(".tmp")]:
                 print(f"warning: skipping {tmp}, an interrupted save", file=sys.stderr)
@@ -736,10 +701,9 @@ class Run:
             config = transformers.AutoConfig.from_pretrained(local(args.model_name_or_path))
         except OSError as e:
             raise UserError(f"could not load {args.model_name_or_path!r}: {str(e).strip().splitlines()[0]}") from None
-        if args.max_prompt_length + args.max_new_tokens > getattr(config, "max_position_embeddings", math.inf):
-            raise UserError(
-                f"--max_prompt_length + --max_new_tokens > the model's {config.max_position_embeddings} positions"
-            )
+        positions = getattr(config, "max_position_embeddings", math.inf)
+        if args.max_prompt_length + args.max_new_tokens > positions:
+            raise UserError(f"--max_prompt_length + --max_new_tokens > the model's {positions} positions")
         self.tokenizer.pad_token = self.tokenizer.pad_token or self.tokenizer.eos_token
         limit, template, evals = args.max_prompt_length, args.chat_template, self.task.eval[: args.eval_num_prompts]
         self.train_prompts = encode_prompts(self.tokenizer, self.task.train, template, limit, "train")
@@ -749,9 +713,9 @@ class Run:
             raise UserError(f"--prompts_per_step {args.prompts_per_step} > {len(self.train_prompts)} training prompts")
 
     def start(self, policy, evaluate):
-        """Wrap the trained model for data parallelism, make AdamW (restored when resuming), create the run folder
-        (exclusively: two runs never share one) and its log, evaluate at step 0. Returns (model, optimizer)."""
-        args, self.evaluate, self.writers = self.args, evaluate, []
+        """Shard the trained model, make AdamW (restored when resuming), create the run folder (exclusively: two
+        runs never share one) and its log, evaluate at step 0. Returns (model, optimizer)."""
+        args, self.evaluate, self.tb = self.args, evaluate, None
         self.model = shard(policy, args)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), args.learning_rate, weight_decay=args.weight_decay)
         self.state = {"step": 0, "elapsed_s": 0.0, "prompts_seen": 0}
@@ -764,13 +728,13 @@ class Run:
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=bool(args.resume))
             if not args.resume:
-                lock_run_folder(self.run_dir)
+                lock(self.run_dir)
             with open(os.path.join(self.run_dir, "args.json"), "w") as f:
                 json.dump(asdict(args) | {"resume": None}, f, indent=1)
             rows = open(self.log_path).readlines() if os.path.exists(self.log_path) else []
             with open(self.log_path, "w") as f:  # what was logged after the checkpoint is logged again
                 f.writelines(r for r in rows if json.loads(r)["step"] <= self.state["step"])
-            self.writers = make_writers(args, self.run_dir) if args.track else []
+            self.tb = tensorboard(args, self.run_dir) if args.track else None
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, lambda signum, _: self.stop.append(signal.Signals(signum).name))
         self.t0 = time.time() - self.state["elapsed_s"]
@@ -811,8 +775,8 @@ class Run:
             row |= {k: v if math.isfinite(v) else None for k, v in metrics.items()}  # JSON has no NaN
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            for write in self.writers:
-                write(step, metrics)
+            for k, v in metrics.items() if self.tb else []:
+                self.tb.add_scalar(k, v, step)
 
     def end_step(self, step: int, batch: dict, metrics: dict) -> None:
         """Counters, the eval when due, the metrics row, a checkpoint every --save_every steps, at the end, or on
@@ -838,9 +802,8 @@ class Run:
             raise Stop(f"{why}: checkpoint of step {step} saved; continue with --resume {self.run_dir}")
 
     def save(self, step: int) -> None:
-        """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt (optimizer, counters),
-        written as step_N.tmp then renamed (never half-written); only the newest --keep_last are kept; `final`
-        links to the last one."""
+        """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt (optimizer, counters), written
+        as step_N.tmp and renamed (never half-written); the newest --keep_last kept; `final` links to the last."""
         self.state |= {"step": step, "elapsed_s": time.time() - self.t0}
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=FULL_STATE)
         path = os.path.join(self.run_dir, "checkpoints", f"step_{step:06d}")
@@ -864,20 +827,17 @@ class Run:
             dist.barrier()
 
 
-def make_writers(args, run_dir: str) -> list:
-    """--track: TensorBoard, mirrored to W&B, each when installed."""
+def tensorboard(args, run_dir: str):
+    """--track: a TensorBoard writer, mirrored to W&B; each when installed."""
     with contextlib.suppress(ImportError):
         import wandb
 
-        wandb.init(
-            project=args.wandb_project_name, name=os.path.basename(run_dir), config=asdict(args), sync_tensorboard=True
-        )
+        name, config = os.path.basename(run_dir), asdict(args)
+        wandb.init(project=args.wandb_project_name, name=name, config=config, sync_tensorboard=True)
     with contextlib.suppress(ImportError):
         from torch.utils.tensorboard import SummaryWriter
 
-        tb = SummaryWriter(run_dir)
-        return [lambda step, metrics: [tb.add_scalar(k, v, step) for k, v in metrics.items()]]
-    return []
+        return SummaryWriter(run_dir)
 
 
 if __name__ == "__main__":

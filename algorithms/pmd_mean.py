@@ -8,15 +8,10 @@ Each rollout step is one mirror-descent step anchored at the rollout policy pi_t
 so tau log(pi_{t+1}/pi_t)(y) = r(y) - tau log Z_t is regressed on samples of pi_t. PMD-mean replaces tau log Z_t
 by the mean reward; per response y_i with sequence log-ratio Delta_i = sum_t (log pi_theta - log pi_t):
     l_i = 0.5 tau (A_i / tau - Delta_i)^2 / L_i,        A_i = r_i - baseline  (--baseline, --length_norm).
-What this regression really solves:
-  * Population solution (exact mean baseline, one prompt): pi_{t+1}(y) = pi_t(y) W0(lambda e^{a(y)}) / lambda with
-    a = (r - E_{pi_t} r)/tau, W0 the Lambert W function and lambda > 0 the normalizer; it maximizes
-        E_pi[r] - tau KL(pi || pi_t) - (tau lambda / 2) chi2(pi || pi_t):
-    the mean approximation adds an adaptive chi-squared penalty, a more conservative step than exact PMD.
-  * The leave-one-out mean (default) has the same population minimizer; Kimi k1.5's OPMD (`--baseline
-    mean_incl_self`) is the same solution at tau n/(n-1); 1/L_i weights give a length-weighted chi-squared.
-  * `--baseline partition` (PMD-part) uses the leave-one-out log-mean-exp of the group's rewards, an estimate of
-    tau log Z_t (biased low for finite groups); with the exact tau log Z_t the minimizer is the exact step.
+Its population solution (exact mean baseline, one prompt) is pi_{t+1}(y) = pi_t(y) W0(lambda e^{a(y)}) / lambda,
+a = (r - E_{pi_t} r)/tau, W0 the Lambert W function, lambda > 0 the normalizer (the same for the leave-one-out
+mean): it maximizes E_pi[r] - tau KL(pi || pi_t) - (tau lambda / 2) chi2(pi || pi_t), an adaptive chi-squared
+penalty, a more conservative step than exact PMD (recovered with the exact tau log Z_t as the baseline).
 """
 
 import contextlib
@@ -102,11 +97,10 @@ def check_args(args: Args, world: int) -> None:
     check_numbers(args, positive=("temperature", "tau"))
     if args.num_generations < 2:
         raise UserError("--num_generations must be >= 2 (the leave-one-out baselines need two samples)")
-    if args.prompts_per_step % world or args.prompts_per_step // world * args.num_generations % args.num_minibatches:
-        raise UserError(
-            f"--prompts_per_step {args.prompts_per_step} x --num_generations {args.num_generations} does "
-            f"not split into {world} ranks x --num_minibatches {args.num_minibatches}"
-        )
+    n, g, m = args.prompts_per_step, args.num_generations, args.num_minibatches
+    if n % world or n // world * g % m:  # whole groups on every rank, whole mini-batches
+        split = f"does not split into {world} ranks x --num_minibatches {m}"
+        raise UserError(f"--prompts_per_step {n} x --num_generations {g} {split}")
 
 
 # ==========================================================================================================
@@ -116,31 +110,27 @@ def pmd_advantages(rewards, group_size: int, baseline: str = "loo", tau: float =
     """A_i = r_i - b_i for each group of n = group_size contiguous rewards:
     loo:            b_i = mean of the OTHER n - 1 rewards, A_i = n/(n-1) (r_i - mean r) (OpenKimi, verl rloo);
     mean_incl_self: b = mean r (Kimi k1.5; the same as loo at tau n/(n-1));
-    partition:      b_i = tau (logsumexp_{j != i}(r_j / tau) - log(n - 1)), a leave-one-out estimate of
-                    tau log Z_t, in log space in float64 (no clamp: a unique best gets A = 2 for rewards
-                    (+1, -1, -1, -1) at tau = 0.01, where OpenKimi's float32 clamped mean gives 0.184)."""
+    partition:      b_i = tau (logsumexp_{j != i}(r_j / tau) - log(n - 1)), a leave-one-out estimate of tau log Z_t,
+                    in log space in float64 (a unique best in (+1, -1, -1, -1) at tau = 0.01 gets A = 2, where
+                    OpenKimi's float32 clamped mean gives 0.184)."""
     n, r = group_size, rewards.view(-1, group_size)
-    if baseline == "loo":
-        adv = (r - r.mean(dim=1, keepdim=True)) * (n / (n - 1))
-    elif baseline == "mean_incl_self":
-        adv = r - r.mean(dim=1, keepdim=True)
-    elif baseline == "partition":
+    if baseline == "partition":
         others = (r.double() / tau).unsqueeze(1).expand(-1, n, n)
         others = others.masked_fill(torch.eye(n, dtype=torch.bool, device=r.device), -math.inf)
-        adv = (r.double() - tau * (torch.logsumexp(others, dim=-1) - math.log(n - 1))).to(r.dtype)
-    else:
+        return (r.double() - tau * (torch.logsumexp(others, dim=-1) - math.log(n - 1))).to(r.dtype).reshape(-1)
+    if baseline not in ("loo", "mean_incl_self"):
         raise ValueError(f"unknown baseline {baseline!r}")
-    return adv.reshape(-1)
+    adv = r - r.mean(dim=1, keepdim=True)
+    return (adv * (n / (n - 1)) if baseline == "loo" else adv).reshape(-1)
 
 
 def pmd_loss(lp, lp_old, mask, adv, args, num_seqs, num_tokens):
     """PMD regression loss of one micro-batch, its share of the mean over the global mini-batch:
         L = (1/N_seq) sum_i 0.5 tau (A_i / tau - Delta_i)^2 / L_i,    Delta_i = sum_t m_it (lp_it - lp_old_it),
     L_i = the completion's length (args.length_norm, OpenKimi "seq-mean-token-mean") or args.max_new_tokens.
-    Per-sample gradient -(A_i - tau Delta_i) / L_i grad log pi_theta(y_i): at theta = theta_old (Delta = 0) the
-    leave-one-out policy gradient, then a pull back toward pi_old as Delta grows. 0.5 tau (A/tau - Delta)^2 =
-    (A - tau Delta)^2 / (2 tau): Kimi k1.5's squared loss divided by 2 tau. lp, lp_old, mask [B, T]; adv [B];
-    num_seqs, num_tokens: global counts. Returns (loss, stats): shares of global means, except `*_min`, `*_max`."""
+    Per-sample gradient -(A_i - tau Delta_i) / L_i grad log pi_theta(y_i): at theta = theta_old the leave-one-out
+    policy gradient, then a pull back toward pi_old as Delta grows (Kimi k1.5's (A - tau Delta)^2 over 2 tau).
+    lp, lp_old, mask [B, T]; adv [B]; num_seqs, num_tokens: global counts; stats: shares of global means."""
     m, tau = mask.to(lp.dtype), args.tau
     delta = ((lp - lp_old) * m).sum(-1)
     length = m.sum(-1).clamp(min=1) if args.length_norm else torch.full_like(delta, float(args.max_new_tokens))
@@ -161,12 +151,8 @@ def pmd_loss(lp, lp_old, mask, adv, args, num_seqs, num_tokens):
 # ==========================================================================================================
 def forward(model, ids, mask, pos, cache=None, keep=0):
     """Logits with explicit positions (left padding), extending the KV cache `cache` when one is given."""
-    cache_kw = (
-        "cache"
-        if "cache" in inspect.signature(getattr(model, "module", model).forward).parameters
-        else "past_key_values"
-    )
-    kw = {cache_kw: cache, "use_cache": True} if cache is not None else {}
+    names = inspect.signature(getattr(model, "module", model).forward).parameters  # `cache` from transformers 5.x
+    kw = {"cache" if "cache" in names else "past_key_values": cache, "use_cache": True} if cache is not None else {}
     return model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, **kw).logits
 
 
@@ -372,13 +358,11 @@ def train(args: Args) -> None:
     model, optimizer = run.start(policy, lambda: evaluate(policy, {"init": init} if args.eval_kl else {}, run, eos))
     for step in run.steps():
         # 1. the step's prompts (one global draw, this rank's share), n completions each from pi_t
-        prompts = run.prompts(step)
-        batch = sample_batch(
-            policy, [run.train_prompts[i] for i in prompts for _ in range(G)], args, eos, pad, run.sampler(step)
-        )
+        rows = [i for i in run.prompts(step) for _ in range(G)]
+        batch = sample_batch(policy, [run.train_prompts[i] for i in rows], args, eos, pad, run.sampler(step))
         run.timer("generate")
         # 2. rewards and advantages A = r - baseline (a group lives on one rank)
-        answers = [run.task.train[i].answer for i in prompts for _ in range(G)]
+        answers = [run.task.train[i].answer for i in rows]
         rewards = torch.tensor(run.task.score(decode(run.tokenizer, batch), answers), device=DEVICE)
         reward_mean, reward_std = global_mean_std(rewards)
         batch["advantages"] = pmd_advantages(rewards, G, args.baseline, args.tau)
@@ -399,8 +383,8 @@ def train(args: Args) -> None:
 # ==========================================================================================================
 DEVICE = torch.device("cpu")  # this rank's GPU, or the CPU (set by Run)
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # checkpoints: whole tensors on rank 0
-RUN_LOCKS = []  # this process's held run-folder locks, closed when main ends (in-process callers run again)
 RESUMABLE = {"resume", "total_steps", "learning_rate", "weight_decay", "max_grad_norm", "eval_every", "save_every"}
+LOCKS = []  # run-folder locks this process holds, released when main ends (tests call main again in-process)
 
 
 class UserError(Exception):
@@ -412,9 +396,9 @@ class Stop(Exception):
 
 
 def main() -> None:
-    """Flags (--help on rank 0 only; with --resume DIR, DIR/args.json holds the defaults and only RESUMABLE flags
-    may change), then train; bad input of any kind ends in one `error:` line."""
-    if int(os.environ.get("RANK", 0)) and {"-h", "--help"} & set(sys.argv):
+    """Flags (with --resume DIR, DIR/args.json gives the defaults and only RESUMABLE flags may change), then train;
+    bad input of any kind ends in one `error:` line."""
+    if int(os.environ.get("RANK", 0)) and {"-h", "--help"} & set(sys.argv):  # --help on rank 0 only
         return
     resume = [b if a == "--resume" else a[9:] for a, b in zip(sys.argv, sys.argv[1:] + [""]) if a[:8] == "--resume"]
     code = 0
@@ -430,49 +414,45 @@ def main() -> None:
     except Stop as e:
         print(f"stopped: {e}", file=sys.stderr)
         code = 143
-    if dist.is_initialized():  # only now, with the sharded model's reference cycles collected: not after the group
+    if dist.is_initialized():  # with the sharded model's reference cycles collected first
         gc.collect()
         dist.destroy_process_group()
-    while RUN_LOCKS:
-        RUN_LOCKS.pop().close()
+    while LOCKS:
+        LOCKS.pop().close()
     sys.exit(code)
 
 
-def lock_run_folder(run_dir: str) -> None:
-    """Rank 0 holds an exclusive flock on RUN/.lock while it runs (the OS drops it on any exit, SIGKILL included):
-    a second process resuming the same folder gets an error instead of interleaving checkpoints and metrics."""
-    import fcntl
-
-    f = open(os.path.join(run_dir, ".lock"), "w")  # held open for the run's life
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise UserError(f"{run_dir} is in use by another run (it holds {run_dir}/.lock); wait for it to end") from None
-    RUN_LOCKS.append(f)
-
-
 def saved_args(folder: str) -> dict:
-    """A run folder's flags (its args.json, JSON lists back to tuples); a folder of another script is an error."""
+    """A run folder's flags (JSON lists back to tuples); a folder of another script is an error."""
     try:
         with open(os.path.join(folder, "args.json")) as f:
             saved = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"{folder} is not a run folder (args.json: {e})") from None
-    other = sorted(set(saved) - set(Args.__dataclass_fields__)) if isinstance(saved, dict) else ["?"]
-    if other:
-        raise UserError(f"{folder} is a run of another script (flags {', '.join(other[:3])} are not this one's)")
+    if not isinstance(saved, dict) or set(saved) - set(Args.__dataclass_fields__):
+        raise UserError(f"{folder} is a run of another script (its flags are not this one's)")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+
+
+def lock(run_dir: str) -> None:
+    """Rank 0 holds an flock on RUN/.lock while it runs (the OS drops it on any exit, SIGKILL included), so a second
+    process never writes into a run folder in use."""
+    import fcntl
+
+    LOCKS.append(f := open(os.path.join(run_dir, ".lock"), "w"))
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise UserError(f"{run_dir} is in use by another run (it holds {run_dir}/.lock); wait for it to end") from None
 
 
 def check_numbers(args, positive: tuple) -> None:
     """No flag may be negative; `positive` ones, and sizes, lengths and counts not defaulting to 0, must be > 0."""
     for k, v in asdict(args).items():
-        default = type(args).__dataclass_fields__[k].default
         suffix = k.endswith(("_size", "_length", "_tokens", "_steps", "_per_step", "_per_prompt", "_per_round"))
-        count = (k.startswith("num_") or suffix) and default != 0
-        if type(v) in (int, float) and (v <= 0 if k in positive or count else v < 0):
-            raise UserError(f"--{k} must be {'> 0' if k in positive or count else '>= 0'}, got {v}")
+        strict = k in positive or (k.startswith("num_") or suffix) and type(args).__dataclass_fields__[k].default != 0
+        if type(v) in (int, float) and (v <= 0 if strict else v < 0):
+            raise UserError(f"--{k} must be {'> 0' if strict else '>= 0'}, got {v}")
 
 
 def seed_of(args, *keys) -> int:
@@ -497,8 +477,8 @@ def global_mean_std(x) -> tuple:
 
 
 def reduce_stats(stats: list, steps: int) -> dict:
-    """Metrics of an update from its micro-batches' stats (shares of global means): means over its optimizer
-    steps, summed over ranks; `*_min` / `*_max` are global extremes."""
+    """An update's metrics from its micro-batches' stats (shares of global means): summed over ranks and averaged
+    over its optimizer steps; `*_min` / `*_max` are global extremes."""
     out = {}
     for k in sorted({k for s in stats for k in s}):  # the same keys in the same order on every rank
         op = "min" if k.endswith("_min") else "max" if k.endswith("_max") else "sum"
@@ -513,8 +493,7 @@ def autocast(args):
 
 
 def optimizer_step(model, optimizer, args) -> dict:
-    """Clip the gradient norm (0: no clipping), stop on a non-finite one (the same on every rank), step at the
-    warm-up learning rate."""
+    """Clip the gradient norm (0: no clipping), stop on a non-finite one, step at the warm-up learning rate."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a distributed tensor
     if not torch.isfinite(norm):
@@ -524,14 +503,13 @@ def optimizer_step(model, optimizer, args) -> dict:
         group["lr"] = args.learning_rate * min(1, (done + 1) / max(args.warmup_steps, 1))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"charts/grad_norm": norm.item() / (dist.get_world_size() if dist.is_initialized() else 1)}  # a share
+    return {"charts/grad_norm": norm.item() / world_rank()[0]}  # a share of the global value
 
 
 def load_model(path: str, args, trainable: bool = False):
-    """A causal LM, dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained: a trained one in
-    float32 (the optimizer's master weights). A frozen one computes as the trained one does, so their log-probs agree
-    at theta = theta_ref: bf16 weights with --bf16 under FSDP (whose MixedPrecisionPolicy casts the trained weights
-    to bf16), else float32 weights under autocast (bf16 ones would round the residual stream the policy keeps)."""
+    """A causal LM with dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained; a trained one
+    in float32 (AdamW's master weights). A frozen one computes as the trained one does, so their log-probs agree at
+    theta = theta_ref: in bf16 under FSDP with --bf16 (its MixedPrecisionPolicy), else float32 under autocast."""
     from transformers import AutoModelForCausalLM
 
     bf16 = args.bf16 and DEVICE.type == "cuda" and not trainable and dist.is_initialized()
@@ -539,16 +517,15 @@ def load_model(path: str, args, trainable: bool = False):
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout) or hasattr(m, "attention_dropout"):
             m.p = m.attention_dropout = 0.0
-    if trainable and args.gradient_checkpointing:  # transformers >= 5.2x renamed it activation checkpointing
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)(
-            {"use_reentrant": False}
-        )
+    if trainable and args.gradient_checkpointing:  # (transformers 5.2x renamed it activation checkpointing)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     return model.to(DEVICE).train(trainable).requires_grad_(trainable)
 
 
 def shard(model, args):
-    """Under torchrun, FSDP2 (each decoder layer, then the root): weights, gradients and AdamW state are split over
-    the ranks; on CUDA bf16 weights in compute with float32 gradient reductions. One process: the model as it is."""
+    """Under torchrun, FSDP2 on each decoder layer and the root: weights, gradients and AdamW state split over the
+    ranks; on CUDA with --bf16, bf16 compute and float32 gradient reductions. One process: the model as it is."""
     if not dist.is_initialized():
         return model
     from torch.distributed.device_mesh import init_device_mesh
@@ -565,19 +542,17 @@ def shard(model, args):
 
 @contextlib.contextmanager
 def gathered(model, args):
-    """FSDP2: all-gather the weights once for a whole inference phase (a rollout, log-probs, an eval) rather than per
-    layer at every forward; no collective inside it, so ranks may run different numbers of forwards. Costs the
-    full weights' memory meanwhile. Anything else: nothing to do."""
+    """FSDP2: all-gather the weights once for a whole inference phase (rollout, log-probs, eval), not per layer at
+    every forward; with no collective inside, ranks may run different numbers of forwards. Else: nothing."""
     sharded = [m for m in model.modules() if hasattr(m, "unshard")] if model is not None else []
     for m in sharded:
         m.unshard()
     if sharded:
         model.set_reshard_after_forward(False)
     yield
-    if sharded:
-        model.set_reshard_after_forward(args.reshard_after_forward)
-        for m in sharded:
-            m.reshard()
+    for m in sharded:
+        m.set_reshard_after_forward(args.reshard_after_forward, recurse=False)
+        m.reshard()
 
 
 def local(path: str) -> str:
@@ -590,7 +565,7 @@ def local(path: str) -> str:
 
 
 class Run:
-    """The task and its prompts, processes, the run folder (created exclusively), checkpoints and resume,
+    """The task and its prompts, the processes, the run folder (created exclusively), checkpoints and resume,
     metrics, the progress bar and the stop signals (SIGTERM, SIGINT: finish the step, save, exit 143)."""
 
     def __init__(self, args):
@@ -598,21 +573,19 @@ class Run:
 
         global DEVICE
         self.args, self.world, self.rank = args, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-        cuda, self.stop = args.cuda and torch.cuda.is_available(), []
+        cuda, self.stop, self.checkpoint = args.cuda and torch.cuda.is_available(), [], None
         DEVICE = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % max(torch.cuda.device_count(), 1)}")
         DEVICE = DEVICE if cuda else torch.device("cpu")  # (% : launchers that show each process one GPU)
         args.bf16 = cuda and torch.cuda.is_bf16_supported() if args.bf16 is None else args.bf16
         self.task = load_task(args.task, args.train_file, args.eval_file, args.prompt_field, args.answer_field)
-        if args.max_prompt_length is None:  # task defaults (0 is refused by check_args, not replaced)
-            args.max_prompt_length = self.task.max_prompt_length
-        if args.max_new_tokens is None:
-            args.max_new_tokens = self.task.max_new_tokens
+        for k in ("max_prompt_length", "max_new_tokens"):  # task defaults (0 is refused by check_args)
+            setattr(args, k, getattr(self.task, k) if getattr(args, k) is None else getattr(args, k))
         check_args(args, self.world)
         name = args.run_name or f"{self.task.name}__{args.exp_name}__{args.seed}__{int(time.time())}_{os.getpid()}"
-        self.run_dir, self.checkpoint = args.resume or os.path.join(args.output_dir, name), None
-        if args.resume:
+        self.run_dir = args.resume or os.path.join(args.output_dir, name)
+        if args.resume:  # the newest complete checkpoint, by folder name
             if self.rank == 0 and not getattr(args, "sample_from", None):  # (Q#'s --sample_from only reads it)
-                lock_run_folder(self.run_dir)
+                lock(self.run_dir)
             found = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*")))
             for tmp in [c for c in found if c.endswith(".tmp")]:
                 print(f"warning: skipping {tmp}, an interrupted save", file=sys.stderr)
@@ -639,10 +612,9 @@ class Run:
             config = transformers.AutoConfig.from_pretrained(local(args.model_name_or_path))
         except OSError as e:
             raise UserError(f"could not load {args.model_name_or_path!r}: {str(e).strip().splitlines()[0]}") from None
-        if args.max_prompt_length + args.max_new_tokens > getattr(config, "max_position_embeddings", math.inf):
-            raise UserError(
-                f"--max_prompt_length + --max_new_tokens > the model's {config.max_position_embeddings} positions"
-            )
+        positions = getattr(config, "max_position_embeddings", math.inf)
+        if args.max_prompt_length + args.max_new_tokens > positions:
+            raise UserError(f"--max_prompt_length + --max_new_tokens > the model's {positions} positions")
         self.tokenizer.pad_token = self.tokenizer.pad_token or self.tokenizer.eos_token
         limit, template, evals = args.max_prompt_length, args.chat_template, self.task.eval[: args.eval_num_prompts]
         self.train_prompts = encode_prompts(self.tokenizer, self.task.train, template, limit, "train")
@@ -652,9 +624,9 @@ class Run:
             raise UserError(f"--prompts_per_step {args.prompts_per_step} > {len(self.train_prompts)} training prompts")
 
     def start(self, policy, evaluate):
-        """Wrap the trained model for data parallelism, make AdamW (restored when resuming), create the run folder
-        (exclusively: two runs never share one) and its log, evaluate at step 0. Returns (model, optimizer)."""
-        args, self.evaluate, self.writers = self.args, evaluate, []
+        """Shard the trained model, make AdamW (restored when resuming), create the run folder (exclusively: two
+        runs never share one) and its log, evaluate at step 0. Returns (model, optimizer)."""
+        args, self.evaluate, self.tb = self.args, evaluate, None
         self.model = shard(policy, args)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), args.learning_rate, weight_decay=args.weight_decay)
         self.state = {"step": 0, "elapsed_s": 0.0, "prompts_seen": 0}
@@ -667,13 +639,13 @@ class Run:
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=bool(args.resume))
             if not args.resume:
-                lock_run_folder(self.run_dir)
+                lock(self.run_dir)
             with open(os.path.join(self.run_dir, "args.json"), "w") as f:
                 json.dump(asdict(args) | {"resume": None}, f, indent=1)
             rows = open(self.log_path).readlines() if os.path.exists(self.log_path) else []
             with open(self.log_path, "w") as f:  # what was logged after the checkpoint is logged again
                 f.writelines(r for r in rows if json.loads(r)["step"] <= self.state["step"])
-            self.writers = make_writers(args, self.run_dir) if args.track else []
+            self.tb = tensorboard(args, self.run_dir) if args.track else None
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, lambda signum, _: self.stop.append(signal.Signals(signum).name))
         self.t0 = time.time() - self.state["elapsed_s"]
@@ -714,8 +686,8 @@ class Run:
             row |= {k: v if math.isfinite(v) else None for k, v in metrics.items()}  # JSON has no NaN
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            for write in self.writers:
-                write(step, metrics)
+            for k, v in metrics.items() if self.tb else []:
+                self.tb.add_scalar(k, v, step)
 
     def end_step(self, step: int, batch: dict, metrics: dict) -> None:
         """Counters, the eval when due, the metrics row, a checkpoint every --save_every steps, at the end, or on
@@ -741,9 +713,8 @@ class Run:
             raise Stop(f"{why}: checkpoint of step {step} saved; continue with --resume {self.run_dir}")
 
     def save(self, step: int) -> None:
-        """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt (optimizer, counters),
-        written as step_N.tmp then renamed (never half-written); only the newest --keep_last are kept; `final`
-        links to the last one."""
+        """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt (optimizer, counters), written
+        as step_N.tmp and renamed (never half-written); the newest --keep_last kept; `final` links to the last."""
         self.state |= {"step": step, "elapsed_s": time.time() - self.t0}
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=FULL_STATE)
         path = os.path.join(self.run_dir, "checkpoints", f"step_{step:06d}")
@@ -767,20 +738,17 @@ class Run:
             dist.barrier()
 
 
-def make_writers(args, run_dir: str) -> list:
-    """--track: TensorBoard, mirrored to W&B, each when installed."""
+def tensorboard(args, run_dir: str):
+    """--track: a TensorBoard writer, mirrored to W&B; each when installed."""
     with contextlib.suppress(ImportError):
         import wandb
 
-        wandb.init(
-            project=args.wandb_project_name, name=os.path.basename(run_dir), config=asdict(args), sync_tensorboard=True
-        )
+        name, config = os.path.basename(run_dir), asdict(args)
+        wandb.init(project=args.wandb_project_name, name=name, config=config, sync_tensorboard=True)
     with contextlib.suppress(ImportError):
         from torch.utils.tensorboard import SummaryWriter
 
-        tb = SummaryWriter(run_dir)
-        return [lambda step, metrics: [tb.add_scalar(k, v, step) for k, v in metrics.items()]]
-    return []
+        return SummaryWriter(run_dir)
 
 
 if __name__ == "__main__":

@@ -2,18 +2,12 @@
 # Q-sharp: "Q#: Provably Optimal Distributional RL for LLM Post-Training" (arXiv 2502.20548).
 """Q#: learn the return distribution of the frozen reference pi_ref, then sample from pi_ref e^{Q*/eta}, in one file.
 
-Token MDP (state = prompt + tokens so far, action = next token, episode ends at EOS or max_new_tokens), outcome
-reward R, objective J(pi) = E_pi[R] - eta KL(pi || pi_ref). Because transitions are deterministic the soft Bellman
-recursion telescopes:
-    Q*(s, a) = eta ln E_{pi_ref}[ e^{R/eta} | s, a ]        (continuations from pi_ref after a),
-    pi*(a|s) = pi_ref(a|s) e^{(Q*(s,a) - V*(s))/eta},        pi*(y) = pi_ref(y) e^{R(y)/eta} / Z for whole sequences.
-So Q* needs only the return DISTRIBUTION of pi_ref at every (state, token): a Q model (a causal-LM backbone plus a
-categorical head over reward atoms) is fit by maximum likelihood on pi_ref rollouts, and one learned law serves
-every eta (the eval sweep). Q# never fine-tunes pi_ref. One step is one round: round 1 samples pi_ref; later rounds
-roll in with the current guided policy, switch at a uniformly drawn token and roll out with pi_ref, so every label
-(the switch token and every pi_ref token after it, labelled with the final reward) is an unbiased sample of the
-pi_ref return law; the data of all rounds is trained on together. CD (controlled decoding) guides with
-pi_ref e^{E[R|s,a]/eta} instead, which is not pi*.
+J(pi) = E_pi[R] - eta KL(pi || pi_ref) on the token MDP, whose deterministic transitions telescope the soft Bellman
+recursion:   Q*(s, a) = eta ln E_{pi_ref}[ e^{R/eta} | s, a ],   pi*(a|s) = pi_ref(a|s) e^{(Q*(s,a) - V*(s))/eta}.
+So Q* needs only pi_ref's return DISTRIBUTION, fit by maximum likelihood with a Q model (backbone + categorical head
+over reward atoms); one law serves every eta, and pi_ref is never trained. Each round (step) rolls in with pi_ref or
+the guided policy, switches at a uniform token and rolls out with pi_ref, so every label is an unbiased sample of
+pi_ref's return law; all rounds' data is kept. CD guides with pi_ref e^{E[R|s,a]/eta} instead, which is not pi*.
 """
 
 import contextlib
@@ -110,7 +104,7 @@ class Args:
 
 
 def check_args(args: Args, world: int) -> None:
-    check_numbers(args, positive=("temperature", "eta", "num_atoms", "score_batch_size", "q_batch_size"))
+    check_numbers(args, positive=("temperature", "eta"))  # (counts and sizes: > 0 already)
     if (args.rollin_eta is not None and args.rollin_eta <= 0) or min(args.eval_etas) <= 0:
         raise UserError("--rollin_eta and --eval_etas must be > 0 (the paper's KL coefficient)")
     if args.num_atoms < 2 or args.v_max <= args.v_min or args.heldout_frac >= 1:
@@ -135,20 +129,19 @@ def cd_value(log_pmf, atoms):
 
 
 def atom_bin(rewards, atoms) -> tuple:
-    """Index of the nearest atom to each reward, exact ties to the LOWER atom; rewards outside [v_min, v_max] are
-    clamped. Returns (indices, clamped mask). The official code rounds R (A - 1) half-to-even, ignoring the range."""
+    """(index of the nearest atom, exact ties to the LOWER one; mask of rewards outside [v_min, v_max], clamped).
+    The official code rounds R (A - 1) half-to-even, ignoring the range."""
     r = rewards.to(atoms.dtype)
     idx = (r.clamp(atoms[0], atoms[-1]).unsqueeze(-1) - atoms).abs().argmin(dim=-1)
     return idx, (r < atoms[0]) | (r > atoms[-1])
 
 
 def dist_loss(log_pmf, bins, mask, num_seqs, num_labels=None, weighting: str = "labels"):
-    """Distributional maximum likelihood, this micro-batch's share of the loss of the global batch:
+    """Distributional maximum likelihood, this micro-batch's share of the global batch's loss:
         labels:    L = (1/N_lab) sum_i sum_{t in T_i} -log p_theta(bin(R_i) | s_t, y_t),   N_lab = sum_i |T_i|,
         sequences: L = (1/N_seq) sum_i (1/|T_i|) sum_{t in T_i} -log p_theta(bin(R_i) | s_t, y_t)   (official).
-    Each label samples pi_ref's return law at its (s_t, y_t): only equal weights give its maximum likelihood (1/|T_i|
-    depends on the continuation, hence on R). log_pmf [B, T, A], bins [B] (a sequence's label: its final reward),
-    mask [B, T] marks T_i; num_seqs, num_labels: GLOBAL counts (num_labels None: this batch's)."""
+    Only equal label weights are the maximum likelihood of pi_ref's return law (|T_i| depends on the continuation,
+    hence on R). log_pmf [B, T, A], bins [B], mask [B, T] = T_i; GLOBAL counts (num_labels None: this batch's)."""
     nll = -log_pmf.gather(-1, bins.view(-1, 1, 1).expand(-1, log_pmf.shape[1], 1)).squeeze(-1)
     m = mask.to(nll.dtype)
     if weighting == "sequences":
@@ -158,8 +151,7 @@ def dist_loss(log_pmf, bins, mask, num_seqs, num_labels=None, weighting: str = "
 
 def guided_logits(ref_logits, offsets, temperature: float, top_k: int = 0, outside: str = "zero"):
     """l'_a = l_a / T + o(a), o = Q/eta (Q#) or E[R]/eta (CD), added AFTER tempering (the official code adds it
-    before, dividing the offset by T). top_k > 0: only the k largest reference logits get their offset; the others
-    get 0 (`zero`) or are removed (`mask`)."""
+    before). top_k > 0: only the k largest reference logits get their offset, the others 0 (`zero`) or removed."""
     tempered = ref_logits / temperature
     if top_k <= 0 or top_k >= ref_logits.shape[-1]:
         return tempered + offsets
@@ -170,26 +162,24 @@ def guided_logits(ref_logits, offsets, temperature: float, top_k: int = 0, outsi
 
 
 def make_targets(completion_mask, switch, only_switch: bool = False):
-    """Label positions of each completion [B, C]: the switch token c and every pi_ref token after it up to and
-    including EOS (only c with `only_switch`); never the prompt or padding."""
+    """Label positions [B, C]: the switch token and every pi_ref token after it, EOS included (only the switch token
+    with `only_switch`); never the prompt or padding."""
     pos = torch.arange(completion_mask.shape[1], device=completion_mask.device).unsqueeze(0)
     at_or_after = (pos == switch.unsqueeze(1)) if only_switch else (pos >= switch.unsqueeze(1))
     return at_or_after & completion_mask.bool()
 
 
 def seq_kl(guided, reference, mask):
-    """sum_t KL(softmax(guided_t) || softmax(reference_t)) over the masked positions: the exact per-position KL
-    along a sample, whose expectation is the sequence KL(pi_g || pi_ref) by the chain rule. guided, reference
-    [..., T, V] (reference already tempered); -inf guided logits (masked top-k) count 0."""
+    """sum_t KL(softmax(guided_t) || softmax(reference_t)) over masked positions [..., T, V]: by the chain rule its
+    expectation is the sequence KL(pi_g || pi_ref). -inf guided logits (masked top-k) count 0."""
     lg, lr = torch.log_softmax(guided, -1), torch.log_softmax(reference, -1)
     p = lg.exp()
     return (torch.where(p > 0, p * (lg - lr), torch.zeros_like(p)).sum(-1) * mask.to(p.dtype)).sum(-1)
 
 
 def kl_at_equal_reward(front: list, pass_at_1: float) -> float:
-    """The KL another method needs for the same pass@1: linear interpolation on its Pareto front of (pass@1, KL)
-    points (pi_ref's (pass@1, 0) included; points beaten by one with less KL and more pass@1 dropped). NaN
-    outside the front's range; a dense --eval_etas keeps the interpolation of a convex front close."""
+    """The KL another method needs for this pass@1: linear interpolation on its Pareto front of (pass@1, KL) points
+    (dominated points dropped); NaN outside the front's range."""
     pts, best = [], -math.inf
     for p, kl in sorted(front, key=lambda x: (x[1], -x[0])):
         if p > best:
@@ -206,12 +196,8 @@ def kl_at_equal_reward(front: list, pass_at_1: float) -> float:
 # ==========================================================================================================
 def forward(model, ids, mask, pos, cache=None, keep=0):
     """Logits with explicit positions (left padding), extending the KV cache `cache` when one is given."""
-    cache_kw = (
-        "cache"
-        if "cache" in inspect.signature(getattr(model, "module", model).forward).parameters
-        else "past_key_values"
-    )
-    kw = {cache_kw: cache, "use_cache": True} if cache is not None else {}
+    names = inspect.signature(getattr(model, "module", model).forward).parameters  # `cache` from transformers 5.x
+    kw = {"cache" if "cache" in names else "past_key_values": cache, "use_cache": True} if cache is not None else {}
     return model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, **kw).logits
 
 
@@ -290,18 +276,16 @@ class QModel(torch.nn.Module):
 
 
 def noise(args, kind: int, prompt: int, sample: int, n: int):
-    """The noise of one roll-out from (seed, kind = round or -1 for eval, prompt id, sample index) alone: the
-    collected data and the eval samples do not depend on the number of ranks or on batching."""
-    return torch.rand(
-        n, generator=torch.Generator().manual_seed(seed_of(args, kind, prompt, sample)), dtype=torch.float64
-    )
+    """A roll-out's noise from (seed, kind = round or -1 for eval, prompt id, sample index) alone: the collected
+    data and the eval samples do not depend on the number of ranks or on batching."""
+    generator = torch.Generator().manual_seed(seed_of(args, kind, prompt, sample))
+    return torch.rand(n, generator=generator, dtype=torch.float64)
 
 
 @torch.no_grad()
 def score_candidates(qmodel, cache, attn, pos, chunk: int):
-    """V-type head: log-pmfs of every next token as a candidate, [B, V, A]. The prefix cache is copied and
-    expanded |V| times per chunk of rows, the candidates run as one batch of single tokens, and the copies are
-    dropped, so no candidate key/value leaks into the next step (tests compare with a no-cache forward)."""
+    """V-type head: log-pmfs of every next token as a candidate, [B, V, A]: per chunk of rows, the prefix cache is
+    copied |V| times and the candidates run as one batch of single tokens, so none leaks into the next step."""
     B, V, out = attn.shape[0], qmodel.vocab_size, []
     for i in range(0, B, chunk):
         rows = torch.arange(i, min(i + chunk, B), device=attn.device)
@@ -309,24 +293,20 @@ def score_candidates(qmodel, cache, attn, pos, chunk: int):
         keep_rows(c, rows.repeat_interleave(V))
         cand = torch.arange(V, device=attn.device).repeat(len(rows)).unsqueeze(1)
         a = torch.cat([attn[rows].repeat_interleave(V, 0), attn.new_ones(len(rows) * V, 1)], dim=1)
-        out.append(
-            qmodel.log_pmf(qmodel.hidden(cand, a, (pos[rows] + 1).repeat_interleave(V, 0), c)[:, -1]).view(
-                len(rows), V, -1
-            )
-        )
+        h = qmodel.hidden(cand, a, (pos[rows] + 1).repeat_interleave(V, 0), c)[:, -1]
+        out.append(qmodel.log_pmf(h).view(len(rows), V, -1))
     return torch.cat(out)
 
 
 @torch.no_grad()
 def sample(ref, qmodel, prompts: list, uniforms, mode: str, eta: float, args, atoms, eos, pad, max_tokens=None):
-    """One completion per prompt (token lists), tokens by inverse CDF from `uniforms` [B, >= H], with KV caches;
-    rows that emitted EOS leave the batch. mode "ref": pi_ref = softmax(l / T); "qsharp": softmax(l / T + Q/eta);
-    "cd": softmax(l / T + E[R]/eta) (`guided_logits`, with --top_k). Returns (tokens [B, C], completion mask,
-    kl [B, H]): the exact KL(pi_g(.|s_t) || pi_ref(.|s_t)) at each generated position t (0 after the end and for
-    "ref"), whose sum along a sample is its sequence KL. Under FSDP the caller holds qmodel `gathered`."""
+    """One completion per prompt, tokens by inverse CDF from `uniforms` [B, >= H], KV-cached, finished rows leaving
+    the batch. mode "ref": softmax(l / T); "qsharp": softmax(l / T + Q/eta); "cd": softmax(l / T + E[R]/eta). Returns
+    (tokens [B, C], completion mask, kl [B, H]: the exact KL(pi_g || pi_ref) at each generated position, 0 after the
+    end and for "ref"). Under FSDP the caller holds qmodel `gathered`."""
     from transformers import DynamicCache
 
-    batch, H = make_batch(prompts, None, eos, pad), max_tokens or args.max_new_tokens
+    batch, H, guided = make_batch(prompts, None, eos, pad), max_tokens or args.max_new_tokens, mode != "ref"
     p_ids, p_mask, index = batch["prompt_ids"], batch["prompt_mask"], batch["prompt_index"]
     attn, q_cache = p_mask[index], DynamicCache()
     pos = attn.sum(-1, keepdim=True) - 1  # the position of each row's last token
@@ -334,42 +314,36 @@ def sample(ref, qmodel, prompts: list, uniforms, mode: str, eta: float, args, at
     kl, live = tokens.new_zeros(tokens.shape, dtype=torch.float64), torch.arange(len(prompts), device=DEVICE)
     with autocast(args):  # each distinct prompt runs once in each model, its caches copied to its rows
         ref_logits, ref_cache = prefill(ref, p_ids, p_mask, index)
-        if mode != "ref":
+        if guided:
             q_hidden = qmodel.hidden(p_ids, p_mask, (p_mask.cumsum(-1) - 1).clamp(min=0), q_cache)[index, -1]
             keep_rows(q_cache, index)
     for t in range(H):
         ref_logits = ref_logits.to(torch.promote_types(ref_logits.dtype, torch.float32))
-        logits = ref_logits / args.temperature
-        if mode != "ref":
+        logits = tempered = ref_logits / args.temperature
+        if guided:
             with autocast(args):
-                log_pmf = (
-                    qmodel.log_pmf(q_hidden)
-                    if qmodel.head_type == "q"
-                    else score_candidates(qmodel, q_cache, attn, pos, args.score_batch_size)
-                )
+                if qmodel.head_type == "q":
+                    log_pmf = qmodel.log_pmf(q_hidden)
+                else:
+                    log_pmf = score_candidates(qmodel, q_cache, attn, pos, args.score_batch_size)
             offsets = soft_q(log_pmf, atoms, eta) / eta if mode == "qsharp" else cd_value(log_pmf, atoms) / eta
             logits = guided_logits(ref_logits, offsets, args.temperature, args.top_k, args.topk_outside)
-            kl[live, t] = seq_kl(
-                logits[:, None], (ref_logits / args.temperature)[:, None], torch.ones_like(live)[:, None]
-            ).double()
+            kl[live, t] = seq_kl(logits[:, None], tempered[:, None], torch.ones_like(live)[:, None]).double()
         u = uniforms[live.cpu(), t, None].to(DEVICE, torch.float64)
-        tok = (
-            torch.searchsorted(torch.softmax(logits.double(), -1).cumsum(-1), u)
-            .squeeze(-1)
-            .clamp(max=logits.shape[-1] - 1)
-        )
+        cdf = torch.softmax(logits.double(), -1).cumsum(-1)
+        tok = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=logits.shape[-1] - 1)
         tokens[live, t], done = tok, torch.isin(tok, eos)
         if t == H - 1 or done.all():
             break
         if done.any():  # finished rows leave the batch and both caches
             keep = (~done).nonzero().squeeze(-1)
-            for cache in (ref_cache, q_cache) if mode != "ref" else (ref_cache,):
+            for cache in (ref_cache, q_cache) if guided else (ref_cache,):
                 keep_rows(cache, keep)
             live, tok, attn, pos = live[keep], tok[keep], attn[keep], pos[keep]
         attn, pos = torch.cat([attn, attn.new_ones(len(live), 1)], 1), pos + 1
         with autocast(args):
             ref_logits = forward(ref, tok[:, None], attn, pos, ref_cache, keep=1)[:, -1]
-            if mode != "ref":
+            if guided:
                 q_hidden = qmodel.hidden(tok[:, None], attn, pos, q_cache)[:, -1]
     out = make_batch(prompts, tokens[:, : t + 1].unbind(), eos, pad)
     return out["completion_ids"], out["completion_mask"], kl
@@ -385,45 +359,30 @@ def all_gather(items: list) -> list:
 
 @torch.no_grad()
 def collect(step: int, ref, qmodel, run, prompt_ids: list, atoms, eos) -> list:
-    """Examples of this rank's prompts: for each (prompt, sample) a response y_0..y_{L-1} from pi_ref (round 1) or
-    the guided policy at rollin_eta (later rounds), a switch c ~ Unif{0..L-1}, y_0..y_c kept and the rest
-    re-sampled from pi_ref (at most H tokens in all), the reward R of the final text. Labels: c and every
-    position after it. Round 1 re-samples too: keeping its own tokens after c would select the labels (c uniform
-    over the sequence's own length) by the continuation, biasing the law they sample."""
-    args, tok = run.args, run.tokenizer
-    H, S, out = args.max_new_tokens, args.samples_per_prompt, []
+    """Examples of this rank's prompts: per (prompt, sample) a roll-in from pi_ref (round 1) or the guided policy at
+    rollin_eta, a switch c ~ Unif{0..L-1}, y_0..y_c kept and the rest re-sampled from pi_ref (at most H tokens), the
+    reward of the final text. Round 1 re-samples too: keeping its own tokens after c would select the labels by the
+    continuation (c is uniform over its own length), biasing the law they sample."""
+    args, tok, pad = run.args, run.tokenizer, run.tokenizer.pad_token_id
+    H, S, eta, out = args.max_new_tokens, args.samples_per_prompt, args.rollin_eta or args.eta, []
+    per_call = max(1, args.gen_batch_size // S)  # prompts per sampling call
     with gathered(qmodel, args):  # FSDP: the Q model gathered once for all chunks (ranks may run different numbers)
-        for i in range(0, len(prompt_ids), max(1, args.gen_batch_size // S)):
-            rows = [(p, j) for p in prompt_ids[i : i + max(1, args.gen_batch_size // S)] for j in range(S)]
+        for i in range(0, len(prompt_ids), per_call):
+            rows = [(p, j) for p in prompt_ids[i : i + per_call] for j in range(S)]
             u = torch.stack([noise(args, step, p, j, 2 * H + 1) for p, j in rows])
-            prompts = [run.train_prompts[p] for p, _ in rows]
-            mode = "ref" if step == 1 else "qsharp"
-            toks, cmask, _ = sample(
-                ref, qmodel, prompts, u[:, :H], mode, args.rollin_eta or args.eta, args, atoms, eos, tok.pad_token_id
-            )
+            prompts, mode = [run.train_prompts[p] for p, _ in rows], "ref" if step == 1 else "qsharp"
+            toks, cmask, _ = sample(ref, qmodel, prompts, u[:, :H], mode, eta, args, atoms, eos, pad)
             lengths = cmask.sum(-1).tolist()
             switch = [min(int(u[k, 2 * H].item() * L), L - 1) for k, L in enumerate(lengths)]
             completions = [toks[k, : c + 1].tolist() for k, c in enumerate(switch)]
             redo = [k for k in range(len(rows)) if switch[k] + 1 < lengths[k]]
             if redo:  # roll out from the switch token with pi_ref, at most H tokens in all
-                more, mask, _ = sample(
-                    ref,
-                    None,
-                    [prompts[k] + completions[k] for k in redo],
-                    u[redo, H : 2 * H],
-                    "ref",
-                    args.eta,
-                    args,
-                    atoms,
-                    eos,
-                    tok.pad_token_id,
-                    max_tokens=H - 1,
-                )
+                heads = [prompts[k] + completions[k] for k in redo]
+                more, mask, _ = sample(ref, None, heads, u[redo, H : 2 * H], "ref", eta, args, atoms, eos, pad, H - 1)
                 for r, k in enumerate(redo):
                     completions[k] += more[r, : min(int(mask[r].sum()), H - 1 - switch[k])].tolist()
-            rewards = run.task.score(
-                tok.batch_decode(completions, skip_special_tokens=True), [run.task.train[p].answer for p, _ in rows]
-            )
+            texts = tok.batch_decode(completions, skip_special_tokens=True)
+            rewards = run.task.score(texts, [run.task.train[p].answer for p, _ in rows])
             out += [
                 {"prompt_id": p, "sample": j, "round": step, "completion": c, "switch": s, "reward": r}
                 for (p, j), c, s, r in zip(rows, completions, switch, rewards)
@@ -435,8 +394,7 @@ def collect(step: int, ref, qmodel, run, prompt_ids: list, atoms, eos) -> list:
 # UPDATE: the Q model, by maximum likelihood of the collected return labels
 # ==========================================================================================================
 def q_batch(examples: list, run, atoms, eos) -> dict:
-    """Prompt + completion rows (the shared batch layout), the label mask over completion positions and each
-    sequence's atom bin."""
+    """The shared batch layout of prompt + completion rows, the label mask and each sequence's atom bin."""
     prompts = [run.train_prompts[e["prompt_id"]] for e in examples]
     batch = make_batch(prompts, [e["completion"] for e in examples], eos, run.tokenizer.pad_token_id)
     switch = torch.tensor([e["switch"] for e in examples], device=DEVICE)
@@ -459,10 +417,9 @@ def q_log_pmf(qmodel, batch: dict):
 
 
 def train_q_epoch(model, optimizer, examples: list, run, atoms, eos, seed: int) -> float:
-    """One pass over `examples` in global batches of q_batch_size sequences (the last one filled up by wrapping
-    around, so every rank runs the same number of steps); each rank takes its slice, the batch's label count is
-    all-reduced before its loss is formed, and each rank backpropagates its share x world size (FSDP averages).
-    Returns the mean loss."""
+    """One pass in global batches of q_batch_size sequences (the last filled up by wrapping around, so every rank
+    runs the same steps), each rank its slice; the batch's label count is all-reduced before any loss is formed, and
+    each rank backpropagates its share x world size (FSDP averages). Returns the mean loss."""
     args, perm = run.args, torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     qb, steps, total = args.q_batch_size, math.ceil(len(examples) / args.q_batch_size), 0.0
     perm = (perm * math.ceil(steps * qb / len(examples)))[: steps * qb]
@@ -484,18 +441,15 @@ def train_q_epoch(model, optimizer, examples: list, run, atoms, eos, seed: int) 
 
 @torch.no_grad()
 def heldout_q_loss(qmodel, examples: list, run, atoms, eos) -> float:
+    args, w = run.args, run.args.q_loss_weighting
     mine, total = examples[run.rank :: run.world], torch.zeros(2, dtype=torch.float64, device=DEVICE)
-    with gathered(qmodel, run.args):  # ranks hold different numbers of held-out examples
-        for i in range(0, len(mine), run.args.micro_batch_size):
-            batch, w = q_batch(mine[i : i + run.args.micro_batch_size], run, atoms, eos), run.args.q_loss_weighting
-            n = len(batch["bins"]) if w == "sequences" else batch["targets"].sum().item()  # sequences or labels
-            with autocast(run.args):
-                total += torch.stack(
-                    [
-                        dist_loss(q_log_pmf(qmodel, batch), batch["bins"], batch["targets"], 1, 1, w).double(),
-                        torch.tensor(n, dtype=torch.float64, device=DEVICE),
-                    ]
-                )
+    with gathered(qmodel, args):  # ranks hold different numbers of held-out examples
+        for i in range(0, len(mine), args.micro_batch_size):
+            b = q_batch(mine[i : i + args.micro_batch_size], run, atoms, eos)
+            n = len(b["bins"]) if w == "sequences" else b["targets"].sum().item()  # sequences or labels
+            with autocast(args):
+                loss = dist_loss(q_log_pmf(qmodel, b), b["bins"], b["targets"], 1, 1, w).double()
+            total += torch.stack([loss, total.new_tensor(n)])
     total = all_reduce(total)
     return (total[0] / total[1]).item() if total[1] > 0 else math.nan
 
@@ -507,10 +461,8 @@ def heldout_q_loss(qmodel, examples: list, run, atoms, eos) -> float:
 def evaluate_guided(mode: str, eta: float, ref, qmodel, run, atoms, eos) -> tuple:
     """Held-out pass@1 and mean sequence KL(pi_g || pi_ref); every mode and eta draws the same noise per
     (prompt, sample), so their differences are not sampling noise. Prompts interleaved over ranks."""
-    args, tok = run.args, run.tokenizer
-    rows = [
-        (p, j) for p in range(run.rank, len(run.eval_prompts), run.world) for j in range(args.eval_samples_per_prompt)
-    ]
+    args, tok, S = run.args, run.tokenizer, run.args.eval_samples_per_prompt
+    rows = [(p, j) for p in range(run.rank, len(run.eval_prompts), run.world) for j in range(S)]
     sums, shown = torch.zeros(2, dtype=torch.float64, device=DEVICE), []
     with gathered(qmodel, args):  # FSDP: the Q model gathered once for all chunks (ranks may run different numbers)
         for i in range(0, len(rows), args.gen_batch_size):
@@ -520,12 +472,12 @@ def evaluate_guided(mode: str, eta: float, ref, qmodel, run, atoms, eos) -> tupl
             toks, cmask, kl = sample(ref, qmodel, prompts, u, mode, eta, args, atoms, eos, tok.pad_token_id)
             texts = tok.batch_decode([t[m.bool()] for t, m in zip(toks, cmask)], skip_special_tokens=True)
             r = run.task.score(texts, [run.eval_answers[p] for p, _ in chunk])
-            sums += torch.stack([torch.tensor(sum(x >= 1 for x in r), dtype=torch.float64, device=DEVICE), kl.sum()])
+            sums += torch.stack([sums.new_tensor(sum(x >= 1 for x in r)), kl.sum()])
             shown += [  # token_kl: the exact KL(pi_g || pi_ref) at each completion token
                 {"prompt": tok.decode(prompts[k]), "completion": texts[k], "reward": r[k], "token_kl": x[:n].tolist()}
                 for k, (x, n) in enumerate(zip(kl.cpu(), cmask.sum(-1).tolist()))
             ]
-    s = all_reduce(sums) / (len(run.eval_prompts) * args.eval_samples_per_prompt)
+    s = all_reduce(sums) / (len(run.eval_prompts) * S)
     return {"pass@1": s[0].item(), "kl_init_rkl_exact_seq": s[1].item()}, shown[: args.log_completions]
 
 
@@ -533,42 +485,27 @@ def evaluate_round(ref, qmodel, run, atoms, eos) -> tuple:
     """pi_ref at step 0; Q# at --eta after each round; after the last, the eta sweep of Q# and CD and, for each
     eta, the KL that CD needs for Q#'s pass@1 (interpolated on CD's front)."""
     args, step = run.args, getattr(run, "step", 0)
-    m, shown = evaluate_guided("ref" if step == 0 else "qsharp", args.eta, ref, qmodel, run, atoms, eos)
-    out = {f"eval/{k}": v for k, v in m.items()}
+    evaluate = lambda mode, eta: evaluate_guided(mode, eta, ref, qmodel, run, atoms, eos)  # noqa: E731
+    m, shown = evaluate("ref" if step == 0 else "qsharp", args.eta)
+    out, front = {f"eval/{k}": v for k, v in m.items()}, []  # front: CD's (pass@1, KL) points
     if step == args.total_steps:
-        sweep = [(mode, eta) for eta in args.eval_etas for mode in ("qsharp", "cd") if mode == "qsharp" or args.eval_cd]
-        for mode, eta in sweep:
-            r = (
-                m
-                if (mode, eta) == ("qsharp", args.eta)
-                else evaluate_guided(mode, eta, ref, qmodel, run, atoms, eos)[0]
-            )
-            out |= {f"eval/sweep/{mode}_eta{eta:g}/{k}": v for k, v in r.items()}
+        for eta in args.eval_etas:
+            for mode in ("qsharp", "cd") if args.eval_cd else ("qsharp",):
+                r = m if (mode, eta) == ("qsharp", args.eta) else evaluate(mode, eta)[0]
+                out |= {f"eval/sweep/{mode}_eta{eta:g}/{k}": v for k, v in r.items()}
+                front += [(r["pass@1"], r["kl_init_rkl_exact_seq"])] if mode == "cd" else []
         if args.eval_cd:  # the comparison that matters: at equal pass@1, how much KL does CD need?
-            out["eval/sweep/ref/pass@1"] = evaluate_guided("ref", args.eta, ref, qmodel, run, atoms, eos)[0]["pass@1"]
-            front = [(out["eval/sweep/ref/pass@1"], 0.0)] + [
-                (out[f"eval/sweep/cd_eta{e:g}/pass@1"], out[f"eval/sweep/cd_eta{e:g}/kl_init_rkl_exact_seq"])
-                for e in args.eval_etas
-            ]
+            front.insert(0, (evaluate("ref", args.eta)[0]["pass@1"], 0.0))  # pi_ref's point
+            out["eval/sweep/ref/pass@1"] = front[0][0]
             for e in args.eval_etas:
-                out[f"eval/frontier/cd_kl_at_equal_pass@1_eta{e:g}"] = kl_at_equal_reward(
-                    front, out[f"eval/sweep/qsharp_eta{e:g}/pass@1"]
-                )
+                q_pass = out[f"eval/sweep/qsharp_eta{e:g}/pass@1"]
+                out[f"eval/frontier/cd_kl_at_equal_pass@1_eta{e:g}"] = kl_at_equal_reward(front, q_pass)
     return out, shown
 
 
-def read_prompts_file(args: Args) -> list:
-    """--prompts_file rows as Examples (answer "" where a row has none), checked before any model loads."""
-    rows = [row for _, row in read_jsonl(args.prompts_file)]
-    if not rows or not all(isinstance(row.get(args.prompt_field), str) for row in rows):
-        raise UserError(f"--prompts_file {args.prompts_file}: every row needs a string {args.prompt_field!r}")
-    return [Example(r[args.prompt_field], extract_answer(str(r.get(args.answer_field, "")))) for r in rows]
-
-
 def sample_guided(ref, qmodel, run, atoms, eos, examples) -> None:
-    """--sample_from RUN: the guided policy at --eta with the end-of-run eval's noise per (prompt, sample) (the same
-    --eta and --seed give its samples), for the --prompts_file `examples` or the run's held-out prompts. Writes one
-    JSONL row per sample, prompt-major, to --samples_out."""
+    """--sample_from RUN: the guided policy at --eta with the end-of-run eval's noise per (prompt, sample), for the
+    --prompts_file `examples` or the run's held-out prompts; one JSONL row per sample, prompt-major, to --samples_out."""
     args, S = run.args, run.args.eval_samples_per_prompt
     if examples is not None:
         run.eval_prompts = encode_prompts(run.tokenizer, examples, args.chat_template, args.max_prompt_length, "file")
@@ -588,27 +525,24 @@ def train(args: Args) -> None:
     if args.sample_from:  # the run's flags (its args.json) under this command line's; its newest checkpoint
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise UserError("--sample_from runs in one process, not under torchrun")
-        examples = read_prompts_file(args) if args.prompts_file else None
+        if args.prompts_file:  # checked before any model loads; answer "" where a row has none
+            rows = [row for _, row in read_jsonl(args.prompts_file)]
+            if not rows or not all(isinstance(row.get(args.prompt_field), str) for row in rows):
+                raise UserError(f"--prompts_file {args.prompts_file}: every row needs a string {args.prompt_field!r}")
+            examples = [Example(r[args.prompt_field], extract_answer(str(r.get(args.answer_field, "")))) for r in rows]
         saved = Args(**saved_args(args.sample_from) | {"resume": args.sample_from})
         args = tyro.cli(Args, default=saved, use_underscores=True)
     run = Run(args)  # the task and its prompts, processes, the checkpoint to resume (PLUMBING)
     ref = load_model(args.model_name_or_path, args)
-    q_path = run.checkpoint or args.q_model_name_or_path or args.model_name_or_path
     if args.q_model_name_or_path:
         import transformers
 
-        if (
-            transformers.AutoTokenizer.from_pretrained(local(args.q_model_name_or_path)).get_vocab()
-            != run.tokenizer.get_vocab()
-        ):
-            raise UserError(
-                f"--q_model_name_or_path {args.q_model_name_or_path!r} has another tokenizer than pi_ref: the Q model "
-                "scores pi_ref's tokens, so the vocabularies must be identical"
-            )
+        q_tokenizer = transformers.AutoTokenizer.from_pretrained(local(args.q_model_name_or_path))
+        if q_tokenizer.get_vocab() != run.tokenizer.get_vocab():  # the Q model scores pi_ref's tokens
+            raise UserError(f"--q_model_name_or_path {args.q_model_name_or_path!r} has another tokenizer than pi_ref")
     torch.manual_seed(args.seed)  # the head is the only new parameter: the same on every rank
-    qmodel = QModel(
-        load_model(q_path, args, trainable=True).base_model, args.head, args.num_atoms, ref.config.vocab_size
-    ).to(DEVICE)
+    backbone = load_model(run.checkpoint or args.q_model_name_or_path or args.model_name_or_path, args, trainable=True)
+    qmodel = QModel(backbone.base_model, args.head, args.num_atoms, ref.config.vocab_size).to(DEVICE)
     if run.checkpoint:
         qmodel.head.load_state_dict(torch.load(os.path.join(run.checkpoint, "head.pt"), map_location=DEVICE))
     atoms, eos = torch.linspace(args.v_min, args.v_max, args.num_atoms, device=DEVICE), eos_ids(run.tokenizer, ref)
@@ -623,11 +557,8 @@ def train(args: Args) -> None:
         mine = collect(step, ref, qmodel.eval(), run, run.prompts(step).tolist(), atoms, eos)
         new = sorted([e for part in all_gather(mine) for e in part], key=lambda e: (e["prompt_id"], e["sample"]))
         if args.drop_no_variation:
-            varied = {
-                e["prompt_id"]
-                for e in new
-                if e["reward"] != next(x for x in new if x["prompt_id"] == e["prompt_id"])["reward"]
-            }
+            first = {e["prompt_id"]: e["reward"] for e in reversed(new)}  # each prompt's first reward
+            varied = {e["prompt_id"] for e in new if e["reward"] != first[e["prompt_id"]]}
             new = [e for e in new if e["prompt_id"] in varied]
         run.state["examples"] += new
         train_set = [e for e in run.state["examples"] if e["prompt_id"] not in heldout]
@@ -640,12 +571,8 @@ def train(args: Args) -> None:
             loss = train_q_epoch(model.train(), optimizer, train_set, run, atoms, eos, seed_of(args, step, epoch))
         run.timer("update")
         rewards = torch.tensor([e["reward"] for e in new], dtype=torch.float64)
-        clamped = atom_bin(rewards, atoms.cpu().double())[1].double().mean().item()
-        metrics = {
-            "losses/q_loss": loss,
-            "charts/reward_mean": rewards.mean().item(),
-            "charts/reward_clamped_frac": clamped,
-        }
+        metrics = {"losses/q_loss": loss, "charts/reward_mean": rewards.mean().item()}
+        metrics["charts/reward_clamped_frac"] = atom_bin(rewards, atoms.cpu().double())[1].double().mean().item()
         metrics |= {"charts/num_examples": len(run.state["examples"]), "charts/num_train_examples": len(train_set)}
         if held_set:  # the maximum-likelihood loss on prompts never trained on
             metrics["losses/q_loss_heldout"] = heldout_q_loss(qmodel.eval(), held_set, run, atoms, eos)
@@ -657,8 +584,8 @@ def train(args: Args) -> None:
 # ==========================================================================================================
 DEVICE = torch.device("cpu")  # this rank's GPU, or the CPU (set by Run)
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # checkpoints: whole tensors on rank 0
-RUN_LOCKS = []  # this process's held run-folder locks, closed when main ends (in-process callers run again)
 RESUMABLE = {"resume", "total_steps", "learning_rate", "weight_decay", "max_grad_norm", "eval_every", "save_every"}
+LOCKS = []  # run-folder locks this process holds, released when main ends (tests call main again in-process)
 
 
 class UserError(Exception):
@@ -670,9 +597,9 @@ class Stop(Exception):
 
 
 def main() -> None:
-    """Flags (--help on rank 0 only; with --resume DIR, DIR/args.json holds the defaults and only RESUMABLE flags
-    may change), then train; bad input of any kind ends in one `error:` line."""
-    if int(os.environ.get("RANK", 0)) and {"-h", "--help"} & set(sys.argv):
+    """Flags (with --resume DIR, DIR/args.json gives the defaults and only RESUMABLE flags may change), then train;
+    bad input of any kind ends in one `error:` line."""
+    if int(os.environ.get("RANK", 0)) and {"-h", "--help"} & set(sys.argv):  # --help on rank 0 only
         return
     resume = [b if a == "--resume" else a[9:] for a, b in zip(sys.argv, sys.argv[1:] + [""]) if a[:8] == "--resume"]
     code = 0
@@ -688,49 +615,45 @@ def main() -> None:
     except Stop as e:
         print(f"stopped: {e}", file=sys.stderr)
         code = 143
-    if dist.is_initialized():  # only now, with the sharded model's reference cycles collected: not after the group
+    if dist.is_initialized():  # with the sharded model's reference cycles collected first
         gc.collect()
         dist.destroy_process_group()
-    while RUN_LOCKS:
-        RUN_LOCKS.pop().close()
+    while LOCKS:
+        LOCKS.pop().close()
     sys.exit(code)
 
 
-def lock_run_folder(run_dir: str) -> None:
-    """Rank 0 holds an exclusive flock on RUN/.lock while it runs (the OS drops it on any exit, SIGKILL included):
-    a second process resuming the same folder gets an error instead of interleaving checkpoints and metrics."""
-    import fcntl
-
-    f = open(os.path.join(run_dir, ".lock"), "w")  # held open for the run's life
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise UserError(f"{run_dir} is in use by another run (it holds {run_dir}/.lock); wait for it to end") from None
-    RUN_LOCKS.append(f)
-
-
 def saved_args(folder: str) -> dict:
-    """A run folder's flags (its args.json, JSON lists back to tuples); a folder of another script is an error."""
+    """A run folder's flags (JSON lists back to tuples); a folder of another script is an error."""
     try:
         with open(os.path.join(folder, "args.json")) as f:
             saved = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"{folder} is not a run folder (args.json: {e})") from None
-    other = sorted(set(saved) - set(Args.__dataclass_fields__)) if isinstance(saved, dict) else ["?"]
-    if other:
-        raise UserError(f"{folder} is a run of another script (flags {', '.join(other[:3])} are not this one's)")
+    if not isinstance(saved, dict) or set(saved) - set(Args.__dataclass_fields__):
+        raise UserError(f"{folder} is a run of another script (its flags are not this one's)")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+
+
+def lock(run_dir: str) -> None:
+    """Rank 0 holds an flock on RUN/.lock while it runs (the OS drops it on any exit, SIGKILL included), so a second
+    process never writes into a run folder in use."""
+    import fcntl
+
+    LOCKS.append(f := open(os.path.join(run_dir, ".lock"), "w"))
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise UserError(f"{run_dir} is in use by another run (it holds {run_dir}/.lock); wait for it to end") from None
 
 
 def check_numbers(args, positive: tuple) -> None:
     """No flag may be negative; `positive` ones, and sizes, lengths and counts not defaulting to 0, must be > 0."""
     for k, v in asdict(args).items():
-        default = type(args).__dataclass_fields__[k].default
         suffix = k.endswith(("_size", "_length", "_tokens", "_steps", "_per_step", "_per_prompt", "_per_round"))
-        count = (k.startswith("num_") or suffix) and default != 0
-        if type(v) in (int, float) and (v <= 0 if k in positive or count else v < 0):
-            raise UserError(f"--{k} must be {'> 0' if k in positive or count else '>= 0'}, got {v}")
+        strict = k in positive or (k.startswith("num_") or suffix) and type(args).__dataclass_fields__[k].default != 0
+        if type(v) in (int, float) and (v <= 0 if strict else v < 0):
+            raise UserError(f"--{k} must be {'> 0' if strict else '>= 0'}, got {v}")
 
 
 def seed_of(args, *keys) -> int:
@@ -755,8 +678,8 @@ def global_mean_std(x) -> tuple:
 
 
 def reduce_stats(stats: list, steps: int) -> dict:
-    """Metrics of an update from its micro-batches' stats (shares of global means): means over its optimizer
-    steps, summed over ranks; `*_min` / `*_max` are global extremes."""
+    """An update's metrics from its micro-batches' stats (shares of global means): summed over ranks and averaged
+    over its optimizer steps; `*_min` / `*_max` are global extremes."""
     out = {}
     for k in sorted({k for s in stats for k in s}):  # the same keys in the same order on every rank
         op = "min" if k.endswith("_min") else "max" if k.endswith("_max") else "sum"
@@ -771,8 +694,7 @@ def autocast(args):
 
 
 def optimizer_step(model, optimizer, args) -> dict:
-    """Clip the gradient norm (0: no clipping), stop on a non-finite one (the same on every rank), step at the
-    warm-up learning rate."""
+    """Clip the gradient norm (0: no clipping), stop on a non-finite one, step at the warm-up learning rate."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a distributed tensor
     if not torch.isfinite(norm):
@@ -782,14 +704,13 @@ def optimizer_step(model, optimizer, args) -> dict:
         group["lr"] = args.learning_rate * min(1, (done + 1) / max(args.warmup_steps, 1))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"charts/grad_norm": norm.item() / (dist.get_world_size() if dist.is_initialized() else 1)}  # a share
+    return {"charts/grad_norm": norm.item() / world_rank()[0]}  # a share of the global value
 
 
 def load_model(path: str, args, trainable: bool = False):
-    """A causal LM, dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained: a trained one in
-    float32 (the optimizer's master weights). A frozen one computes as the trained one does, so their log-probs agree
-    at theta = theta_ref: bf16 weights with --bf16 under FSDP (whose MixedPrecisionPolicy casts the trained weights
-    to bf16), else float32 weights under autocast (bf16 ones would round the residual stream the policy keeps)."""
+    """A causal LM with dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained; a trained one
+    in float32 (AdamW's master weights). A frozen one computes as the trained one does, so their log-probs agree at
+    theta = theta_ref: in bf16 under FSDP with --bf16 (its MixedPrecisionPolicy), else float32 under autocast."""
     from transformers import AutoModelForCausalLM
 
     bf16 = args.bf16 and DEVICE.type == "cuda" and not trainable and dist.is_initialized()
@@ -797,16 +718,15 @@ def load_model(path: str, args, trainable: bool = False):
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout) or hasattr(m, "attention_dropout"):
             m.p = m.attention_dropout = 0.0
-    if trainable and args.gradient_checkpointing:  # transformers >= 5.2x renamed it activation checkpointing
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)(
-            {"use_reentrant": False}
-        )
+    if trainable and args.gradient_checkpointing:  # (transformers 5.2x renamed it activation checkpointing)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     return model.to(DEVICE).train(trainable).requires_grad_(trainable)
 
 
 def shard(model, args):
-    """Under torchrun, FSDP2 (each decoder layer, then the root): weights, gradients and AdamW state are split over
-    the ranks; on CUDA bf16 weights in compute with float32 gradient reductions. One process: the model as it is."""
+    """Under torchrun, FSDP2 on each decoder layer and the root: weights, gradients and AdamW state split over the
+    ranks; on CUDA with --bf16, bf16 compute and float32 gradient reductions. One process: the model as it is."""
     if not dist.is_initialized():
         return model
     from torch.distributed.device_mesh import init_device_mesh
@@ -823,19 +743,17 @@ def shard(model, args):
 
 @contextlib.contextmanager
 def gathered(model, args):
-    """FSDP2: all-gather the weights once for a whole inference phase (a rollout, log-probs, an eval) rather than per
-    layer at every forward; no collective inside it, so ranks may run different numbers of forwards. Costs the
-    full weights' memory meanwhile. Anything else: nothing to do."""
+    """FSDP2: all-gather the weights once for a whole inference phase (rollout, log-probs, eval), not per layer at
+    every forward; with no collective inside, ranks may run different numbers of forwards. Else: nothing."""
     sharded = [m for m in model.modules() if hasattr(m, "unshard")] if model is not None else []
     for m in sharded:
         m.unshard()
     if sharded:
         model.set_reshard_after_forward(False)
     yield
-    if sharded:
-        model.set_reshard_after_forward(args.reshard_after_forward)
-        for m in sharded:
-            m.reshard()
+    for m in sharded:
+        m.set_reshard_after_forward(args.reshard_after_forward, recurse=False)
+        m.reshard()
 
 
 def local(path: str) -> str:
@@ -848,7 +766,7 @@ def local(path: str) -> str:
 
 
 class Run:
-    """The task and its prompts, processes, the run folder (created exclusively), checkpoints and resume,
+    """The task and its prompts, the processes, the run folder (created exclusively), checkpoints and resume,
     metrics, the progress bar and the stop signals (SIGTERM, SIGINT: finish the step, save, exit 143)."""
 
     def __init__(self, args):
@@ -856,21 +774,19 @@ class Run:
 
         global DEVICE
         self.args, self.world, self.rank = args, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-        cuda, self.stop = args.cuda and torch.cuda.is_available(), []
+        cuda, self.stop, self.checkpoint = args.cuda and torch.cuda.is_available(), [], None
         DEVICE = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % max(torch.cuda.device_count(), 1)}")
         DEVICE = DEVICE if cuda else torch.device("cpu")  # (% : launchers that show each process one GPU)
         args.bf16 = cuda and torch.cuda.is_bf16_supported() if args.bf16 is None else args.bf16
         self.task = load_task(args.task, args.train_file, args.eval_file, args.prompt_field, args.answer_field)
-        if args.max_prompt_length is None:  # task defaults (0 is refused by check_args, not replaced)
-            args.max_prompt_length = self.task.max_prompt_length
-        if args.max_new_tokens is None:
-            args.max_new_tokens = self.task.max_new_tokens
+        for k in ("max_prompt_length", "max_new_tokens"):  # task defaults (0 is refused by check_args)
+            setattr(args, k, getattr(self.task, k) if getattr(args, k) is None else getattr(args, k))
         check_args(args, self.world)
         name = args.run_name or f"{self.task.name}__{args.exp_name}__{args.seed}__{int(time.time())}_{os.getpid()}"
-        self.run_dir, self.checkpoint = args.resume or os.path.join(args.output_dir, name), None
-        if args.resume:
+        self.run_dir = args.resume or os.path.join(args.output_dir, name)
+        if args.resume:  # the newest complete checkpoint, by folder name
             if self.rank == 0 and not getattr(args, "sample_from", None):  # (Q#'s --sample_from only reads it)
-                lock_run_folder(self.run_dir)
+                lock(self.run_dir)
             found = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*")))
             for tmp in [c for c in found if c.endswith(".tmp")]:
                 print(f"warning: skipping {tmp}, an interrupted save", file=sys.stderr)
@@ -897,10 +813,9 @@ class Run:
             config = transformers.AutoConfig.from_pretrained(local(args.model_name_or_path))
         except OSError as e:
             raise UserError(f"could not load {args.model_name_or_path!r}: {str(e).strip().splitlines()[0]}") from None
-        if args.max_prompt_length + args.max_new_tokens > getattr(config, "max_position_embeddings", math.inf):
-            raise UserError(
-                f"--max_prompt_length + --max_new_tokens > the model's {config.max_position_embeddings} positions"
-            )
+        positions = getattr(config, "max_position_embeddings", math.inf)
+        if args.max_prompt_length + args.max_new_tokens > positions:
+            raise UserError(f"--max_prompt_length + --max_new_tokens > the model's {positions} positions")
         self.tokenizer.pad_token = self.tokenizer.pad_token or self.tokenizer.eos_token
         limit, template, evals = args.max_prompt_length, args.chat_template, self.task.eval[: args.eval_num_prompts]
         self.train_prompts = encode_prompts(self.tokenizer, self.task.train, template, limit, "train")
@@ -910,9 +825,9 @@ class Run:
             raise UserError(f"--prompts_per_step {args.prompts_per_step} > {len(self.train_prompts)} training prompts")
 
     def start(self, policy, evaluate):
-        """Wrap the trained model for data parallelism, make AdamW (restored when resuming), create the run folder
-        (exclusively: two runs never share one) and its log, evaluate at step 0. Returns (model, optimizer)."""
-        args, self.evaluate, self.writers = self.args, evaluate, []
+        """Shard the trained model, make AdamW (restored when resuming), create the run folder (exclusively: two
+        runs never share one) and its log, evaluate at step 0. Returns (model, optimizer)."""
+        args, self.evaluate, self.tb = self.args, evaluate, None
         self.model = shard(policy, args)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), args.learning_rate, weight_decay=args.weight_decay)
         self.state = {"step": 0, "elapsed_s": 0.0, "prompts_seen": 0}
@@ -925,13 +840,13 @@ class Run:
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=bool(args.resume))
             if not args.resume:
-                lock_run_folder(self.run_dir)
+                lock(self.run_dir)
             with open(os.path.join(self.run_dir, "args.json"), "w") as f:
                 json.dump(asdict(args) | {"resume": None}, f, indent=1)
             rows = open(self.log_path).readlines() if os.path.exists(self.log_path) else []
             with open(self.log_path, "w") as f:  # what was logged after the checkpoint is logged again
                 f.writelines(r for r in rows if json.loads(r)["step"] <= self.state["step"])
-            self.writers = make_writers(args, self.run_dir) if args.track else []
+            self.tb = tensorboard(args, self.run_dir) if args.track else None
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, lambda signum, _: self.stop.append(signal.Signals(signum).name))
         self.t0 = time.time() - self.state["elapsed_s"]
@@ -972,8 +887,8 @@ class Run:
             row |= {k: v if math.isfinite(v) else None for k, v in metrics.items()}  # JSON has no NaN
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            for write in self.writers:
-                write(step, metrics)
+            for k, v in metrics.items() if self.tb else []:
+                self.tb.add_scalar(k, v, step)
 
     def end_step(self, step: int, batch: dict, metrics: dict) -> None:
         """Counters, the eval when due, the metrics row, a checkpoint every --save_every steps, at the end, or on
@@ -999,9 +914,8 @@ class Run:
             raise Stop(f"{why}: checkpoint of step {step} saved; continue with --resume {self.run_dir}")
 
     def save(self, step: int) -> None:
-        """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt (optimizer, counters),
-        written as step_N.tmp then renamed (never half-written); only the newest --keep_last are kept; `final`
-        links to the last one."""
+        """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt (optimizer, counters), written
+        as step_N.tmp and renamed (never half-written); the newest --keep_last kept; `final` links to the last."""
         self.state |= {"step": step, "elapsed_s": time.time() - self.t0}
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=FULL_STATE)
         path = os.path.join(self.run_dir, "checkpoints", f"step_{step:06d}")
@@ -1025,20 +939,17 @@ class Run:
             dist.barrier()
 
 
-def make_writers(args, run_dir: str) -> list:
-    """--track: TensorBoard, mirrored to W&B, each when installed."""
+def tensorboard(args, run_dir: str):
+    """--track: a TensorBoard writer, mirrored to W&B; each when installed."""
     with contextlib.suppress(ImportError):
         import wandb
 
-        wandb.init(
-            project=args.wandb_project_name, name=os.path.basename(run_dir), config=asdict(args), sync_tensorboard=True
-        )
+        name, config = os.path.basename(run_dir), asdict(args)
+        wandb.init(project=args.wandb_project_name, name=name, config=config, sync_tensorboard=True)
     with contextlib.suppress(ImportError):
         from torch.utils.tensorboard import SummaryWriter
 
-        tb = SummaryWriter(run_dir)
-        return [lambda step, metrics: [tb.add_scalar(k, v, step) for k, v in metrics.items()]]
-    return []
+        return SummaryWriter(run_dir)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,9 @@ Loss on samples of pi_old, w = pi_theta / pi_old, u = pi_theta / pi_a, v = pi_a 
 (inside the w-weighted term, no std), k3(y) = y - 1 - log y; at sequence level, for every theta, grad L = -grad J:
     differentiable: L = E_old[-w A + beta K],                K = w log u (RKL),  w k3(1/u) = v - w + w log u (URKL)
     reinforce:      L = -E_old[sg(w A + C) log pi_theta(x)],  C = -beta w (log u + 1) (RKL),  -beta w log u (URKL)
-What the estimator really regularizes:
-  * --ratio_level token (default, the released code) evaluates these per token with token ratios: exact only at
-    theta = theta_old with the old anchor; with the init anchor the KL term is the per-state KL under the sampler's
-    state distribution, not the sequence KL. --ratio_level sequence (ratio W of the whole sequence, prefix weights
-    W_t = prod_{k<=t} w_k in the KL term) is exact for every theta.
-  * URKL has RKL's expected gradient (the mass term is constant for softmax policies) with zero per-sample KL
-    gradient at w = 1, where RKL's is +beta grad log pi: URKL is the lower-variance estimator.
-  * The group mean includes the sample itself: the reward gradient is (1 - 1/G) grad E[R]. The released code never
-    calls its REINFORCE loss (its actor always runs PPO dual clip); --form reinforce is the paper's Algorithm 2.
+--ratio_level token (default, the released code) uses token ratios: exact only at theta = theta_old with the old
+anchor; with the init anchor the KL term is the per-state KL under the sampler's states. URKL has RKL's expected
+gradient with zero per-sample KL gradient at w = 1 (lower variance).
 """
 
 import contextlib
@@ -108,7 +102,7 @@ class Args:
 
 
 def check_args(args: Args, world: int) -> None:
-    check_numbers(args, positive=("temperature", "num_iterations", "num_minibatches", "eval_samples_per_prompt"))
+    check_numbers(args, positive=("temperature",))  # the num_* counts and sizes are > 0 already
     if args.num_generations < 2:
         raise UserError("--num_generations must be >= 2 (the group-mean baseline needs two samples)")
     if args.prompts_per_step % world or args.prompts_per_step // world * args.num_generations % args.num_minibatches:
@@ -122,65 +116,47 @@ def check_args(args: Args, world: int) -> None:
 # ALGO LOGIC: pure functions, tensors in and out (tested against closed forms in tests/test_rpg.py)
 # ==========================================================================================================
 def k3(log_y):
-    """k3(y) = y - 1 - log y >= 0, from log y (expm1: accurate near y = 1). No clamp (the released code clamps
-    KL values to [-10, 10], which zeroes the gradient outside)."""
+    """k3(y) = y - 1 - log y >= 0, from log y (expm1: accurate near y = 1). No clamp (the released code's clamp to
+    [-10, 10] zeroes the gradient outside)."""
     return torch.expm1(log_y) - log_y
 
 
 def group_mean_advantages(rewards, group_size: int):
-    """A_i = R_i - mean of its group (the mean includes R_i; no std: the released code's `rpg` estimator). The
-    reward gradient is (1 - 1/G) grad E[R], so the effective beta is beta / (1 - 1/G)."""
+    """A_i = R_i - mean of its group, no std (the released code's `rpg` estimator). The mean includes R_i: the reward
+    gradient is (1 - 1/G) grad E[R], so the effective beta is beta / (1 - 1/G)."""
     r = rewards.view(-1, group_size)
     return (r - r.mean(dim=1, keepdim=True)).view(-1)
 
 
 def kl_surrogate(log_w, log_u, log_v, lp, unnormalized: bool, prefix: bool = False):
     """Differentiable KL term K_t = W_t g(u_t):  RKL  g = log u;   URKL  g = k3(1/u)   (log_v, lp unused here).
-    Token level: W_t = w_t, so E_old[w log u] = KL(pi_theta || pi_a) per state and w k3(1/u) = v - w + w log u.
-    prefix (sequence level): W_t = prod_{k<=t} w_k, and sum_t K_t has the expectation of the whole-sequence
-    KL(pi_theta || pi_a) (plus the mass term for URKL) for every theta."""
+    Token level W_t = w_t: E_old[w log u] = KL(pi_theta || pi_a) per state, w k3(1/u) = v - w + w log u. Sequence
+    level (prefix) W_t = prod_{k<=t} w_k: sum_t K_t has the expectation of the whole-sequence KL(pi_theta || pi_a)
+    (plus the mass term for URKL) for every theta."""
     g = k3(-log_u) if unnormalized else log_u
     return torch.exp(log_w.cumsum(-1) if prefix else log_w) * g
 
 
 def reinforce_coef(log_w, log_u, log_v, beta: float, unnormalized: bool):
-    """KL part C of the REINFORCE coefficient sg(w A + C):  RKL  -beta w (log u + 1);  URKL  -beta w log u
-    (log_v unused here). grad E_old[(w A + C) grad log pi] = grad E_theta[R] - beta grad D."""
+    """KL part C of the REINFORCE coefficient sg(w A + C):  RKL  -beta w (log u + 1);  URKL  -beta w log u."""
     w = torch.exp(log_w)
     return -beta * w * (log_u if unnormalized else log_u + 1.0)
 
 
-def dual_clip(ratio, adv, eps_low: float, eps_high: float, c: float):
-    """RPG / PPO dual-clip reward term: l = max(-w A, -clip(w, 1 - eps_low, 1 + eps_high) A), and for A < 0 also
-    min(l, -c A). Gradient -A grad w except where w > 1 + eps_high with A > 0, w < 1 - eps_low with A < 0, or
-    w > c with A < 0 (zero there)."""
-    loss = torch.max(-ratio * adv, -torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
-    return torch.where(adv < 0, torch.min(loss, -c * adv), loss)
-
-
-def reinforce_mask(ratio, adv_eff, eps_low: float, eps_high: float, c: float):
-    """Paper Algorithm 2: m = 1 if (A' >= 0 and w < 1 + eps_high) or (A' < 0 and 1 - eps_low < w < c), with the
-    effective advantage A' = A + C/w (the sign of the whole coefficient, not of A). At beta = 0 the masked
-    gradient is exactly the PPO dual-clip gradient."""
-    keep = torch.where(adv_eff >= 0, ratio < 1 + eps_high, (ratio > 1 - eps_low) & (ratio < c))
-    return keep.to(ratio.dtype)
-
-
 def rpg_loss(lp, lp_old, lp_anchor, advantages, mask, args, num_seqs, num_tokens):
-    """RPG loss of one micro-batch; w = e^{lp - lp_old}, u = e^{lp - lp_anchor}, v = e^{lp_anchor - lp_old} (lp,
-    lp_old, lp_anchor = lp_old for the old anchor, mask [B, T]; advantages [B]); args.{unnormalized, form,
-    ratio_level, clip, clip_eps_low, clip_eps_high, clip_c, loss_agg, max_new_tokens, beta, kl_anchor}:
-      token     differentiable: sum_t [clip(-w_t A) + beta K_t],   K_t = kl_surrogate(w_t, u_t, v_t)
-                reinforce:      sum_t -m_t sg(w_t A + C_t) lp_t,   C_t = reinforce_coef(w_t, u_t, v_t)
-      sequence  differentiable: clip(-W A) + beta sum_t K_t,       K_t with prefix-product weights
-                reinforce:      -m sg(W A + C) sum_t lp_t,         W, C of whole-sequence ratios
-    Unclipped at sequence level, grad E_old[loss] = -grad J for every theta. clip: `dual_clip` on the reward term
-    (the KL term unclipped, as the released code) or `reinforce_mask` on A' = A + C/w (paper Algorithm 2).
-    token_mean: sum of all terms / num_tokens; seq_mean_token_sum_norm: / (num_seqs max_new_tokens).
+    """RPG loss of one micro-batch (lp, lp_old, lp_anchor = lp_old for the old anchor, mask [B, T]; advantages [B]),
+    w = e^{lp - lp_old}, u = e^{lp - lp_anchor}, v = e^{lp_anchor - lp_old}, K = kl_surrogate, C = reinforce_coef:
+      token     differentiable: sum_t [clip(-w_t A) + beta K_t]   reinforce: sum_t -m_t sg(w_t A + C_t) lp_t
+      sequence  differentiable: clip(-W A) + beta sum_t K_t       reinforce: -m sg(W A + C) sum_t lp_t
+    (sequence: whole-sequence ratios, K_t with prefix-product weights), summed / num_tokens (token_mean) or
+    / (num_seqs max_new_tokens). clip(-w A) = max(-w A, -clip(w, 1 - eps_low, 1 + eps_high) A), for A < 0 also
+    min(., -c A): RPG / PPO dual clip of the reward term, the KL term unclipped (released code). m = 1 if (A' >= 0
+    and w < 1 + eps_high) or (A' < 0 and 1 - eps_low < w < c), A' = A + C/w (paper Algorithm 2: at beta = 0 the
+    dual-clip gradient). --no_clip: m = 1 and no clip; at sequence level grad E_old[loss] = -grad J for every theta.
     Returns (loss, stats), each stat a share of a global mean, except `*_min` / `*_max`."""
-    m, token, eps = mask.to(lp.dtype), args.ratio_level == "token", (args.clip_eps_low, args.clip_eps_high, args.clip_c)
+    m, token, adv = mask.to(lp.dtype), args.ratio_level == "token", advantages.to(lp.dtype)
+    lo, hi, c = args.clip_eps_low, args.clip_eps_high, args.clip_c
     log_w, log_u, log_v = (lp - lp_old) * m, (lp - lp_anchor) * m, (lp_anchor - lp_old) * m
-    adv = advantages.to(lp.dtype)
     denom = max(num_tokens, 1) if args.loss_agg == "token_mean" else max(num_seqs, 1) * args.max_new_tokens
     if token:  # every term per token; A broadcast over the tokens of its sequence
         adv, log_ratios, logp, m_r = adv[:, None], (log_w, log_u, log_v), lp, m
@@ -189,12 +165,16 @@ def rpg_loss(lp, lp_old, lp_anchor, advantages, mask, args, num_seqs, num_tokens
     ratio = torch.exp(log_ratios[0])
     kl = kl_surrogate(log_w, log_u, log_v, lp, args.unnormalized, prefix=not token) * m  # logged in both forms
     if args.form == "differentiable":
-        reward_term = dual_clip(ratio, adv, *eps) if args.clip else -ratio * adv
+        reward_term = -ratio * adv
+        if args.clip:
+            reward_term = torch.max(reward_term, -torch.clamp(ratio, 1 - lo, 1 + hi) * adv)
+            reward_term = torch.where(adv < 0, torch.min(reward_term, -c * adv), reward_term)
         adv_eff, loss = adv, ((reward_term * m_r).sum() + args.beta * kl.sum()) / denom
     else:
         coef_kl = reinforce_coef(*log_ratios, args.beta, args.unnormalized)
         adv_eff = adv + coef_kl / ratio
-        keep = reinforce_mask(ratio, adv_eff, *eps) if args.clip else torch.ones_like(ratio)
+        inside = torch.where(adv_eff >= 0, ratio < 1 + hi, (ratio > 1 - lo) & (ratio < c))
+        keep = inside.to(ratio.dtype) if args.clip else torch.ones_like(ratio)
         loss = (-(keep * (ratio * adv + coef_kl)).detach() * logp * m_r).sum() / denom
     with torch.no_grad():
         tok = lambda x: (x * m).sum() / max(num_tokens, 1)  # noqa: E731  a share of the global token mean
@@ -204,9 +184,9 @@ def rpg_loss(lp, lp_old, lp_anchor, advantages, mask, args, num_seqs, num_tokens
         stats = {"loss": loss.detach(), "kl_term": args.beta * kl.sum() / denom, "kl_old_fkl_k3": tok(k3(lp - lp_old))}
         stats |= {"kl_old_rkl_k3w": tok(torch.exp(lp - lp_old) * k3(lp_old - lp)), "ratio_mean": tok(r_t)}
         stats |= {"ratio_min": r_valid.min(), "ratio_max": r_valid.max()}
-        stats["clipfrac_low"] = in_clip * tok(((a_t < 0) & (r_t < 1 - args.clip_eps_low)).to(m.dtype))
-        stats["clipfrac_high"] = in_clip * tok(((a_t > 0) & (r_t > 1 + args.clip_eps_high)).to(m.dtype))
-        stats["clipfrac_dual"] = in_clip * tok(((a_t < 0) & (r_t > args.clip_c)).to(m.dtype))
+        stats["clipfrac_low"] = in_clip * tok(((a_t < 0) & (r_t < 1 - lo)).to(m.dtype))
+        stats["clipfrac_high"] = in_clip * tok(((a_t > 0) & (r_t > 1 + hi)).to(m.dtype))
+        stats["clipfrac_dual"] = in_clip * tok(((a_t < 0) & (r_t > c)).to(m.dtype))
         if args.kl_anchor != "old":
             stats[f"kl_{args.kl_anchor}_rkl_k3w"] = tok(torch.exp(lp - lp_old) * k3(lp_anchor - lp))
         if args.form == "reinforce":
@@ -219,12 +199,8 @@ def rpg_loss(lp, lp_old, lp_anchor, advantages, mask, args, num_seqs, num_tokens
 # ==========================================================================================================
 def forward(model, ids, mask, pos, cache=None, keep=0):
     """Logits with explicit positions (left padding), extending the KV cache `cache` when one is given."""
-    cache_kw = (
-        "cache"
-        if "cache" in inspect.signature(getattr(model, "module", model).forward).parameters
-        else "past_key_values"
-    )
-    kw = {cache_kw: cache, "use_cache": True} if cache is not None else {}
+    names = inspect.signature(getattr(model, "module", model).forward).parameters  # `cache` from transformers 5.x
+    kw = {"cache" if "cache" in names else "past_key_values": cache, "use_cache": True} if cache is not None else {}
     return model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, **kw).logits
 
 
@@ -425,13 +401,9 @@ def update_policy(model, optimizer, batch: dict, args, step: int) -> dict:
 # TRAIN
 # ==========================================================================================================
 def dynamic_sampling(run, policy, args, eos, pad, step: int, prompts, batch: dict, rewards) -> tuple:
-    """--dynamic_sampling (DAPO, the released code's filter_groups): groups whose G rewards are all equal are dropped
-    and each rank refills its P / world slots (P = --prompts_per_step) from further rounds of P prompts. Round r takes
-    positions [r P, (r + 1) P) of the step's prompt permutation (round 0 = this step's prompts; wrapping around)
-    and samples from (seed, step, rank, r): reproducible and resumable. While any rank is short (an all-reduce
-    decides), every rank samples the next round, as sampling all-gathers FSDP weights; surplus groups are dropped.
-    After --max_gen_batches_per_step rounds the slots still empty take the earliest all-equal groups (the batch
-    stays full; charts/frac_reward_zero_std > 0 shows them). Returns (batch, rewards, metrics); off: unchanged."""
+    """--dynamic_sampling (DAPO): drop groups whose G rewards are all equal; refill this rank's slots from rounds r of
+    P = --prompts_per_step prompts (positions [r P, (r + 1) P) of the step's permutation, sampled from (seed, step,
+    rank, r)) while any rank is short; after --max_gen_batches_per_step rounds, the earliest all-equal groups."""
     if not args.dynamic_sampling:
         return batch, rewards, {}
     G, P, need, kept, spare = args.num_generations, args.prompts_per_step, len(prompts), [], []
@@ -439,11 +411,10 @@ def dynamic_sampling(run, policy, args, eos, pad, step: int, prompts, batch: dic
     for rnd in range(args.max_gen_batches_per_step):
         if rnd:
             prompts = np.take(draw, range(rnd * P, rnd * P + P), mode="wrap")[run.rank :: run.world]
+            each = [i for i in prompts for _ in range(G)]
             sampler = torch.Generator(DEVICE).manual_seed(seed_of(args, step, run.rank, rnd))
-            batch = sample_batch(
-                policy, [run.train_prompts[i] for i in prompts for _ in range(G)], args, eos, pad, sampler
-            )
-            answers = [run.task.train[i].answer for i in prompts for _ in range(G)]
+            batch = sample_batch(policy, [run.train_prompts[i] for i in each], args, eos, pad, sampler)
+            answers = [run.task.train[i].answer for i in each]
             rewards = torch.tensor(run.task.score(decode(run.tokenizer, batch), answers), device=DEVICE)
         rows = [c[:n] for c, n in zip(batch["completion_ids"], batch["completion_mask"].sum(-1).tolist())]  # to EOS
         for g, (i, r) in enumerate(zip(prompts, rewards.view(-1, G))):  # a group: G prompts, completions, rewards
@@ -459,19 +430,17 @@ def dynamic_sampling(run, policy, args, eos, pad, step: int, prompts, batch: dic
 def train(args: Args) -> None:
     run = Run(args)  # the task and its prompts, processes, the checkpoint to resume (PLUMBING)
     policy = load_model(run.checkpoint or args.model_name_or_path, args, trainable=True)
-    init_model = load_model(args.model_name_or_path, args) if args.eval_kl or args.kl_anchor == "init" else None
+    init = load_model(args.model_name_or_path, args) if args.eval_kl or args.kl_anchor == "init" else None
     eos, pad, G = eos_ids(run.tokenizer, policy), run.tokenizer.pad_token_id, args.num_generations
-    kl_models = {"init": init_model} if args.eval_kl else {}  # the old anchor needs no extra model
-    model, optimizer = run.start(policy, lambda: evaluate(policy, kl_models, run, eos))
+    model, optimizer = run.start(policy, lambda: evaluate(policy, {"init": init} if args.eval_kl else {}, run, eos))
     for step in run.steps():
         # 1. the step's prompts (one global draw, this rank's share), G completions each from pi_old
         prompts = run.prompts(step)
-        batch = sample_batch(
-            policy, [run.train_prompts[i] for i in prompts for _ in range(G)], args, eos, pad, run.sampler(step)
-        )
+        each = [i for i in prompts for _ in range(G)]
+        batch = sample_batch(policy, [run.train_prompts[i] for i in each], args, eos, pad, run.sampler(step))
         run.timer("generate")
         # 2. rewards and group-mean advantages (a group lives on one rank)
-        answers = [run.task.train[i].answer for i in prompts for _ in range(G)]
+        answers = [run.task.train[i].answer for i in each]
         rewards = torch.tensor(run.task.score(decode(run.tokenizer, batch), answers), device=DEVICE)
         batch, rewards, resampled = dynamic_sampling(run, policy, args, eos, pad, step, prompts, batch, rewards)
         reward_mean, reward_std = global_mean_std(rewards)
@@ -480,7 +449,7 @@ def train(args: Args) -> None:
         if args.num_iterations * args.num_minibatches > 1:
             batch["old_logprobs"] = batched_logprobs(policy, batch, args)
         if args.kl_anchor == "init":
-            batch["anchor_logprobs"] = batched_logprobs(init_model, batch, args)
+            batch["anchor_logprobs"] = batched_logprobs(init, batch, args)
         # 4. the policy update: num_iterations x num_minibatches optimizer steps on the RPG loss
         metrics = update_policy(model, optimizer, batch, args, step) | resampled
         run.timer("update")
@@ -494,8 +463,8 @@ def train(args: Args) -> None:
 # ==========================================================================================================
 DEVICE = torch.device("cpu")  # this rank's GPU, or the CPU (set by Run)
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # checkpoints: whole tensors on rank 0
-RUN_LOCKS = []  # this process's held run-folder locks, closed when main ends (in-process callers run again)
 RESUMABLE = {"resume", "total_steps", "learning_rate", "weight_decay", "max_grad_norm", "eval_every", "save_every"}
+LOCKS = []  # run-folder locks this process holds, released when main ends (tests call main again in-process)
 
 
 class UserError(Exception):
@@ -507,9 +476,9 @@ class Stop(Exception):
 
 
 def main() -> None:
-    """Flags (--help on rank 0 only; with --resume DIR, DIR/args.json holds the defaults and only RESUMABLE flags
-    may change), then train; bad input of any kind ends in one `error:` line."""
-    if int(os.environ.get("RANK", 0)) and {"-h", "--help"} & set(sys.argv):
+    """Flags (with --resume DIR, DIR/args.json gives the defaults and only RESUMABLE flags may change), then train;
+    bad input of any kind ends in one `error:` line."""
+    if int(os.environ.get("RANK", 0)) and {"-h", "--help"} & set(sys.argv):  # --help on rank 0 only
         return
     resume = [b if a == "--resume" else a[9:] for a, b in zip(sys.argv, sys.argv[1:] + [""]) if a[:8] == "--resume"]
     code = 0
@@ -525,49 +494,45 @@ def main() -> None:
     except Stop as e:
         print(f"stopped: {e}", file=sys.stderr)
         code = 143
-    if dist.is_initialized():  # only now, with the sharded model's reference cycles collected: not after the group
+    if dist.is_initialized():  # with the sharded model's reference cycles collected first
         gc.collect()
         dist.destroy_process_group()
-    while RUN_LOCKS:
-        RUN_LOCKS.pop().close()
+    while LOCKS:
+        LOCKS.pop().close()
     sys.exit(code)
 
 
-def lock_run_folder(run_dir: str) -> None:
-    """Rank 0 holds an exclusive flock on RUN/.lock while it runs (the OS drops it on any exit, SIGKILL included):
-    a second process resuming the same folder gets an error instead of interleaving checkpoints and metrics."""
-    import fcntl
-
-    f = open(os.path.join(run_dir, ".lock"), "w")  # held open for the run's life
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise UserError(f"{run_dir} is in use by another run (it holds {run_dir}/.lock); wait for it to end") from None
-    RUN_LOCKS.append(f)
-
-
 def saved_args(folder: str) -> dict:
-    """A run folder's flags (its args.json, JSON lists back to tuples); a folder of another script is an error."""
+    """A run folder's flags (JSON lists back to tuples); a folder of another script is an error."""
     try:
         with open(os.path.join(folder, "args.json")) as f:
             saved = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"{folder} is not a run folder (args.json: {e})") from None
-    other = sorted(set(saved) - set(Args.__dataclass_fields__)) if isinstance(saved, dict) else ["?"]
-    if other:
-        raise UserError(f"{folder} is a run of another script (flags {', '.join(other[:3])} are not this one's)")
+    if not isinstance(saved, dict) or set(saved) - set(Args.__dataclass_fields__):
+        raise UserError(f"{folder} is a run of another script (its flags are not this one's)")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+
+
+def lock(run_dir: str) -> None:
+    """Rank 0 holds an flock on RUN/.lock while it runs (the OS drops it on any exit, SIGKILL included), so a second
+    process never writes into a run folder in use."""
+    import fcntl
+
+    LOCKS.append(f := open(os.path.join(run_dir, ".lock"), "w"))
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise UserError(f"{run_dir} is in use by another run (it holds {run_dir}/.lock); wait for it to end") from None
 
 
 def check_numbers(args, positive: tuple) -> None:
     """No flag may be negative; `positive` ones, and sizes, lengths and counts not defaulting to 0, must be > 0."""
     for k, v in asdict(args).items():
-        default = type(args).__dataclass_fields__[k].default
         suffix = k.endswith(("_size", "_length", "_tokens", "_steps", "_per_step", "_per_prompt", "_per_round"))
-        count = (k.startswith("num_") or suffix) and default != 0
-        if type(v) in (int, float) and (v <= 0 if k in positive or count else v < 0):
-            raise UserError(f"--{k} must be {'> 0' if k in positive or count else '>= 0'}, got {v}")
+        strict = k in positive or (k.startswith("num_") or suffix) and type(args).__dataclass_fields__[k].default != 0
+        if type(v) in (int, float) and (v <= 0 if strict else v < 0):
+            raise UserError(f"--{k} must be {'> 0' if strict else '>= 0'}, got {v}")
 
 
 def seed_of(args, *keys) -> int:
@@ -592,8 +557,8 @@ def global_mean_std(x) -> tuple:
 
 
 def reduce_stats(stats: list, steps: int) -> dict:
-    """Metrics of an update from its micro-batches' stats (shares of global means): means over its optimizer
-    steps, summed over ranks; `*_min` / `*_max` are global extremes."""
+    """An update's metrics from its micro-batches' stats (shares of global means): summed over ranks and averaged
+    over its optimizer steps; `*_min` / `*_max` are global extremes."""
     out = {}
     for k in sorted({k for s in stats for k in s}):  # the same keys in the same order on every rank
         op = "min" if k.endswith("_min") else "max" if k.endswith("_max") else "sum"
@@ -608,8 +573,7 @@ def autocast(args):
 
 
 def optimizer_step(model, optimizer, args) -> dict:
-    """Clip the gradient norm (0: no clipping), stop on a non-finite one (the same on every rank), step at the
-    warm-up learning rate."""
+    """Clip the gradient norm (0: no clipping), stop on a non-finite one, step at the warm-up learning rate."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a distributed tensor
     if not torch.isfinite(norm):
@@ -619,14 +583,13 @@ def optimizer_step(model, optimizer, args) -> dict:
         group["lr"] = args.learning_rate * min(1, (done + 1) / max(args.warmup_steps, 1))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"charts/grad_norm": norm.item() / (dist.get_world_size() if dist.is_initialized() else 1)}  # a share
+    return {"charts/grad_norm": norm.item() / world_rank()[0]}  # a share of the global value
 
 
 def load_model(path: str, args, trainable: bool = False):
-    """A causal LM, dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained: a trained one in
-    float32 (the optimizer's master weights). A frozen one computes as the trained one does, so their log-probs agree
-    at theta = theta_ref: bf16 weights with --bf16 under FSDP (whose MixedPrecisionPolicy casts the trained weights
-    to bf16), else float32 weights under autocast (bf16 ones would round the residual stream the policy keeps)."""
+    """A causal LM with dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained; a trained one
+    in float32 (AdamW's master weights). A frozen one computes as the trained one does, so their log-probs agree at
+    theta = theta_ref: in bf16 under FSDP with --bf16 (its MixedPrecisionPolicy), else float32 under autocast."""
     from transformers import AutoModelForCausalLM
 
     bf16 = args.bf16 and DEVICE.type == "cuda" and not trainable and dist.is_initialized()
@@ -634,16 +597,15 @@ def load_model(path: str, args, trainable: bool = False):
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout) or hasattr(m, "attention_dropout"):
             m.p = m.attention_dropout = 0.0
-    if trainable and args.gradient_checkpointing:  # transformers >= 5.2x renamed it activation checkpointing
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)(
-            {"use_reentrant": False}
-        )
+    if trainable and args.gradient_checkpointing:  # (transformers 5.2x renamed it activation checkpointing)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     return model.to(DEVICE).train(trainable).requires_grad_(trainable)
 
 
 def shard(model, args):
-    """Under torchrun, FSDP2 (each decoder layer, then the root): weights, gradients and AdamW state are split over
-    the ranks; on CUDA bf16 weights in compute with float32 gradient reductions. One process: the model as it is."""
+    """Under torchrun, FSDP2 on each decoder layer and the root: weights, gradients and AdamW state split over the
+    ranks; on CUDA with --bf16, bf16 compute and float32 gradient reductions. One process: the model as it is."""
     if not dist.is_initialized():
         return model
     from torch.distributed.device_mesh import init_device_mesh
@@ -660,19 +622,17 @@ def shard(model, args):
 
 @contextlib.contextmanager
 def gathered(model, args):
-    """FSDP2: all-gather the weights once for a whole inference phase (a rollout, log-probs, an eval) rather than per
-    layer at every forward; no collective inside it, so ranks may run different numbers of forwards. Costs the
-    full weights' memory meanwhile. Anything else: nothing to do."""
+    """FSDP2: all-gather the weights once for a whole inference phase (rollout, log-probs, eval), not per layer at
+    every forward; with no collective inside, ranks may run different numbers of forwards. Else: nothing."""
     sharded = [m for m in model.modules() if hasattr(m, "unshard")] if model is not None else []
     for m in sharded:
         m.unshard()
     if sharded:
         model.set_reshard_after_forward(False)
     yield
-    if sharded:
-        model.set_reshard_after_forward(args.reshard_after_forward)
-        for m in sharded:
-            m.reshard()
+    for m in sharded:
+        m.set_reshard_after_forward(args.reshard_after_forward, recurse=False)
+        m.reshard()
 
 
 def local(path: str) -> str:
@@ -685,7 +645,7 @@ def local(path: str) -> str:
 
 
 class Run:
-    """The task and its prompts, processes, the run folder (created exclusively), checkpoints and resume,
+    """The task and its prompts, the processes, the run folder (created exclusively), checkpoints and resume,
     metrics, the progress bar and the stop signals (SIGTERM, SIGINT: finish the step, save, exit 143)."""
 
     def __init__(self, args):
@@ -693,21 +653,19 @@ class Run:
 
         global DEVICE
         self.args, self.world, self.rank = args, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-        cuda, self.stop = args.cuda and torch.cuda.is_available(), []
+        cuda, self.stop, self.checkpoint = args.cuda and torch.cuda.is_available(), [], None
         DEVICE = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % max(torch.cuda.device_count(), 1)}")
         DEVICE = DEVICE if cuda else torch.device("cpu")  # (% : launchers that show each process one GPU)
         args.bf16 = cuda and torch.cuda.is_bf16_supported() if args.bf16 is None else args.bf16
         self.task = load_task(args.task, args.train_file, args.eval_file, args.prompt_field, args.answer_field)
-        if args.max_prompt_length is None:  # task defaults (0 is refused by check_args, not replaced)
-            args.max_prompt_length = self.task.max_prompt_length
-        if args.max_new_tokens is None:
-            args.max_new_tokens = self.task.max_new_tokens
+        for k in ("max_prompt_length", "max_new_tokens"):  # task defaults (0 is refused by check_args)
+            setattr(args, k, getattr(self.task, k) if getattr(args, k) is None else getattr(args, k))
         check_args(args, self.world)
         name = args.run_name or f"{self.task.name}__{args.exp_name}__{args.seed}__{int(time.time())}_{os.getpid()}"
-        self.run_dir, self.checkpoint = args.resume or os.path.join(args.output_dir, name), None
-        if args.resume:
+        self.run_dir = args.resume or os.path.join(args.output_dir, name)
+        if args.resume:  # the newest complete checkpoint, by folder name
             if self.rank == 0 and not getattr(args, "sample_from", None):  # (Q#'s --sample_from only reads it)
-                lock_run_folder(self.run_dir)
+                lock(self.run_dir)
             found = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*")))
             for tmp in [c for c in found if c.endswith(".tmp")]:
                 print(f"warning: skipping {tmp}, an interrupted save", file=sys.stderr)
@@ -734,10 +692,9 @@ class Run:
             config = transformers.AutoConfig.from_pretrained(local(args.model_name_or_path))
         except OSError as e:
             raise UserError(f"could not load {args.model_name_or_path!r}: {str(e).strip().splitlines()[0]}") from None
-        if args.max_prompt_length + args.max_new_tokens > getattr(config, "max_position_embeddings", math.inf):
-            raise UserError(
-                f"--max_prompt_length + --max_new_tokens > the model's {config.max_position_embeddings} positions"
-            )
+        positions = getattr(config, "max_position_embeddings", math.inf)
+        if args.max_prompt_length + args.max_new_tokens > positions:
+            raise UserError(f"--max_prompt_length + --max_new_tokens > the model's {positions} positions")
         self.tokenizer.pad_token = self.tokenizer.pad_token or self.tokenizer.eos_token
         limit, template, evals = args.max_prompt_length, args.chat_template, self.task.eval[: args.eval_num_prompts]
         self.train_prompts = encode_prompts(self.tokenizer, self.task.train, template, limit, "train")
@@ -747,9 +704,9 @@ class Run:
             raise UserError(f"--prompts_per_step {args.prompts_per_step} > {len(self.train_prompts)} training prompts")
 
     def start(self, policy, evaluate):
-        """Wrap the trained model for data parallelism, make AdamW (restored when resuming), create the run folder
-        (exclusively: two runs never share one) and its log, evaluate at step 0. Returns (model, optimizer)."""
-        args, self.evaluate, self.writers = self.args, evaluate, []
+        """Shard the trained model, make AdamW (restored when resuming), create the run folder (exclusively: two
+        runs never share one) and its log, evaluate at step 0. Returns (model, optimizer)."""
+        args, self.evaluate, self.tb = self.args, evaluate, None
         self.model = shard(policy, args)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), args.learning_rate, weight_decay=args.weight_decay)
         self.state = {"step": 0, "elapsed_s": 0.0, "prompts_seen": 0}
@@ -762,13 +719,13 @@ class Run:
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=bool(args.resume))
             if not args.resume:
-                lock_run_folder(self.run_dir)
+                lock(self.run_dir)
             with open(os.path.join(self.run_dir, "args.json"), "w") as f:
                 json.dump(asdict(args) | {"resume": None}, f, indent=1)
             rows = open(self.log_path).readlines() if os.path.exists(self.log_path) else []
             with open(self.log_path, "w") as f:  # what was logged after the checkpoint is logged again
                 f.writelines(r for r in rows if json.loads(r)["step"] <= self.state["step"])
-            self.writers = make_writers(args, self.run_dir) if args.track else []
+            self.tb = tensorboard(args, self.run_dir) if args.track else None
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, lambda signum, _: self.stop.append(signal.Signals(signum).name))
         self.t0 = time.time() - self.state["elapsed_s"]
@@ -809,8 +766,8 @@ class Run:
             row |= {k: v if math.isfinite(v) else None for k, v in metrics.items()}  # JSON has no NaN
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            for write in self.writers:
-                write(step, metrics)
+            for k, v in metrics.items() if self.tb else []:
+                self.tb.add_scalar(k, v, step)
 
     def end_step(self, step: int, batch: dict, metrics: dict) -> None:
         """Counters, the eval when due, the metrics row, a checkpoint every --save_every steps, at the end, or on
@@ -836,9 +793,8 @@ class Run:
             raise Stop(f"{why}: checkpoint of step {step} saved; continue with --resume {self.run_dir}")
 
     def save(self, step: int) -> None:
-        """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt (optimizer, counters),
-        written as step_N.tmp then renamed (never half-written); only the newest --keep_last are kept; `final`
-        links to the last one."""
+        """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt (optimizer, counters), written
+        as step_N.tmp and renamed (never half-written); the newest --keep_last kept; `final` links to the last."""
         self.state |= {"step": step, "elapsed_s": time.time() - self.t0}
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=FULL_STATE)
         path = os.path.join(self.run_dir, "checkpoints", f"step_{step:06d}")
@@ -862,20 +818,17 @@ class Run:
             dist.barrier()
 
 
-def make_writers(args, run_dir: str) -> list:
-    """--track: TensorBoard, mirrored to W&B, each when installed."""
+def tensorboard(args, run_dir: str):
+    """--track: a TensorBoard writer, mirrored to W&B; each when installed."""
     with contextlib.suppress(ImportError):
         import wandb
 
-        wandb.init(
-            project=args.wandb_project_name, name=os.path.basename(run_dir), config=asdict(args), sync_tensorboard=True
-        )
+        name, config = os.path.basename(run_dir), asdict(args)
+        wandb.init(project=args.wandb_project_name, name=name, config=config, sync_tensorboard=True)
     with contextlib.suppress(ImportError):
         from torch.utils.tensorboard import SummaryWriter
 
-        tb = SummaryWriter(run_dir)
-        return [lambda step, metrics: [tb.add_scalar(k, v, step) for k, v in metrics.items()]]
-    return []
+        return SummaryWriter(run_dir)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ MUTATIONS = [
     (
         "rpg_fkl-anchor-is-the-policy",
         "algorithms/rpg_fkl.py",
-        'batch["anchor_logprobs"] = batched_logprobs(init_model, batch,',
+        'batch["anchor_logprobs"] = batched_logprobs(init, batch,',
         'batch["anchor_logprobs"] = batched_logprobs(policy, batch,',
         ["tests/test_loops.py::test_one_step_end_to_end"],
     ),

@@ -303,11 +303,9 @@ def evaluate(policy, kl_models: dict, run, eos) -> tuple:
     s = all_reduce(torch.stack(sums).double()) / (len(run.eval_prompts) * args.eval_samples_per_prompt)
     keys = ["eval/pass@1", "eval/reward_mean", "eval/completion_len_mean"]
     keys += [f"eval/kl_{name}_rkl_exact_seq" for name in kl_models]
-    shown = [
-        {"prompt": tok.decode(run.eval_prompts[i]), "completion": c, "reward": x}
-        for i, c, x in zip(mine, texts, r.tolist())
-    ]
-    return dict(zip(keys, s.tolist())), shown[: args.log_completions]
+    shown = list(zip(mine, texts, r.tolist()))[: args.log_completions]
+    shown = [{"prompt": tok.decode(run.eval_prompts[i]), "completion": c, "reward": x} for i, c, x in shown]
+    return dict(zip(keys, s.tolist())), shown
 
 
 # ==========================================================================================================
@@ -550,8 +548,9 @@ def gathered(model, args):
     if sharded:
         model.set_reshard_after_forward(False)
     yield
+    if sharded:
+        model.set_reshard_after_forward(args.reshard_after_forward)
     for m in sharded:
-        m.set_reshard_after_forward(args.reshard_after_forward, recurse=False)
         m.reshard()
 
 

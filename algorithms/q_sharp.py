@@ -751,8 +751,9 @@ def gathered(model, args):
     if sharded:
         model.set_reshard_after_forward(False)
     yield
+    if sharded:
+        model.set_reshard_after_forward(args.reshard_after_forward)
     for m in sharded:
-        m.set_reshard_after_forward(args.reshard_after_forward, recurse=False)
         m.reshard()
 
 

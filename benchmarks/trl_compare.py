@@ -6,7 +6,8 @@ realistic: a Llama of ~5M parameters built from a config (random weights, the sh
            12-shot arithmetic prompts of ~120 tokens, completions of up to 256 tokens (a random model stops at
            ~100 on average), 16 prompts x 8.
 Same in both trainers: lr 5e-4 constant, beta 0.04 with k3, clip 0.2, one optimizer step per generation, loss
-seq-mean-token-mean, group-std advantages, grad clip 1.0, T = 1 with the full vocabulary, float32 on CPU. Cannot be
+seq-mean-token-mean, group-std advantages, grad clip 1.0, T = 1 with the full vocabulary, float32 on CPU, no
+gradient checkpointing (on by default in TRL's GRPOConfig: it saves TRL memory and costs it time). Cannot be
 made identical: TRL generates with `model.generate`, grpo.py with its own KV-cache loop; each draws its own prompts.
 Step time: grpo.py's `perf/step_s` (sampling to optimizer step, no eval); TRL's time between `on_step_begin` and
 `on_step_end`. The median is over steps 2.. (step 1 pays one-time costs).
@@ -171,6 +172,7 @@ def trl_worker(out: str, shape: str, steps: int, seed: int, work: str) -> None:
         report_to="none",
         use_cpu=True,
         bf16=False,
+        gradient_checkpointing=False,  # TRL's GRPOConfig turns it on by default; grpo.py's default is off
         seed=seed,
         dataloader_num_workers=0,
         disable_tqdm=True,

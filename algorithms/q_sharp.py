@@ -265,8 +265,11 @@ class QModel(torch.nn.Module):
             logits = logits.view(*hidden.shape[:-1], self.vocab_size, self.num_atoms)
         return torch.log_softmax(logits, dim=-1)
 
-    def forward(self, ids, mask, pos):
-        return self.log_pmf(self.hidden(ids, mask, pos))
+    def forward(self, ids, mask, pos, cache=None, head=True):
+        """Log-pmfs, or the hidden states with head=False (the sampler applies the head to the last position only).
+        The sampler calls it too, not `hidden`: under FSDP2 the root module's forward must run before its layers'."""
+        hidden = self.hidden(ids, mask, pos, cache)
+        return self.log_pmf(hidden) if head else hidden
 
     def save_pretrained(self, path: str, state_dict: dict) -> None:
         """The backbone as a Hugging Face folder and the head as head.pt."""
@@ -293,7 +296,7 @@ def score_candidates(qmodel, cache, attn, pos, chunk: int):
         keep_rows(c, rows.repeat_interleave(V))
         cand = torch.arange(V, device=attn.device).repeat(len(rows)).unsqueeze(1)
         a = torch.cat([attn[rows].repeat_interleave(V, 0), attn.new_ones(len(rows) * V, 1)], dim=1)
-        h = qmodel.hidden(cand, a, (pos[rows] + 1).repeat_interleave(V, 0), c)[:, -1]
+        h = qmodel(cand, a, (pos[rows] + 1).repeat_interleave(V, 0), c, head=False)[:, -1]
         out.append(qmodel.log_pmf(h).view(len(rows), V, -1))
     return torch.cat(out)
 
@@ -315,7 +318,7 @@ def sample(ref, qmodel, prompts: list, uniforms, mode: str, eta: float, args, at
     with autocast(args):  # each distinct prompt runs once in each model, its caches copied to its rows
         ref_logits, ref_cache = prefill(ref, p_ids, p_mask, index)
         if guided:
-            q_hidden = qmodel.hidden(p_ids, p_mask, (p_mask.cumsum(-1) - 1).clamp(min=0), q_cache)[index, -1]
+            q_hidden = qmodel(p_ids, p_mask, (p_mask.cumsum(-1) - 1).clamp(min=0), q_cache, head=False)[index, -1]
             keep_rows(q_cache, index)
     for t in range(H):
         ref_logits = ref_logits.to(torch.promote_types(ref_logits.dtype, torch.float32))
@@ -344,7 +347,7 @@ def sample(ref, qmodel, prompts: list, uniforms, mode: str, eta: float, args, at
         with autocast(args):
             ref_logits = forward(ref, tok[:, None], attn, pos, ref_cache, keep=1)[:, -1]
             if guided:
-                q_hidden = qmodel.hidden(tok[:, None], attn, pos, q_cache)[:, -1]
+                q_hidden = qmodel(tok[:, None], attn, pos, q_cache, head=False)[:, -1]
     out = make_batch(prompts, tokens[:, : t + 1].unbind(), eos, pad)
     return out["completion_ids"], out["completion_mask"], kl
 

@@ -25,6 +25,7 @@ import shutil
 import signal
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional
 
@@ -350,7 +351,7 @@ def evaluate(policy, kl_models: dict, run, eos) -> tuple:
     """Held-out pass@1 at `temperature` (eval_samples_per_prompt samples each, the same random numbers at every
     eval) and, per frozen model q of kl_models, KL(pi_theta || q) summed along each sample, exact over the
     vocabulary at every visited position; prompts interleaved over ranks. Returns (metrics, example rows)."""
-    args, tok, g = run.args, run.tokenizer, torch.Generator(DEVICE).manual_seed(seed_of(run.args, -1, run.rank))
+    args, tok, g = run.args, run.tokenizer, run.eval_sampler()
     mine = [i for i in range(run.rank, len(run.eval_prompts), run.world) for _ in range(args.eval_samples_per_prompt)]
     b = sample_batch(policy, [run.eval_prompts[i] for i in mine], args, eos, tok.pad_token_id, g)
     texts, mask = decode(tok, b), b["completion_mask"]
@@ -387,7 +388,7 @@ def update_policy(model, optimizer, batch: dict, args, step: int) -> dict:
     update does not depend on the number of ranks or micro-batches. Returns the global metrics."""
     world, rank, stats, mask = *world_rank(), [], batch["loss_mask"]
     for it in range(args.num_iterations):
-        shuffle = torch.Generator().manual_seed(seed_of(args, step, it))
+        shuffle = torch.Generator().manual_seed(seed_of(args, "shuffle", step, it))
         for mb in torch.randperm(len(mask) * world, generator=shuffle).to(DEVICE).tensor_split(args.num_minibatches):
             mb = mb[(mb // len(mask)) == rank] % len(mask)  # this rank's rows of the global mini-batch
             counts = all_reduce(torch.stack([(mask[mb].sum(-1) > 0).sum(), mask[mb].sum()]).double()).tolist()
@@ -542,9 +543,12 @@ def check_numbers(args, positive: tuple) -> None:
             raise UserError(f"--{k} must be {'> 0' if strict else '>= 0'}, got {v}")
 
 
-def seed_of(args, *keys) -> int:
-    """The seed of one random draw, from (--seed, step, ...): every step is reproducible on its own."""
-    return int(np.random.SeedSequence([args.seed, *[k % 2**31 for k in keys]]).generate_state(1)[0])
+def seed_of(args, stream: str, *keys) -> int:
+    """The seed of one random draw, from (--seed, the stream's name, step, ...): every step is reproducible on its
+    own, and two streams never share a seed (SeedSequence pads short keys with zeros, so without the name
+    (seed, step) and (seed, step, 0) would be the same seed)."""
+    name = zlib.crc32(stream.encode())
+    return int(np.random.SeedSequence([args.seed, name, *[k % 2**31 for k in keys]]).generate_state(1)[0])
 
 
 def world_rank() -> tuple:
@@ -690,7 +694,7 @@ class Run:
             if cuda:
                 torch.cuda.set_device(DEVICE)
             dist.init_process_group("nccl" if cuda else "gloo")
-        torch.manual_seed(args.seed)  # TRY NOT TO MODIFY: every other random draw is seed_of(args, step, ...)
+        torch.manual_seed(args.seed)  # TRY NOT TO MODIFY: every other random draw is seed_of(args, stream, step, ...)
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         if self.rank == 0:
@@ -731,8 +735,11 @@ class Run:
             with open(os.path.join(self.run_dir, "args.json"), "w") as f:
                 json.dump(asdict(args) | {"resume": None}, f, indent=1)
             rows = open(self.log_path).readlines() if os.path.exists(self.log_path) else []
-            with open(self.log_path, "w") as f:  # what was logged after the checkpoint is logged again
-                f.writelines(r for r in rows if json.loads(r)["step"] <= self.state["step"])
+            # what was logged after the checkpoint is logged again; from a step-0 checkpoint (A*-PO stopped in its
+            # stage 1) step 0 itself is redone, its eval and stage-1 rows included
+            last_kept = self.state["step"] if self.state["step"] > 0 else -1
+            with open(self.log_path, "w") as f:
+                f.writelines(r for r in rows if json.loads(r)["step"] <= last_kept)
             self.tb = tensorboard(args, self.run_dir) if args.track else None
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, lambda signum, _: self.stop.append(signal.Signals(signum).name))
@@ -747,13 +754,21 @@ class Run:
             self.clock = {"start": time.time(), "last": time.time()}
             yield self.step
 
+    def draw(self, step: int):
+        """The step's order of all training prompts: one draw from (seed, step), the same on every rank."""
+        return np.random.default_rng(seed_of(self.args, "prompts", step)).permutation(len(self.train_prompts))
+
     def prompts(self, step: int):
-        """This rank's share of the step's prompts, one draw from (seed, step) on every rank."""
-        draw = np.random.default_rng(seed_of(self.args, step)).permutation(len(self.train_prompts))
-        return draw[: self.args.prompts_per_step][self.rank :: self.world]
+        """This rank's share of the step's prompts."""
+        return self.draw(step)[: self.args.prompts_per_step][self.rank :: self.world]
 
     def sampler(self, step: int):
-        return torch.Generator(DEVICE).manual_seed(seed_of(self.args, step, self.rank))
+        """This rank's sampling noise at this step."""
+        return torch.Generator(DEVICE).manual_seed(seed_of(self.args, "sample", step, self.rank))
+
+    def eval_sampler(self):
+        """This rank's eval noise: the same at every eval, so evals differ only by the policy."""
+        return torch.Generator(DEVICE).manual_seed(seed_of(self.args, "eval", self.rank))
 
     def timer(self, name: str) -> None:
         self.clock[f"perf/{name}_s"], self.clock["last"] = time.time() - self.clock["last"], time.time()

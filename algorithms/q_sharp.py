@@ -22,6 +22,7 @@ import shutil
 import signal
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
@@ -281,7 +282,7 @@ class QModel(torch.nn.Module):
 def noise(args, kind: int, prompt: int, sample: int, n: int):
     """A roll-out's noise from (seed, kind = round or -1 for eval, prompt id, sample index) alone: the collected
     data and the eval samples do not depend on the number of ranks or on batching."""
-    generator = torch.Generator().manual_seed(seed_of(args, kind, prompt, sample))
+    generator = torch.Generator().manual_seed(seed_of(args, "rollout", kind, prompt, sample))
     return torch.rand(n, generator=generator, dtype=torch.float64)
 
 
@@ -551,7 +552,7 @@ def train(args: Args) -> None:
     atoms, eos = torch.linspace(args.v_min, args.v_max, args.num_atoms, device=DEVICE), eos_ids(run.tokenizer, ref)
     if args.sample_from:
         return sample_guided(ref, qmodel.eval(), run, atoms, eos, examples)
-    order = np.random.default_rng(seed_of(args, -7)).permutation(len(run.train_prompts))
+    order = np.random.default_rng(seed_of(args, "heldout_split")).permutation(len(run.train_prompts))
     heldout = set(order[: int(args.heldout_frac * len(run.train_prompts))].tolist())  # prompts of the held-out loss
     model, optimizer = run.start(qmodel, lambda: evaluate_round(ref, qmodel.eval(), run, atoms, eos))
     run.state.setdefault("examples", [])
@@ -571,7 +572,8 @@ def train(args: Args) -> None:
         run.timer("generate")
         # 2. train the Q model on everything collected so far (warm start from the previous round)
         for epoch in range(args.epochs_per_round):
-            loss = train_q_epoch(model.train(), optimizer, train_set, run, atoms, eos, seed_of(args, step, epoch))
+            seed = seed_of(args, "q_shuffle", step, epoch)
+            loss = train_q_epoch(model.train(), optimizer, train_set, run, atoms, eos, seed)
         run.timer("update")
         rewards = torch.tensor([e["reward"] for e in new], dtype=torch.float64)
         metrics = {"losses/q_loss": loss, "charts/reward_mean": rewards.mean().item()}
@@ -659,9 +661,12 @@ def check_numbers(args, positive: tuple) -> None:
             raise UserError(f"--{k} must be {'> 0' if strict else '>= 0'}, got {v}")
 
 
-def seed_of(args, *keys) -> int:
-    """The seed of one random draw, from (--seed, step, ...): every step is reproducible on its own."""
-    return int(np.random.SeedSequence([args.seed, *[k % 2**31 for k in keys]]).generate_state(1)[0])
+def seed_of(args, stream: str, *keys) -> int:
+    """The seed of one random draw, from (--seed, the stream's name, step, ...): every step is reproducible on its
+    own, and two streams never share a seed (SeedSequence pads short keys with zeros, so without the name
+    (seed, step) and (seed, step, 0) would be the same seed)."""
+    name = zlib.crc32(stream.encode())
+    return int(np.random.SeedSequence([args.seed, name, *[k % 2**31 for k in keys]]).generate_state(1)[0])
 
 
 def world_rank() -> tuple:
@@ -807,7 +812,7 @@ class Run:
             if cuda:
                 torch.cuda.set_device(DEVICE)
             dist.init_process_group("nccl" if cuda else "gloo")
-        torch.manual_seed(args.seed)  # TRY NOT TO MODIFY: every other random draw is seed_of(args, step, ...)
+        torch.manual_seed(args.seed)  # TRY NOT TO MODIFY: every other random draw is seed_of(args, stream, step, ...)
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         if self.rank == 0:
@@ -848,8 +853,11 @@ class Run:
             with open(os.path.join(self.run_dir, "args.json"), "w") as f:
                 json.dump(asdict(args) | {"resume": None}, f, indent=1)
             rows = open(self.log_path).readlines() if os.path.exists(self.log_path) else []
-            with open(self.log_path, "w") as f:  # what was logged after the checkpoint is logged again
-                f.writelines(r for r in rows if json.loads(r)["step"] <= self.state["step"])
+            # what was logged after the checkpoint is logged again; from a step-0 checkpoint (A*-PO stopped in its
+            # stage 1) step 0 itself is redone, its eval and stage-1 rows included
+            last_kept = self.state["step"] if self.state["step"] > 0 else -1
+            with open(self.log_path, "w") as f:
+                f.writelines(r for r in rows if json.loads(r)["step"] <= last_kept)
             self.tb = tensorboard(args, self.run_dir) if args.track else None
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, lambda signum, _: self.stop.append(signal.Signals(signum).name))
@@ -864,13 +872,21 @@ class Run:
             self.clock = {"start": time.time(), "last": time.time()}
             yield self.step
 
+    def draw(self, step: int):
+        """The step's order of all training prompts: one draw from (seed, step), the same on every rank."""
+        return np.random.default_rng(seed_of(self.args, "prompts", step)).permutation(len(self.train_prompts))
+
     def prompts(self, step: int):
-        """This rank's share of the step's prompts, one draw from (seed, step) on every rank."""
-        draw = np.random.default_rng(seed_of(self.args, step)).permutation(len(self.train_prompts))
-        return draw[: self.args.prompts_per_step][self.rank :: self.world]
+        """This rank's share of the step's prompts."""
+        return self.draw(step)[: self.args.prompts_per_step][self.rank :: self.world]
 
     def sampler(self, step: int):
-        return torch.Generator(DEVICE).manual_seed(seed_of(self.args, step, self.rank))
+        """This rank's sampling noise at this step."""
+        return torch.Generator(DEVICE).manual_seed(seed_of(self.args, "sample", step, self.rank))
+
+    def eval_sampler(self):
+        """This rank's eval noise: the same at every eval, so evals differ only by the policy."""
+        return torch.Generator(DEVICE).manual_seed(seed_of(self.args, "eval", self.rank))
 
     def timer(self, name: str) -> None:
         self.clock[f"perf/{name}_s"], self.clock["last"] = time.time() - self.clock["last"], time.time()

@@ -41,11 +41,19 @@ def fill_a_star_po(algo, batch, rewards, G, frozen_logprobs):
     batch["v_hat"] = torch.linspace(0.1, 0.9, rewards.numel())  # any fixed stage-1 values
 
 
-def fill_dpo_kl(algo, batch, rewards, G, frozen_logprobs):
-    rewards = rewards.clone()
-    rewards[4], rewards[5] = 1.0, 0.0  # groups 0 and 1 (rank 0 of 2) have a pair
-    rewards[8:] = 0.0  # groups 2 and 3 (rank 1 of 2) tie: that rank runs only a zero-weighted backward
-    batch["pair_role"] = algo.pair_roles(rewards, G)
+def fill_dpo_kl(algo, batch, rewards, G, frozen_logprobs, pairs="first_half"):
+    """pairs "first_half": only the groups of the first half of the batch (rank 0 of 2) have a pair, the others tie,
+    so rank 1 runs only zero-weighted backwards; "all": every group has a pair, so every mini-batch's pairs are
+    split across both ranks and each rank's loss must be normalized by the GLOBAL pair count."""
+    groups = rewards.clone().view(-1, G)
+    has_pair = (
+        torch.arange(len(groups)) < len(groups) // 2
+        if pairs == "first_half"
+        else torch.ones(len(groups), dtype=torch.bool)
+    )
+    groups[:] = 0.0
+    groups[has_pair, 0] = 1.0  # one winner, G - 1 losers in each group with a pair
+    batch["pair_role"] = algo.pair_roles(groups.view(-1), G)
     batch["ref_logprobs"] = frozen_logprobs
 
 
@@ -59,7 +67,6 @@ FILL = {
     "rpg_rkl": fill_rpg,
     "pmd_mean": fill_pmd,
     "a_star_po": fill_a_star_po,
-    "dpo_kl": fill_dpo_kl,
     "gkd": fill_gkd,
 }
 
@@ -141,16 +148,16 @@ def main():
     args = algo.Args(
         max_new_tokens=4, max_prompt_length=16, micro_batch_size=16, num_minibatches=1, learning_rate=1.0, bf16=False
     )
-    # 16 sequences: 4 prompts x 4 samples, or 16 prompts x 1 sample where a script samples once per prompt
     for k, v in {"loss_agg": "token_mean", "beta": 0.1, "num_generations": 4}.items():  # where the script has them
         if hasattr(args, k):
             setattr(args, k, v)
-    args.prompts_per_step = 16 // getattr(args, "num_generations", 1)
     for k, v in overrides.items():
-        if k == "save":  # not a flag: also check the checkpoint round trip
+        if k in ("save", "pairs"):  # not flags: also check the checkpoint round trip; DPO's pair layout
             continue
         default = getattr(algo.Args(), k)
         setattr(args, k, v if default is None else (v == "True") if isinstance(default, bool) else type(default)(v))
+    # 16 sequences: 16 / G prompts x G samples, or 16 prompts x 1 sample where a script samples once per prompt
+    args.prompts_per_step = 16 // getattr(args, "num_generations", 1)
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(TINY_POLICY)
     policy = algo.load_model(TINY_POLICY, args, trainable=True).double()  # float64: rounding far below 1e-6
@@ -169,7 +176,10 @@ def main():
     batch["loss_mask"] = batch["completion_mask"].clone()
     C = batch["completion_ids"].shape[1]
     frozen = logprobs(algo, ref, batch, C) if hasattr(algo, "batched_logprobs") else None  # GKD: none
-    FILL[name](algo, batch, rewards, G, frozen)
+    if name == "dpo_kl":  # (its pair layout is an override)
+        fill_dpo_kl(algo, batch, rewards, G, frozen, overrides.get("pairs", "first_half"))
+    else:
+        FILL[name](algo, batch, rewards, G, frozen)
     if args.num_iterations * args.num_minibatches > 1 and frozen is not None:
         batch["old_logprobs"] = logprobs(algo, policy, batch, C)
     per_rank = len(prompts) // world

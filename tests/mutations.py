@@ -1,8 +1,9 @@
 """Planted loop-level bugs: each is applied to a temporary copy of the repository and the tests that should catch it
 are run there; a mutation is caught when at least one of them fails.
 
-    python tests/mutations.py            # all mutations, a markdown table on stdout (about 5 minutes on 2 cores)
+    python tests/mutations.py            # all mutations, a markdown table on stdout (about 15 minutes on 2 cores)
     python tests/mutations.py -k grpo    # those whose id contains "grpo"
+    python tests/mutations.py -j 2       # two at a time
 
 `tests/test_loops.py::test_every_mutation_still_applies` checks that every snippet below still occurs exactly once
 in its file, so the list cannot rot silently when the scripts change.
@@ -138,6 +139,161 @@ MUTATIONS = [
         'switch = torch.tensor([e["switch"] + 1 for e in examples]',
         ["tests/test_loops.py::test_q_sharp_round_end_to_end"],
     ),
+    # ---- the blind spots of issue 26 (each reproduced passing the suite before its test existed) ----
+    (
+        "grpo-minibatch-counts-of-the-whole-rollout",
+        "algorithms/grpo.py",
+        "counts = all_reduce(torch.stack([(mask[mb].sum(-1) > 0).sum(), mask[mb].sum()]).double()).tolist()",
+        "counts = all_reduce(torch.stack([(mask.sum(-1) > 0).sum(), mask.sum()]).double()).tolist()",
+        ["tests/test_loops.py::test_one_step_end_to_end[grpo:mb2]"],
+    ),
+    (
+        "grpo-sampler-ignores-the-rank",
+        "algorithms/grpo.py",
+        'seed_of(self.args, "sample", step, self.rank)',
+        'seed_of(self.args, "sample", step)',
+        ["tests/test_streams.py"],
+    ),
+    (
+        "grpo-sampler-ignores-the-step",
+        "algorithms/grpo.py",
+        'seed_of(self.args, "sample", step, self.rank)',
+        'seed_of(self.args, "sample", 0, self.rank)',
+        ["tests/test_loops.py::test_one_step_end_to_end[grpo]"],
+    ),
+    (
+        "grpo-eval-noise-changes-every-eval",
+        "algorithms/grpo.py",
+        'seed_of(self.args, "eval", self.rank)',
+        'seed_of(self.args, "eval", getattr(self, "step", 0), self.rank)',
+        ["tests/test_loops.py::test_one_step_end_to_end[grpo]"],
+    ),
+    (
+        "grpo-streams-without-names",
+        "algorithms/grpo.py",
+        "name = zlib.crc32(stream.encode())",
+        "name = 0",
+        ["tests/test_loops.py::test_one_step_end_to_end[grpo]"],
+    ),
+    (
+        "grpo-keep-last-off-by-one",
+        "algorithms/grpo.py",
+        "older[: max(0, len(older) + 1 - self.args.keep_last)]",
+        "older[: max(0, len(older) - self.args.keep_last)]",
+        ["tests/test_flags.py::test_plumbing_counts_are_exact"],
+    ),
+    (
+        "grpo-warmup-off-by-one",
+        "algorithms/grpo.py",
+        "min(1, (done + 1) / max(args.warmup_steps, 1))",
+        "min(1, (done + 1) / max(args.warmup_steps + 1, 1))",
+        ["tests/test_flags.py::test_plumbing_counts_are_exact"],
+    ),
+    (
+        "grpo-weight-decay-ignored",
+        "algorithms/grpo.py",
+        "args.learning_rate, weight_decay=args.weight_decay)",
+        "args.learning_rate, weight_decay=0.0)",
+        ["tests/test_flags.py::test_weight_decay_is_the_decoupled_adamw_decay"],
+    ),
+    (
+        "grpo-grad-clip-ignored",
+        "algorithms/grpo.py",
+        "clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)",
+        "clip_grad_norm_(model.parameters(), 1.0)",
+        ["tests/test_loops.py::test_one_step_end_to_end[grpo]"],
+    ),
+    (
+        "grpo-epsilon-ignored",
+        "algorithms/grpo.py",
+        "ratio.clamp(1 - eps_low, 1 + eps_high)",
+        "ratio.clamp(0.8, 1 + eps_high)",
+        ["tests/test_flags.py::test_every_flag_changes_the_run[grpo]"],
+    ),
+    (
+        "grpo-no-old-logprobs-with-minibatches",
+        "algorithms/grpo.py",
+        'if args.num_iterations * args.num_minibatches > 1:\n            batch["old_logprobs"]',
+        'if args.num_iterations > 1:\n            batch["old_logprobs"]',
+        ["tests/test_loops.py::test_one_step_end_to_end[grpo:mb2mu1]"],
+    ),
+    (
+        "grpo-rollout-sampled-by-the-reference",
+        "algorithms/grpo.py",
+        "policy, [run.train_prompts[i] for i in prompts for _ in range(G)], args, eos, pad, run.sampler(step)",
+        "ref, [run.train_prompts[i] for i in prompts for _ in range(G)], args, eos, pad, run.sampler(step)",
+        ["tests/test_loops.py::test_one_step_end_to_end[grpo]"],
+    ),
+    (
+        "rpg_fkl-old-anchor-is-the-current-policy",
+        "algorithms/rpg_fkl.py",
+        'if args.kl_anchor == "init" else lp_old',
+        'if args.kl_anchor == "init" else lp.detach()',
+        ["tests/test_loops.py::test_one_step_end_to_end[rpg_fkl:old]"],
+    ),
+    (
+        "rpg_fkl-resampled-by-the-initial-model",
+        "algorithms/rpg_fkl.py",
+        "batch = sample_batch(policy, [run.train_prompts[i] for i in each], args, eos, pad, sampler)",
+        "batch = sample_batch(init, [run.train_prompts[i] for i in each], args, eos, pad, sampler)",
+        ["tests/test_loops.py::test_one_step_end_to_end[rpg_fkl:old]"],
+    ),
+    (
+        "dpo_kl-pairs-normalized-per-rank",
+        "algorithms/dpo_kl.py",
+        "loss, s = micro_loss(lsm, batch, rows, args, len(mb))",
+        "loss, s = micro_loss(lsm, batch, rows, args, len(mine))",
+        ["tests/test_distributed.py::test_two_processes_equal_one"],
+    ),
+    (
+        "dpo_kl-fresh-kl-from-the-reference",
+        "algorithms/dpo_kl.py",
+        "lsm = completion_log_softmax(policy, batch, rows, args.temperature)",
+        "lsm = completion_log_softmax(ref, batch, rows, args.temperature)",
+        ["tests/test_loops.py::test_one_step_end_to_end[dpo_kl]"],
+    ),
+    (
+        "gkd-teacher-pass-from-the-student",
+        "algorithms/gkd.py",
+        'evaluate(teacher, {}, run, eos)[0]["eval/pass@1"]',
+        'evaluate(policy, {}, run, eos)[0]["eval/pass@1"]',
+        ["tests/test_loops.py::test_one_step_end_to_end[gkd]"],
+    ),
+    (
+        "gkd-eval-kl-to-the-teacher-is-to-init",
+        "algorithms/gkd.py",
+        '({"teacher": teacher} if args.eval_teacher else {})',
+        '({"teacher": init} if args.eval_teacher else {})',
+        ["tests/test_loops.py::test_one_step_end_to_end[gkd]"],
+    ),
+    (
+        "gkd-seq_kd-samples-the-student",
+        "algorithms/gkd.py",
+        "sample_batch(policy if on_policy else teacher, prompts",
+        "sample_batch(policy, prompts",
+        ["tests/test_loops.py::test_one_step_end_to_end[gkd:seq_kd]"],
+    ),
+    (
+        "a_star_po-step-0-logged-twice-on-resume",
+        "algorithms/a_star_po.py",
+        'last_kept = self.state["step"] if self.state["step"] > 0 else -1',
+        'last_kept = self.state["step"]',
+        ["tests/test_a_star_po.py::test_p10_sigterm_in_stage1_keeps_the_finished_prompts_and_resume_completes_them"],
+    ),
+    (
+        "a_star_po-unknown-estimator-is-the-soft-max",
+        "algorithms/a_star_po.py",
+        'if estimator != "soft_max":',
+        "if False:",
+        ["tests/test_a_star_po.py::test_p6_value_estimate_closed_forms"],
+    ),
+    (
+        "q_sharp-rollin-at-eta",
+        "algorithms/q_sharp.py",
+        "args.rollin_eta or args.eta",
+        "args.eta",
+        ["tests/test_flags.py::test_every_flag_changes_the_run[q_sharp]"],
+    ),
 ]
 
 
@@ -170,18 +326,21 @@ def run(mutation) -> tuple:
 
 
 def main():
+    """-k TEXT: only the mutations whose id contains TEXT; -j N: N mutations at a time (default 1)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     select = sys.argv[sys.argv.index("-k") + 1] if "-k" in sys.argv else ""
+    jobs = int(sys.argv[sys.argv.index("-j") + 1]) if "-j" in sys.argv else 1
+    chosen = [m for m in MUTATIONS if select in m[0]]
     print("| planted bug | file | caught by |\n|---|---|---|")
     missed = 0
-    for m in MUTATIONS:
-        if select not in m[0]:
-            continue
-        caught, failed = run(m)
-        missed += not caught
-        names = sorted({f.split("[")[0] for f in failed})
-        params = [f.split("[", 1)[1].rstrip("]") for f in failed if "[" in f]
-        shown = ", ".join(f"`{n}`" for n in names) + (f" ({', '.join(params[:4])})" if params else "")
-        print(f"| {m[0]} | `{m[1]}` | {shown if caught else '**NOT CAUGHT**'} |", flush=True)
+    with ThreadPoolExecutor(jobs) as pool:  # each mutation runs pytest in its own copy of the repository
+        for m, (caught, failed) in zip(chosen, pool.map(run, chosen)):
+            missed += not caught
+            names = sorted({f.split("[")[0] for f in failed})
+            params = [f.split("[", 1)[1].rstrip("]") for f in failed if "[" in f]
+            shown = ", ".join(f"`{n}`" for n in names) + (f" ({', '.join(params[:4])})" if params else "")
+            print(f"| {m[0]} | `{m[1]}` | {shown if caught else '**NOT CAUGHT**'} |", flush=True)
     sys.exit(1 if missed else 0)
 
 

@@ -50,7 +50,10 @@ CASES = [
     ("a_star_po", {"num_iterations": 2, "entropy_coef": 0.01}),
     ("q_sharp", {}),
     ("dpo_kl", {"divergence": "js", "loss": "robust", "label_smoothing": 0.2}),
-    ("dpo_kl", {"num_minibatches": 3, "micro_batch_size": 2, "num_generations": 2}),  # 1 pair per global mini-batch
+    ("dpo_kl", {"num_minibatches": 3, "micro_batch_size": 2, "num_generations": 2}),  # 4 pairs, on rank 0 only
+    # 8 pairs over both ranks: every global mini-batch's pairs are split across the ranks (normalized globally)
+    ("dpo_kl", {"num_minibatches": 2, "num_generations": 2, "pairs": "all"}),
+    ("dpo_kl", {"num_generations": 4, "pairs": "all", "loss": "ipo"}),
     ("gkd", {"divergence": "akl", "num_iterations": 2, "micro_batch_size": 3}),
 ]
 

@@ -15,6 +15,7 @@ the mask shifted by one token each change the recomputation by far more than the
 """
 
 import dataclasses
+import inspect
 import os
 import re
 import sys
@@ -27,7 +28,7 @@ from common import TINY_POLICY, TINY_TEACHER
 from tests.harness import load_algorithm, read_metrics, run_in_process
 
 T = 0.7  # every run samples and scores at this temperature: a loop that drops it cannot pass
-LR, CLIP = 0.05, 1.0  # SGD steps of norm <= 0.05: step 2's policy differs clearly from the reference
+LR, CLIP = 0.05, 0.3  # SGD steps of norm <= 0.015 (CLIP is no script's default: the clip must use the flag)
 RTOL = 1e-6
 COMMON = [
     "--total_steps",
@@ -52,9 +53,16 @@ COMMON = [
 FLAGS = {  # two passes over each rollout (num_iterations 2), so old log-probs matter; grpo also with one pass
     "grpo": ["--prompts_per_step", "4", "--num_generations", "4", "--num_iterations", "2", "--beta", "0.3"],
     "grpo:mu1": ["--prompts_per_step", "4", "--num_generations", "4", "--beta", "0.3", "--loss_agg", "token_mean"],
+    # two mini-batches per pass: each optimizer step normalized by its own mini-batch's sequences and tokens
+    "grpo:mb2": "--prompts_per_step 4 --num_generations 4 --num_iterations 2 --num_minibatches 2 --beta 0.3".split(),
+    # one pass in two mini-batches: the second is off-policy, so the rollout's log-probs are needed
+    "grpo:mb2mu1": "--prompts_per_step 4 --num_generations 4 --num_minibatches 2 --beta 0.3".split(),
     "rpg_fkl": "--prompts_per_step 4 --num_generations 4 --num_iterations 2 --kl_anchor init --beta 0.3".split(),
     "rpg_rkl": "--prompts_per_step 4 --num_generations 4 --num_iterations 2 --kl_anchor init --beta 0.3".split(),
     "pmd_mean": ["--prompts_per_step", "4", "--num_generations", "4", "--num_iterations", "2"],
+    "pmd_mean:mb2": "--prompts_per_step 4 --num_generations 4 --num_minibatches 2".split(),
+    # the paper's anchor (the rollout policy) over two mini-batches, on a batch refilled by dynamic sampling
+    "rpg_fkl:old": "--prompts_per_step 4 --num_generations 4 --num_minibatches 2 --beta 0.3 --dynamic_sampling".split(),
     "a_star_po": [
         "--prompts_per_step",
         "8",
@@ -71,6 +79,8 @@ FLAGS = {  # two passes over each rollout (num_iterations 2), so old log-probs m
     ],
     "dpo_kl": ["--prompts_per_step", "4", "--num_generations", "4", "--num_iterations", "2"],
     "gkd": ["--prompts_per_step", "8", "--num_iterations", "2", "--beta", "0.2"],  # JSD(0.5) is symmetric
+    "gkd:data": "--prompts_per_step 8 --beta 0.2 --lmbda 0".split(),  # off-policy: the dataset's answers
+    "gkd:seq_kd": "--prompts_per_step 8 --beta 0.2 --lmbda 0 --seq_kd".split(),  # the teacher's samples
 }
 
 
@@ -98,6 +108,9 @@ class Record:
     updates: list  # (parameters before, parameters after, the batch dict given to the update)
     rows: list  # metrics.jsonl
     run_dir: str
+    seeds: list = dataclasses.field(default_factory=list)  # (calling function and line, stream, keys, seed)
+    generators: list = dataclasses.field(default_factory=list)  # (calling function, initial seed of its generator)
+    models: list = dataclasses.field(default_factory=list)  # (updates so far, calling function, the sampling model)
 
 
 def run_spied(name, flags, tmp_path, monkeypatch, capsys, sampler="sample_batch", update=None) -> Record:
@@ -105,15 +118,26 @@ def run_spied(name, flags, tmp_path, monkeypatch, capsys, sampler="sample_batch"
     update = update or {"dpo_kl": "update_pairs"}.get(name, "update_policy")  # DPO's update trains on pairs
     rec = Record([], [], [], str(tmp_path / "run"))
     real_load, real_sample, real_update = algo.load_model, getattr(algo, sampler), getattr(algo, update)
+    real_seed_of = algo.seed_of
 
     def load_model(*a, **k):  # float64: the recomputation below agrees to rounding (1e-12), not float32's 1e-6
         model = real_load(*a, **k)
         return model.double() if isinstance(model, torch.nn.Module) else model
 
     def sample(*a, **k):
+        rec.models.append((len(rec.updates), inspect.stack()[1].function, flat(a[0])))
         out = real_sample(*a, **k)
         rec.samples.append((len(rec.updates), out, a))
+        generator = inspect.signature(real_sample).bind(*a, **k).arguments.get("generator")
+        if generator is not None:
+            rec.generators.append((inspect.stack()[1].function, generator.initial_seed()))
         return out
+
+    def seed_spy(args, stream, *keys):
+        caller = inspect.stack()[1]
+        seed = real_seed_of(args, stream, *keys)
+        rec.seeds.append((f"{caller.function}:{caller.lineno}", stream, keys, seed))
+        return seed
 
     def update_spy(model, *a, **k):
         before = flat(model)
@@ -125,11 +149,40 @@ def run_spied(name, flags, tmp_path, monkeypatch, capsys, sampler="sample_batch"
     monkeypatch.setattr(algo, "load_model", load_model)
     monkeypatch.setattr(algo, sampler, sample)
     monkeypatch.setattr(algo, update, update_spy)
+    monkeypatch.setattr(algo, "seed_of", seed_spy)
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **k: torch.optim.SGD(params, lr=lr))
     code, err = run_in_process(name, [*COMMON, *flags, "--output_dir", str(tmp_path), "--run_name", "run"], capsys)
     assert code == 0, err[-3000:]
     rec.rows = read_metrics(rec.run_dir)
     return rec
+
+
+def check_streams(rec, sampler_calls: bool = True, training_samples: bool = True) -> None:
+    """Random streams: no two places that draw a seed ever get the same one (a collision silently makes two streams
+    one: before streams had names, rank 0's sampler, the prompt draw and the first mini-batch shuffle of a step
+    shared a seed); the training sampler's noise differs at every step; the eval's noise is the same at every eval."""
+    sites = {}
+    for site, _, _, seed in rec.seeds:
+        sites.setdefault(seed, set()).add(site)
+    assert len(sites) >= 3 and all(len(s) == 1 for s in sites.values()), [s for s in sites.values() if len(s) > 1]
+    if sampler_calls:
+        evals = {seed for caller, seed in rec.generators if caller == "evaluate"}
+        train = [seed for caller, seed in rec.generators if caller != "evaluate"]
+        assert len(evals) == 1 and not evals & set(train), (evals, train)
+        assert len(train) >= 2 * training_samples and len(set(train)) == len(train), train
+
+
+def check_sampler_models(rec, case: str) -> None:
+    """Every rollout and every eval sample comes from the current policy (its parameters after the updates so far),
+    except GKD's step-0 eval of the teacher (`eval/teacher_pass@1`) and its --seq_kd rollouts, which come from the
+    teacher. (A*-PO's stage 1 samples pi_ref before any update: the same parameters.)"""
+    teacher = flat(tiny(TINY_TEACHER))
+    for n, caller, params in rec.models:
+        current = rec.updates[n - 1][1] if n else rec.updates[0][0]
+        if case.startswith("gkd") and n == 0 and caller == "evaluate" and torch.equal(params, teacher):
+            continue
+        want = teacher if "--seq_kd" in FLAGS[case] and caller != "evaluate" else current
+        assert torch.equal(params, want), f"{caller} sampled from another model after {n} updates"
 
 
 # ---- independent recomputation ----------------------------------------------------------------------------------
@@ -213,26 +266,42 @@ def exact_kl_seq(p_model, q_model, rows) -> torch.Tensor:
         return torch.stack(out)
 
 
-def sgd_replay(params_before, loss_fn, iterations: int):
-    """Parameters after `iterations` SGD steps (lr LR, gradient norm clipped to CLIP as torch does) on
-    loss_fn(model) over the whole batch, and the stats averaged over the steps, as the scripts log them."""
+def sgd_replay(params_before, loss_fn, schedule: list):
+    """Parameters after one SGD step (lr LR, gradient norm clipped to CLIP as torch does) per entry of `schedule`, on
+    loss_fn(model, rows): rows None is the whole batch, else the row indices of a mini-batch; and the stats averaged
+    over the steps, as the scripts log them."""
     model = tiny(params=params_before)
-    stats_sum = {}
-    for _ in range(iterations):
-        loss, stats = loss_fn(model)
+    stats_sum, clipped = {}, False
+    for rows in schedule:
+        loss, stats = loss_fn(model, rows)
         grads = [
             torch.zeros_like(p) if g is None else g
             for p, g in zip(model.parameters(), torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
         ]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         scale = torch.clamp(CLIP / (norm + 1e-6), max=1.0)
+        clipped = clipped or norm > CLIP
         with torch.no_grad():
             for p, g in zip(model.parameters(), grads):
                 p -= LR * scale * g
         for k, v in stats.items():  # means over the steps; extremes (`*_min`, `*_max`) over the steps
             pick = min if k.endswith("_min") else max if k.endswith("_max") else None
             stats_sum[k] = pick(stats_sum.get(k, float(v)), float(v)) if pick else stats_sum.get(k, 0.0) + float(v)
-    return flat(model), {k: v if k.endswith(("_min", "_max")) else v / iterations for k, v in stats_sum.items()}
+    assert clipped, "no step was clipped: --max_grad_norm would go unchecked"
+    n = len(schedule)
+    return flat(model), {k: v if k.endswith(("_min", "_max")) else v / n for k, v in stats_sum.items()}
+
+
+def minibatch_schedule(algo, args, num_rows: int, step: int = 2) -> list:
+    """The optimizer steps of one update: per pass, a permutation of the rows from the script's (seed, "shuffle",
+    step, pass) stream, cut into --num_minibatches parts (the script numbers rows globally; one process here)."""
+    if args.num_minibatches == 1:
+        return [None] * args.num_iterations
+    schedule = []
+    for it in range(args.num_iterations):
+        shuffle = torch.Generator().manual_seed(algo.seed_of(args, "shuffle", step, it))
+        schedule += list(torch.randperm(num_rows, generator=shuffle).tensor_split(args.num_minibatches))
+    return schedule
 
 
 def update_error(rec_update, expected_after) -> float:
@@ -246,7 +315,7 @@ def update_error(rec_update, expected_after) -> float:
 def stat_errors(row: dict, name: str, stats: dict, charts: dict) -> dict:
     """Relative differences between the logged metrics of a step and their recomputation."""
     out = {}
-    for k, v in [*stats.items(), *((f"charts/{k}", v) for k, v in charts.items())]:
+    for k, v in [*stats.items(), *((k if "/" in k else f"charts/{k}", v) for k, v in charts.items())]:
         key = k if "/" in k else f"losses/{k}"
         out[key] = abs(row[key] - v) / max(1.0, abs(v))
     return out
@@ -254,9 +323,9 @@ def stat_errors(row: dict, name: str, stats: dict, charts: dict) -> dict:
 
 # ---- what each script's loss should have been given ---------------------------------------------------------------
 def step_inputs(rec, step: int = 2):
-    """The rows of step `step`'s rollout, the policy that sampled them and the initial model."""
-    sampled = [out for n, out, _ in rec.samples if n == step - 1]
-    batch = sampled[-1]  # the training rollout of that step (the eval of step 0 comes before it)
+    """The rows that step `step`'s update trained on (sampled, re-sampled or the dataset's), the policy before that
+    update (the one that sampled them) and the initial model."""
+    batch = rec.updates[step - 1][2]
     rows = rollout_rows(batch)
     before = rec.updates[step - 1][0]
     return rows, tiny(params=before), tiny(), batch
@@ -267,14 +336,18 @@ def grpo_expected(algo, args, rows, rollout, init, iterations):
     adv = algo.group_advantages(rewards_of(rows), G, args.scale_rewards)
     with torch.no_grad():
         lp_old, lp_ref = token_logprobs(rollout, rows), token_logprobs(init, rows)
-    n_seq, n_tok = float(len(rows)), float(mask.sum())
 
-    def loss_fn(model):
-        lsm_rows = [(lg / T).log_softmax(-1) for lg in row_logits(model, rows)]
-        lp = padded([x.gather(-1, torch.tensor(c)[:, None]).squeeze(-1) for x, (_, c) in zip(lsm_rows, rows)])
-        loss, stats = algo.grpo_loss(lp, lp_old, lp_ref, adv, mask, args, n_seq, n_tok)
+    def loss_fn(model, sub=None):
+        """The loss of the mini-batch `sub` (row indices; None: every row), normalized by ITS sequences and tokens."""
+        sub = torch.arange(len(rows)) if sub is None else sub
+        lsm_rows = [(lg / T).log_softmax(-1) for lg in row_logits(model, [rows[i] for i in sub])]
+        lp = padded([x.gather(-1, torch.tensor(rows[i][1])[:, None]).squeeze(-1) for x, i in zip(lsm_rows, sub)])
+        C = lp.shape[1]
+        m = mask[sub, :C]
+        n_seq, n_tok = float(len(sub)), float(m.sum())
+        loss, stats = algo.grpo_loss(lp, lp_old[sub, :C], lp_ref[sub, :C], adv[sub], m, args, n_seq, n_tok)
         stats["entropy"] = sum(-(x.exp() * x).sum() for x in lsm_rows).detach() / n_tok
-        if iterations == 1:  # one optimizer step per rollout: the drift from the rollout policy is 0, not logged
+        if iterations * args.num_minibatches == 1:  # one optimizer step per rollout: no drift from it, not logged
             stats.pop("kl_old_fkl_k1"), stats.pop("kl_old_fkl_k3")
         return loss, stats
 
@@ -287,9 +360,12 @@ def rpg_expected(algo, args, rows, rollout, init, iterations):
     with torch.no_grad():
         lp_old, lp_ref = token_logprobs(rollout, rows), token_logprobs(init, rows)
 
-    def loss_fn(model):
-        lp = token_logprobs(model, rows)
-        return algo.rpg_loss(lp, lp_old, lp_ref, adv, mask, args, float(len(rows)), float(mask.sum()))
+    lp_anchor = lp_ref if args.kl_anchor == "init" else lp_old
+
+    def loss_fn(model, sub=None):
+        sub = torch.arange(len(rows)) if sub is None else sub
+        lp, m = token_logprobs(model, rows)[sub], mask[sub]
+        return algo.rpg_loss(lp, lp_old[sub], lp_anchor[sub], adv[sub], m, args, float(len(sub)), float(m.sum()))
 
     return loss_fn, {"reward_mean": float(rewards_of(rows).mean())}
 
@@ -300,9 +376,10 @@ def pmd_expected(algo, args, rows, rollout, init, iterations):
     with torch.no_grad():
         lp_old = token_logprobs(rollout, rows)
 
-    def loss_fn(model):
-        lp = token_logprobs(model, rows)
-        return algo.pmd_loss(lp, lp_old, mask, adv, args, float(len(rows)), float(mask.sum()))
+    def loss_fn(model, sub=None):
+        sub = torch.arange(len(rows)) if sub is None else sub
+        lp, m = token_logprobs(model, rows)[sub], mask[sub]
+        return algo.pmd_loss(lp, lp_old[sub], m, adv[sub], args, float(len(sub)), float(m.sum()))
 
     return loss_fn, {"reward_mean": float(rewards_of(rows).mean())}
 
@@ -319,13 +396,16 @@ def a_star_po_expected(algo, args, rows, rollout, init, iterations, run_dir=None
     rewards = rewards_of(rows)
     with torch.no_grad():
         lp_ref = token_logprobs(init, rows)
-    n_tok = float(mask.sum())
 
-    def loss_fn(model):
+    def loss_fn(model, sub=None):
+        sub = torch.arange(len(rows)) if sub is None else sub
         lsm = [(lg / T).log_softmax(-1) for lg in row_logits(model, rows)]
-        lp = padded([x.gather(-1, torch.tensor(c)[:, None]).squeeze(-1) for x, (_, c) in zip(lsm, rows)])
-        entropy_sum = sum(-(x.exp() * x).sum() for x in lsm)
-        return algo.a_star_po_loss(lp, lp_ref, mask, v_hat, rewards, entropy_sum, args, float(len(rows)), n_tok)
+        lp = padded([x.gather(-1, torch.tensor(c)[:, None]).squeeze(-1) for x, (_, c) in zip(lsm, rows)])[sub]
+        entropy_sum = sum(-(lsm[i].exp() * lsm[i]).sum() for i in sub.tolist())
+        m, n_seq = mask[sub], float(len(sub))
+        return algo.a_star_po_loss(
+            lp, lp_ref[sub], m, v_hat[sub], rewards[sub], entropy_sum, args, n_seq, float(m.sum())
+        )
 
     return loss_fn, {"reward_mean": float(rewards.mean())}
 
@@ -341,7 +421,7 @@ def dpo_expected(algo, args, rows, rollout, init, iterations):
         lr_seq = token_logprobs(init, pair_rows).sum(-1)
     m = len(w_rows)
 
-    def loss_fn(model):
+    def loss_fn(model, sub=None):
         lp = token_logprobs(model, pair_rows).sum(-1)
         s = algo.dpo_scores(lp, lr_seq, args.divergence, args.alpha)
         loss, stats = algo.dpo_loss(s[:m], s[m:], args.beta, args.loss, args.label_smoothing, m)
@@ -349,7 +429,10 @@ def dpo_expected(algo, args, rows, rollout, init, iterations):
         return loss, stats
 
     assert m > 0, "no usable pair in the checked step: choose another seed"
-    return loss_fn, {"reward_mean": float(rewards.mean())}
+    with torch.no_grad():  # the fresh samples' sequence KL to the reference, under the policy that drew them
+        kl = (token_logprobs(rollout, rows) - token_logprobs(init, rows)).sum(-1).mean()
+    charts = {"reward_mean": float(rewards.mean()), "losses/kl_ref_rkl_k1_seq": float(kl)}
+    return loss_fn, charts | {"charts/kl_reg_objective": float(rewards.mean() - args.beta * kl)}
 
 
 def gkd_expected(algo, args, rows, rollout, init, iterations):
@@ -359,7 +442,7 @@ def gkd_expected(algo, args, rows, rollout, init, iterations):
         lt = (padded(row_logits(teacher, rows)) / T).log_softmax(-1)
     ids = padded([torch.tensor(c, dtype=torch.float64) for _, c in rows]).long()
 
-    def loss_fn(model):
+    def loss_fn(model, sub=None):
         ls = (padded(row_logits(model, rows)) / T).log_softmax(-1)
         loss, stats = algo.gkd_loss(lt, ls, mask, ids, args, float(mask.sum()))
         stats["entropy"] = (-(ls.exp() * ls).sum(-1) * mask).sum().detach() / mask.sum()
@@ -371,6 +454,12 @@ def gkd_expected(algo, args, rows, rollout, init, iterations):
 EXPECTED = {
     "grpo": grpo_expected,
     "grpo:mu1": grpo_expected,
+    "grpo:mb2": grpo_expected,
+    "grpo:mb2mu1": grpo_expected,
+    "pmd_mean:mb2": pmd_expected,
+    "rpg_fkl:old": rpg_expected,
+    "gkd:data": gkd_expected,
+    "gkd:seq_kd": gkd_expected,
     "rpg_fkl": rpg_expected,
     "rpg_rkl": rpg_expected,
     "pmd_mean": pmd_expected,
@@ -418,7 +507,8 @@ def recompute(case, rec, bug=None):
             "train_prompts": [tok(e.prompt)["input_ids"] for e in arithmetic_task().train[:16]],
         }
     loss_fn, charts = EXPECTED[case](algo, args, rows, rollout, init, args.num_iterations, **extra)
-    expected_after, stats = sgd_replay(rec.updates[1][0], loss_fn, args.num_iterations)
+    schedule = minibatch_schedule(algo, args, len(rows))
+    expected_after, stats = sgd_replay(rec.updates[1][0], loss_fn, schedule)
     row = next(r for r in rec.rows if r["step"] == 2)
     return update_error(rec.updates[1], expected_after), stat_errors(row, name, stats, charts)
 
@@ -427,6 +517,8 @@ def recompute(case, rec, bug=None):
 def test_one_step_end_to_end(case, tmp_path, monkeypatch, capsys):
     rec = run_spied(case.split(":")[0], FLAGS[case], tmp_path, monkeypatch, capsys)
     assert len(rec.updates) == 2
+    check_streams(rec, training_samples=case != "gkd:data")  # (gkd:data trains on the dataset's answers)
+    check_sampler_models(rec, case)
     update_err, stat_errs = recompute(case, rec)
     assert update_err < RTOL  # (b) the update is the one the recomputed loss gives
     assert max(stat_errs.values()) < RTOL, stat_errs  # (a) every logged loss / KL / advantage statistic
@@ -438,6 +530,19 @@ def test_one_step_end_to_end(case, tmp_path, monkeypatch, capsys):
     assert abs(last["eval/pass@1"] - float((rewards_of(eval_rows) >= 1).double().mean())) < 1e-12
     kl = exact_kl_seq(final, init, eval_rows).mean()
     assert kl > 1e-3 and abs(last["eval/kl_init_rkl_exact_seq"] - float(kl)) < RTOL * float(kl)
+    if case.startswith("gkd"):  # the eval KL to the teacher, and the teacher's own pass@1 at step 0 from its samples
+        teacher = tiny(TINY_TEACHER)
+        kl = exact_kl_seq(final, teacher, eval_rows).mean()
+        assert abs(last["eval/kl_teacher_rkl_exact_seq"] - float(kl)) < RTOL * float(kl)
+        by_teacher = [
+            out
+            for (_, caller, p), (_, out, _) in zip(rec.models, rec.samples)
+            if caller == "evaluate" and torch.equal(p, flat(teacher))
+        ]
+        teacher_rows = [r for out in by_teacher for r in rollout_rows(out)]
+        assert len(by_teacher) == 1 and len(teacher_rows) == 8
+        want = float((rewards_of(teacher_rows) >= 1).double().mean())
+        assert abs(rec.rows[0]["eval/teacher_pass@1"] - want) < 1e-12
 
 
 CONTROLS = [
@@ -463,6 +568,7 @@ def test_negative_controls(name, bug, tmp_path, monkeypatch, capsys):
 
 
 # ---- Q#: the collected data, the Q-model update and the guided eval ---------------------------------------------
+Q_LR = 0.2  # a Q-model step (norm Q_LR x CLIP) large enough for a guided KL > 1e-3
 Q_FLAGS = [
     "--total_steps",
     "1",
@@ -489,7 +595,7 @@ Q_FLAGS = [
     "--temperature",
     str(T),
     "--learning_rate",
-    str(LR),
+    str(Q_LR),
     "--max_grad_norm",
     str(CLIP),
 ]
@@ -524,6 +630,7 @@ def test_q_sharp_round_end_to_end(tmp_path, monkeypatch, capsys):
     rec = run_spied("q_sharp", Q_FLAGS, tmp_path, monkeypatch, capsys, sampler="sample", update="train_q_epoch")
     from common.tasks import arithmetic_task
 
+    check_streams(rec, sampler_calls=False)
     train = arithmetic_task().train
     tok = tokenizer()
     examples = rec.updates[1][2]
@@ -551,7 +658,8 @@ def test_q_sharp_round_end_to_end(tmp_path, monkeypatch, capsys):
     loss, stats = loss_fn(None)
     grads = torch.autograd.grad(loss, params)
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    step = LR * torch.clamp(CLIP / (norm + 1e-6), max=1.0)
+    assert norm > CLIP  # the clip is active, so a script that ignored --max_grad_norm would fail
+    step = Q_LR * torch.clamp(CLIP / (norm + 1e-6), max=1.0)
     expected = torch.cat([(p - step * g).detach().reshape(-1) for p, g in zip(params, grads)])
     assert update_error(rec.updates[1], expected) < RTOL
     row = next(r for r in rec.rows if "eval/pass@1" in r and r["step"] > 0)

@@ -99,7 +99,9 @@ class Args:
 def check_args(args: Args, world: int) -> None:
     if args.value_estimator == "soft_max" and not args.beta1 > 0:  # beta1 -> 0 tends to the max, not the mean
         raise UserError(f"--beta1 must be > 0, got {args.beta1} (the plain mean is --value_estimator mean)")
-    check_numbers(args, positive=("temperature", "max_train_prompts", "beta2"))
+    check_numbers(
+        args, positive=POSITIVE + ("max_train_prompts", "beta2", "num_ref_samples", "num_iterations", "num_minibatches")
+    )
     n, m = args.prompts_per_step, args.num_minibatches
     if n > (args.max_train_prompts or math.inf):
         raise UserError(f"--prompts_per_step {n} > --max_train_prompts {args.max_train_prompts}")
@@ -150,163 +152,6 @@ def a_star_po_loss(lp, lp_ref, mask, v_hat, rewards, entropy_sum, args, num_prom
 # ==========================================================================================================
 # ROLLOUT: sampling, teacher-forced log-probs, evaluation (identical in every file that has them)
 # ==========================================================================================================
-def forward(model, ids, mask, pos, cache=None, keep=0):
-    """Logits with explicit positions (left padding), extending the KV cache `cache` when one is given."""
-    names = inspect.signature(getattr(model, "module", model).forward).parameters  # `cache` from transformers 5.x
-    kw = {"cache" if "cache" in names else "past_key_values": cache, "use_cache": True} if cache is not None else {}
-    return model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, **kw).logits
-
-
-def keep_rows(cache, rows):
-    """Keep these batch rows of a KV cache (index_select: its backward is ~8x faster than indexing's)."""
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
-
-
-def prefill(model, prompt_ids, prompt_mask, rows):
-    """Run each distinct prompt once and copy its KV cache to the rows that continue it (rows [M]: prompt index):
-    (logits of each row's first completion token [M, V], a cache of M rows). Autograd flows through the copies."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    logits = forward(model, prompt_ids, prompt_mask, (prompt_mask.cumsum(-1) - 1).clamp(min=0), cache, keep=1)
-    keep_rows(cache, rows)
-    return logits[:, -1].index_select(0, rows), cache
-
-
-@torch.no_grad()
-def generate(model, prompt_ids, prompt_mask, rows, args, eos, pad, generator=None, uniforms=None):
-    """One completion per row from exactly softmax(logits / T): no top-k, top-p or penalty, so the samples follow
-    the law every log-prob assumes. Rows that emitted EOS leave the batch and the KV cache, so decoding costs what
-    is generated. uniforms [M, H]: inverse-CDF draws from that noise instead of `generator` (rank-invariant)."""
-    was_training = model.training
-    model.eval()  # in train mode gradient checkpointing would switch the KV cache off
-    with autocast(args):
-        logits, cache = prefill(model, prompt_ids, prompt_mask, rows)
-    tokens = torch.full((len(rows), args.max_new_tokens), pad, device=rows.device)
-    live, attn = torch.arange(len(rows), device=rows.device), prompt_mask[rows]
-    for t in range(args.max_new_tokens):
-        probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / args.temperature, -1)
-        if uniforms is None:
-            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        else:
-            cdf, u = probs.double().cumsum(-1), uniforms[live.cpu(), t, None].to(probs.device, torch.float64)
-            tok = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
-        tokens[live, t], done = tok, torch.isin(tok, eos)
-        if t == args.max_new_tokens - 1 or done.all():
-            break
-        if done.any():  # finished rows leave the batch
-            keep_rows(cache, keep := (~done).nonzero().squeeze(-1))
-            live, tok, attn = live[keep], tok[keep], attn[keep]
-        attn = torch.cat([attn, attn.new_ones(len(live), 1)], 1)
-        with autocast(args):
-            logits = forward(model, tok[:, None], attn, attn.sum(-1, keepdim=True) - 1, cache, keep=1)[:, -1]
-    model.train(was_training)
-    return tokens[:, : t + 1]
-
-
-def sample_batch(model, prompts: list, args, eos, pad, generator=None, uniforms=None) -> dict:
-    """One completion per entry of `prompts` (token lists; a group = G equal entries), gen_batch_size rows per
-    generation call; the batch layout of `make_batch`."""
-    batch, chunks = make_batch(prompts, None, eos, pad), []
-    with gathered(model, args):
-        for i in range(0, len(prompts), args.gen_batch_size):
-            uniq, rows = batch["prompt_index"][i : i + args.gen_batch_size].unique(return_inverse=True)
-            ids, mask = batch["prompt_ids"][uniq], batch["prompt_mask"][uniq]
-            u = None if uniforms is None else uniforms[i : i + args.gen_batch_size]
-            chunks += generate(model, ids, mask, rows, args, eos, pad, generator, u).unbind()
-    return make_batch(prompts, chunks, eos, pad, batch)
-
-
-def make_batch(prompts: list, completions, eos, pad, batch=None) -> dict:
-    """Each distinct prompt stored once: prompt_ids, prompt_mask [U, P] (left-padded); row m continues prompt
-    prompt_index[m]. completion_ids [M, C], completion_mask [M, C] = up to and including the first EOS."""
-    if batch is None:
-        distinct = {}
-        index = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=eos.device)
-        left = lambda xs, v: torch.nn.utils.rnn.pad_sequence(xs, True, v, "left").to(eos.device)  # noqa: E731
-        batch = {"prompt_ids": left([torch.tensor(p) for p in distinct], pad), "prompt_index": index}
-        batch["prompt_mask"] = left([torch.ones(len(p), dtype=torch.long) for p in distinct], 0)
-    if completions is not None:  # padded with -1 first: a pad id that is also an EOS id must not end a row
-        tokens = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(c) for c in completions], True, -1).to(eos.device)
-        tokens = torch.nn.functional.pad(tokens, (0, max(0, 2 - tokens.shape[1])), value=-1)  # >= 2 columns
-        is_eos = torch.isin(tokens, eos).long()
-        batch["completion_mask"] = ((is_eos.cumsum(-1) - is_eos == 0) & (tokens >= 0)).long()
-        batch |= {"completion_ids": tokens.clamp(min=0) + (tokens < 0) * pad, "truncated": is_eos.sum(-1) == 0}
-    return batch
-
-
-def completion_log_softmax(model, batch: dict, rows, temperature: float, cached: bool = True):
-    """log softmax(logits / T) at the positions predicting the completion tokens of `rows`, trimmed to their
-    longest completion: [m, C, V], at least float32. cached: each distinct prompt runs once (`prefill`) and the
-    completions on its cache (the full rows' logits to 1e-10 in float64); else full [prompt; completion] rows
-    (needed under gradient checkpointing, which drops caches inside checkpointed layers)."""
-    C = max(int(batch["completion_mask"][rows].sum(-1).max()), 2)  # >= 2: the same forwards on every rank
-    comp, prompt = batch["completion_ids"][rows, :C], batch["prompt_index"][rows]
-    if cached:
-        uniq, inv = prompt.unique(return_inverse=True)
-        p_mask = batch["prompt_mask"][uniq]
-        first, cache = prefill(model, batch["prompt_ids"][uniq], p_mask, inv)
-        pos = p_mask.sum(-1)[inv, None] + torch.arange(C - 1, device=comp.device)  # tokens 0..C-2 predict 1..C-1
-        mask = torch.cat([p_mask[inv], torch.ones_like(comp[:, 1:])], 1)
-        logits = torch.cat([first[:, None], forward(model, comp[:, :-1], mask, pos, cache)], 1)
-    else:
-        mask = torch.cat([batch["prompt_mask"][prompt], torch.ones_like(comp)], 1)
-        ids = torch.cat([batch["prompt_ids"][prompt], comp], 1)
-        logits = forward(model, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), keep=C + 1)[:, :-1]
-    return (logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature).log_softmax(-1)
-
-
-def token_logprobs(log_softmax, tokens):
-    return log_softmax.gather(-1, tokens[:, : log_softmax.shape[1], None]).squeeze(-1)
-
-
-@torch.no_grad()
-def batched_logprobs(model, batch: dict, args):
-    """No-grad log-probs [M, C] of every completion token (0 after the end), in micro-batches: old, reference."""
-    out, ids = [], batch["completion_ids"]
-    with gathered(model, args):
-        for rows in torch.arange(len(ids), device=ids.device).split(args.micro_batch_size):
-            with autocast(args):
-                lp = token_logprobs(completion_log_softmax(model, batch, rows, args.temperature), ids[rows])
-            lp = lp * batch["completion_mask"][rows, : lp.shape[1]]
-            out.append(torch.nn.functional.pad(lp, (0, ids.shape[1] - lp.shape[1])))
-    return torch.cat(out)
-
-
-def eos_ids(tokenizer, model):
-    ids = {tokenizer.eos_token_id, *np.atleast_1d(model.generation_config.eos_token_id or []).tolist()}
-    return torch.tensor(sorted(i for i in ids if i is not None), device=DEVICE)
-
-
-def decode(tokenizer, batch: dict) -> list:
-    ids = [t[m.bool()] for t, m in zip(batch["completion_ids"], batch["completion_mask"])]
-    return tokenizer.batch_decode(ids, skip_special_tokens=True)
-
-
-@torch.no_grad()
-def evaluate(policy, kl_models: dict, run, eos) -> tuple:
-    """Held-out pass@1 at `temperature` (eval_samples_per_prompt samples each, the same random numbers at every
-    eval) and, per frozen model q of kl_models, KL(pi_theta || q) summed along each sample, exact over the
-    vocabulary at every visited position; prompts interleaved over ranks. Returns (metrics, example rows)."""
-    args, tok, g = run.args, run.tokenizer, run.eval_sampler()
-    mine = [i for i in range(run.rank, len(run.eval_prompts), run.world) for _ in range(args.eval_samples_per_prompt)]
-    b = sample_batch(policy, [run.eval_prompts[i] for i in mine], args, eos, tok.pad_token_id, g)
-    texts, mask = decode(tok, b), b["completion_mask"]
-    r = torch.tensor(run.task.score(texts, [run.eval_answers[i] for i in mine]), device=DEVICE)
-    sums = [(r >= 1).sum(), r.sum(), mask.sum()] + [r.new_zeros(()) for _ in kl_models]
-    with gathered(policy, args):  # ranks may hold different numbers of eval rows
-        for k, q in enumerate(kl_models.values()):
-            for rows in torch.arange(len(mine), device=DEVICE).split(args.micro_batch_size):
-                with autocast(args):
-                    lp, lq = (completion_log_softmax(m, b, rows, args.temperature) for m in (policy, q))
-                sums[3 + k] += ((lp.exp() * (lp - lq)).sum(-1) * mask[rows, : lp.shape[1]]).sum()
-    s = all_reduce(torch.stack(sums).double()) / (len(run.eval_prompts) * args.eval_samples_per_prompt)
-    keys = ["eval/pass@1", "eval/reward_mean", "eval/completion_len_mean"]
-    keys += [f"eval/kl_{name}_rkl_exact_seq" for name in kl_models]
-    shown = list(zip(mine, texts, r.tolist()))[: args.log_completions]
-    shown = [{"prompt": tok.decode(run.eval_prompts[i]), "completion": c, "reward": x} for i, c, x in shown]
-    return dict(zip(keys, s.tolist())), shown
 
 
 # ==========================================================================================================
@@ -318,33 +163,6 @@ def micro_loss(lsm, batch: dict, rows, args, num_seqs, num_tokens):
     entropy_sum = (-(lsm.exp() * lsm).sum(-1) * mask).sum()  # with its graph: the entropy bonus
     v_hat, rewards = batch["v_hat"][rows], batch["rewards"][rows]
     return a_star_po_loss(lp, lp_ref, mask, v_hat, rewards, entropy_sum, args, num_seqs, num_tokens)
-
-
-def update_policy(model, optimizer, batch: dict, args, step: int) -> dict:
-    """num_iterations passes x num_minibatches optimizer steps over the rollout. A mini-batch is a set of GLOBAL
-    rows (one permutation on every rank; each rank trains its own rows of it), and its sequence and token counts
-    are all-reduced BEFORE its loss is formed; every rank backpropagates loss x world size (FSDP averages). So the
-    update does not depend on the number of ranks or micro-batches. Returns the global metrics."""
-    world, rank, stats, mask = *world_rank(), [], batch["loss_mask"]
-    for it in range(args.num_iterations):
-        shuffle = torch.Generator().manual_seed(seed_of(args, "shuffle", step, it))
-        for mb in torch.randperm(len(mask) * world, generator=shuffle).to(DEVICE).tensor_split(args.num_minibatches):
-            mb = mb[(mb // len(mask)) == rank] % len(mask)  # this rank's rows of the global mini-batch
-            counts = all_reduce(torch.stack([(mask[mb].sum(-1) > 0).sum(), mask[mb].sum()]).double()).tolist()
-            micro = mb.split(args.micro_batch_size) if len(mb) else ()  # a rank may hold none of its rows
-            n = int(all_reduce(torch.tensor(len(micro), device=DEVICE), dist.ReduceOp.MAX))  # FSDP: lockstep
-            for k in range(n):
-                rows = micro[k] if k < len(micro) else mask.new_zeros(1, dtype=torch.long)  # else: weight 0
-                if world > 1:  # FSDP2: reduce-scatter the gradients once per mini-batch, after its last micro-batch
-                    model.set_requires_gradient_sync(k == n - 1)
-                with autocast(args):
-                    lsm = completion_log_softmax(model, batch, rows, args.temperature, not args.gradient_checkpointing)
-                loss, s = micro_loss(lsm, batch, rows, args, *counts)
-                (loss * world * (k < len(micro))).backward()
-                entropy = (-(lsm.exp() * lsm).sum(-1) * mask[rows, : lsm.shape[1]]).sum() / max(counts[1], 1)
-                stats += [s | {"entropy": entropy.detach()}] if k < len(micro) else [{}]
-            stats[-1] |= optimizer_step(model, optimizer, args)
-    return reduce_stats(stats, args.num_iterations * args.num_minibatches)
 
 
 # ==========================================================================================================
@@ -447,7 +265,7 @@ def train(args: Args) -> None:
         # 1. the step's prompts (one global draw, this rank's share), one completion each from pi_theta
         mine = [ids[j] for j in run.prompts(step)]
         batch = sample_batch(policy, [prompts[i] for i in mine], args, eos, pad, run.sampler(step))
-        run.timer("generate")
+        run.lap("generate")
         # 2. rewards, the stage-1 value of each row's own prompt, log pi_ref (the anchor)
         answers = [run.task.train[i].answer for i in mine]
         rewards = torch.tensor(run.task.score(decode(run.tokenizer, batch), answers), device=DEVICE)
@@ -455,20 +273,326 @@ def train(args: Args) -> None:
         batch["rewards"], batch["v_hat"] = rewards, v_hat[mine]
         batch["loss_mask"], batch["ref_logprobs"] = batch["completion_mask"], batched_logprobs(ref, batch, args)
         # 3. regress beta2 log(pi_theta / pi_ref) onto r - V_hat
-        metrics = update_policy(model, optimizer, batch, args, step)
-        run.timer("update")
+        metrics = update_policy(model, optimizer, batch, args, step, micro_loss)
+        run.lap("update")
         run.state["stage2_s"] = run.state.get("stage2_s", 0.0) + time.time() - run.clock["start"]  # checkpointed
         metrics |= {"charts/reward_mean": reward_mean, "charts/reward_std": reward_std}
         run.end_step(step, batch, metrics | {"perf/stage2_s": run.state["stage2_s"]})
 
 
 # ==========================================================================================================
-# PLUMBING: identical in every algorithm file (tests/test_shared_blocks.py); change it in one, copy it to all
+# SHARED: identical in every algorithm file; TRY NOT TO MODIFY. tests/test_shared_blocks.py proves it identical:
+# change it in one file, then copy it to all with `python -m tests.test_shared_blocks --sync`. It calls back into the
+# algorithm above only through `Args`, `check_args` and `train` (and the micro-batch loss that a script hands to
+# `update_policy`). Not every script uses every helper.
 # ==========================================================================================================
-DEVICE = torch.device("cpu")  # this rank's GPU, or the CPU (set by Run)
-FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # checkpoints: whole tensors on rank 0
+
+
+# ---- ROLLOUT: sampling with the KV cache, teacher-forced log-probs, evaluation -----------------------------
+def forward(model, ids, mask, positions, cache=None, keep=0):
+    """Logits of a forward with explicit positions (prompts are left-padded), extending the KV cache if given."""
+    if cache is None:
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+    # transformers 5.x renamed the cache argument from `past_key_values` to `cache`
+    parameters = inspect.signature(getattr(model, "module", model).forward).parameters
+    name = "cache" if "cache" in parameters else "past_key_values"
+    cache_kwargs = {name: cache, "use_cache": True}
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, **cache_kwargs).logits
+
+
+def keep_rows(cache, rows):
+    """Keep these batch rows of a KV cache (index_select: its backward is ~8x faster than indexing's)."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, rows)
+        layer.values = layer.values.index_select(0, rows)
+
+
+def prefill(model, prompt_ids, prompt_mask, rows):
+    """Run each distinct prompt once, then copy its KV cache to the rows that continue it (rows [M]: the prompt of
+    each row). Returns the logits of each row's first completion token [M, V] and a cache of M rows; autograd flows
+    through the copies."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = forward(model, prompt_ids, prompt_mask, positions, cache, keep=1)
+    keep_rows(cache, rows)
+    return logits[:, -1].index_select(0, rows), cache
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, prompt_mask, rows, args, eos, pad, generator=None, uniforms=None):
+    """One completion per row, sampled from exactly softmax(logits / T): no top-k, top-p or penalty, so the samples
+    follow the law that every log-prob assumes. Rows that emitted EOS leave the batch and the KV cache, so decoding
+    costs what is generated. uniforms [M, H]: inverse-CDF draws from this noise instead of from `generator`."""
+    was_training = model.training
+    model.eval()  # in train mode, gradient checkpointing would switch the KV cache off
+    with autocast(args):
+        logits, cache = prefill(model, prompt_ids, prompt_mask, rows)
+    tokens = torch.full((len(rows), args.max_new_tokens), pad, device=rows.device)
+    live = torch.arange(len(rows), device=rows.device)  # the rows still generating
+    attention = prompt_mask[rows]
+    for t in range(args.max_new_tokens):
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        probs = torch.softmax(logits / args.temperature, -1)
+        if uniforms is None:
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:  # the first token whose CDF reaches u (rounding can leave the CDF's last value below 1: clamp)
+            cdf = probs.double().cumsum(-1)
+            u = uniforms[live.cpu(), t, None].to(probs.device, torch.float64)
+            token = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+        tokens[live, t] = token
+        done = torch.isin(token, eos)
+        if t == args.max_new_tokens - 1 or done.all():
+            break
+        if done.any():  # finished rows leave the batch
+            keep = (~done).nonzero().squeeze(-1)
+            keep_rows(cache, keep)
+            live = live[keep]
+            token = token[keep]
+            attention = attention[keep]
+        attention = torch.cat([attention, attention.new_ones(len(live), 1)], 1)
+        positions = attention.sum(-1, keepdim=True) - 1
+        with autocast(args):
+            logits = forward(model, token[:, None], attention, positions, cache, keep=1)[:, -1]
+    model.train(was_training)
+    return tokens[:, : t + 1]
+
+
+def sample_batch(model, prompts: list, args, eos, pad, generator=None, uniforms=None) -> dict:
+    """One completion per entry of `prompts` (token lists; a group is G equal entries), in generation calls of
+    --gen_batch_size rows. Returns the batch layout of `make_batch`."""
+    batch = make_batch(prompts, None, eos, pad)
+    completions = []
+    with gathered(model, args):
+        for start in range(0, len(prompts), args.gen_batch_size):
+            end = start + args.gen_batch_size
+            # the distinct prompts of this chunk, and for each row the one it continues
+            distinct, rows = batch["prompt_index"][start:end].unique(return_inverse=True)
+            ids = batch["prompt_ids"][distinct]
+            mask = batch["prompt_mask"][distinct]
+            noise = None if uniforms is None else uniforms[start:end]
+            completions += generate(model, ids, mask, rows, args, eos, pad, generator, noise).unbind()
+    return make_batch(prompts, completions, eos, pad, batch)
+
+
+def make_batch(prompts: list, completions, eos, pad, batch=None) -> dict:
+    """The batch layout. Each distinct prompt is stored once: prompt_ids and prompt_mask [U, P], left-padded; row m
+    continues prompt prompt_index[m]. completion_ids and completion_mask [M, C]: the mask covers the tokens up to and
+    including the first EOS; truncated [M]: the row has no EOS. With `batch`, the completions join its prompts."""
+    if batch is None:
+        distinct = {}
+        index = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+        ids = [torch.tensor(p) for p in distinct]
+        ones = [torch.ones(len(p), dtype=torch.long) for p in distinct]
+        batch = {"prompt_ids": left_pad(ids, pad).to(eos.device)}
+        batch["prompt_index"] = torch.tensor(index, device=eos.device)
+        batch["prompt_mask"] = left_pad(ones, 0).to(eos.device)
+    if completions is None:
+        return batch
+    # padded with -1 first, so that a pad id which is also an EOS id cannot end a row
+    rows = [torch.as_tensor(c) for c in completions]
+    tokens = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1).to(eos.device)
+    tokens = torch.nn.functional.pad(tokens, (0, max(0, 2 - tokens.shape[1])), value=-1)  # at least 2 columns
+    is_eos = torch.isin(tokens, eos).long()
+    no_eos_before = is_eos.cumsum(-1) - is_eos == 0
+    batch["completion_mask"] = (no_eos_before & (tokens >= 0)).long()
+    batch["completion_ids"] = torch.where(tokens >= 0, tokens, pad)
+    batch["truncated"] = is_eos.sum(-1) == 0
+    return batch
+
+
+def left_pad(rows: list, value):
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value, padding_side="left")
+
+
+def completion_log_softmax(model, batch: dict, rows, temperature: float, cached: bool = True):
+    """log softmax(logits / T) at the positions that predict the completion tokens of `rows`, trimmed to their
+    longest completion: [m, C, V], at least float32. cached: each distinct prompt runs once (`prefill`) and the
+    completions continue its cache (equal to whole rows to 1e-10 in float64); else whole [prompt; completion] rows
+    (needed under gradient checkpointing, which drops the cache inside checkpointed layers)."""
+    C = max(int(batch["completion_mask"][rows].sum(-1).max()), 2)  # >= 2: the same forwards on every rank
+    completion = batch["completion_ids"][rows, :C]
+    prompt = batch["prompt_index"][rows]
+    if cached:
+        distinct, inverse = prompt.unique(return_inverse=True)
+        prompt_mask = batch["prompt_mask"][distinct]
+        first, cache = prefill(model, batch["prompt_ids"][distinct], prompt_mask, inverse)
+        # completion tokens 0..C-2 predict tokens 1..C-1, at the positions after each row's prompt
+        positions = prompt_mask.sum(-1)[inverse, None] + torch.arange(C - 1, device=completion.device)
+        mask = torch.cat([prompt_mask[inverse], torch.ones_like(completion[:, 1:])], 1)
+        rest = forward(model, completion[:, :-1], mask, positions, cache)
+        logits = torch.cat([first[:, None], rest], 1)
+    else:
+        mask = torch.cat([batch["prompt_mask"][prompt], torch.ones_like(completion)], 1)
+        ids = torch.cat([batch["prompt_ids"][prompt], completion], 1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = forward(model, ids, mask, positions, keep=C + 1)[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return (logits / temperature).log_softmax(-1)
+
+
+def token_logprobs(log_softmax, tokens):
+    """The log-prob of each token [m, C] from a log-softmax [m, C, V] (tokens may be longer: cut to C)."""
+    C = log_softmax.shape[1]
+    return log_softmax.gather(-1, tokens[:, :C, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def batched_logprobs(model, batch: dict, args):
+    """No-grad log-probs [M, C] of every completion token (0 after the end), in micro-batches: the rollout policy's
+    (old) and the frozen models' log-probs, computed once per rollout."""
+    ids = batch["completion_ids"]
+    out = []
+    with gathered(model, args):
+        for rows in torch.arange(len(ids), device=ids.device).split(args.micro_batch_size):
+            with autocast(args):
+                log_softmax = completion_log_softmax(model, batch, rows, args.temperature)
+            logprobs = token_logprobs(log_softmax, ids[rows])
+            logprobs = logprobs * batch["completion_mask"][rows, : logprobs.shape[1]]
+            out.append(torch.nn.functional.pad(logprobs, (0, ids.shape[1] - logprobs.shape[1])))
+    return torch.cat(out)
+
+
+def eos_ids(tokenizer, model):
+    """Every token that ends a completion: the tokenizer's EOS and the model's generation EOS ids."""
+    generation_eos = np.atleast_1d(model.generation_config.eos_token_id or []).tolist()
+    ids = {tokenizer.eos_token_id, *generation_eos} - {None}
+    return torch.tensor(sorted(ids), device=DEVICE)
+
+
+def decode(tokenizer, batch: dict) -> list:
+    """The completion texts, special tokens (EOS) dropped."""
+    ids = [tokens[mask.bool()] for tokens, mask in zip(batch["completion_ids"], batch["completion_mask"])]
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def evaluate(policy, kl_models: dict, run, eos) -> tuple:
+    """Held-out pass@1 at the training temperature (--eval_samples_per_prompt samples per prompt, the same noise at
+    every eval) and, per frozen model q of `kl_models`, KL(pi_theta || q) summed along each sample, exact over the
+    vocabulary at every visited position. Prompts are interleaved over ranks. Returns (metrics, rows to log)."""
+    args = run.args
+    per_prompt = args.eval_samples_per_prompt
+    mine = [i for i in range(run.rank, len(run.eval_prompts), run.world) for _ in range(per_prompt)]
+    prompts = [run.eval_prompts[i] for i in mine]
+    batch = sample_batch(policy, prompts, args, eos, run.tokenizer.pad_token_id, run.eval_sampler())
+    texts = decode(run.tokenizer, batch)
+    rewards = torch.tensor(run.task.score(texts, [run.eval_answers[i] for i in mine]), device=DEVICE)
+    mask = batch["completion_mask"]
+    sums = [(rewards >= 1).sum(), rewards.sum(), mask.sum()]
+    with gathered(policy, args):  # ranks may hold different numbers of eval rows
+        for q in kl_models.values():
+            kl = rewards.new_zeros(())
+            for rows in torch.arange(len(mine), device=DEVICE).split(args.micro_batch_size):
+                with autocast(args):
+                    log_p = completion_log_softmax(policy, batch, rows, args.temperature)
+                    log_q = completion_log_softmax(q, batch, rows, args.temperature)
+                kl_per_position = (log_p.exp() * (log_p - log_q)).sum(-1)
+                kl += (kl_per_position * mask[rows, : log_p.shape[1]]).sum()
+            sums.append(kl)
+    means = all_reduce(torch.stack(sums).double()) / (len(run.eval_prompts) * per_prompt)
+    names = ["eval/pass@1", "eval/reward_mean", "eval/completion_len_mean"]
+    names += [f"eval/kl_{name}_rkl_exact_seq" for name in kl_models]
+    shown = []
+    for i, text, reward in list(zip(mine, texts, rewards.tolist()))[: args.log_completions]:
+        shown.append({"prompt": run.tokenizer.decode(run.eval_prompts[i]), "completion": text, "reward": reward})
+    return dict(zip(names, means.tolist())), shown
+
+
+# ---- UPDATE: global mini-batches, micro-batches in lockstep, the optimizer step ----------------------------
+def update_policy(model, optimizer, batch: dict, args, step: int, micro_loss) -> dict:
+    """--num_iterations passes x --num_minibatches optimizer steps over the rollout. A mini-batch is a set of GLOBAL
+    rows (one permutation on every rank; each rank trains its own rows of it); its sequence and token counts are
+    summed over the ranks BEFORE its loss is formed, and every rank backpropagates loss x world size (FSDP averages
+    the gradients). So the update depends neither on the number of ranks nor on the micro-batch size.
+    micro_loss(log_softmax, batch, rows, args, num_seqs, num_tokens) -> (loss, stats) is the algorithm's loss of a
+    micro-batch. Returns the update's metrics, global means over its optimizer steps."""
+    world, rank = world_rank()
+    mask = batch["loss_mask"]
+    local_rows = len(mask)
+    stats = []
+    for iteration in range(args.num_iterations):
+        shuffle = torch.Generator().manual_seed(seed_of(args, "shuffle", step, iteration))
+        order = torch.randperm(local_rows * world, generator=shuffle).to(DEVICE)
+        for minibatch in order.tensor_split(args.num_minibatches):
+            # global row g is row g % local_rows of rank g // local_rows
+            mine = minibatch[minibatch // local_rows == rank] % local_rows
+            counts = torch.stack([(mask[mine].sum(-1) > 0).sum(), mask[mine].sum()]).double()
+            num_seqs, num_tokens = all_reduce(counts).tolist()
+            micro_batches = lockstep(mine, args.micro_batch_size)
+            for k, (rows, weight) in enumerate(micro_batches):
+                if world > 1:  # FSDP2: reduce-scatter the gradients once, after the mini-batch's last micro-batch
+                    model.set_requires_gradient_sync(k == len(micro_batches) - 1)
+                with autocast(args):
+                    cached = not args.gradient_checkpointing
+                    log_softmax = completion_log_softmax(model, batch, rows, args.temperature, cached)
+                loss, micro_stats = micro_loss(log_softmax, batch, rows, args, num_seqs, num_tokens)
+                (loss * world * weight).backward()
+                if weight == 0:  # a filler: no stats
+                    stats.append({})
+                    continue
+                entropy = -(log_softmax.exp() * log_softmax).sum(-1) * mask[rows, : log_softmax.shape[1]]
+                micro_stats["entropy"] = entropy.sum().detach() / max(num_tokens, 1)
+                stats.append(micro_stats)
+            stats[-1] |= optimizer_step(model, optimizer, args)
+    return reduce_stats(stats, args.num_iterations * args.num_minibatches)
+
+
+def lockstep(rows, size: int) -> list:
+    """This rank's micro-batches of a mini-batch, as (rows, weight). Under FSDP every forward and backward is a
+    collective, so every rank must run as many of them as the busiest rank: a rank with fewer rows (or none) adds
+    fillers, row 0 with weight 0, that change nothing. In one process: just the micro-batches, weight 1."""
+    micro = list(rows.split(size)) if len(rows) else []
+    busiest = int(all_reduce(torch.tensor(len(micro), device=DEVICE), dist.ReduceOp.MAX))
+    filler = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    return [(m, 1) for m in micro] + [(filler, 0)] * (busiest - len(micro))
+
+
+def optimizer_step(model, optimizer, args) -> dict:
+    """Clip the gradient norm (--max_grad_norm 0: no clipping), stop on a non-finite norm, and step at the warm-up
+    learning rate (linear over --warmup_steps optimizer steps)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP: a distributed tensor
+        norm = norm.full_tensor()
+    if not torch.isfinite(norm):
+        raise FloatingPointError(f"non-finite loss or gradient (norm {norm.item()}); stopping without saving")
+    first_state = next(iter(optimizer.state.values()), {})
+    steps_done = float(first_state.get("step", 0))
+    warmup = min(1, (steps_done + 1) / max(args.warmup_steps, 1))
+    for group in optimizer.param_groups:
+        group["lr"] = args.learning_rate * warmup
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"charts/grad_norm": norm.item() / world_rank()[0]}  # a share of the global value
+
+
+def reduce_stats(stats: list, steps: int) -> dict:
+    """An update's metrics from its micro-batches' stats (shares of global means): summed over the ranks and
+    averaged over its optimizer steps; `*_min` and `*_max` are global extremes."""
+    out = {}
+    for key in sorted({k for s in stats for k in s}):  # the same keys in the same order on every rank
+        op = "sum"
+        if key.endswith("_min"):
+            op = "min"
+        if key.endswith("_max"):
+            op = "max"
+        values = [torch.as_tensor(s[key], dtype=torch.float64, device=DEVICE) for s in stats if key in s]
+        local = getattr(torch.stack(values), op)()
+        value = all_reduce(local, getattr(dist.ReduceOp, op.upper())).item()
+        name = key if "/" in key else f"losses/{key}"
+        out[name] = value / steps if op == "sum" else value
+    return out
+
+
+# ---- PLUMBING: processes, run folders, checkpoints, resume, logging ----------------------------------------
+DEVICE = torch.device("cpu")  # this rank's GPU or the CPU: set once, by Run, from --cuda
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # checkpoints: whole tensors, on rank 0
 RESUMABLE = {"resume", "total_steps", "learning_rate", "weight_decay", "max_grad_norm", "eval_every", "save_every"}
-LOCKS = []  # run-folder locks this process holds, released when main ends (tests call main again in-process)
+# flags that must be > 0 in every script (the others must be >= 0); each check_args adds its own
+POSITIVE = ("temperature", "max_prompt_length", "max_new_tokens", "total_steps", "prompts_per_step")
+POSITIVE += ("micro_batch_size", "gen_batch_size", "eval_num_prompts", "eval_samples_per_prompt")
+LOCKS = []  # run-folder locks held by this process, released when main ends (tests call main again in-process)
 
 
 class UserError(Exception):
@@ -480,30 +604,49 @@ class Stop(Exception):
 
 
 def main() -> None:
-    """Flags (with --resume DIR, DIR/args.json gives the defaults and only RESUMABLE flags may change), then train;
-    bad input of any kind ends in one `error:` line."""
-    if int(os.environ.get("RANK", 0)) and {"-h", "--help"} & set(sys.argv):  # --help on rank 0 only
-        return
-    resume = [b if a == "--resume" else a[9:] for a, b in zip(sys.argv, sys.argv[1:] + [""]) if a[:8] == "--resume"]
+    """Parse the flags and train. Bad input of any kind ends in one `error:` line and exit status 1; SIGTERM or
+    SIGINT in a checkpoint, a `stopped:` line and exit status 143."""
+    on_other_rank = int(os.environ.get("RANK", 0)) > 0
+    if on_other_rank and {"-h", "--help"} & set(sys.argv):
+        return  # --help prints once, on rank 0
     code = 0
     try:
-        saved = saved_args(resume[0]) if resume else None
-        args = tyro.cli(Args, default=Args(**saved) if saved else None, use_underscores=True)
-        for k, v in asdict(args).items() if saved else []:
-            if k in saved and v != saved[k] and k not in RESUMABLE:  # (a missing flag: its default)
-                raise UserError(f"--{k} cannot change when resuming (the run has {saved[k]!r}); start a new run")
-        train(args)
+        train(parse_args(sys.argv[1:]))
     except (UserError, TaskError, FloatingPointError, OSError) as e:
         code = f"error: {str(e).strip().splitlines()[0]}"
     except Stop as e:
         print(f"stopped: {e}", file=sys.stderr)
         code = 143
-    if dist.is_initialized():  # with the sharded model's reference cycles collected first
+    if dist.is_initialized():  # the sharded model's reference cycles collected first
         gc.collect()
         dist.destroy_process_group()
     while LOCKS:
         LOCKS.pop().close()
     sys.exit(code)
+
+
+def parse_args(argv: list) -> Args:
+    """The flags. With --resume DIR (read before the others), DIR/args.json gives every flag's default and only the
+    RESUMABLE flags may change."""
+    folder = resume_folder(argv)
+    if folder is None:
+        return tyro.cli(Args, args=argv, use_underscores=True)
+    saved = saved_args(folder)
+    args = tyro.cli(Args, args=argv, default=Args(**saved), use_underscores=True)
+    for key, value in asdict(args).items():
+        if key in saved and value != saved[key] and key not in RESUMABLE:  # (a flag missing: its default)
+            raise UserError(f"--{key} cannot change when resuming (the run has {saved[key]!r}); start a new run")
+    return args
+
+
+def resume_folder(argv: list) -> Optional[str]:
+    """The folder of `--resume DIR` or `--resume=DIR`, if given."""
+    for i, arg in enumerate(argv):
+        if arg == "--resume" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--resume="):
+            return arg[len("--resume=") :]
+    return None
 
 
 def saved_args(folder: str) -> dict:
@@ -518,25 +661,28 @@ def saved_args(folder: str) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
 
 
+def check_numbers(args, positive: tuple) -> None:
+    """No number flag may be negative; those named in `positive` must be > 0."""
+    for key, value in asdict(args).items():
+        if type(value) not in (int, float):
+            continue
+        if key in positive and value <= 0:
+            raise UserError(f"--{key} must be > 0, got {value}")
+        if value < 0:
+            raise UserError(f"--{key} must be >= 0, got {value}")
+
+
 def lock(run_dir: str) -> None:
     """Rank 0 holds an flock on RUN/.lock while it runs (the OS drops it on any exit, SIGKILL included), so a second
     process never writes into a run folder in use."""
     import fcntl
 
-    LOCKS.append(f := open(os.path.join(run_dir, ".lock"), "w"))
+    handle = open(os.path.join(run_dir, ".lock"), "w")
+    LOCKS.append(handle)
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         raise UserError(f"{run_dir} is in use by another run (it holds {run_dir}/.lock); wait for it to end") from None
-
-
-def check_numbers(args, positive: tuple) -> None:
-    """No flag may be negative; `positive` ones, and sizes, lengths and counts not defaulting to 0, must be > 0."""
-    for k, v in asdict(args).items():
-        suffix = k.endswith(("_size", "_length", "_tokens", "_steps", "_per_step", "_per_prompt", "_per_round"))
-        strict = k in positive or (k.startswith("num_") or suffix) and type(args).__dataclass_fields__[k].default != 0
-        if type(v) in (int, float) and (v <= 0 if strict else v < 0):
-            raise UserError(f"--{k} must be {'> 0' if strict else '>= 0'}, got {v}")
 
 
 def seed_of(args, stream: str, *keys) -> int:
@@ -548,138 +694,124 @@ def seed_of(args, stream: str, *keys) -> int:
 
 
 def world_rank() -> tuple:
-    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    if not dist.is_initialized():
+        return 1, 0
+    return dist.get_world_size(), dist.get_rank()
 
 
 def all_reduce(x, op=dist.ReduceOp.SUM):
-    if dist.is_initialized():
-        dist.all_reduce(x := x.clone(), op)
+    """x reduced over the ranks (a copy; x itself in one process)."""
+    if not dist.is_initialized():
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op)
     return x
 
 
 def global_mean_std(x) -> tuple:
     """Mean and Bessel std of x over all ranks, in two passes (never E[x^2] - mean^2)."""
-    n, total = all_reduce(torch.stack([x.new_tensor(x.numel()), x.sum()])).tolist()
-    return total / n, (all_reduce((x - total / n).pow(2).sum()).item() / max(n - 1, 1)) ** 0.5
-
-
-def reduce_stats(stats: list, steps: int) -> dict:
-    """An update's metrics from its micro-batches' stats (shares of global means): summed over ranks and averaged
-    over its optimizer steps; `*_min` / `*_max` are global extremes."""
-    out = {}
-    for k in sorted({k for s in stats for k in s}):  # the same keys in the same order on every rank
-        op = "min" if k.endswith("_min") else "max" if k.endswith("_max") else "sum"
-        v = torch.stack([torch.as_tensor(s[k], dtype=torch.float64, device=DEVICE) for s in stats if k in s])
-        v = all_reduce(getattr(v, op)(), getattr(dist.ReduceOp, op.upper())).item()
-        out[k if "/" in k else f"losses/{k}"] = v / steps if op == "sum" else v
-    return out
+    count, total = all_reduce(torch.stack([x.new_tensor(x.numel()), x.sum()])).tolist()
+    mean = total / count
+    squares = all_reduce((x - mean).pow(2).sum()).item()
+    return mean, (squares / max(count - 1, 1)) ** 0.5
 
 
 def autocast(args):
     return torch.autocast(DEVICE.type, torch.bfloat16, enabled=args.bf16)
 
 
-def optimizer_step(model, optimizer, args) -> dict:
-    """Clip the gradient norm (0: no clipping), stop on a non-finite one, step at the warm-up learning rate."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a distributed tensor
-    if not torch.isfinite(norm):
-        raise FloatingPointError(f"non-finite loss or gradient (norm {norm.item()}); stopping without saving")
-    done = float(next(iter(optimizer.state.values()), {}).get("step", 0))  # optimizer steps so far
-    for group in optimizer.param_groups:
-        group["lr"] = args.learning_rate * min(1, (done + 1) / max(args.warmup_steps, 1))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"charts/grad_norm": norm.item() / world_rank()[0]}  # a share of the global value
-
-
 def load_model(path: str, args, trainable: bool = False):
-    """A causal LM with dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained; a trained one
-    in float32 (AdamW's master weights). A frozen one computes as the trained one does, so their log-probs agree at
-    theta = theta_ref: in bf16 under FSDP with --bf16 (its MixedPrecisionPolicy), else float32 under autocast."""
+    """A causal LM with dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained. A trained model
+    is held in float32 (AdamW's master weights). A frozen one computes as the trained one does, so that their
+    log-probs agree at theta = theta_ref: in bf16 under FSDP with --bf16 (its MixedPrecisionPolicy), else in float32
+    under autocast."""
     from transformers import AutoModelForCausalLM
 
     bf16 = args.bf16 and DEVICE.type == "cuda" and not trainable and dist.is_initialized()
-    model = AutoModelForCausalLM.from_pretrained(local(path), dtype=torch.bfloat16 if bf16 else torch.float32)
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout) or hasattr(m, "attention_dropout"):
-            m.p = m.attention_dropout = 0.0
-    if trainable and args.gradient_checkpointing:  # (transformers 5.2x renamed it activation checkpointing)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path(path), dtype=dtype)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) or hasattr(module, "attention_dropout"):
+            module.p = 0.0
+            module.attention_dropout = 0.0
+    if trainable and args.gradient_checkpointing:
+        # transformers 5.2x renamed it activation checkpointing
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
     return model.to(DEVICE).train(trainable).requires_grad_(trainable)
 
 
 def shard(model, args):
-    """Under torchrun, FSDP2 on each decoder layer and the root: weights, gradients and AdamW state split over the
-    ranks; on CUDA with --bf16, bf16 compute and float32 gradient reductions. One process: the model as it is."""
+    """Under torchrun, FSDP2 on each decoder layer and on the root: weights, gradients and AdamW state split over
+    the ranks; on CUDA with --bf16, bf16 compute and float32 gradient reductions. One process: the model as it is."""
     if not dist.is_initialized():
         return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if args.bf16 and DEVICE.type == "cuda" else None
+    mixed = MixedPrecisionPolicy()
+    if args.bf16 and DEVICE.type == "cuda":
+        mixed = MixedPrecisionPolicy(torch.bfloat16, torch.float32)
     mesh = init_device_mesh(DEVICE.type, (dist.get_world_size(),))  # --no_cuda on a GPU machine: CPU shards
-    kw = {"reshard_after_forward": args.reshard_after_forward, "mp_policy": mp or MixedPrecisionPolicy(), "mesh": mesh}
-    layers = {n for m in model.modules() for n in getattr(m, "_no_split_modules", None) or []}
-    for m in [m for m in model.modules() if type(m).__name__ in layers]:
-        fully_shard(m, **kw)
-    return fully_shard(model, **kw)
+    options = {"reshard_after_forward": args.reshard_after_forward, "mp_policy": mixed, "mesh": mesh}
+    layer_types = set()
+    for module in model.modules():
+        layer_types.update(getattr(module, "_no_split_modules", None) or [])
+    for module in [m for m in model.modules() if type(m).__name__ in layer_types]:
+        fully_shard(module, **options)
+    return fully_shard(model, **options)
 
 
 @contextlib.contextmanager
 def gathered(model, args):
     """FSDP2: all-gather the weights once for a whole inference phase (rollout, log-probs, eval), not per layer at
     every forward; with no collective inside, ranks may run different numbers of forwards. Else: nothing."""
-    sharded = [m for m in model.modules() if hasattr(m, "unshard")] if model is not None else []
-    for m in sharded:
-        m.unshard()
+    sharded = []
+    if model is not None:
+        sharded = [m for m in model.modules() if hasattr(m, "unshard")]
+    for module in sharded:
+        module.unshard()
     if sharded:
         model.set_reshard_after_forward(False)
     yield
     if sharded:
         model.set_reshard_after_forward(args.reshard_after_forward)
-    for m in sharded:
-        m.reshard()
+    for module in sharded:
+        module.reshard()
 
 
-def local(path: str) -> str:
+def model_path(path: str) -> str:
     """A relative path that does not exist here is read from the repository root (the shipped tiny models)."""
-    if not os.path.exists(path) and os.path.exists(os.path.join(ROOT, path)):
+    if os.path.exists(path):
+        return path
+    if os.path.exists(os.path.join(ROOT, path)):
         return os.path.join(ROOT, path)
-    if not os.path.exists(path) and (os.path.isabs(path) or path.startswith(".") or path.count("/") > 1):
+    if os.path.isabs(path) or path.startswith(".") or path.count("/") > 1:
         raise UserError(f"{path}: no such local folder (nor a hub id)")
-    return path
+    return path  # a hub id
 
 
 class Run:
-    """The task and its prompts, the processes, the run folder (created exclusively), checkpoints and resume,
-    metrics, the progress bar and the stop signals (SIGTERM, SIGINT: finish the step, save, exit 143)."""
+    """One training run: the task and its prompts, the processes, the run folder (created exclusively), checkpoints
+    and resume, metrics, the progress bar and the stop signals (SIGTERM, SIGINT: finish the step, save, exit 143)."""
 
     def __init__(self, args):
         import transformers
 
         global DEVICE
-        self.args, self.world, self.rank = args, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-        cuda, self.stop, self.checkpoint = args.cuda and torch.cuda.is_available(), [], None
-        DEVICE = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % max(torch.cuda.device_count(), 1)}")
-        DEVICE = DEVICE if cuda else torch.device("cpu")  # (% : launchers that show each process one GPU)
-        args.bf16 = cuda and torch.cuda.is_bf16_supported() if args.bf16 is None else args.bf16
+        self.args = args
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.stop = []  # the stop signals received
+        self.checkpoint = None  # the checkpoint to resume from
+        use_cuda = args.cuda and torch.cuda.is_available()
+        DEVICE = choose_device(use_cuda)  # the one place it is set: every helper computes on DEVICE
         self.task = load_task(args.task, args.train_file, args.eval_file, args.prompt_field, args.answer_field)
-        for k in ("max_prompt_length", "max_new_tokens"):  # task defaults (0 is refused by check_args)
-            setattr(args, k, getattr(self.task, k) if getattr(args, k) is None else getattr(args, k))
+        fill_defaults(args, self.task, use_cuda)
         check_args(args, self.world)
-        name = args.run_name or f"{self.task.name}__{args.exp_name}__{args.seed}__{int(time.time())}_{os.getpid()}"
-        self.run_dir = args.resume or os.path.join(args.output_dir, name)
-        if args.resume:  # the newest complete checkpoint, by folder name
-            if self.rank == 0 and not getattr(args, "sample_from", None):  # (Q#'s --sample_from only reads it)
-                lock(self.run_dir)
-            found = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*")))
-            for tmp in [c for c in found if c.endswith(".tmp")]:
-                print(f"warning: skipping {tmp}, an interrupted save", file=sys.stderr)
-            self.checkpoint = ([c for c in found if not c.endswith(".tmp")] or [None])[-1]
-            if self.checkpoint is None:
-                raise UserError(f"{self.run_dir} has no checkpoint yet: delete it and start again")
+        self.run_dir = args.resume or os.path.join(args.output_dir, args.run_name or self.default_name())
+        if args.resume:
+            self.checkpoint = self.find_checkpoint()
         elif os.path.exists(self.run_dir):
             raise UserError(f"{self.run_dir} already exists: --resume it, or choose another --run_name")
         else:  # a read-only or file --output_dir fails here, before any model loads
@@ -687,65 +819,90 @@ class Run:
             if not os.access(args.output_dir, os.W_OK):
                 raise UserError(f"--output_dir {args.output_dir} is not writable")
         if self.world > 1:
-            if cuda:
+            if use_cuda:
                 torch.cuda.set_device(DEVICE)
-            dist.init_process_group("nccl" if cuda else "gloo")
-        torch.manual_seed(args.seed)  # TRY NOT TO MODIFY: every other random draw is seed_of(args, stream, step, ...)
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        torch.manual_seed(args.seed)  # TRY NOT TO MODIFY: every other random draw is seed_of(args, stream, ...)
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         if self.rank == 0:
             print(f"loading {args.model_name_or_path}", flush=True)
-        try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(local(args.model_name_or_path))
-            config = transformers.AutoConfig.from_pretrained(local(args.model_name_or_path))
-        except OSError as e:
-            raise UserError(f"could not load {args.model_name_or_path!r}: {str(e).strip().splitlines()[0]}") from None
-        positions = getattr(config, "max_position_embeddings", math.inf)
-        if args.max_prompt_length + args.max_new_tokens > positions:
-            raise UserError(f"--max_prompt_length + --max_new_tokens > the model's {positions} positions")
-        self.tokenizer.pad_token = self.tokenizer.pad_token or self.tokenizer.eos_token
-        limit, template, evals = args.max_prompt_length, args.chat_template, self.task.eval[: args.eval_num_prompts]
+        self.tokenizer = load_tokenizer(args)
+        evals = self.task.eval[: args.eval_num_prompts]
+        template, limit = args.chat_template, args.max_prompt_length
         self.train_prompts = encode_prompts(self.tokenizer, self.task.train, template, limit, "train")
         self.eval_prompts = encode_prompts(self.tokenizer, evals, template, limit, "eval")
         self.eval_answers = [e.answer for e in evals]
         if args.prompts_per_step > len(self.train_prompts):
             raise UserError(f"--prompts_per_step {args.prompts_per_step} > {len(self.train_prompts)} training prompts")
 
+    def default_name(self) -> str:
+        args = self.args
+        return f"{self.task.name}__{args.exp_name}__{args.seed}__{int(time.time())}_{os.getpid()}"
+
+    def find_checkpoint(self) -> str:
+        """The newest complete checkpoint of the run folder (by name; an interrupted save ends in .tmp)."""
+        if self.rank == 0 and not getattr(self.args, "sample_from", None):  # (Q#'s --sample_from only reads it)
+            lock(self.run_dir)
+        found = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*")))
+        for tmp in [c for c in found if c.endswith(".tmp")]:
+            print(f"warning: skipping {tmp}, an interrupted save", file=sys.stderr)
+        complete = [c for c in found if not c.endswith(".tmp")]
+        if not complete:
+            raise UserError(f"{self.run_dir} has no checkpoint yet: delete it and start again")
+        return complete[-1]
+
     def start(self, policy, evaluate):
         """Shard the trained model, make AdamW (restored when resuming), create the run folder (exclusively: two
-        runs never share one) and its log, evaluate at step 0. Returns (model, optimizer)."""
-        args, self.evaluate, self.tb = self.args, evaluate, None
+        runs never share one) and its log, and evaluate at step 0. Returns (model, optimizer)."""
+        args = self.args
+        self.evaluate = evaluate
+        self.tb = None
         self.model = shard(policy, args)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), args.learning_rate, weight_decay=args.weight_decay)
         self.state = {"step": 0, "elapsed_s": 0.0, "prompts_seen": 0}
         if self.checkpoint:
             self.state = torch.load(os.path.join(self.checkpoint, "trainer_state.pt"), "cpu", weights_only=False)
-            set_optimizer_state_dict(self.model, self.optimizer, self.state.pop("optimizer"), options=FULL_STATE)
+            optimizer_state = self.state.pop("optimizer")
+            set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=FULL_STATE)
             for group in self.optimizer.param_groups:  # --weight_decay may change on resume
                 group["weight_decay"] = args.weight_decay
         self.log_path = os.path.join(self.run_dir, "metrics.jsonl")
         if self.rank == 0:
-            os.makedirs(self.run_dir, exist_ok=bool(args.resume))
-            if not args.resume:
-                lock(self.run_dir)
-            with open(os.path.join(self.run_dir, "args.json"), "w") as f:
-                json.dump(asdict(args) | {"resume": None}, f, indent=1)
-            rows = open(self.log_path).readlines() if os.path.exists(self.log_path) else []
-            # what was logged after the checkpoint is logged again; from a step-0 checkpoint (A*-PO stopped in its
-            # stage 1) step 0 itself is redone, its eval and stage-1 rows included
-            last_kept = self.state["step"] if self.state["step"] > 0 else -1
-            with open(self.log_path, "w") as f:
-                f.writelines(r for r in rows if json.loads(r)["step"] <= last_kept)
-            self.tb = tensorboard(args, self.run_dir) if args.track else None
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, lambda signum, _: self.stop.append(signal.Signals(signum).name))
+            self.create_folder()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.on_signal)
         self.t0 = time.time() - self.state["elapsed_s"]
         if self.state["step"] == 0:
             self.log(0, self.eval())
         self.bar = tqdm.tqdm(total=args.total_steps, initial=self.state["step"], disable=self.rank > 0)
         return self.model, self.optimizer
 
+    def create_folder(self) -> None:
+        """Rank 0: the run folder (locked), args.json, and metrics.jsonl cut back to the checkpoint's step: what
+        was logged after it is logged again. From a step-0 checkpoint (A*-PO stopped in its stage 1) step 0 itself
+        is redone, its eval and stage-1 rows included."""
+        args = self.args
+        os.makedirs(self.run_dir, exist_ok=bool(args.resume))
+        if not args.resume:
+            lock(self.run_dir)
+        with open(os.path.join(self.run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args) | {"resume": None}, f, indent=1)
+        rows = []
+        if os.path.exists(self.log_path):
+            with open(self.log_path) as f:
+                rows = f.readlines()
+        last_kept = self.state["step"] if self.state["step"] > 0 else -1
+        with open(self.log_path, "w") as f:
+            f.writelines(r for r in rows if json.loads(r)["step"] <= last_kept)
+        if args.track:
+            self.tb = tensorboard(args, self.run_dir)
+
+    def on_signal(self, signum, frame) -> None:
+        self.stop.append(signal.Signals(signum).name)  # acted on at the end of the step
+
     def steps(self):
+        """The steps still to run; each starts the step's clock."""
         for self.step in range(self.state["step"] + 1, self.args.total_steps + 1):
             self.clock = {"start": time.time(), "last": time.time()}
             yield self.step
@@ -766,8 +923,11 @@ class Run:
         """This rank's eval noise: the same at every eval, so evals differ only by the policy."""
         return torch.Generator(DEVICE).manual_seed(seed_of(self.args, "eval", self.rank))
 
-    def timer(self, name: str) -> None:
-        self.clock[f"perf/{name}_s"], self.clock["last"] = time.time() - self.clock["last"], time.time()
+    def lap(self, name: str) -> None:
+        """Log the time since the last lap (or the step's start) as perf/{name}_s."""
+        now = time.time()
+        self.clock[f"perf/{name}_s"] = now - self.clock["last"]
+        self.clock["last"] = now
 
     def eval(self) -> dict:
         step = getattr(self, "step", 0)
@@ -780,32 +940,44 @@ class Run:
         return metrics
 
     def log(self, step: int, metrics: dict) -> None:
-        if self.rank == 0:
-            row = {"step": step, "time_s": round(time.time() - self.t0, 3)}
-            row |= {k: v if math.isfinite(v) else None for k, v in metrics.items()}  # JSON has no NaN
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            for k, v in metrics.items() if self.tb else []:
-                self.tb.add_scalar(k, v, step)
+        """One metrics.jsonl row (rank 0), strict JSON: a non-finite value is null."""
+        if self.rank > 0:
+            return
+        row = {"step": step, "time_s": round(time.time() - self.t0, 3)}
+        for key, value in metrics.items():
+            row[key] = value if math.isfinite(value) else None
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb:
+            for key, value in metrics.items():
+                self.tb.add_scalar(key, value, step)
 
     def end_step(self, step: int, batch: dict, metrics: dict) -> None:
-        """Counters, the eval when due, the metrics row, a checkpoint every --save_every steps, at the end, or on
+        """Counters, the eval when due, the metrics row, and a checkpoint every --save_every steps, at the end, or on
         SIGTERM / SIGINT (which then stops the run)."""
-        args, n, elapsed = self.args, len(batch["completion_ids"]) * self.world, time.time() - self.clock["start"]
-        tokens, cut = all_reduce(torch.stack([batch["completion_mask"].sum(), batch["truncated"].sum()]).double())
+        args = self.args
+        elapsed = time.time() - self.clock["start"]
+        rows = len(batch["completion_ids"]) * self.world
+        local = torch.stack([batch["completion_mask"].sum(), batch["truncated"].sum()]).double()
+        tokens, truncated = all_reduce(local).tolist()
         self.state["prompts_seen"] += args.prompts_per_step
-        metrics |= {k: v for k, v in self.clock.items() if "/" in k} | {"perf/step_s": elapsed}
-        metrics |= {"charts/tokens_per_s": tokens.item() / elapsed, "charts/completion_len_mean": tokens.item() / n}
-        metrics |= {"charts/truncated_frac": cut.item() / n, "charts/prompts_seen": self.state["prompts_seen"]}
+        metrics |= {key: value for key, value in self.clock.items() if "/" in key}
+        metrics["perf/step_s"] = elapsed
+        metrics["charts/tokens_per_s"] = tokens / elapsed
+        metrics["charts/completion_len_mean"] = tokens / rows
+        metrics["charts/truncated_frac"] = truncated / rows
+        metrics["charts/prompts_seen"] = self.state["prompts_seen"]
         metrics["charts/learning_rate"] = self.optimizer.param_groups[0]["lr"]
         if DEVICE.type == "cuda":  # this rank's high-water mark since the start
             metrics["perf/max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        if (args.eval_every and step % args.eval_every == 0) or step == args.total_steps:
+        last = step == args.total_steps
+        if last or (args.eval_every and step % args.eval_every == 0):
             metrics |= self.eval()
         self.log(step, metrics)
         self.bar.update()
-        stop = all_reduce(torch.tensor(len(self.stop), device=DEVICE)).item() > 0 and step < args.total_steps
-        if step == args.total_steps or stop or (args.save_every and step % args.save_every == 0):
+        signals = all_reduce(torch.tensor(len(self.stop), device=DEVICE)).item()  # on any rank
+        stop = signals > 0 and not last
+        if last or stop or (args.save_every and step % args.save_every == 0):
             self.save(step)
         if stop:
             why = self.stop[0] if self.stop else "a signal on another rank"
@@ -814,27 +986,74 @@ class Run:
     def save(self, step: int) -> None:
         """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt (optimizer, counters), written
         as step_N.tmp and renamed (never half-written); the newest --keep_last kept; `final` links to the last."""
-        self.state |= {"step": step, "elapsed_s": time.time() - self.t0}
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=FULL_STATE)
+        self.state["step"] = step
+        self.state["elapsed_s"] = time.time() - self.t0
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=FULL_STATE)
         path = os.path.join(self.run_dir, "checkpoints", f"step_{step:06d}")
         if self.rank == 0:
             try:
-                getattr(self.model, "module", self.model).save_pretrained(path + ".tmp", state_dict=model_sd)
+                unwrapped = getattr(self.model, "module", self.model)
+                unwrapped.save_pretrained(path + ".tmp", state_dict=model_state)
                 self.tokenizer.save_pretrained(path + ".tmp")
-                torch.save(self.state | {"optimizer": optim_sd}, os.path.join(path + ".tmp", "trainer_state.pt"))
+                trainer_state = self.state | {"optimizer": optimizer_state}
+                torch.save(trainer_state, os.path.join(path + ".tmp", "trainer_state.pt"))
                 os.replace(path + ".tmp", path)
             except OSError as e:
                 shutil.rmtree(path + ".tmp", ignore_errors=True)
                 raise UserError(f"could not save {path}: {e.strerror or e}") from None
-            older = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*[0-9]")))[:-1]
-            for old in older[: max(0, len(older) + 1 - self.args.keep_last)] if self.args.keep_last else []:
-                shutil.rmtree(old)
+            self.remove_old_checkpoints()
             if step == self.args.total_steps:
+                link = os.path.join(self.run_dir, "final")
                 with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(self.run_dir, "final"))
-                os.symlink(os.path.relpath(path, self.run_dir), os.path.join(self.run_dir, "final"))
+                    os.remove(link)
+                os.symlink(os.path.relpath(path, self.run_dir), link)
         if self.world > 1:
             dist.barrier()
+
+    def remove_old_checkpoints(self) -> None:
+        """--keep_last K > 0: only the newest K checkpoints stay."""
+        if not self.args.keep_last:
+            return
+        checkpoints = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*[0-9]")))
+        for old in checkpoints[: -self.args.keep_last]:
+            shutil.rmtree(old)
+
+
+def choose_device(use_cuda: bool):
+    """This rank's GPU (LOCAL_RANK modulo the visible GPUs: some launchers show each process one GPU), or the CPU."""
+    if not use_cuda:
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
+
+
+def fill_defaults(args, task, use_cuda: bool) -> None:
+    """Set the flags left unset (None) in place: the lengths to the task's defaults, --bf16 to whether the GPU
+    supports it. args.json then records the values the run used."""
+    if args.max_prompt_length is None:
+        args.max_prompt_length = task.max_prompt_length
+    if args.max_new_tokens is None:
+        args.max_new_tokens = task.max_new_tokens
+    if args.bf16 is None:
+        args.bf16 = use_cuda and torch.cuda.is_bf16_supported()
+
+
+def load_tokenizer(args):
+    """The policy's tokenizer (its pad token: EOS if it has none); lengths that the model cannot hold are an error,
+    before any weights load."""
+    import transformers
+
+    path = model_path(args.model_name_or_path)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise UserError(f"could not load {args.model_name_or_path!r}: {str(e).strip().splitlines()[0]}") from None
+    positions = getattr(config, "max_position_embeddings", math.inf)
+    if args.max_prompt_length + args.max_new_tokens > positions:
+        raise UserError(f"--max_prompt_length + --max_new_tokens > the model's {positions} positions")
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return tokenizer
 
 
 def tensorboard(args, run_dir: str):
@@ -842,8 +1061,9 @@ def tensorboard(args, run_dir: str):
     with contextlib.suppress(ImportError):
         import wandb
 
-        name, config = os.path.basename(run_dir), asdict(args)
-        wandb.init(project=args.wandb_project_name, name=name, config=config, sync_tensorboard=True)
+        wandb.init(
+            project=args.wandb_project_name, name=os.path.basename(run_dir), config=asdict(args), sync_tensorboard=True
+        )
     with contextlib.suppress(ImportError):
         from torch.utils.tensorboard import SummaryWriter
 

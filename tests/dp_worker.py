@@ -193,8 +193,10 @@ def main():
     # plain SGD: parameter differences are gradient differences (Adam's g / sqrt(v) would amplify float rounding
     # on parameters whose gradient is ~0 into differences of order lr)
     opt = torch.optim.SGD(model.parameters(), lr=args.learning_rate)
-    update = algo.update_pairs if name == "dpo_kl" else algo.update_policy  # DPO trains on chosen/rejected pairs
-    metrics = update(model, opt, shard, args, 7)
+    if name == "dpo_kl":  # DPO trains on chosen/rejected pairs
+        metrics = algo.update_pairs(model, opt, shard, args, 7)
+    else:
+        metrics = algo.update_policy(model, opt, shard, args, 7, algo.micro_loss)
     params = flat(model)  # a collective under FSDP: every rank gathers
     saved_gap = checkpoint_roundtrip(algo, model, opt, tok, args, batch, out, ref) if "save" in overrides else None
     if rank == 0:

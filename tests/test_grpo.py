@@ -12,11 +12,10 @@ TOL = 1e-10  # analytic identities
 GAP = 1e-3  # every negative control must differ by more than this
 
 
-def one_token_loss(lp, adv, **kw):
-    """grpo_loss on G one-token sequences (a categorical step), at theta = theta_old unless lp_old is given."""
-    kw.setdefault("lp_old", lp.detach())
-    lp_old = kw.pop("lp_old")
-    lp_ref = kw.pop("lp_ref", None)
+def one_token_loss(lp, adv, lp_old=None, lp_ref=None, epsilon=0.2, epsilon_high=None, **hyperparameters):
+    """grpo_loss on G one-token sequences (a categorical step), at theta = theta_old unless lp_old is given; the
+    clip range as the flags give it (epsilon_high None: epsilon)."""
+    lp_old = lp.detach() if lp_old is None else lp_old
     n = lp.shape[0]
     loss, _ = grpo.grpo_loss(
         lp[:, None],
@@ -24,9 +23,11 @@ def one_token_loss(lp, adv, **kw):
         None if lp_ref is None else lp_ref[:, None],
         adv,
         torch.ones(n, 1, dtype=DT),
-        grpo.Args(max_new_tokens=1, **kw),
         n,
         n,
+        epsilon_low=epsilon,
+        epsilon_high=epsilon if epsilon_high is None else epsilon_high,
+        **hyperparameters,
     )
     return loss
 
@@ -204,7 +205,7 @@ def test_t5_token_weights_per_aggregation(agg):
     lp = torch.zeros(3, 4, dtype=DT, requires_grad=True)
     adv = torch.tensor([1.0, -2.0, 0.5], dtype=DT)
     loss, _ = grpo.grpo_loss(
-        lp, lp.detach(), None, adv, mask, grpo.Args(beta=0.0, loss_agg=agg, max_new_tokens=4), 3, int(lens.sum())
+        lp, lp.detach(), None, adv, mask, 3, int(lens.sum()), beta=0.0, loss_agg=agg, max_new_tokens=4
     )
     weight = {
         "seq_mean_token_mean": 1.0 / (3 * lens[:, None].to(DT)),
@@ -236,9 +237,11 @@ def test_t6_clip_regions_with_asymmetric_eps():
         None,
         adv,
         torch.ones(n, 1, dtype=DT),
-        grpo.Args(beta=0.0, epsilon=0.2, epsilon_high=0.28, max_new_tokens=1),
         n,
         n,
+        beta=0.0,
+        epsilon_low=0.2,
+        epsilon_high=0.28,
     )
     assert abs(stats["clipfrac_high"] - 1 / 6) < TOL and abs(stats["clipfrac_low"] - 1 / 6) < TOL
     assert abs(stats["clipfrac"] - 2 / 6) < TOL

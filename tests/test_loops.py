@@ -345,7 +345,23 @@ def grpo_expected(algo, args, rows, rollout, init, iterations):
         C = lp.shape[1]
         m = mask[sub, :C]
         n_seq, n_tok = float(len(sub)), float(m.sum())
-        loss, stats = algo.grpo_loss(lp, lp_old[sub, :C], lp_ref[sub, :C], adv[sub], m, args, n_seq, n_tok)
+        epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+        loss, stats = algo.grpo_loss(
+            lp,
+            lp_old[sub, :C],
+            lp_ref[sub, :C],
+            adv[sub],
+            m,
+            n_seq,
+            n_tok,
+            beta=args.beta,
+            epsilon_low=args.epsilon,
+            epsilon_high=epsilon_high,
+            kl_estimator=args.kl_estimator,
+            kl_importance_weight=args.kl_importance_weight,
+            loss_agg=args.loss_agg,
+            max_new_tokens=args.max_new_tokens,
+        )
         stats["entropy"] = sum(-(x.exp() * x).sum() for x in lsm_rows).detach() / n_tok
         if iterations * args.num_minibatches == 1:  # one optimizer step per rollout: no drift from it, not logged
             stats.pop("kl_old_fkl_k1"), stats.pop("kl_old_fkl_k3")

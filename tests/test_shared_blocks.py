@@ -1,6 +1,7 @@
-"""Duplicated code must be identical code. The PLUMBING block at the bottom of every algorithm file is the same
-text in all eight files, and every other function or class that more than one file defines has the same source in
-each (apart from the short list of declared differences below), so a fix made in one copy cannot drift."""
+"""Duplicated code must be identical code. Everything below the SHARED banner of an algorithm file (the rollout
+helpers, the update loop and the plumbing) is the same text in all eight files; every function or class that more
+than one file defines above the banner has the same source in each (apart from the declared differences below); and
+no file redefines above the banner a name of the shared part. So a fix made in one copy cannot drift."""
 
 import ast
 import os
@@ -8,50 +9,52 @@ import shutil
 
 from tests.harness import ROOT, SCRIPTS
 
-BANNER = "# PLUMBING"
-ALLOWED = {  # (name, files that may differ from the others): why
-    ("Args", "*"): "every script has its own flags",
-    ("check_args", "*"): "every script has its own constraints",
-    ("train", "*"): "the algorithm's step loop",
-    ("micro_loss", "*"): "the algorithm's loss of one micro-batch",
-    ("kl_surrogate", "*"): "rpg_fkl.py and rpg_rkl.py: the forward and reverse KL terms",
-    ("reinforce_coef", "*"): "rpg_fkl.py and rpg_rkl.py: the forward and reverse KL coefficients",
+BANNER = "# SHARED:"
+ALLOWED = {  # names that several files define above the banner, each its own way: why
+    "Args": "every script has its own flags",
+    "check_args": "every script has its own constraints",
+    "train": "the algorithm's step loop",
+    "micro_loss": "the algorithm's loss of one micro-batch",
+    "kl_surrogate": "rpg_fkl.py and rpg_rkl.py: the forward and reverse KL terms",
+    "reinforce_coef": "rpg_fkl.py and rpg_rkl.py: the forward and reverse KL coefficients",
 }
 
 
-def plumbing(text: str) -> str:
-    assert text.count(BANNER) == 1, "one PLUMBING block per file"
-    return text[text.index(BANNER) :]
+def split(text: str) -> tuple:
+    """(the algorithm's part, the shared part from its banner line on)."""
+    assert text.count(f"\n{BANNER}") == 1, "one SHARED banner per file"
+    start = text.rindex("\n# ====", 0, text.index(f"\n{BANNER}")) + 1  # the banner's opening rule
+    return text[:start], text[start:]
 
 
 def definitions(text: str) -> dict:
     """name -> source of every top-level function and class."""
     tree = ast.parse(text)
-    return {
-        n.name: ast.get_source_segment(text, n) for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
-    }
+    nodes = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    return {n.name: ast.get_source_segment(text, n) for n in nodes}
 
 
 def differences(root: str) -> list:
-    """Every violation: a PLUMBING block that differs from grpo.py's, or a shared name with two sources."""
+    """Every violation: a shared part that differs from grpo.py's, a name of the shared part redefined above it, or
+    a name defined above the banner in several files with different sources."""
     texts = {s: open(os.path.join(root, "algorithms", f"{s}.py")).read() for s in SCRIPTS}
-    out = [
-        f"{s}.py: its PLUMBING block differs from grpo.py's"
-        for s in SCRIPTS
-        if plumbing(texts[s]) != plumbing(texts["grpo"])
-    ]
+    parts = {s: split(text) for s, text in texts.items()}
+    out = [f"{s}.py: its shared part differs from grpo.py's" for s in SCRIPTS if parts[s][1] != parts["grpo"][1]]
+    shared_names = set(definitions(parts["grpo"][1]))
     sources = {}
-    for s, text in texts.items():
-        for name, src in definitions(text).items():
+    for s, (above, _) in parts.items():
+        for name, src in definitions(above).items():
+            if name in shared_names:
+                out.append(f"{s}.py redefines {name} of the shared part above the banner")
             sources.setdefault(name, {}).setdefault(src, []).append(s)
     for name, variants in sources.items():
-        if len(variants) > 1 and (name, "*") not in ALLOWED:
+        if len(variants) > 1 and name not in ALLOWED:
             groups = " | ".join(", ".join(files) for files in variants.values())
             out.append(f"{name} has {len(variants)} versions: {groups}")
     return out
 
 
-def test_plumbing_and_shared_helpers_are_identical():
+def test_shared_part_and_duplicated_definitions_are_identical():
     assert differences(ROOT) == []
 
 
@@ -59,37 +62,36 @@ def test_allowed_differences_have_reasons():
     assert all(reason.strip() for reason in ALLOWED.values())
 
 
-def test_negative_control_one_edited_copy_fails(tmp_path):
-    """Edit one copy of a shared helper and one character of one PLUMBING block in a temporary tree."""
+def test_negative_controls(tmp_path):
+    """One character of one file's shared part, a copy of an algorithm helper that two files share, and a shared
+    name redefined above the banner: each is reported."""
     shutil.copytree(os.path.join(ROOT, "algorithms"), tmp_path / "algorithms")
     path = tmp_path / "algorithms" / "pmd_mean.py"
-    text = path.read_text()
-    path.write_text(text.replace("def all_reduce(x, op", "def all_reduce(x,  op", 1))
+    path.write_text(path.read_text().replace("def all_reduce(x, op", "def all_reduce(x,  op", 1))
     found = differences(str(tmp_path))
-    assert any("pmd_mean.py: its PLUMBING block differs" in d for d in found), found
-    assert any(d.startswith("all_reduce has 2 versions") for d in found), found
-    path = tmp_path / "algorithms" / "rpg_rkl.py"  # a shared ROLLOUT helper, outside the PLUMBING block
-    edited = "def token_logprobs(log_softmax, tokens):\n    # edited\n"
-    path.write_text(path.read_text().replace("def token_logprobs(log_softmax, tokens):\n", edited, 1))
-    assert any(d.startswith("token_logprobs has 2 versions") for d in differences(str(tmp_path)))
+    assert found == ["pmd_mean.py: its shared part differs from grpo.py's"], found
+    path = tmp_path / "algorithms" / "rpg_rkl.py"  # an algorithm helper that both RPG files define
+    text = path.read_text()
+    edited = "def group_mean_advantages(rewards, group_size: int):\n    # edited\n"
+    path.write_text(text.replace("def group_mean_advantages(rewards, group_size: int):\n", edited, 1))
+    assert any(d.startswith("group_mean_advantages has 2 versions") for d in differences(str(tmp_path)))
+    path = tmp_path / "algorithms" / "gkd.py"
+    above, shared = split(path.read_text())
+    path.write_text(above + "def seed_of(args, stream, *keys):\n    return 0\n\n\n" + shared)
+    assert "gkd.py redefines seed_of of the shared part above the banner" in differences(str(tmp_path))
 
 
 def sync(root: str = ROOT, source: str = "grpo", scripts=SCRIPTS) -> None:
-    """Copy `source`'s PLUMBING block, and its version of every helper another file also defines, into every
-    algorithm file: `python -m tests.test_shared_blocks --sync [script ...]` after changing shared code in grpo.py."""
+    """Copy `source`'s shared part into every algorithm file: `python -m tests.test_shared_blocks --sync [script ...]`
+    after changing shared code in grpo.py."""
     with open(os.path.join(root, "algorithms", f"{source}.py")) as f:
-        master = f.read()
-    shared = {k: v for k, v in definitions(master).items() if (k, "*") not in ALLOWED}
+        master = split(f.read())[1]
     for s in scripts:
         path = os.path.join(root, "algorithms", f"{s}.py")
         with open(path) as f:
-            text = f.read()
-        text = text[: text.index(BANNER)] + plumbing(master)
-        for name, src in definitions(text).items():
-            if name in shared and text.count(src) == 1:
-                text = text.replace(src, shared[name])
+            above = split(f.read())[0]
         with open(path, "w") as f:
-            f.write(text)
+            f.write(above + master)
 
 
 if __name__ == "__main__":

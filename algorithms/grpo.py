@@ -1,26 +1,26 @@
 # docs: docs/grpo.md
-# GRPO: "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models" (arXiv 2402.03300).
-"""Group Relative Policy Optimization with a KL penalty to a frozen reference, in one file.
+# GRPO: "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models"
+"""Group Relative Policy Optimization (arXiv 2402.03300) with a KL penalty to a frozen reference.
 
-Objective per prompt x, pi_ref the frozen initial model:
-    J(theta) = E_{y ~ pi_theta}[r(x, y)] - beta KL(pi_theta || pi_ref),   optimum pi* = pi_ref e^{r/beta} / Z.
-Loss (token t of completion o_i in a group of G, rho = pi_theta / pi_old, delta = log pi_ref - log pi_theta):
+Objective per prompt x, pi_ref the frozen initial model, optimum pi* = pi_ref e^{r/beta} / Z:
+    J(theta) = E_{y ~ pi_theta}[r(x, y)] - beta KL(pi_theta || pi_ref).
+Loss of token t of completion o_i in a group of G (rho = pi_theta / pi_old, d = lp_ref - lp):
     l_it = -min(rho_it A_i, clip(rho_it, 1 - eps, 1 + eps_high) A_i) + beta kappa_it,
-    A_i = (r_i - mean_group r) / (std_group r + 1e-4)   (Bessel std; --scale_rewards),
-    kappa = k3 = e^delta - 1 - delta                     (--kl_estimator, --kl_importance_weight),
-aggregated by --loss_agg (default: mean over sequences of the token mean).
+    A_i = (r_i - mean_group r) / (std_group r + 1e-4)    (Bessel std; --scale_rewards),
+    kappa = k3 = e^d - 1 - d                             (--kl_estimator, --kl_importance_weight),
+aggregated by --loss_agg (default: the mean over sequences of each sequence's token mean).
 What this estimator really regularizes:
-  * k3 without importance weight (the paper's default) has the value of the reverse KL but the expected gradient
-    of the FORWARD KL, KL(pi_ref || pi_theta), at every visited state; with --kl_importance_weight (rho k3,
-    DeepSeek-V3.2's "unbiased KL") the gradient is the reverse KL's.
-  * The KL term shares the policy term's aggregation, so relative to the advantage beta acts on the per-token KL
-    summed over the sequence; a per-token KL in the loss gives the per-state KL gradient with the state
-    distribution held fixed, not the gradient of the sequence KL (that needs the log-ratio as a reward).
+  * k3 without importance weight (the paper's default) has the value of the reverse KL but the
+    expected gradient of the FORWARD KL, KL(pi_ref || pi_theta), at every visited state; with
+    --kl_importance_weight (rho k3, DeepSeek-V3.2's "unbiased KL") the gradient is the reverse KL's.
+  * The KL term shares the policy term's aggregation: relative to the advantage, beta acts on the
+    per-token KL summed over the sequence. A per-token KL in the loss gives the per-state KL
+    gradient with the state distribution held fixed, not the gradient of the sequence KL (that
+    needs the log-ratio as a reward).
   * The group mean includes the sample itself: the reward gradient is (1 - 1/G) grad E[r].
-Read on: Args, the pure loss functions (ALGO LOGIC), `micro_loss` and `train`; the machinery every script shares
-(sampling, log-probs, the update loop, run folders) is below the SHARED banner.
 """
 
+import argparse
 import contextlib
 import gc
 import glob
@@ -34,6 +34,7 @@ import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Literal, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,40 +43,44 @@ sys.path.insert(0, ROOT)  # `common`, without an install step
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint.state_dict as dist_state
 import tqdm
 import tyro
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
+from torch.nn.utils.rnn import pad_sequence
 
-from common.tasks import TaskError, encode_prompts, load_task
+from common import tasks
 
 
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
-    seed: int = 1  # seed of every random draw; step s on rank k samples from its own stream (seed, s, k)
+    seed: int = 1  # seed of every random draw (rank k samples step s from the stream (seed, s, k))
     cuda: bool = True  # use the GPU when there is one
     track: bool = False  # also log to TensorBoard and Weights & Biases, each when installed
     wandb_project_name: str = "klrl"  # the W&B project
     run_name: Optional[str] = None  # default {task}__{exp_name}__{seed}__{unix time}_{pid}
     output_dir: str = "runs"  # run folders go here
     # model and data
-    model_name_or_path: str = "common/models/tiny-policy"  # any Hugging Face causal LM: local folder or hub id
-    task: str = "arithmetic"  # arithmetic (built in), jsonl (--train_file, --eval_file) or hf:<dataset>[:<config>]
+    model_name_or_path: str = "common/models/tiny-policy"  # a causal LM: local folder or hub id
+    # arithmetic (built in), jsonl (--train_file, --eval_file) or hf:<dataset>[:<config>]
+    task: str = "arithmetic"
     train_file: Optional[str] = None  # JSONL training prompts (--task jsonl)
     eval_file: Optional[str] = None  # JSONL held-out prompts (--task jsonl)
     prompt_field: str = "prompt"  # JSON field of the prompt (GSM8K: question)
-    answer_field: str = "answer"  # JSON field of the answer (GSM8K `#### 42` and `\boxed{}` are reduced)
+    answer_field: str = "answer"  # JSON field of the answer (GSM8K `#### 42`, `\boxed{}` reduced)
     chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
-    max_prompt_length: Optional[int] = None  # longer prompts are an error (default: 16 arithmetic, 512 data)
-    max_new_tokens: Optional[int] = None  # completion token limit (default: 4 arithmetic, 1024 data)
-    temperature: float = 1.0  # sampling temperature, also of every log-prob (policy, old, reference)
+    max_prompt_length: Optional[int] = None  # longer is an error (default 16 arithmetic, 512 data)
+    max_new_tokens: Optional[int] = None  # completion token limit (default 4 arithmetic, 1024 data)
+    temperature: float = 1.0  # sampling temperature, also of every log-prob (policy, old, ref)
     # training
     total_steps: int = 200  # rollout steps
     prompts_per_step: int = 64  # prompts per step, all ranks together (paper 1024)
     num_generations: int = 8  # G, completions per prompt (paper 64, TRL 8)
     num_iterations: int = 1  # mu, passes over each rollout (paper 1)
-    num_minibatches: int = 1  # optimizer steps per pass; 1 x 1 is on-policy (ratio 1, clip fractions 0)
-    micro_batch_size: int = 512  # sequences per forward/backward on one device (4-16 for 1.5B, 1K tokens, 80 GB)
+    num_minibatches: int = 1  # optimizer steps per pass; 1 x 1 is on-policy (ratio 1, no clipping)
+    micro_batch_size: int = (
+        512  # sequences per forward/backward on a device (1.5B, 1K tokens: 4-16)
+    )
     gen_batch_size: int = 512  # sequences per generation call on one device
     learning_rate: float = 5e-4  # AdamW, constant after warm-up (paper 1e-6 on 7B)
     weight_decay: float = 0.0  # AdamW weight decay
@@ -83,45 +88,52 @@ class Args:
     warmup_steps: int = 0  # linear learning-rate warm-up, in optimizer steps
     # GRPO
     beta: float = 0.04  # KL coefficient (paper 0.04, TRL default 0); 0 removes the KL term
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # per token, delta = lp_ref - lp: -delta, delta^2/2, e^delta-1-delta
-    kl_importance_weight: bool = False  # KL term x rho (not detached): reverse-KL gradient (DeepSeek-V3.2, TRL)
+    # per token, d = lp_ref - lp: k1 = -d, k2 = d^2 / 2, k3 = e^d - 1 - d
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_importance_weight: bool = False  # KL term x rho: the reverse-KL gradient (DeepSeek-V3.2)
     epsilon: float = 0.2  # lower clip range of the ratio
     epsilon_high: Optional[float] = None  # upper clip range (None = epsilon; DAPO 0.28)
-    scale_rewards: Literal["group", "batch", "none"] = "group"  # std in A: the group's (paper), the batch's, none
-    loss_agg: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = "seq_mean_token_mean"
-    """seq_mean_token_mean (paper, TRL grpo), token_mean (DAPO), seq_mean_token_sum_norm (Dr. GRPO: / max_new_tokens)"""
-    mask_truncated_completions: bool = False  # completions without EOS get no loss and no counts (TRL)
+    scale_rewards: Literal["group", "batch", "none"] = (
+        "group"  # std in A: group (paper), batch, none
+    )
+    # seq_mean_token_mean (paper, TRL), token_mean (DAPO), seq_mean_token_sum_norm (Dr. GRPO)
+    loss_agg: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = (
+        "seq_mean_token_mean"
+    )
+    mask_truncated_completions: bool = False  # completions without EOS: no loss, no counts (TRL)
     # evaluation, logging, checkpoints
-    eval_every: int = 25  # held-out eval every this many steps, at step 0 and at the end (0 = only those)
+    eval_every: int = 25  # held-out eval every this many steps, at step 0 and at the end (0: only)
     eval_num_prompts: int = 500  # held-out prompts per eval (the whole arithmetic held-out split)
-    eval_samples_per_prompt: int = 4  # samples per held-out prompt at `temperature`; pass@1 = mean correctness
-    eval_kl: bool = True  # log eval/kl_init_rkl_exact_seq (GRPO's reference is the initial policy: no extra model)
-    log_completions: int = 0  # held-out (prompt, completion, reward) rows per eval written to completions.jsonl
+    eval_samples_per_prompt: int = 4  # samples per held-out prompt (pass@1: mean correctness)
+    eval_kl: bool = True  # log eval/kl_init_rkl_exact_seq (the reference is the initial policy)
+    log_completions: int = 0  # held-out (prompt, completion, reward) rows per eval to a JSONL file
     save_every: int = 0  # checkpoint every this many steps (0 = only at the end)
     keep_last: int = 0  # keep only the newest this many checkpoints (0 = all)
     resume: Optional[str] = None  # a run folder to continue, bit for bit; it keeps writing there
-    bf16: Optional[bool] = None  # bf16 autocast of forwards (weights, optimizer float32); default: on bf16 GPUs
+    bf16: Optional[bool] = None  # bf16 autocast of forwards (weights float32); default: bf16 GPUs
     gradient_checkpointing: bool = False  # trade compute for memory on real models
-    reshard_after_forward: bool = True  # under torchrun (FSDP2): free gathered weights after each forward (ZeRO-3)
+    reshard_after_forward: bool = True  # torchrun (FSDP2): free gathered weights after a forward
 
 
 def check_args(args: Args, world: int) -> None:
     """Bad flag values, before any model loads (called by Run)."""
-    check_numbers(args, positive=POSITIVE + ("epsilon", "num_generations", "num_iterations", "num_minibatches"))
+    positive = ("epsilon", "num_generations", "num_iterations", "num_minibatches")
+    check_numbers(args, POSITIVE + positive)
     if args.num_generations < 2:
         raise UserError("--num_generations must be >= 2 (the group std and mean need two samples)")
     rows_per_rank = args.prompts_per_step // world * args.num_generations
     if args.prompts_per_step % world or rows_per_rank % args.num_minibatches:
-        raise UserError(f"--prompts_per_step x --num_generations does not split into {world} ranks x --num_minibatches")
+        split = f"{world} ranks x --num_minibatches"
+        raise UserError(f"--prompts_per_step x --num_generations does not split into {split}")
 
 
-# ==========================================================================================================
-# ALGO LOGIC: pure functions, tensors in and out (tested against closed forms in tests/test_grpo.py)
-# ==========================================================================================================
-def group_advantages(rewards, group_size: int, scale: str = "group", eps: float = 1e-4, batch_std=None):
-    """A_i = (r_i - mean_g) / (s + eps) for contiguous groups: s = the group's Bessel std (two-pass, never
-    E[r^2] - mean^2), the global batch's (`batch_std`; from `rewards` when None), or no division ("none",
-    Dr. GRPO). A group whose rewards are all equal gets A = 0 exactly."""
+# ==================================================================================================
+# ALGO LOGIC: pure functions, tensors in and out (closed-form tests: tests/test_grpo.py)
+# ==================================================================================================
+def group_advantages(rewards, group_size: int, scale="group", eps: float = 1e-4, batch_std=None):
+    """A_i = (r_i - mean_g) / (s + eps) for contiguous groups: s = the group's Bessel std (two-pass,
+    never E[r^2] - mean^2), the global batch's (`batch_std`; from `rewards` when None), or none
+    ("none", Dr. GRPO). A group whose rewards are all equal gets A = 0 exactly."""
     r = rewards.view(-1, group_size)
     adv = r - r.mean(dim=1, keepdim=True)
     if scale == "group":
@@ -138,20 +150,20 @@ def group_advantages(rewards, group_size: int, scale: str = "group", eps: float 
 
 
 def kl_term(lp, lp_ref, lp_old, estimator: str = "k3", importance_weight: bool = False):
-    """Per-token KL penalty kappa, delta = lp_ref - lp. Each estimates KL(pi_theta || pi_ref) in value on samples
-    of pi_theta; their expected on-policy gradients differ:
-        k1 = -delta                  gradient 0 in expectation
-        k2 = delta^2 / 2             grad KL(pi_theta || pi_ref)
-        k3 = e^delta - 1 - delta     grad KL(pi_ref || pi_theta), the FORWARD KL
-    importance_weight: kappa x rho, rho = e^{lp - lp_old} not detached; then E_old[grad rho k1] =
-    E_old[grad rho k3] = grad KL(pi_theta || pi_ref)."""
-    delta = lp_ref - lp
+    """Per-token KL penalty kappa, d = lp_ref - lp. Each estimates KL(pi_theta || pi_ref) in value
+    on samples of pi_theta; their expected on-policy gradients differ:
+        k1 = -d               gradient 0 in expectation
+        k2 = d^2 / 2          grad KL(pi_theta || pi_ref)
+        k3 = e^d - 1 - d      grad KL(pi_ref || pi_theta), the FORWARD KL
+    importance_weight: kappa x rho, rho = e^{lp - lp_old} not detached; then
+    E_old[grad rho k1] = E_old[grad rho k3] = grad KL(pi_theta || pi_ref)."""
+    d = lp_ref - lp
     if estimator == "k1":
-        kappa = -delta
+        kappa = -d
     elif estimator == "k2":
-        kappa = 0.5 * delta.pow(2)
+        kappa = 0.5 * d.pow(2)
     elif estimator == "k3":
-        kappa = torch.expm1(delta) - delta
+        kappa = torch.expm1(d) - d
     else:
         raise ValueError(f"unknown kl_estimator {estimator!r}")
     if importance_weight:
@@ -160,11 +172,11 @@ def kl_term(lp, lp_ref, lp_old, estimator: str = "k3", importance_weight: bool =
 
 
 def aggregate(per_token, mask, loss_agg: str, num_seqs, num_tokens, max_new_tokens: int):
-    """This micro-batch's share of the loss L (summed over micro-batches and ranks it is L):
-        seq_mean_token_mean:     L = (1/N_seq) sum_i (1/|o_i|) sum_t l_it
-        token_mean:              L = sum_{i,t} l_it / sum_i |o_i|
-        seq_mean_token_sum_norm: L = (1/N_seq) sum_i sum_t l_it / max_new_tokens
-    `num_seqs` and `num_tokens` are GLOBAL counts, so L does not depend on how the batch is split."""
+    """This micro-batch's share of the loss L (summed over micro-batches and ranks, it is L):
+        seq_mean_token_mean:      L = (1/N_seq) sum_i (1/|o_i|) sum_t l_it
+        token_mean:               L = sum_{i,t} l_it / sum_i |o_i|
+        seq_mean_token_sum_norm:  L = (1/N_seq) sum_i sum_t l_it / max_new_tokens
+    `num_seqs` and `num_tokens` are GLOBAL counts: L does not depend on how the batch is split."""
     masked = per_token * mask
     if loss_agg == "seq_mean_token_mean":
         per_sequence = masked.sum(-1) / mask.sum(-1).clamp(min=1)
@@ -197,10 +209,10 @@ def grpo_loss(
     loss_agg: str = "seq_mean_token_mean",
     max_new_tokens: int = 1,
 ):
-    """GRPO loss of one micro-batch, aggregate(l_it) with
-        l_it = -min(rho A_i, clip(rho, 1 - epsilon_low, 1 + epsilon_high) A_i) + beta kappa_it,  rho = e^{lp - lp_old}.
-    Its gradient is -rho A grad lp where unclipped, 0 where clipped, plus beta grad kappa. lp, lp_old, lp_ref, mask
-    [B, T]; advantages [B]; lp_ref None: no KL term; num_seqs and num_tokens: the global counts of `aggregate`.
+    """GRPO's loss of one micro-batch, aggregate(l_it) with rho = e^{lp - lp_old} and
+        l_it = -min(rho A_i, clip(rho, 1 - epsilon_low, 1 + epsilon_high) A_i) + beta kappa_it:
+    gradient -rho A grad lp where unclipped, 0 where clipped, plus beta grad kappa. lp, lp_old,
+    lp_ref (None: no KL term), mask: [B, T]; advantages: [B]; num_seqs, num_tokens: as `aggregate`.
     Returns (loss, stats), each stat this micro-batch's share of a global mean."""
     mask = mask.to(lp.dtype)
     ratio = torch.exp(lp - lp_old)
@@ -209,7 +221,7 @@ def grpo_loss(
     per_token = -torch.min(ratio * adv, clipped_ratio * adv)
     policy_loss = aggregate(per_token, mask, loss_agg, num_seqs, num_tokens, max_new_tokens)
     loss = policy_loss
-    # the clip is active (no gradient) where the ratio left its range in the direction that A pushes it
+    # clipped (no gradient) where the ratio left its range in the direction that A pushes it
     low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(lp.dtype)
     high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(lp.dtype)
     stats = {"policy_loss": policy_loss}
@@ -222,19 +234,19 @@ def grpo_loss(
         kappa = kl_term(lp, lp_ref, lp_old, kl_estimator, kl_importance_weight)
         kl_penalty = beta * aggregate(kappa, mask, loss_agg, num_seqs, num_tokens, max_new_tokens)
         loss = loss + kl_penalty
-        delta = lp_ref - lp
+        d = lp_ref - lp
         stats["kl_penalty"] = kl_penalty
-        stats["kl_ref_rkl_k3"] = token_mean(torch.expm1(delta) - delta, mask, num_tokens)
-        stats["kl_ref_rkl_k1_seq"] = (-delta * mask).sum() / max(num_seqs, 1)
+        stats["kl_ref_rkl_k3"] = token_mean(torch.expm1(d) - d, mask, num_tokens)
+        stats["kl_ref_rkl_k1_seq"] = (-d * mask).sum() / max(num_seqs, 1)
     stats["loss"] = loss
     return loss, {key: value.detach() for key, value in stats.items()}
 
 
-# ==========================================================================================================
-# UPDATE and TRAIN: the loss of a micro-batch, handed to the shared update loop; the training loop
-# ==========================================================================================================
+# ==================================================================================================
+# UPDATE and TRAIN: the loss of a micro-batch (for the shared update loop) and the training loop
+# ==================================================================================================
 def micro_loss(log_softmax, batch: dict, rows, args, num_seqs, num_tokens):
-    """GRPO's loss of the micro-batch `rows`, from the policy's log-softmax over their completion tokens."""
+    """GRPO's loss of the micro-batch `rows`, from the policy's log-softmax over their tokens."""
     lp = token_logprobs(log_softmax, batch["completion_ids"][rows])
     C = lp.shape[1]
     # one optimizer step per rollout (no old log-probs were computed): theta_old = theta
@@ -263,19 +275,16 @@ def train(args: Args) -> None:
     run = Run(args)  # the task and its prompts, the processes, the checkpoint to resume (SHARED)
     policy = load_model(run.checkpoint or args.model_name_or_path, args, trainable=True)
     # pi_ref, the frozen initial model: the anchor of the KL penalty and of the eval's KL to init
-    ref = None
-    if args.beta > 0 or args.eval_kl:
-        ref = load_model(args.model_name_or_path, args)
+    ref = load_model(args.model_name_or_path, args) if args.beta > 0 or args.eval_kl else None
     kl_models = {"init": ref} if args.eval_kl else {}
     eos = eos_ids(run.tokenizer, policy)
     pad = run.tokenizer.pad_token_id
     G = args.num_generations
-    off_policy = args.num_iterations * args.num_minibatches > 1  # optimizer steps after the first see old samples
+    off_policy = (
+        args.num_iterations * args.num_minibatches > 1
+    )  # later optimizer steps: theta moved
 
-    def evaluate_policy():
-        return evaluate(policy, kl_models, run, eos)
-
-    model, optimizer = run.start(policy, evaluate_policy)
+    model, optimizer = run.start(policy, partial(evaluate, policy, kl_models, run, eos))
     for step in run.steps():
         # 1. the step's prompts (one global draw, this rank's share), G completions each from pi_old
         prompts = run.prompts(step)
@@ -289,7 +298,7 @@ def train(args: Args) -> None:
         batch["advantages"] = group_advantages(rewards, G, args.scale_rewards, batch_std=reward_std)
         truncated = batch["truncated"][:, None] & args.mask_truncated_completions
         batch["loss_mask"] = batch["completion_mask"] * ~truncated
-        # 3. log-probs of the rollout policy (needed once later optimizer steps move away from it) and of pi_ref
+        # 3. log-probs of the rollout policy (needed once the optimizer moved off it) and of pi_ref
         if off_policy:
             batch["old_logprobs"] = batched_logprobs(policy, batch, args)
         if args.beta > 0:
@@ -300,58 +309,57 @@ def train(args: Args) -> None:
         if not off_policy:  # the drift from the rollout policy is 0 by construction
             del metrics["losses/kl_old_fkl_k1"], metrics["losses/kl_old_fkl_k3"]
         groups = rewards.view(-1, G)
-        zero_std = (groups == groups[:, :1]).all(1).sum().double() * G  # samples of groups without reward spread
-        metrics["charts/frac_reward_zero_std"] = all_reduce(zero_std).item() / (args.prompts_per_step * G)
-        metrics["charts/reward_mean"] = reward_mean
-        metrics["charts/reward_std"] = reward_std
+        zero_std = (groups == groups[:, :1]).all(1).sum().double() * G  # rows without reward spread
+        metrics["charts/frac_reward_zero_std"] = all_reduce(zero_std).item() / (
+            args.prompts_per_step * G
+        )
+        metrics |= {"charts/reward_mean": reward_mean, "charts/reward_std": reward_std}
         run.end_step(step, batch, metrics)
 
 
-# ==========================================================================================================
-# SHARED: identical in every algorithm file; TRY NOT TO MODIFY. tests/test_shared_blocks.py proves it identical:
-# change it in one file, then copy it to all with `python -m tests.test_shared_blocks --sync`. It calls back into the
-# algorithm above only through `Args`, `check_args` and `train` (and the micro-batch loss that a script hands to
-# `update_policy`). Not every script uses every helper.
-# ==========================================================================================================
+# ==================================================================================================
+# SHARED: identical in every algorithm file; TRY NOT TO MODIFY. tests/test_shared_blocks.py proves
+# it: change it in one file, then copy it with `python -m tests.test_shared_blocks --sync`. It calls
+# back into the algorithm above through `Args`, `check_args` and `train` only (and the micro-batch
+# loss a script hands to `update_policy`). Not every script uses every helper.
+# ==================================================================================================
 
 
-# ---- ROLLOUT: sampling with the KV cache, teacher-forced log-probs, evaluation -----------------------------
+# ---- ROLLOUT: sampling with the KV cache, teacher-forced log-probs, evaluation -----------------
 def forward(model, ids, mask, positions, cache=None, keep=0):
-    """Logits of a forward with explicit positions (prompts are left-padded), extending the KV cache if given."""
-    if cache is None:
-        return model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
-    # transformers 5.x renamed the cache argument from `past_key_values` to `cache`
-    parameters = inspect.signature(getattr(model, "module", model).forward).parameters
-    name = "cache" if "cache" in parameters else "past_key_values"
-    cache_kwargs = {name: cache, "use_cache": True}
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, **cache_kwargs).logits
+    """Logits with explicit positions (prompts are left-padded), extending the KV cache if given."""
+    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    if cache is not None:  # transformers 5.x renamed `past_key_values` to `cache`
+        parameters = inspect.signature(getattr(model, "module", model).forward).parameters
+        kwargs["cache" if "cache" in parameters else "past_key_values"] = cache
+        kwargs["use_cache"] = True
+    return model(**kwargs, logits_to_keep=keep).logits
 
 
 def keep_rows(cache, rows):
-    """Keep these batch rows of a KV cache (index_select: its backward is ~8x faster than indexing's)."""
+    """Keep these rows of a KV cache (index_select: its backward is ~8x faster than indexing's)."""
     for layer in cache.layers:
         layer.keys = layer.keys.index_select(0, rows)
         layer.values = layer.values.index_select(0, rows)
 
 
 def prefill(model, prompt_ids, prompt_mask, rows):
-    """Run each distinct prompt once, then copy its KV cache to the rows that continue it (rows [M]: the prompt of
-    each row). Returns the logits of each row's first completion token [M, V] and a cache of M rows; autograd flows
-    through the copies."""
+    """Run each distinct prompt once and copy its KV cache to the rows that continue it (rows [M]:
+    each row's prompt): (logits of each row's first completion token [M, V], a cache of M rows)."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     logits = forward(model, prompt_ids, prompt_mask, positions, cache, keep=1)
-    keep_rows(cache, rows)
+    keep_rows(cache, rows)  # autograd flows through the copies
     return logits[:, -1].index_select(0, rows), cache
 
 
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, rows, args, eos, pad, generator=None, uniforms=None):
-    """One completion per row, sampled from exactly softmax(logits / T): no top-k, top-p or penalty, so the samples
-    follow the law that every log-prob assumes. Rows that emitted EOS leave the batch and the KV cache, so decoding
-    costs what is generated. uniforms [M, H]: inverse-CDF draws from this noise instead of from `generator`."""
+    """One completion per row from exactly softmax(logits / T): no top-k, top-p or penalty, so the
+    samples follow the law every log-prob assumes. Finished rows leave the batch and the KV cache.
+    uniforms [M, H]: inverse-CDF draws from this noise instead of from `generator`."""
     was_training = model.training
     model.eval()  # in train mode, gradient checkpointing would switch the KV cache off
     with autocast(args):
@@ -364,7 +372,7 @@ def generate(model, prompt_ids, prompt_mask, rows, args, eos, pad, generator=Non
         probs = torch.softmax(logits / args.temperature, -1)
         if uniforms is None:
             token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        else:  # the first token whose CDF reaches u (rounding can leave the CDF's last value below 1: clamp)
+        else:  # the first token whose CDF reaches u (clamped: the CDF may end just below 1)
             cdf = probs.double().cumsum(-1)
             u = uniforms[live.cpu(), t, None].to(probs.device, torch.float64)
             token = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
@@ -387,40 +395,45 @@ def generate(model, prompt_ids, prompt_mask, rows, args, eos, pad, generator=Non
 
 
 def sample_batch(model, prompts: list, args, eos, pad, generator=None, uniforms=None) -> dict:
-    """One completion per entry of `prompts` (token lists; a group is G equal entries), in generation calls of
-    --gen_batch_size rows. Returns the batch layout of `make_batch`."""
+    """One completion per entry of `prompts` (token lists; a group: G equal entries), generated
+    --gen_batch_size rows at a time. Returns the batch layout of `make_batch`."""
     batch = make_batch(prompts, None, eos, pad)
     completions = []
     with gathered(model, args):
         for start in range(0, len(prompts), args.gen_batch_size):
             end = start + args.gen_batch_size
-            # the distinct prompts of this chunk, and for each row the one it continues
+            # the chunk's distinct prompts, and for each row the one it continues
             distinct, rows = batch["prompt_index"][start:end].unique(return_inverse=True)
             ids = batch["prompt_ids"][distinct]
             mask = batch["prompt_mask"][distinct]
             noise = None if uniforms is None else uniforms[start:end]
-            completions += generate(model, ids, mask, rows, args, eos, pad, generator, noise).unbind()
+            chunk = generate(model, ids, mask, rows, args, eos, pad, generator, noise)
+            completions += chunk.unbind()
     return make_batch(prompts, completions, eos, pad, batch)
 
 
 def make_batch(prompts: list, completions, eos, pad, batch=None) -> dict:
-    """The batch layout. Each distinct prompt is stored once: prompt_ids and prompt_mask [U, P], left-padded; row m
-    continues prompt prompt_index[m]. completion_ids and completion_mask [M, C]: the mask covers the tokens up to and
-    including the first EOS; truncated [M]: the row has no EOS. With `batch`, the completions join its prompts."""
+    """The batch layout: each distinct prompt once, prompt_ids / prompt_mask [U, P] (left-padded),
+    row m continuing prompt prompt_index[m]; completion_ids / completion_mask [M, C], the mask up to
+    and including the first EOS; truncated [M]: no EOS. `batch`: add completions to its prompts."""
     if batch is None:
         distinct = {}
         index = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
         ids = [torch.tensor(p) for p in distinct]
         ones = [torch.ones(len(p), dtype=torch.long) for p in distinct]
-        batch = {"prompt_ids": left_pad(ids, pad).to(eos.device)}
+        prompt_ids = pad_sequence(ids, batch_first=True, padding_value=pad, padding_side="left")
+        prompt_mask = pad_sequence(ones, batch_first=True, padding_value=0, padding_side="left")
+        batch = {"prompt_ids": prompt_ids.to(eos.device)}
         batch["prompt_index"] = torch.tensor(index, device=eos.device)
-        batch["prompt_mask"] = left_pad(ones, 0).to(eos.device)
+        batch["prompt_mask"] = prompt_mask.to(eos.device)
     if completions is None:
         return batch
-    # padded with -1 first, so that a pad id which is also an EOS id cannot end a row
+    # padded with -1 first: a pad id that is also an EOS id must not end a row
     rows = [torch.as_tensor(c) for c in completions]
-    tokens = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1).to(eos.device)
-    tokens = torch.nn.functional.pad(tokens, (0, max(0, 2 - tokens.shape[1])), value=-1)  # at least 2 columns
+    tokens = pad_sequence(rows, batch_first=True, padding_value=-1).to(eos.device)
+    tokens = torch.nn.functional.pad(
+        tokens, (0, max(0, 2 - tokens.shape[1])), value=-1
+    )  # >= 2 columns
     is_eos = torch.isin(tokens, eos).long()
     no_eos_before = is_eos.cumsum(-1) - is_eos == 0
     batch["completion_mask"] = (no_eos_before & (tokens >= 0)).long()
@@ -429,16 +442,14 @@ def make_batch(prompts: list, completions, eos, pad, batch=None) -> dict:
     return batch
 
 
-def left_pad(rows: list, value):
-    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value, padding_side="left")
-
-
 def completion_log_softmax(model, batch: dict, rows, temperature: float, cached: bool = True):
-    """log softmax(logits / T) at the positions that predict the completion tokens of `rows`, trimmed to their
-    longest completion: [m, C, V], at least float32. cached: each distinct prompt runs once (`prefill`) and the
-    completions continue its cache (equal to whole rows to 1e-10 in float64); else whole [prompt; completion] rows
-    (needed under gradient checkpointing, which drops the cache inside checkpointed layers)."""
-    C = max(int(batch["completion_mask"][rows].sum(-1).max()), 2)  # >= 2: the same forwards on every rank
+    """log softmax(logits / T) at the positions predicting the completion tokens of `rows`, cut to
+    their longest completion: [m, C, V], at least float32. cached: each distinct prompt runs once
+    (`prefill`) and the completions continue its cache (equal to whole rows to 1e-10 in float64);
+    else whole rows (gradient checkpointing drops the cache inside checkpointed layers)."""
+    C = max(
+        int(batch["completion_mask"][rows].sum(-1).max()), 2
+    )  # >= 2: same forwards on all ranks
     completion = batch["completion_ids"][rows, :C]
     prompt = batch["prompt_index"][rows]
     if cached:
@@ -446,7 +457,7 @@ def completion_log_softmax(model, batch: dict, rows, temperature: float, cached:
         prompt_mask = batch["prompt_mask"][distinct]
         first, cache = prefill(model, batch["prompt_ids"][distinct], prompt_mask, inverse)
         # completion tokens 0..C-2 predict tokens 1..C-1, at the positions after each row's prompt
-        positions = prompt_mask.sum(-1)[inverse, None] + torch.arange(C - 1, device=completion.device)
+        positions = prompt_mask.sum(-1)[inverse, None] + torch.arange(C - 1, device=prompt.device)
         mask = torch.cat([prompt_mask[inverse], torch.ones_like(completion[:, 1:])], 1)
         rest = forward(model, completion[:, :-1], mask, positions, cache)
         logits = torch.cat([first[:, None], rest], 1)
@@ -460,15 +471,15 @@ def completion_log_softmax(model, batch: dict, rows, temperature: float, cached:
 
 
 def token_logprobs(log_softmax, tokens):
-    """The log-prob of each token [m, C] from a log-softmax [m, C, V] (tokens may be longer: cut to C)."""
+    """The log-prob [m, C] of each token, from a log-softmax [m, C, V] (longer tokens cut to C)."""
     C = log_softmax.shape[1]
     return log_softmax.gather(-1, tokens[:, :C, None]).squeeze(-1)
 
 
 @torch.no_grad()
 def batched_logprobs(model, batch: dict, args):
-    """No-grad log-probs [M, C] of every completion token (0 after the end), in micro-batches: the rollout policy's
-    (old) and the frozen models' log-probs, computed once per rollout."""
+    """No-grad log-probs [M, C] of every completion token (0 after the end), in micro-batches: the
+    rollout policy's (old) and the frozen models', computed once per rollout."""
     ids = batch["completion_ids"]
     out = []
     with gathered(model, args):
@@ -482,30 +493,33 @@ def batched_logprobs(model, batch: dict, args):
 
 
 def eos_ids(tokenizer, model):
-    """Every token that ends a completion: the tokenizer's EOS and the model's generation EOS ids."""
+    """Every token that ends a completion: the tokenizer's EOS and the model's generation EOSs."""
     generation_eos = np.atleast_1d(model.generation_config.eos_token_id or []).tolist()
     ids = {tokenizer.eos_token_id, *generation_eos} - {None}
     return torch.tensor(sorted(ids), device=DEVICE)
 
 
 def decode(tokenizer, batch: dict) -> list:
-    """The completion texts, special tokens (EOS) dropped."""
-    ids = [tokens[mask.bool()] for tokens, mask in zip(batch["completion_ids"], batch["completion_mask"])]
-    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+    """The completion texts, without special tokens (EOS)."""
+    pairs = zip(batch["completion_ids"], batch["completion_mask"])
+    return tokenizer.batch_decode(
+        [ids[mask.bool()] for ids, mask in pairs], skip_special_tokens=True
+    )
 
 
 @torch.no_grad()
 def evaluate(policy, kl_models: dict, run, eos) -> tuple:
-    """Held-out pass@1 at the training temperature (--eval_samples_per_prompt samples per prompt, the same noise at
-    every eval) and, per frozen model q of `kl_models`, KL(pi_theta || q) summed along each sample, exact over the
-    vocabulary at every visited position. Prompts are interleaved over ranks. Returns (metrics, rows to log)."""
+    """Held-out pass@1 at the training temperature (--eval_samples_per_prompt samples a prompt, the
+    same noise at every eval) and, per frozen model q of `kl_models`, KL(pi_theta || q) summed along
+    each sample, exact over the vocabulary at every position. Returns (metrics, rows to log)."""
     args = run.args
     per_prompt = args.eval_samples_per_prompt
     mine = [i for i in range(run.rank, len(run.eval_prompts), run.world) for _ in range(per_prompt)]
     prompts = [run.eval_prompts[i] for i in mine]
     batch = sample_batch(policy, prompts, args, eos, run.tokenizer.pad_token_id, run.eval_sampler())
     texts = decode(run.tokenizer, batch)
-    rewards = torch.tensor(run.task.score(texts, [run.eval_answers[i] for i in mine]), device=DEVICE)
+    answers = [run.eval_answers[i] for i in mine]
+    rewards = torch.tensor(run.task.score(texts, answers), device=DEVICE)
     mask = batch["completion_mask"]
     sums = [(rewards >= 1).sum(), rewards.sum(), mask.sum()]
     with gathered(policy, args):  # ranks may hold different numbers of eval rows
@@ -523,18 +537,19 @@ def evaluate(policy, kl_models: dict, run, eos) -> tuple:
     names += [f"eval/kl_{name}_rkl_exact_seq" for name in kl_models]
     shown = []
     for i, text, reward in list(zip(mine, texts, rewards.tolist()))[: args.log_completions]:
-        shown.append({"prompt": run.tokenizer.decode(run.eval_prompts[i]), "completion": text, "reward": reward})
+        prompt = run.tokenizer.decode(run.eval_prompts[i])
+        shown.append({"prompt": prompt, "completion": text, "reward": reward})
     return dict(zip(names, means.tolist())), shown
 
 
-# ---- UPDATE: global mini-batches, micro-batches in lockstep, the optimizer step ----------------------------
+# ---- UPDATE: global mini-batches, micro-batches in lockstep, the optimizer step ----------------
 def update_policy(model, optimizer, batch: dict, args, step: int, micro_loss) -> dict:
-    """--num_iterations passes x --num_minibatches optimizer steps over the rollout. A mini-batch is a set of GLOBAL
-    rows (one permutation on every rank; each rank trains its own rows of it); its sequence and token counts are
-    summed over the ranks BEFORE its loss is formed, and every rank backpropagates loss x world size (FSDP averages
-    the gradients). So the update depends neither on the number of ranks nor on the micro-batch size.
-    micro_loss(log_softmax, batch, rows, args, num_seqs, num_tokens) -> (loss, stats) is the algorithm's loss of a
-    micro-batch. Returns the update's metrics, global means over its optimizer steps."""
+    """--num_iterations passes x --num_minibatches optimizer steps over the rollout. A mini-batch is
+    a set of GLOBAL rows (one permutation on every rank, each rank training its own rows) whose
+    sequence and token counts are summed over the ranks BEFORE its loss is formed; every rank
+    backpropagates loss x world size (FSDP averages): the update depends neither on the number of
+    ranks nor on the micro-batch size. micro_loss(log_softmax, batch, rows, args, num_seqs,
+    num_tokens) -> (loss, stats): the algorithm's loss of a micro-batch. Returns global metrics."""
     world, rank = world_rank()
     mask = batch["loss_mask"]
     local_rows = len(mask)
@@ -549,27 +564,30 @@ def update_policy(model, optimizer, batch: dict, args, step: int, micro_loss) ->
             num_seqs, num_tokens = all_reduce(counts).tolist()
             micro_batches = lockstep(mine, args.micro_batch_size)
             for k, (rows, weight) in enumerate(micro_batches):
-                if world > 1:  # FSDP2: reduce-scatter the gradients once, after the mini-batch's last micro-batch
+                if world > 1:  # FSDP2: reduce-scatter once, after the mini-batch's last micro-batch
                     model.set_requires_gradient_sync(k == len(micro_batches) - 1)
                 with autocast(args):
                     cached = not args.gradient_checkpointing
-                    log_softmax = completion_log_softmax(model, batch, rows, args.temperature, cached)
+                    log_softmax = completion_log_softmax(
+                        model, batch, rows, args.temperature, cached
+                    )
                 loss, micro_stats = micro_loss(log_softmax, batch, rows, args, num_seqs, num_tokens)
                 (loss * world * weight).backward()
                 if weight == 0:  # a filler: no stats
                     stats.append({})
                     continue
-                entropy = -(log_softmax.exp() * log_softmax).sum(-1) * mask[rows, : log_softmax.shape[1]]
-                micro_stats["entropy"] = entropy.sum().detach() / max(num_tokens, 1)
+                token_entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+                entropy = (token_entropy * mask[rows, : log_softmax.shape[1]]).sum()
+                micro_stats["entropy"] = entropy.detach() / max(num_tokens, 1)
                 stats.append(micro_stats)
             stats[-1] |= optimizer_step(model, optimizer, args)
     return reduce_stats(stats, args.num_iterations * args.num_minibatches)
 
 
 def lockstep(rows, size: int) -> list:
-    """This rank's micro-batches of a mini-batch, as (rows, weight). Under FSDP every forward and backward is a
-    collective, so every rank must run as many of them as the busiest rank: a rank with fewer rows (or none) adds
-    fillers, row 0 with weight 0, that change nothing. In one process: just the micro-batches, weight 1."""
+    """This rank's micro-batches of a mini-batch, as (rows, weight). Under FSDP every forward and
+    backward is a collective, so every rank runs as many as the busiest rank: a rank with fewer rows
+    (or none) adds fillers, row 0 with weight 0, which change nothing. One process: weights 1."""
     micro = list(rows.split(size)) if len(rows) else []
     busiest = int(all_reduce(torch.tensor(len(micro), device=DEVICE), dist.ReduceOp.MAX))
     filler = torch.zeros(1, dtype=torch.long, device=DEVICE)
@@ -577,15 +595,14 @@ def lockstep(rows, size: int) -> list:
 
 
 def optimizer_step(model, optimizer, args) -> dict:
-    """Clip the gradient norm (--max_grad_norm 0: no clipping), stop on a non-finite norm, and step at the warm-up
+    """Clip the gradient norm (0: no clipping), stop on a non-finite norm, and step at the warm-up
     learning rate (linear over --warmup_steps optimizer steps)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
     if hasattr(norm, "full_tensor"):  # FSDP: a distributed tensor
         norm = norm.full_tensor()
     if not torch.isfinite(norm):
-        raise FloatingPointError(f"non-finite loss or gradient (norm {norm.item()}); stopping without saving")
-    first_state = next(iter(optimizer.state.values()), {})
-    steps_done = float(first_state.get("step", 0))
+        raise FloatingPointError(f"non-finite loss or gradient (norm {norm.item()}); not saving")
+    steps_done = float(next(iter(optimizer.state.values()), {}).get("step", 0))
     warmup = min(1, (steps_done + 1) / max(args.warmup_steps, 1))
     for group in optimizer.param_groups:
         group["lr"] = args.learning_rate * warmup
@@ -595,31 +612,31 @@ def optimizer_step(model, optimizer, args) -> dict:
 
 
 def reduce_stats(stats: list, steps: int) -> dict:
-    """An update's metrics from its micro-batches' stats (shares of global means): summed over the ranks and
-    averaged over its optimizer steps; `*_min` and `*_max` are global extremes."""
+    """An update's metrics from its micro-batches' stats (shares of global means): summed over the
+    ranks, averaged over its optimizer steps; `*_min` and `*_max` are global extremes."""
     out = {}
-    for key in sorted({k for s in stats for k in s}):  # the same keys in the same order on every rank
+    for key in sorted({k for s in stats for k in s}):  # the same keys, in order, on every rank
         op = "sum"
-        if key.endswith("_min"):
-            op = "min"
-        if key.endswith("_max"):
-            op = "max"
-        values = [torch.as_tensor(s[key], dtype=torch.float64, device=DEVICE) for s in stats if key in s]
-        local = getattr(torch.stack(values), op)()
-        value = all_reduce(local, getattr(dist.ReduceOp, op.upper())).item()
+        if key.endswith(("_min", "_max")):
+            op = key[-3:]
+        values = [
+            torch.as_tensor(s[key], dtype=torch.float64, device=DEVICE) for s in stats if key in s
+        ]
+        value = all_reduce(getattr(torch.stack(values), op)(), getattr(dist.ReduceOp, op.upper()))
         name = key if "/" in key else f"losses/{key}"
-        out[name] = value / steps if op == "sum" else value
+        out[name] = value.item() / steps if op == "sum" else value.item()
     return out
 
 
-# ---- PLUMBING: processes, run folders, checkpoints, resume, logging ----------------------------------------
+# ---- PLUMBING: processes, run folders, checkpoints, resume, logging ----------------------------
 DEVICE = torch.device("cpu")  # this rank's GPU or the CPU: set once, by Run, from --cuda
-FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # checkpoints: whole tensors, on rank 0
-RESUMABLE = {"resume", "total_steps", "learning_rate", "weight_decay", "max_grad_norm", "eval_every", "save_every"}
-# flags that must be > 0 in every script (the others must be >= 0); each check_args adds its own
+FULL_STATE = dist_state.StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors
+RESUMABLE = {"resume", "total_steps", "learning_rate", "weight_decay", "max_grad_norm"}
+RESUMABLE |= {"eval_every", "save_every"}  # the flags that may change when resuming
+# flags that must be > 0 in every script (the other number flags >= 0); check_args adds its own
 POSITIVE = ("temperature", "max_prompt_length", "max_new_tokens", "total_steps", "prompts_per_step")
 POSITIVE += ("micro_batch_size", "gen_batch_size", "eval_num_prompts", "eval_samples_per_prompt")
-LOCKS = []  # run-folder locks held by this process, released when main ends (tests call main again in-process)
+LOCKS = []  # run-folder locks this process holds, released when main ends (tests rerun main)
 
 
 class UserError(Exception):
@@ -631,15 +648,14 @@ class Stop(Exception):
 
 
 def main() -> None:
-    """Parse the flags and train. Bad input of any kind ends in one `error:` line and exit status 1; SIGTERM or
-    SIGINT in a checkpoint, a `stopped:` line and exit status 143."""
-    on_other_rank = int(os.environ.get("RANK", 0)) > 0
-    if on_other_rank and {"-h", "--help"} & set(sys.argv):
+    """Parse the flags and train. Bad input of any kind ends in one `error:` line (exit status 1);
+    SIGTERM or SIGINT in a checkpoint and a `stopped:` line (exit status 143)."""
+    if int(os.environ.get("RANK", 0)) > 0 and {"-h", "--help"} & set(sys.argv):
         return  # --help prints once, on rank 0
     code = 0
     try:
         train(parse_args(sys.argv[1:]))
-    except (UserError, TaskError, FloatingPointError, OSError) as e:
+    except (UserError, tasks.TaskError, FloatingPointError, OSError) as e:
         code = f"error: {str(e).strip().splitlines()[0]}"
     except Stop as e:
         print(f"stopped: {e}", file=sys.stderr)
@@ -653,27 +669,20 @@ def main() -> None:
 
 
 def parse_args(argv: list) -> Args:
-    """The flags. With --resume DIR (read before the others), DIR/args.json gives every flag's default and only the
-    RESUMABLE flags may change."""
-    folder = resume_folder(argv)
+    """The flags. With --resume DIR (read first), DIR/args.json gives every flag's default and only
+    the RESUMABLE flags may change."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--resume")
+    folder = pre.parse_known_args(argv)[0].resume
     if folder is None:
         return tyro.cli(Args, args=argv, use_underscores=True)
     saved = saved_args(folder)
     args = tyro.cli(Args, args=argv, default=Args(**saved), use_underscores=True)
-    for key, value in asdict(args).items():
-        if key in saved and value != saved[key] and key not in RESUMABLE:  # (a flag missing: its default)
-            raise UserError(f"--{key} cannot change when resuming (the run has {saved[key]!r}); start a new run")
+    for key, value in asdict(args).items():  # (a flag missing from args.json: its default)
+        if key in saved and value != saved[key] and key not in RESUMABLE:
+            why = f"the run has {saved[key]!r}; start a new run"
+            raise UserError(f"--{key} cannot change when resuming ({why})")
     return args
-
-
-def resume_folder(argv: list) -> Optional[str]:
-    """The folder of `--resume DIR` or `--resume=DIR`, if given."""
-    for i, arg in enumerate(argv):
-        if arg == "--resume" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--resume="):
-            return arg[len("--resume=") :]
-    return None
 
 
 def saved_args(folder: str) -> dict:
@@ -700,8 +709,8 @@ def check_numbers(args, positive: tuple) -> None:
 
 
 def lock(run_dir: str) -> None:
-    """Rank 0 holds an flock on RUN/.lock while it runs (the OS drops it on any exit, SIGKILL included), so a second
-    process never writes into a run folder in use."""
+    """Rank 0 holds an flock on RUN/.lock while it runs (the OS drops it on any exit, SIGKILL too),
+    so a second process never writes into a run folder in use."""
     import fcntl
 
     handle = open(os.path.join(run_dir, ".lock"), "w")
@@ -709,15 +718,16 @@ def lock(run_dir: str) -> None:
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        raise UserError(f"{run_dir} is in use by another run (it holds {run_dir}/.lock); wait for it to end") from None
+        why = f"it holds {run_dir}/.lock; wait for it to end"
+        raise UserError(f"{run_dir} is in use by another run ({why})") from None
 
 
 def seed_of(args, stream: str, *keys) -> int:
-    """The seed of one random draw, from (--seed, the stream's name, step, ...): every step is reproducible on its
-    own, and two streams never share a seed (SeedSequence pads short keys with zeros, so without the name
-    (seed, step) and (seed, step, 0) would be the same seed)."""
-    name = zlib.crc32(stream.encode())
-    return int(np.random.SeedSequence([args.seed, name, *[k % 2**31 for k in keys]]).generate_state(1)[0])
+    """The seed of one random draw, from (--seed, the stream's name, step, ...): every step is
+    reproducible on its own, and no two streams share a seed (SeedSequence pads short keys with
+    zeros: without the name, (seed, step) and (seed, step, 0) would be the same seed)."""
+    entropy = [args.seed, zlib.crc32(stream.encode()), *[k % 2**31 for k in keys]]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def world_rank() -> tuple:
@@ -727,7 +737,7 @@ def world_rank() -> tuple:
 
 
 def all_reduce(x, op=dist.ReduceOp.SUM):
-    """x reduced over the ranks (a copy; x itself in one process)."""
+    """x reduced over the ranks, as a copy (x itself in one process)."""
     if not dist.is_initialized():
         return x
     x = x.clone()
@@ -738,9 +748,8 @@ def all_reduce(x, op=dist.ReduceOp.SUM):
 def global_mean_std(x) -> tuple:
     """Mean and Bessel std of x over all ranks, in two passes (never E[x^2] - mean^2)."""
     count, total = all_reduce(torch.stack([x.new_tensor(x.numel()), x.sum()])).tolist()
-    mean = total / count
-    squares = all_reduce((x - mean).pow(2).sum()).item()
-    return mean, (squares / max(count - 1, 1)) ** 0.5
+    squares = all_reduce((x - total / count).pow(2).sum()).item()
+    return total / count, (squares / max(count - 1, 1)) ** 0.5
 
 
 def autocast(args):
@@ -748,29 +757,29 @@ def autocast(args):
 
 
 def load_model(path: str, args, trainable: bool = False):
-    """A causal LM with dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained. A trained model
-    is held in float32 (AdamW's master weights). A frozen one computes as the trained one does, so that their
-    log-probs agree at theta = theta_ref: in bf16 under FSDP with --bf16 (its MixedPrecisionPolicy), else in float32
-    under autocast."""
+    """A causal LM with dropout off (ratios are exactly 1 at theta = theta_old), frozen unless
+    trained; trained in float32 (AdamW's master weights). A frozen model computes as the trained one
+    does, so their log-probs agree at theta = theta_ref: in bf16 under FSDP with --bf16 (its
+    MixedPrecisionPolicy), else in float32 under autocast."""
     from transformers import AutoModelForCausalLM
 
     bf16 = args.bf16 and DEVICE.type == "cuda" and not trainable and dist.is_initialized()
     dtype = torch.bfloat16 if bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path(path), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(tasks.model_path(path), dtype=dtype)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout) or hasattr(module, "attention_dropout"):
             module.p = 0.0
             module.attention_dropout = 0.0
-    if trainable and args.gradient_checkpointing:
-        # transformers 5.2x renamed it activation checkpointing
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
+    if trainable and args.gradient_checkpointing:  # (transformers 5.2x: activation checkpointing)
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
     return model.to(DEVICE).train(trainable).requires_grad_(trainable)
 
 
 def shard(model, args):
-    """Under torchrun, FSDP2 on each decoder layer and on the root: weights, gradients and AdamW state split over
-    the ranks; on CUDA with --bf16, bf16 compute and float32 gradient reductions. One process: the model as it is."""
+    """Under torchrun, FSDP2 on each decoder layer and on the root: weights, gradients and AdamW
+    state split over the ranks; on CUDA with --bf16, bf16 compute and float32 gradient reductions.
+    One process: the model as it is."""
     if not dist.is_initialized():
         return model
     from torch.distributed.device_mesh import init_device_mesh
@@ -779,8 +788,12 @@ def shard(model, args):
     mixed = MixedPrecisionPolicy()
     if args.bf16 and DEVICE.type == "cuda":
         mixed = MixedPrecisionPolicy(torch.bfloat16, torch.float32)
-    mesh = init_device_mesh(DEVICE.type, (dist.get_world_size(),))  # --no_cuda on a GPU machine: CPU shards
-    options = {"reshard_after_forward": args.reshard_after_forward, "mp_policy": mixed, "mesh": mesh}
+    mesh = init_device_mesh(DEVICE.type, (dist.get_world_size(),))  # --no_cuda on a GPU: CPU shards
+    options = {
+        "reshard_after_forward": args.reshard_after_forward,
+        "mp_policy": mixed,
+        "mesh": mesh,
+    }
     layer_types = set()
     for module in model.modules():
         layer_types.update(getattr(module, "_no_split_modules", None) or [])
@@ -791,11 +804,9 @@ def shard(model, args):
 
 @contextlib.contextmanager
 def gathered(model, args):
-    """FSDP2: all-gather the weights once for a whole inference phase (rollout, log-probs, eval), not per layer at
-    every forward; with no collective inside, ranks may run different numbers of forwards. Else: nothing."""
-    sharded = []
-    if model is not None:
-        sharded = [m for m in model.modules() if hasattr(m, "unshard")]
+    """FSDP2: all-gather the weights once for a whole inference phase (rollout, log-probs, eval),
+    not per layer and forward; with no collective inside, ranks may run different forward counts."""
+    sharded = [m for m in model.modules() if hasattr(m, "unshard")] if model is not None else []
     for module in sharded:
         module.unshard()
     if sharded:
@@ -807,20 +818,10 @@ def gathered(model, args):
         module.reshard()
 
 
-def model_path(path: str) -> str:
-    """A relative path that does not exist here is read from the repository root (the shipped tiny models)."""
-    if os.path.exists(path):
-        return path
-    if os.path.exists(os.path.join(ROOT, path)):
-        return os.path.join(ROOT, path)
-    if os.path.isabs(path) or path.startswith(".") or path.count("/") > 1:
-        raise UserError(f"{path}: no such local folder (nor a hub id)")
-    return path  # a hub id
-
-
 class Run:
-    """One training run: the task and its prompts, the processes, the run folder (created exclusively), checkpoints
-    and resume, metrics, the progress bar and the stop signals (SIGTERM, SIGINT: finish the step, save, exit 143)."""
+    """One training run: the task and its prompts, the processes, the run folder (created
+    exclusively), checkpoints and resume, metrics, the progress bar and the stop signals (SIGTERM,
+    SIGINT: finish the step, save, exit 143)."""
 
     def __init__(self, args):
         import transformers
@@ -832,15 +833,21 @@ class Run:
         self.stop = []  # the stop signals received
         self.checkpoint = None  # the checkpoint to resume from
         use_cuda = args.cuda and torch.cuda.is_available()
-        DEVICE = choose_device(use_cuda)  # the one place it is set: every helper computes on DEVICE
-        self.task = load_task(args.task, args.train_file, args.eval_file, args.prompt_field, args.answer_field)
-        fill_defaults(args, self.task, use_cuda)
+        if use_cuda:  # LOCAL_RANK modulo the visible GPUs: some launchers show each process one
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            DEVICE = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
+        if args.bf16 is None:
+            args.bf16 = use_cuda and torch.cuda.is_bf16_supported()
+        self.task = tasks.run_task(args)  # (and the task's default lengths)
         check_args(args, self.world)
-        self.run_dir = args.resume or os.path.join(args.output_dir, args.run_name or self.default_name())
+        name = args.run_name or self.default_name()
+        self.run_dir = args.resume or os.path.join(args.output_dir, name)
         if args.resume:
             self.checkpoint = self.find_checkpoint()
         elif os.path.exists(self.run_dir):
-            raise UserError(f"{self.run_dir} already exists: --resume it, or choose another --run_name")
+            raise UserError(
+                f"{self.run_dir} already exists: --resume it, or choose another --run_name"
+            )
         else:  # a read-only or file --output_dir fails here, before any model loads
             os.makedirs(args.output_dir, exist_ok=True)
             if not os.access(args.output_dir, os.W_OK):
@@ -849,27 +856,24 @@ class Run:
             if use_cuda:
                 torch.cuda.set_device(DEVICE)
             dist.init_process_group("nccl" if use_cuda else "gloo")
-        torch.manual_seed(args.seed)  # TRY NOT TO MODIFY: every other random draw is seed_of(args, stream, ...)
+        torch.manual_seed(
+            args.seed
+        )  # TRY NOT TO MODIFY: every other draw is seed_of(args, stream, ...)
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         if self.rank == 0:
             print(f"loading {args.model_name_or_path}", flush=True)
-        self.tokenizer = load_tokenizer(args)
-        evals = self.task.eval[: args.eval_num_prompts]
-        template, limit = args.chat_template, args.max_prompt_length
-        self.train_prompts = encode_prompts(self.tokenizer, self.task.train, template, limit, "train")
-        self.eval_prompts = encode_prompts(self.tokenizer, evals, template, limit, "eval")
-        self.eval_answers = [e.answer for e in evals]
-        if args.prompts_per_step > len(self.train_prompts):
-            raise UserError(f"--prompts_per_step {args.prompts_per_step} > {len(self.train_prompts)} training prompts")
+        self.tokenizer = tasks.load_tokenizer(args)
+        prompts = tasks.encode_task(self.tokenizer, self.task, args)
+        self.train_prompts, self.eval_prompts, self.eval_answers = prompts
 
     def default_name(self) -> str:
         args = self.args
         return f"{self.task.name}__{args.exp_name}__{args.seed}__{int(time.time())}_{os.getpid()}"
 
     def find_checkpoint(self) -> str:
-        """The newest complete checkpoint of the run folder (by name; an interrupted save ends in .tmp)."""
-        if self.rank == 0 and not getattr(self.args, "sample_from", None):  # (Q#'s --sample_from only reads it)
+        """The run folder's newest complete checkpoint (by name; interrupted saves end in .tmp)."""
+        if self.rank == 0 and not getattr(self.args, "sample_from", None):  # (Q#: only reads it)
             lock(self.run_dir)
         found = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*")))
         for tmp in [c for c in found if c.endswith(".tmp")]:
@@ -880,18 +884,23 @@ class Run:
         return complete[-1]
 
     def start(self, policy, evaluate):
-        """Shard the trained model, make AdamW (restored when resuming), create the run folder (exclusively: two
-        runs never share one) and its log, and evaluate at step 0. Returns (model, optimizer)."""
+        """Shard the trained model, make AdamW (restored when resuming), create the run folder
+        (exclusively: two runs never share one), evaluate at step 0. Returns (model, optimizer)."""
         args = self.args
         self.evaluate = evaluate
         self.tb = None
         self.model = shard(policy, args)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), args.learning_rate, weight_decay=args.weight_decay)
+        parameters = self.model.parameters()
+        self.optimizer = torch.optim.AdamW(
+            parameters, args.learning_rate, weight_decay=args.weight_decay
+        )
         self.state = {"step": 0, "elapsed_s": 0.0, "prompts_seen": 0}
         if self.checkpoint:
-            self.state = torch.load(os.path.join(self.checkpoint, "trainer_state.pt"), "cpu", weights_only=False)
+            path = os.path.join(self.checkpoint, "trainer_state.pt")
+            self.state = torch.load(path, "cpu", weights_only=False)
             optimizer_state = self.state.pop("optimizer")
-            set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=FULL_STATE)
+            restore = dist_state.set_optimizer_state_dict
+            restore(self.model, self.optimizer, optimizer_state, options=FULL_STATE)
             for group in self.optimizer.param_groups:  # --weight_decay may change on resume
                 group["weight_decay"] = args.weight_decay
         self.log_path = os.path.join(self.run_dir, "metrics.jsonl")
@@ -902,13 +911,15 @@ class Run:
         self.t0 = time.time() - self.state["elapsed_s"]
         if self.state["step"] == 0:
             self.log(0, self.eval())
-        self.bar = tqdm.tqdm(total=args.total_steps, initial=self.state["step"], disable=self.rank > 0)
+        self.bar = tqdm.tqdm(
+            total=args.total_steps, initial=self.state["step"], disable=self.rank > 0
+        )
         return self.model, self.optimizer
 
     def create_folder(self) -> None:
-        """Rank 0: the run folder (locked), args.json, and metrics.jsonl cut back to the checkpoint's step: what
-        was logged after it is logged again. From a step-0 checkpoint (A*-PO stopped in its stage 1) step 0 itself
-        is redone, its eval and stage-1 rows included."""
+        """Rank 0: the run folder (locked), args.json, and metrics.jsonl cut back to the
+        checkpoint's step, whose later rows are logged again. From a step-0 checkpoint (A*-PO
+        stopped in its stage 1), step 0 itself is redone: its eval and stage-1 rows too."""
         args = self.args
         os.makedirs(self.run_dir, exist_ok=bool(args.resume))
         if not args.resume:
@@ -935,8 +946,9 @@ class Run:
             yield self.step
 
     def draw(self, step: int):
-        """The step's order of all training prompts: one draw from (seed, step), the same on every rank."""
-        return np.random.default_rng(seed_of(self.args, "prompts", step)).permutation(len(self.train_prompts))
+        """The step's order of all training prompts: one draw from (seed, step), on every rank."""
+        seed = seed_of(self.args, "prompts", step)
+        return np.random.default_rng(seed).permutation(len(self.train_prompts))
 
     def prompts(self, step: int):
         """This rank's share of the step's prompts."""
@@ -951,7 +963,7 @@ class Run:
         return torch.Generator(DEVICE).manual_seed(seed_of(self.args, "eval", self.rank))
 
     def lap(self, name: str) -> None:
-        """Log the time since the last lap (or the step's start) as perf/{name}_s."""
+        """Record the time since the last lap (or the step's start) as perf/{name}_s."""
         now = time.time()
         self.clock[f"perf/{name}_s"] = now - self.clock["last"]
         self.clock["last"] = now
@@ -971,8 +983,7 @@ class Run:
         if self.rank > 0:
             return
         row = {"step": step, "time_s": round(time.time() - self.t0, 3)}
-        for key, value in metrics.items():
-            row[key] = value if math.isfinite(value) else None
+        row |= {key: value if math.isfinite(value) else None for key, value in metrics.items()}
         with open(self.log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb:
@@ -980,8 +991,8 @@ class Run:
                 self.tb.add_scalar(key, value, step)
 
     def end_step(self, step: int, batch: dict, metrics: dict) -> None:
-        """Counters, the eval when due, the metrics row, and a checkpoint every --save_every steps, at the end, or on
-        SIGTERM / SIGINT (which then stops the run)."""
+        """Counters, the eval when due, the metrics row, and a checkpoint every --save_every steps,
+        at the end, or on SIGTERM / SIGINT (which then stops the run)."""
         args = self.args
         elapsed = time.time() - self.clock["start"]
         rows = len(batch["completion_ids"]) * self.world
@@ -1008,14 +1019,18 @@ class Run:
             self.save(step)
         if stop:
             why = self.stop[0] if self.stop else "a signal on another rank"
-            raise Stop(f"{why}: checkpoint of step {step} saved; continue with --resume {self.run_dir}")
+            raise Stop(
+                f"{why}: checkpoint of step {step} saved; continue with --resume {self.run_dir}"
+            )
 
     def save(self, step: int) -> None:
-        """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt (optimizer, counters), written
-        as step_N.tmp and renamed (never half-written); the newest --keep_last kept; `final` links to the last."""
+        """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt (optimizer,
+        counters), written as step_N.tmp and renamed (never half-written); the newest --keep_last
+        kept; `final` links to the last."""
         self.state["step"] = step
         self.state["elapsed_s"] = time.time() - self.t0
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=FULL_STATE)
+        states = dist_state.get_state_dict(self.model, self.optimizer, options=FULL_STATE)
+        model_state, optimizer_state = states
         path = os.path.join(self.run_dir, "checkpoints", f"step_{step:06d}")
         if self.rank == 0:
             try:
@@ -1028,7 +1043,12 @@ class Run:
             except OSError as e:
                 shutil.rmtree(path + ".tmp", ignore_errors=True)
                 raise UserError(f"could not save {path}: {e.strerror or e}") from None
-            self.remove_old_checkpoints()
+            if self.args.keep_last:  # only the newest --keep_last checkpoints stay
+                checkpoints = sorted(
+                    glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*[0-9]"))
+                )
+                for old in checkpoints[: -self.args.keep_last]:
+                    shutil.rmtree(old)
             if step == self.args.total_steps:
                 link = os.path.join(self.run_dir, "final")
                 with contextlib.suppress(FileNotFoundError):
@@ -1037,59 +1057,15 @@ class Run:
         if self.world > 1:
             dist.barrier()
 
-    def remove_old_checkpoints(self) -> None:
-        """--keep_last K > 0: only the newest K checkpoints stay."""
-        if not self.args.keep_last:
-            return
-        checkpoints = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*[0-9]")))
-        for old in checkpoints[: -self.args.keep_last]:
-            shutil.rmtree(old)
-
-
-def choose_device(use_cuda: bool):
-    """This rank's GPU (LOCAL_RANK modulo the visible GPUs: some launchers show each process one GPU), or the CPU."""
-    if not use_cuda:
-        return torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
-
-
-def fill_defaults(args, task, use_cuda: bool) -> None:
-    """Set the flags left unset (None) in place: the lengths to the task's defaults, --bf16 to whether the GPU
-    supports it. args.json then records the values the run used."""
-    if args.max_prompt_length is None:
-        args.max_prompt_length = task.max_prompt_length
-    if args.max_new_tokens is None:
-        args.max_new_tokens = task.max_new_tokens
-    if args.bf16 is None:
-        args.bf16 = use_cuda and torch.cuda.is_bf16_supported()
-
-
-def load_tokenizer(args):
-    """The policy's tokenizer (its pad token: EOS if it has none); lengths that the model cannot hold are an error,
-    before any weights load."""
-    import transformers
-
-    path = model_path(args.model_name_or_path)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        config = transformers.AutoConfig.from_pretrained(path)
-    except OSError as e:
-        raise UserError(f"could not load {args.model_name_or_path!r}: {str(e).strip().splitlines()[0]}") from None
-    positions = getattr(config, "max_position_embeddings", math.inf)
-    if args.max_prompt_length + args.max_new_tokens > positions:
-        raise UserError(f"--max_prompt_length + --max_new_tokens > the model's {positions} positions")
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    return tokenizer
-
 
 def tensorboard(args, run_dir: str):
     """--track: a TensorBoard writer, mirrored to W&B; each when installed."""
     with contextlib.suppress(ImportError):
         import wandb
 
+        name = os.path.basename(run_dir)
         wandb.init(
-            project=args.wandb_project_name, name=os.path.basename(run_dir), config=asdict(args), sync_tensorboard=True
+            project=args.wandb_project_name, name=name, config=asdict(args), sync_tensorboard=True
         )
     with contextlib.suppress(ImportError):
         from torch.utils.tensorboard import SummaryWriter

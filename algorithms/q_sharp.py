@@ -10,6 +10,7 @@ the guided policy, switches at a uniform token and rolls out with pi_ref, so eve
 pi_ref's return law; all rounds' data is kept. CD guides with pi_ref e^{E[R|s,a]/eta} instead, which is not pi*.
 """
 
+import argparse
 import contextlib
 import copy
 import gc
@@ -32,11 +33,12 @@ sys.path.insert(0, ROOT)  # `common`, without an install step
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint.state_dict as dist_state
 import tqdm
 import tyro
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
+from torch.nn.utils.rnn import pad_sequence
 
-from common.tasks import Example, TaskError, encode_prompts, extract_answer, load_task, read_jsonl
+from common import tasks
 
 
 @dataclass
@@ -49,66 +51,129 @@ class Args:
     run_name: Optional[str] = None  # default {task}__{exp_name}__{seed}__{unix time}_{pid}
     output_dir: str = "runs"  # run folders go here
     # model and data
-    model_name_or_path: str = "common/models/tiny-policy"  # pi_ref: any Hugging Face causal LM, never trained
+    model_name_or_path: str = (
+        "common/models/tiny-policy"  # pi_ref: any Hugging Face causal LM, never trained
+    )
     task: str = "arithmetic"  # arithmetic (built in), jsonl (--train_file, --eval_file) or hf:<dataset>[:<config>]
     train_file: Optional[str] = None  # JSONL training prompts (--task jsonl)
     eval_file: Optional[str] = None  # JSONL held-out prompts (--task jsonl)
     prompt_field: str = "prompt"  # JSON field of the prompt (GSM8K: question)
-    answer_field: str = "answer"  # JSON field of the answer (GSM8K `#### 42` and `\boxed{}` are reduced)
+    answer_field: str = (
+        "answer"  # JSON field of the answer (GSM8K `#### 42` and `\boxed{}` are reduced)
+    )
     chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
-    max_prompt_length: Optional[int] = None  # longer prompts are an error (default: 16 arithmetic, 512 data)
-    max_new_tokens: Optional[int] = None  # horizon H, roll-outs included (default: 4 arithmetic, 1024 data)
-    temperature: float = 1.0  # pi_ref = softmax(logits / T), whose returns are learned; offsets added after it
+    max_prompt_length: Optional[int] = (
+        None  # longer prompts are an error (default: 16 arithmetic, 512 data)
+    )
+    max_new_tokens: Optional[int] = (
+        None  # horizon H, roll-outs included (default: 4 arithmetic, 1024 data)
+    )
+    temperature: float = (
+        1.0  # pi_ref = softmax(logits / T), whose returns are learned; offsets added after it
+    )
     # rounds and the Q model
-    total_steps: int = 3  # rounds of collection and Q-model training; data of all rounds is kept (paper 2)
-    prompts_per_step: int = 4096  # training prompts drawn per round (official code: every training problem)
+    total_steps: int = (
+        3  # rounds of collection and Q-model training; data of all rounds is kept (paper 2)
+    )
+    prompts_per_step: int = (
+        4096  # training prompts drawn per round (official code: every training problem)
+    )
     samples_per_prompt: int = 2  # roll-outs per prompt per round (official 16)
-    q_model_name_or_path: Optional[str] = None  # the Q model's backbone (same vocabulary); default: pi_ref's weights
+    q_model_name_or_path: Optional[str] = (
+        None  # the Q model's backbone (same vocabulary); default: pi_ref's weights
+    )
     epochs_per_round: int = 6  # passes over all collected data per round (official 5)
-    q_batch_size: int = 128  # sequences per Q-model optimizer step, all ranks together (official 32)
+    q_batch_size: int = (
+        128  # sequences per Q-model optimizer step, all ranks together (official 32)
+    )
     micro_batch_size: int = 128  # sequences per forward/backward on one device
     gen_batch_size: int = 256  # sequences per sampling call on one device
-    score_batch_size: int = 32  # V-type head: sequences whose |V| candidates are scored in one forward
+    score_batch_size: int = (
+        32  # V-type head: sequences whose |V| candidates are scored in one forward
+    )
     learning_rate: float = 6e-4  # AdamW of the Q model, constant (official 2e-5)
     weight_decay: float = 0.01  # AdamW weight decay (official 0.01)
     max_grad_norm: float = 5.0  # gradient-norm clip (official 5.0); 0 = none
     warmup_steps: int = 0  # linear learning-rate warm-up, in optimizer steps
-    heldout_frac: float = 0.1  # share of training prompts whose examples are kept out for the held-out Q loss
+    heldout_frac: float = (
+        0.1  # share of training prompts whose examples are kept out for the held-out Q loss
+    )
     # Q-sharp
     eta: float = 0.1  # the paper's KL coefficient (bigger = closer to pi_ref; paper 0.1; official code's is 1/eta)
-    head: Literal["v", "q"] = "q"  # v: atoms from the hidden state AT each candidate (paper); q: |V| x atoms per state
-    num_atoms: int = 2  # atoms of the categorical return law; 2 on {0, 1} is the sigmoid/BCE head (official)
+    head: Literal["v", "q"] = (
+        "q"  # v: atoms from the hidden state AT each candidate (paper); q: |V| x atoms per state
+    )
+    num_atoms: int = (
+        2  # atoms of the categorical return law; 2 on {0, 1} is the sigmoid/BCE head (official)
+    )
     v_min: float = 0.0  # smallest atom
     v_max: float = 1.0  # largest atom
     top_k: int = 0  # guide only the k most likely reference tokens (0 = all: exactly pi_ref e^{Q/eta}; official 20)
-    topk_outside: Literal["zero", "mask"] = "zero"  # outside the top k: offset 0 (official) or removed (star graph)
+    topk_outside: Literal["zero", "mask"] = (
+        "zero"  # outside the top k: offset 0 (official) or removed (star graph)
+    )
     rollin_eta: Optional[float] = None  # eta of the guided roll-in in rounds >= 2 (None = --eta)
-    only_switch_token: bool = False  # ablation: label only the switch token (official --use_all_ref_tokens 0)
-    drop_no_variation: bool = False  # drop prompts whose collected rewards are all equal (a selection effect)
-    q_loss_weighting: Literal["labels", "sequences"] = "labels"  # labels: all equal (exact ML); sequences: official
+    only_switch_token: bool = (
+        False  # ablation: label only the switch token (official --use_all_ref_tokens 0)
+    )
+    drop_no_variation: bool = (
+        False  # drop prompts whose collected rewards are all equal (a selection effect)
+    )
+    q_loss_weighting: Literal["labels", "sequences"] = (
+        "labels"  # labels: all equal (exact ML); sequences: official
+    )
     # evaluation, logging, checkpoints
     eval_every: int = 1  # guided held-out eval every this many rounds (and at step 0 for pi_ref)
     eval_num_prompts: int = 500  # held-out prompts per eval
     eval_samples_per_prompt: int = 4  # samples per held-out prompt; pass@1 = mean correctness
-    eval_etas: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)  # eta sweep of Q-sharp and CD at the end
+    eval_etas: tuple[float, ...] = (
+        0.05,
+        0.1,
+        0.2,
+        0.3,
+        0.5,
+        1.0,
+        2.0,
+    )  # eta sweep of Q-sharp and CD at the end
     eval_cd: bool = True  # also evaluate CD, pi_ref e^{E[R|s,a]/eta}, from the same Q model
-    log_completions: int = 0  # held-out (prompt, completion, reward) rows per eval written to completions.jsonl
+    log_completions: int = (
+        0  # held-out (prompt, completion, reward) rows per eval written to completions.jsonl
+    )
     save_every: int = 1  # checkpoint every this many rounds (the last is always saved)
     keep_last: int = 0  # keep only the newest this many checkpoints (0 = all)
-    resume: Optional[str] = None  # a run folder to continue (Q model, optimizer, data); it keeps writing there
-    bf16: Optional[bool] = None  # bf16 autocast of forwards (weights, optimizer float32); default: on bf16 GPUs
+    resume: Optional[str] = (
+        None  # a run folder to continue (Q model, optimizer, data); it keeps writing there
+    )
+    bf16: Optional[bool] = (
+        None  # bf16 autocast of forwards (weights, optimizer float32); default: on bf16 GPUs
+    )
     gradient_checkpointing: bool = False  # trade compute for memory on real Q models
-    reshard_after_forward: bool = True  # under torchrun (FSDP2): free gathered weights after each forward (ZeRO-3)
-    sample_from: Optional[str] = None  # a run folder: its flags, newest checkpoint; sample pi_ref e^{Q/eta} at --eta
-    prompts_file: Optional[str] = None  # --sample_from: JSONL prompts (optional answers); default the held-out ones
-    samples_out: Optional[str] = None  # --sample_from: one JSONL row per sample; default {run}/samples_eta{eta}.jsonl
+    reshard_after_forward: bool = (
+        True  # under torchrun (FSDP2): free gathered weights after each forward (ZeRO-3)
+    )
+    sample_from: Optional[str] = (
+        None  # a run folder: its flags, newest checkpoint; sample pi_ref e^{Q/eta} at --eta
+    )
+    prompts_file: Optional[str] = (
+        None  # --sample_from: JSONL prompts (optional answers); default the held-out ones
+    )
+    samples_out: Optional[str] = (
+        None  # --sample_from: one JSONL row per sample; default {run}/samples_eta{eta}.jsonl
+    )
 
 
 def check_args(args: Args, world: int) -> None:
     check_numbers(
         args,
         positive=POSITIVE
-        + ("eta", "samples_per_prompt", "epochs_per_round", "q_batch_size", "score_batch_size", "num_atoms"),
+        + (
+            "eta",
+            "samples_per_prompt",
+            "epochs_per_round",
+            "q_batch_size",
+            "score_batch_size",
+            "num_atoms",
+        ),
     )
     if (args.rollin_eta is not None and args.rollin_eta <= 0) or min(args.eval_etas) <= 0:
         raise UserError("--rollin_eta and --eval_etas must be > 0 (the paper's KL coefficient)")
@@ -117,7 +182,9 @@ def check_args(args: Args, world: int) -> None:
     if (args.prompts_file or args.samples_out) and not args.sample_from:
         raise UserError("--prompts_file and --samples_out go with --sample_from RUN")
     if args.q_batch_size % world:
-        raise UserError(f"--q_batch_size {args.q_batch_size} is not divisible by the world size {world}")
+        raise UserError(
+            f"--q_batch_size {args.q_batch_size} is not divisible by the world size {world}"
+        )
 
 
 # ==========================================================================================================
@@ -160,7 +227,9 @@ def guided_logits(ref_logits, offsets, temperature: float, top_k: int = 0, outsi
     tempered = ref_logits / temperature
     if top_k <= 0 or top_k >= ref_logits.shape[-1]:
         return tempered + offsets
-    keep = torch.zeros_like(ref_logits, dtype=torch.bool).scatter(-1, ref_logits.topk(top_k, dim=-1).indices, True)
+    keep = torch.zeros_like(ref_logits, dtype=torch.bool).scatter(
+        -1, ref_logits.topk(top_k, dim=-1).indices, True
+    )
     if outside == "zero":
         return tempered + torch.where(keep, offsets, torch.zeros_like(offsets))
     return torch.where(keep, tempered + offsets, torch.full_like(tempered, -math.inf))
@@ -179,7 +248,9 @@ def seq_kl(guided, reference, mask):
     expectation is the sequence KL(pi_g || pi_ref). -inf guided logits (masked top-k) count 0."""
     lg, lr = torch.log_softmax(guided, -1), torch.log_softmax(reference, -1)
     p = lg.exp()
-    return (torch.where(p > 0, p * (lg - lr), torch.zeros_like(p)).sum(-1) * mask.to(p.dtype)).sum(-1)
+    return (torch.where(p > 0, p * (lg - lr), torch.zeros_like(p)).sum(-1) * mask.to(p.dtype)).sum(
+        -1
+    )
 
 
 def kl_at_equal_reward(front: list, pass_at_1: float) -> float:
@@ -208,15 +279,28 @@ class QModel(torch.nn.Module):
 
     def __init__(self, backbone, head_type: str, num_atoms: int, vocab_size: int):
         super().__init__()
-        self.backbone, self.head_type, self.num_atoms, self.vocab_size = backbone, head_type, num_atoms, vocab_size
-        self.head = torch.nn.Linear(backbone.config.hidden_size, num_atoms * (vocab_size if head_type == "q" else 1))
+        self.backbone, self.head_type, self.num_atoms, self.vocab_size = (
+            backbone,
+            head_type,
+            num_atoms,
+            vocab_size,
+        )
+        self.head = torch.nn.Linear(
+            backbone.config.hidden_size, num_atoms * (vocab_size if head_type == "q" else 1)
+        )
         torch.nn.init.zeros_(self.head.weight)  # a uniform return law until trained
         torch.nn.init.zeros_(self.head.bias)
 
     def hidden(self, ids, mask, pos, cache=None):
-        cache_kw = "cache" if "cache" in inspect.signature(self.backbone.forward).parameters else "past_key_values"
+        cache_kw = (
+            "cache"
+            if "cache" in inspect.signature(self.backbone.forward).parameters
+            else "past_key_values"
+        )
         kw = {cache_kw: cache, "use_cache": True} if cache is not None else {}
-        return self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos, **kw).last_hidden_state
+        return self.backbone(
+            input_ids=ids, attention_mask=mask, position_ids=pos, **kw
+        ).last_hidden_state
 
     def log_pmf(self, hidden):
         logits = self.head(hidden)
@@ -233,7 +317,9 @@ class QModel(torch.nn.Module):
 
     def save_pretrained(self, path: str, state_dict: dict) -> None:
         """The backbone as a Hugging Face folder and the head as head.pt."""
-        part = lambda prefix: {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}  # noqa: E731
+        part = lambda prefix: {
+            k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)
+        }  # noqa: E731
         self.backbone.save_pretrained(path, state_dict=part("backbone."))
         torch.save(part("head."), os.path.join(path, "head.pt"))
 
@@ -262,23 +348,46 @@ def score_candidates(qmodel, cache, attn, pos, chunk: int):
 
 
 @torch.no_grad()
-def sample(ref, qmodel, prompts: list, uniforms, mode: str, eta: float, args, atoms, eos, pad, max_tokens=None):
+def sample(
+    ref,
+    qmodel,
+    prompts: list,
+    uniforms,
+    mode: str,
+    eta: float,
+    args,
+    atoms,
+    eos,
+    pad,
+    max_tokens=None,
+):
     """One completion per prompt, tokens by inverse CDF from `uniforms` [B, >= H], KV-cached, finished rows leaving
     the batch. mode "ref": softmax(l / T); "qsharp": softmax(l / T + Q/eta); "cd": softmax(l / T + E[R]/eta). Returns
     (tokens [B, C], completion mask, kl [B, H]: the exact KL(pi_g || pi_ref) at each generated position, 0 after the
     end and for "ref"). Under FSDP the caller holds qmodel `gathered`."""
     from transformers import DynamicCache
 
-    batch, H, guided = make_batch(prompts, None, eos, pad), max_tokens or args.max_new_tokens, mode != "ref"
+    batch, H, guided = (
+        make_batch(prompts, None, eos, pad),
+        max_tokens or args.max_new_tokens,
+        mode != "ref",
+    )
     p_ids, p_mask, index = batch["prompt_ids"], batch["prompt_mask"], batch["prompt_index"]
     attn, q_cache = p_mask[index], DynamicCache()
     pos = attn.sum(-1, keepdim=True) - 1  # the position of each row's last token
     tokens = torch.full((len(prompts), H), pad, device=DEVICE)
-    kl, live = tokens.new_zeros(tokens.shape, dtype=torch.float64), torch.arange(len(prompts), device=DEVICE)
-    with autocast(args):  # each distinct prompt runs once in each model, its caches copied to its rows
+    kl, live = (
+        tokens.new_zeros(tokens.shape, dtype=torch.float64),
+        torch.arange(len(prompts), device=DEVICE),
+    )
+    with autocast(
+        args
+    ):  # each distinct prompt runs once in each model, its caches copied to its rows
         ref_logits, ref_cache = prefill(ref, p_ids, p_mask, index)
         if guided:
-            q_hidden = qmodel(p_ids, p_mask, (p_mask.cumsum(-1) - 1).clamp(min=0), q_cache, head=False)[index, -1]
+            q_hidden = qmodel(
+                p_ids, p_mask, (p_mask.cumsum(-1) - 1).clamp(min=0), q_cache, head=False
+            )[index, -1]
             keep_rows(q_cache, index)
     for t in range(H):
         ref_logits = ref_logits.to(torch.promote_types(ref_logits.dtype, torch.float32))
@@ -289,9 +398,17 @@ def sample(ref, qmodel, prompts: list, uniforms, mode: str, eta: float, args, at
                     log_pmf = qmodel.log_pmf(q_hidden)
                 else:
                     log_pmf = score_candidates(qmodel, q_cache, attn, pos, args.score_batch_size)
-            offsets = soft_q(log_pmf, atoms, eta) / eta if mode == "qsharp" else cd_value(log_pmf, atoms) / eta
-            logits = guided_logits(ref_logits, offsets, args.temperature, args.top_k, args.topk_outside)
-            kl[live, t] = seq_kl(logits[:, None], tempered[:, None], torch.ones_like(live)[:, None]).double()
+            offsets = (
+                soft_q(log_pmf, atoms, eta) / eta
+                if mode == "qsharp"
+                else cd_value(log_pmf, atoms) / eta
+            )
+            logits = guided_logits(
+                ref_logits, offsets, args.temperature, args.top_k, args.topk_outside
+            )
+            kl[live, t] = seq_kl(
+                logits[:, None], tempered[:, None], torch.ones_like(live)[:, None]
+            ).double()
         u = uniforms[live.cpu(), t, None].to(DEVICE, torch.float64)
         cdf = torch.softmax(logits.double(), -1).cumsum(-1)
         tok = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=logits.shape[-1] - 1)
@@ -329,25 +446,41 @@ def collect(step: int, ref, qmodel, run, prompt_ids: list, atoms, eos) -> list:
     args, tok, pad = run.args, run.tokenizer, run.tokenizer.pad_token_id
     H, S, eta, out = args.max_new_tokens, args.samples_per_prompt, args.rollin_eta or args.eta, []
     per_call = max(1, args.gen_batch_size // S)  # prompts per sampling call
-    with gathered(qmodel, args):  # FSDP: the Q model gathered once for all chunks (ranks may run different numbers)
+    with gathered(
+        qmodel, args
+    ):  # FSDP: the Q model gathered once for all chunks (ranks may run different numbers)
         for i in range(0, len(prompt_ids), per_call):
             rows = [(p, j) for p in prompt_ids[i : i + per_call] for j in range(S)]
             u = torch.stack([noise(args, step, p, j, 2 * H + 1) for p, j in rows])
-            prompts, mode = [run.train_prompts[p] for p, _ in rows], "ref" if step == 1 else "qsharp"
-            toks, cmask, _ = sample(ref, qmodel, prompts, u[:, :H], mode, eta, args, atoms, eos, pad)
+            prompts, mode = (
+                [run.train_prompts[p] for p, _ in rows],
+                "ref" if step == 1 else "qsharp",
+            )
+            toks, cmask, _ = sample(
+                ref, qmodel, prompts, u[:, :H], mode, eta, args, atoms, eos, pad
+            )
             lengths = cmask.sum(-1).tolist()
             switch = [min(int(u[k, 2 * H].item() * L), L - 1) for k, L in enumerate(lengths)]
             completions = [toks[k, : c + 1].tolist() for k, c in enumerate(switch)]
             redo = [k for k in range(len(rows)) if switch[k] + 1 < lengths[k]]
             if redo:  # roll out from the switch token with pi_ref, at most H tokens in all
                 heads = [prompts[k] + completions[k] for k in redo]
-                more, mask, _ = sample(ref, None, heads, u[redo, H : 2 * H], "ref", eta, args, atoms, eos, pad, H - 1)
+                more, mask, _ = sample(
+                    ref, None, heads, u[redo, H : 2 * H], "ref", eta, args, atoms, eos, pad, H - 1
+                )
                 for r, k in enumerate(redo):
                     completions[k] += more[r, : min(int(mask[r].sum()), H - 1 - switch[k])].tolist()
             texts = tok.batch_decode(completions, skip_special_tokens=True)
             rewards = run.task.score(texts, [run.task.train[p].answer for p, _ in rows])
             out += [
-                {"prompt_id": p, "sample": j, "round": step, "completion": c, "switch": s, "reward": r}
+                {
+                    "prompt_id": p,
+                    "sample": j,
+                    "round": step,
+                    "completion": c,
+                    "switch": s,
+                    "reward": r,
+                }
                 for (p, j), c, s, r in zip(rows, completions, switch, rewards)
             ]
     return out
@@ -359,7 +492,9 @@ def collect(step: int, ref, qmodel, run, prompt_ids: list, atoms, eos) -> list:
 def q_batch(examples: list, run, atoms, eos) -> dict:
     """The shared batch layout of prompt + completion rows, the label mask and each sequence's atom bin."""
     prompts = [run.train_prompts[e["prompt_id"]] for e in examples]
-    batch = make_batch(prompts, [e["completion"] for e in examples], eos, run.tokenizer.pad_token_id)
+    batch = make_batch(
+        prompts, [e["completion"] for e in examples], eos, run.tokenizer.pad_token_id
+    )
     switch = torch.tensor([e["switch"] for e in examples], device=DEVICE)
     batch["targets"] = make_targets(batch["completion_mask"], switch, run.args.only_switch_token)
     batch["bins"] = atom_bin(torch.tensor([e["reward"] for e in examples], device=DEVICE), atoms)[0]
@@ -376,26 +511,48 @@ def q_log_pmf(qmodel, batch: dict):
     C = comp.shape[1]
     if log_pmf.dim() == 3:
         return log_pmf[:, -C:]
-    return log_pmf[:, -C - 1 : -1].gather(2, comp[:, :, None, None].expand(-1, -1, 1, log_pmf.shape[-1])).squeeze(2)
+    return (
+        log_pmf[:, -C - 1 : -1]
+        .gather(2, comp[:, :, None, None].expand(-1, -1, 1, log_pmf.shape[-1]))
+        .squeeze(2)
+    )
 
 
 def train_q_epoch(model, optimizer, examples: list, run, atoms, eos, seed: int) -> float:
     """One pass in global batches of q_batch_size sequences (the last filled up by wrapping around, so every rank
     runs the same steps), each rank its slice; the batch's label count is all-reduced before any loss is formed, and
     each rank backpropagates its share x world size (FSDP averages). Returns the mean loss."""
-    args, perm = run.args, torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    args, perm = (
+        run.args,
+        torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist(),
+    )
     qb, steps, total = args.q_batch_size, math.ceil(len(examples) / args.q_batch_size), 0.0
     perm = (perm * math.ceil(steps * qb / len(examples)))[: steps * qb]
     for s in range(steps):
-        mine = perm[s * qb : (s + 1) * qb][run.rank * qb // run.world : (run.rank + 1) * qb // run.world]
-        micro = [mine[i : i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
+        mine = perm[s * qb : (s + 1) * qb][
+            run.rank * qb // run.world : (run.rank + 1) * qb // run.world
+        ]
+        micro = [
+            mine[i : i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)
+        ]
         micro = [q_batch([examples[i] for i in idx], run, atoms, eos) for idx in micro]
-        n = all_reduce(sum(b["targets"].sum() for b in micro).double()).item()  # global label count, before any loss
+        n = all_reduce(
+            sum(b["targets"].sum() for b in micro).double()
+        ).item()  # global label count, before any loss
         for k, batch in enumerate(micro):
-            if run.world > 1:  # FSDP2: reduce-scatter the gradients once per step, after its last micro-batch
+            if (
+                run.world > 1
+            ):  # FSDP2: reduce-scatter the gradients once per step, after its last micro-batch
                 model.set_requires_gradient_sync(k == len(micro) - 1)
             with autocast(args):
-                loss = dist_loss(q_log_pmf(model, batch), batch["bins"], batch["targets"], qb, n, args.q_loss_weighting)
+                loss = dist_loss(
+                    q_log_pmf(model, batch),
+                    batch["bins"],
+                    batch["targets"],
+                    qb,
+                    n,
+                    args.q_loss_weighting,
+                )
             (loss * run.world).backward()
             total += loss.item()
         optimizer_step(model, optimizer, args)
@@ -405,11 +562,16 @@ def train_q_epoch(model, optimizer, examples: list, run, atoms, eos, seed: int) 
 @torch.no_grad()
 def heldout_q_loss(qmodel, examples: list, run, atoms, eos) -> float:
     args, w = run.args, run.args.q_loss_weighting
-    mine, total = examples[run.rank :: run.world], torch.zeros(2, dtype=torch.float64, device=DEVICE)
+    mine, total = (
+        examples[run.rank :: run.world],
+        torch.zeros(2, dtype=torch.float64, device=DEVICE),
+    )
     with gathered(qmodel, args):  # ranks hold different numbers of held-out examples
         for i in range(0, len(mine), args.micro_batch_size):
             b = q_batch(mine[i : i + args.micro_batch_size], run, atoms, eos)
-            n = len(b["bins"]) if w == "sequences" else b["targets"].sum().item()  # sequences or labels
+            n = (
+                len(b["bins"]) if w == "sequences" else b["targets"].sum().item()
+            )  # sequences or labels
             with autocast(args):
                 loss = dist_loss(q_log_pmf(qmodel, b), b["bins"], b["targets"], 1, 1, w).double()
             total += torch.stack([loss, total.new_tensor(n)])
@@ -427,21 +589,34 @@ def evaluate_guided(mode: str, eta: float, ref, qmodel, run, atoms, eos) -> tupl
     args, tok, S = run.args, run.tokenizer, run.args.eval_samples_per_prompt
     rows = [(p, j) for p in range(run.rank, len(run.eval_prompts), run.world) for j in range(S)]
     sums, shown = torch.zeros(2, dtype=torch.float64, device=DEVICE), []
-    with gathered(qmodel, args):  # FSDP: the Q model gathered once for all chunks (ranks may run different numbers)
+    with gathered(
+        qmodel, args
+    ):  # FSDP: the Q model gathered once for all chunks (ranks may run different numbers)
         for i in range(0, len(rows), args.gen_batch_size):
             chunk = rows[i : i + args.gen_batch_size]
             u = torch.stack([noise(args, -1, p, j, args.max_new_tokens) for p, j in chunk])
             prompts = [run.eval_prompts[p] for p, _ in chunk]
-            toks, cmask, kl = sample(ref, qmodel, prompts, u, mode, eta, args, atoms, eos, tok.pad_token_id)
-            texts = tok.batch_decode([t[m.bool()] for t, m in zip(toks, cmask)], skip_special_tokens=True)
+            toks, cmask, kl = sample(
+                ref, qmodel, prompts, u, mode, eta, args, atoms, eos, tok.pad_token_id
+            )
+            texts = tok.batch_decode(
+                [t[m.bool()] for t, m in zip(toks, cmask)], skip_special_tokens=True
+            )
             r = run.task.score(texts, [run.eval_answers[p] for p, _ in chunk])
             sums += torch.stack([sums.new_tensor(sum(x >= 1 for x in r)), kl.sum()])
             shown += [  # token_kl: the exact KL(pi_g || pi_ref) at each completion token
-                {"prompt": tok.decode(prompts[k]), "completion": texts[k], "reward": r[k], "token_kl": x[:n].tolist()}
+                {
+                    "prompt": tok.decode(prompts[k]),
+                    "completion": texts[k],
+                    "reward": r[k],
+                    "token_kl": x[:n].tolist(),
+                }
                 for k, (x, n) in enumerate(zip(kl.cpu(), cmask.sum(-1).tolist()))
             ]
     s = all_reduce(sums) / (len(run.eval_prompts) * S)
-    return {"pass@1": s[0].item(), "kl_init_rkl_exact_seq": s[1].item()}, shown[: args.log_completions]
+    return {"pass@1": s[0].item(), "kl_init_rkl_exact_seq": s[1].item()}, shown[
+        : args.log_completions
+    ]
 
 
 def evaluate_round(ref, qmodel, run, atoms, eos) -> tuple:
@@ -462,7 +637,9 @@ def evaluate_round(ref, qmodel, run, atoms, eos) -> tuple:
             out["eval/sweep/ref/pass@1"] = front[0][0]
             for e in args.eval_etas:
                 q_pass = out[f"eval/sweep/qsharp_eta{e:g}/pass@1"]
-                out[f"eval/frontier/cd_kl_at_equal_pass@1_eta{e:g}"] = kl_at_equal_reward(front, q_pass)
+                out[f"eval/frontier/cd_kl_at_equal_pass@1_eta{e:g}"] = kl_at_equal_reward(
+                    front, q_pass
+                )
     return out, shown
 
 
@@ -471,28 +648,45 @@ def sample_guided(ref, qmodel, run, atoms, eos, examples) -> None:
     --prompts_file `examples` or the run's held-out prompts; one JSONL row per sample, prompt-major, to --samples_out."""
     args, S = run.args, run.args.eval_samples_per_prompt
     if examples is not None:
-        run.eval_prompts = encode_prompts(run.tokenizer, examples, args.chat_template, args.max_prompt_length, "file")
+        run.eval_prompts = tasks.encode_prompts(
+            run.tokenizer, examples, args.chat_template, args.max_prompt_length, "file"
+        )
         run.eval_answers = [e.answer for e in examples]
-    answers, args.log_completions = run.eval_answers, len(run.eval_prompts) * S  # every sample comes back
+    answers, args.log_completions = (
+        run.eval_answers,
+        len(run.eval_prompts) * S,
+    )  # every sample comes back
     metrics, rows = evaluate_guided("qsharp", args.eta, ref, qmodel, run, atoms, eos)
     out = args.samples_out or os.path.join(args.sample_from, f"samples_eta{args.eta:g}.jsonl")
     with open(out, "w") as f:  # kl: the sequence KL to pi_ref; reward None without an answer
         for r, a in zip(rows, [a for a in answers for _ in range(S)]):
-            f.write(json.dumps(r | {"kl": sum(r["token_kl"]), "reward": r["reward"] if a else None}) + "\n")
+            f.write(
+                json.dumps(r | {"kl": sum(r["token_kl"]), "reward": r["reward"] if a else None})
+                + "\n"
+            )
     score = f", pass@1 {metrics['pass@1']:.4f}" if all(answers) else ""
     print(f"{out}: {len(rows)} samples, mean KL {metrics['kl_init_rkl_exact_seq']:.4f}{score}")
 
 
 def train(args: Args) -> None:
     examples = None
-    if args.sample_from:  # the run's flags (its args.json) under this command line's; its newest checkpoint
+    if (
+        args.sample_from
+    ):  # the run's flags (its args.json) under this command line's; its newest checkpoint
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise UserError("--sample_from runs in one process, not under torchrun")
         if args.prompts_file:  # checked before any model loads; answer "" where a row has none
-            rows = [row for _, row in read_jsonl(args.prompts_file)]
+            rows = [row for _, row in tasks.read_jsonl(args.prompts_file)]
             if not rows or not all(isinstance(row.get(args.prompt_field), str) for row in rows):
-                raise UserError(f"--prompts_file {args.prompts_file}: every row needs a string {args.prompt_field!r}")
-            examples = [Example(r[args.prompt_field], extract_answer(str(r.get(args.answer_field, "")))) for r in rows]
+                raise UserError(
+                    f"--prompts_file {args.prompts_file}: every row needs a string {args.prompt_field!r}"
+                )
+            examples = [
+                tasks.Example(
+                    r[args.prompt_field], tasks.extract_answer(str(r.get(args.answer_field, "")))
+                )
+                for r in rows
+            ]
         saved = Args(**saved_args(args.sample_from) | {"resume": args.sample_from})
         args = tyro.cli(Args, default=saved, use_underscores=True)
     run = Run(args)  # the task and its prompts, processes, the checkpoint to resume (PLUMBING)
@@ -500,27 +694,53 @@ def train(args: Args) -> None:
     if args.q_model_name_or_path:
         import transformers
 
-        q_tokenizer = transformers.AutoTokenizer.from_pretrained(model_path(args.q_model_name_or_path))
-        if q_tokenizer.get_vocab() != run.tokenizer.get_vocab():  # the Q model scores pi_ref's tokens
-            raise UserError(f"--q_model_name_or_path {args.q_model_name_or_path!r} has another tokenizer than pi_ref")
+        q_tokenizer = transformers.AutoTokenizer.from_pretrained(
+            tasks.model_path(args.q_model_name_or_path)
+        )
+        if (
+            q_tokenizer.get_vocab() != run.tokenizer.get_vocab()
+        ):  # the Q model scores pi_ref's tokens
+            raise UserError(
+                f"--q_model_name_or_path {args.q_model_name_or_path!r} has another tokenizer than pi_ref"
+            )
     torch.manual_seed(args.seed)  # the head is the only new parameter: the same on every rank
-    backbone = load_model(run.checkpoint or args.q_model_name_or_path or args.model_name_or_path, args, trainable=True)
-    qmodel = QModel(backbone.base_model, args.head, args.num_atoms, ref.config.vocab_size).to(DEVICE)
+    backbone = load_model(
+        run.checkpoint or args.q_model_name_or_path or args.model_name_or_path, args, trainable=True
+    )
+    qmodel = QModel(backbone.base_model, args.head, args.num_atoms, ref.config.vocab_size).to(
+        DEVICE
+    )
     if run.checkpoint:
-        qmodel.head.load_state_dict(torch.load(os.path.join(run.checkpoint, "head.pt"), map_location=DEVICE))
-    atoms, eos = torch.linspace(args.v_min, args.v_max, args.num_atoms, device=DEVICE), eos_ids(run.tokenizer, ref)
+        qmodel.head.load_state_dict(
+            torch.load(os.path.join(run.checkpoint, "head.pt"), map_location=DEVICE)
+        )
+    atoms, eos = (
+        torch.linspace(args.v_min, args.v_max, args.num_atoms, device=DEVICE),
+        eos_ids(run.tokenizer, ref),
+    )
     if args.sample_from:
         return sample_guided(ref, qmodel.eval(), run, atoms, eos, examples)
-    order = np.random.default_rng(seed_of(args, "heldout_split")).permutation(len(run.train_prompts))
-    heldout = set(order[: int(args.heldout_frac * len(run.train_prompts))].tolist())  # prompts of the held-out loss
-    model, optimizer = run.start(qmodel, lambda: evaluate_round(ref, qmodel.eval(), run, atoms, eos))
+    order = np.random.default_rng(seed_of(args, "heldout_split")).permutation(
+        len(run.train_prompts)
+    )
+    heldout = set(
+        order[: int(args.heldout_frac * len(run.train_prompts))].tolist()
+    )  # prompts of the held-out loss
+    model, optimizer = run.start(
+        qmodel, lambda: evaluate_round(ref, qmodel.eval(), run, atoms, eos)
+    )
     run.state.setdefault("examples", [])
     for step in run.steps():
         # 1. collect: this rank's share of the round's prompts; each sample's noise from (seed, round, prompt, sample)
         mine = collect(step, ref, qmodel.eval(), run, run.prompts(step).tolist(), atoms, eos)
-        new = sorted([e for part in all_gather(mine) for e in part], key=lambda e: (e["prompt_id"], e["sample"]))
+        new = sorted(
+            [e for part in all_gather(mine) for e in part],
+            key=lambda e: (e["prompt_id"], e["sample"]),
+        )
         if args.drop_no_variation:
-            first = {e["prompt_id"]: e["reward"] for e in reversed(new)}  # each prompt's first reward
+            first = {
+                e["prompt_id"]: e["reward"] for e in reversed(new)
+            }  # each prompt's first reward
             varied = {e["prompt_id"] for e in new if e["reward"] != first[e["prompt_id"]]}
             new = [e for e in new if e["prompt_id"] in varied]
         run.state["examples"] += new
@@ -536,58 +756,63 @@ def train(args: Args) -> None:
         run.lap("update")
         rewards = torch.tensor([e["reward"] for e in new], dtype=torch.float64)
         metrics = {"losses/q_loss": loss, "charts/reward_mean": rewards.mean().item()}
-        metrics["charts/reward_clamped_frac"] = atom_bin(rewards, atoms.cpu().double())[1].double().mean().item()
-        metrics |= {"charts/num_examples": len(run.state["examples"]), "charts/num_train_examples": len(train_set)}
+        metrics["charts/reward_clamped_frac"] = (
+            atom_bin(rewards, atoms.cpu().double())[1].double().mean().item()
+        )
+        metrics |= {
+            "charts/num_examples": len(run.state["examples"]),
+            "charts/num_train_examples": len(train_set),
+        }
         if held_set:  # the maximum-likelihood loss on prompts never trained on
-            metrics["losses/q_loss_heldout"] = heldout_q_loss(qmodel.eval(), held_set, run, atoms, eos)
+            metrics["losses/q_loss_heldout"] = heldout_q_loss(
+                qmodel.eval(), held_set, run, atoms, eos
+            )
         run.end_step(step, q_batch(mine, run, atoms, eos), metrics)
 
 
-# ==========================================================================================================
-# SHARED: identical in every algorithm file; TRY NOT TO MODIFY. tests/test_shared_blocks.py proves it identical:
-# change it in one file, then copy it to all with `python -m tests.test_shared_blocks --sync`. It calls back into the
-# algorithm above only through `Args`, `check_args` and `train` (and the micro-batch loss that a script hands to
-# `update_policy`). Not every script uses every helper.
-# ==========================================================================================================
+# ==================================================================================================
+# SHARED: identical in every algorithm file; TRY NOT TO MODIFY. tests/test_shared_blocks.py proves
+# it: change it in one file, then copy it with `python -m tests.test_shared_blocks --sync`. It calls
+# back into the algorithm above through `Args`, `check_args` and `train` only (and the micro-batch
+# loss a script hands to `update_policy`). Not every script uses every helper.
+# ==================================================================================================
 
 
-# ---- ROLLOUT: sampling with the KV cache, teacher-forced log-probs, evaluation -----------------------------
+# ---- ROLLOUT: sampling with the KV cache, teacher-forced log-probs, evaluation -----------------
 def forward(model, ids, mask, positions, cache=None, keep=0):
-    """Logits of a forward with explicit positions (prompts are left-padded), extending the KV cache if given."""
-    if cache is None:
-        return model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
-    # transformers 5.x renamed the cache argument from `past_key_values` to `cache`
-    parameters = inspect.signature(getattr(model, "module", model).forward).parameters
-    name = "cache" if "cache" in parameters else "past_key_values"
-    cache_kwargs = {name: cache, "use_cache": True}
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, **cache_kwargs).logits
+    """Logits with explicit positions (prompts are left-padded), extending the KV cache if given."""
+    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    if cache is not None:  # transformers 5.x renamed `past_key_values` to `cache`
+        parameters = inspect.signature(getattr(model, "module", model).forward).parameters
+        kwargs["cache" if "cache" in parameters else "past_key_values"] = cache
+        kwargs["use_cache"] = True
+    return model(**kwargs, logits_to_keep=keep).logits
 
 
 def keep_rows(cache, rows):
-    """Keep these batch rows of a KV cache (index_select: its backward is ~8x faster than indexing's)."""
+    """Keep these rows of a KV cache (index_select: its backward is ~8x faster than indexing's)."""
     for layer in cache.layers:
         layer.keys = layer.keys.index_select(0, rows)
         layer.values = layer.values.index_select(0, rows)
 
 
 def prefill(model, prompt_ids, prompt_mask, rows):
-    """Run each distinct prompt once, then copy its KV cache to the rows that continue it (rows [M]: the prompt of
-    each row). Returns the logits of each row's first completion token [M, V] and a cache of M rows; autograd flows
-    through the copies."""
+    """Run each distinct prompt once and copy its KV cache to the rows that continue it (rows [M]:
+    each row's prompt): (logits of each row's first completion token [M, V], a cache of M rows)."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     logits = forward(model, prompt_ids, prompt_mask, positions, cache, keep=1)
-    keep_rows(cache, rows)
+    keep_rows(cache, rows)  # autograd flows through the copies
     return logits[:, -1].index_select(0, rows), cache
 
 
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, rows, args, eos, pad, generator=None, uniforms=None):
-    """One completion per row, sampled from exactly softmax(logits / T): no top-k, top-p or penalty, so the samples
-    follow the law that every log-prob assumes. Rows that emitted EOS leave the batch and the KV cache, so decoding
-    costs what is generated. uniforms [M, H]: inverse-CDF draws from this noise instead of from `generator`."""
+    """One completion per row from exactly softmax(logits / T): no top-k, top-p or penalty, so the
+    samples follow the law every log-prob assumes. Finished rows leave the batch and the KV cache.
+    uniforms [M, H]: inverse-CDF draws from this noise instead of from `generator`."""
     was_training = model.training
     model.eval()  # in train mode, gradient checkpointing would switch the KV cache off
     with autocast(args):
@@ -600,7 +825,7 @@ def generate(model, prompt_ids, prompt_mask, rows, args, eos, pad, generator=Non
         probs = torch.softmax(logits / args.temperature, -1)
         if uniforms is None:
             token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        else:  # the first token whose CDF reaches u (rounding can leave the CDF's last value below 1: clamp)
+        else:  # the first token whose CDF reaches u (clamped: the CDF may end just below 1)
             cdf = probs.double().cumsum(-1)
             u = uniforms[live.cpu(), t, None].to(probs.device, torch.float64)
             token = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
@@ -623,40 +848,45 @@ def generate(model, prompt_ids, prompt_mask, rows, args, eos, pad, generator=Non
 
 
 def sample_batch(model, prompts: list, args, eos, pad, generator=None, uniforms=None) -> dict:
-    """One completion per entry of `prompts` (token lists; a group is G equal entries), in generation calls of
-    --gen_batch_size rows. Returns the batch layout of `make_batch`."""
+    """One completion per entry of `prompts` (token lists; a group: G equal entries), generated
+    --gen_batch_size rows at a time. Returns the batch layout of `make_batch`."""
     batch = make_batch(prompts, None, eos, pad)
     completions = []
     with gathered(model, args):
         for start in range(0, len(prompts), args.gen_batch_size):
             end = start + args.gen_batch_size
-            # the distinct prompts of this chunk, and for each row the one it continues
+            # the chunk's distinct prompts, and for each row the one it continues
             distinct, rows = batch["prompt_index"][start:end].unique(return_inverse=True)
             ids = batch["prompt_ids"][distinct]
             mask = batch["prompt_mask"][distinct]
             noise = None if uniforms is None else uniforms[start:end]
-            completions += generate(model, ids, mask, rows, args, eos, pad, generator, noise).unbind()
+            chunk = generate(model, ids, mask, rows, args, eos, pad, generator, noise)
+            completions += chunk.unbind()
     return make_batch(prompts, completions, eos, pad, batch)
 
 
 def make_batch(prompts: list, completions, eos, pad, batch=None) -> dict:
-    """The batch layout. Each distinct prompt is stored once: prompt_ids and prompt_mask [U, P], left-padded; row m
-    continues prompt prompt_index[m]. completion_ids and completion_mask [M, C]: the mask covers the tokens up to and
-    including the first EOS; truncated [M]: the row has no EOS. With `batch`, the completions join its prompts."""
+    """The batch layout: each distinct prompt once, prompt_ids / prompt_mask [U, P] (left-padded),
+    row m continuing prompt prompt_index[m]; completion_ids / completion_mask [M, C], the mask up to
+    and including the first EOS; truncated [M]: no EOS. `batch`: add completions to its prompts."""
     if batch is None:
         distinct = {}
         index = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
         ids = [torch.tensor(p) for p in distinct]
         ones = [torch.ones(len(p), dtype=torch.long) for p in distinct]
-        batch = {"prompt_ids": left_pad(ids, pad).to(eos.device)}
+        prompt_ids = pad_sequence(ids, batch_first=True, padding_value=pad, padding_side="left")
+        prompt_mask = pad_sequence(ones, batch_first=True, padding_value=0, padding_side="left")
+        batch = {"prompt_ids": prompt_ids.to(eos.device)}
         batch["prompt_index"] = torch.tensor(index, device=eos.device)
-        batch["prompt_mask"] = left_pad(ones, 0).to(eos.device)
+        batch["prompt_mask"] = prompt_mask.to(eos.device)
     if completions is None:
         return batch
-    # padded with -1 first, so that a pad id which is also an EOS id cannot end a row
+    # padded with -1 first: a pad id that is also an EOS id must not end a row
     rows = [torch.as_tensor(c) for c in completions]
-    tokens = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1).to(eos.device)
-    tokens = torch.nn.functional.pad(tokens, (0, max(0, 2 - tokens.shape[1])), value=-1)  # at least 2 columns
+    tokens = pad_sequence(rows, batch_first=True, padding_value=-1).to(eos.device)
+    tokens = torch.nn.functional.pad(
+        tokens, (0, max(0, 2 - tokens.shape[1])), value=-1
+    )  # >= 2 columns
     is_eos = torch.isin(tokens, eos).long()
     no_eos_before = is_eos.cumsum(-1) - is_eos == 0
     batch["completion_mask"] = (no_eos_before & (tokens >= 0)).long()
@@ -665,16 +895,14 @@ def make_batch(prompts: list, completions, eos, pad, batch=None) -> dict:
     return batch
 
 
-def left_pad(rows: list, value):
-    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value, padding_side="left")
-
-
 def completion_log_softmax(model, batch: dict, rows, temperature: float, cached: bool = True):
-    """log softmax(logits / T) at the positions that predict the completion tokens of `rows`, trimmed to their
-    longest completion: [m, C, V], at least float32. cached: each distinct prompt runs once (`prefill`) and the
-    completions continue its cache (equal to whole rows to 1e-10 in float64); else whole [prompt; completion] rows
-    (needed under gradient checkpointing, which drops the cache inside checkpointed layers)."""
-    C = max(int(batch["completion_mask"][rows].sum(-1).max()), 2)  # >= 2: the same forwards on every rank
+    """log softmax(logits / T) at the positions predicting the completion tokens of `rows`, cut to
+    their longest completion: [m, C, V], at least float32. cached: each distinct prompt runs once
+    (`prefill`) and the completions continue its cache (equal to whole rows to 1e-10 in float64);
+    else whole rows (gradient checkpointing drops the cache inside checkpointed layers)."""
+    C = max(
+        int(batch["completion_mask"][rows].sum(-1).max()), 2
+    )  # >= 2: same forwards on all ranks
     completion = batch["completion_ids"][rows, :C]
     prompt = batch["prompt_index"][rows]
     if cached:
@@ -682,7 +910,7 @@ def completion_log_softmax(model, batch: dict, rows, temperature: float, cached:
         prompt_mask = batch["prompt_mask"][distinct]
         first, cache = prefill(model, batch["prompt_ids"][distinct], prompt_mask, inverse)
         # completion tokens 0..C-2 predict tokens 1..C-1, at the positions after each row's prompt
-        positions = prompt_mask.sum(-1)[inverse, None] + torch.arange(C - 1, device=completion.device)
+        positions = prompt_mask.sum(-1)[inverse, None] + torch.arange(C - 1, device=prompt.device)
         mask = torch.cat([prompt_mask[inverse], torch.ones_like(completion[:, 1:])], 1)
         rest = forward(model, completion[:, :-1], mask, positions, cache)
         logits = torch.cat([first[:, None], rest], 1)
@@ -696,15 +924,15 @@ def completion_log_softmax(model, batch: dict, rows, temperature: float, cached:
 
 
 def token_logprobs(log_softmax, tokens):
-    """The log-prob of each token [m, C] from a log-softmax [m, C, V] (tokens may be longer: cut to C)."""
+    """The log-prob [m, C] of each token, from a log-softmax [m, C, V] (longer tokens cut to C)."""
     C = log_softmax.shape[1]
     return log_softmax.gather(-1, tokens[:, :C, None]).squeeze(-1)
 
 
 @torch.no_grad()
 def batched_logprobs(model, batch: dict, args):
-    """No-grad log-probs [M, C] of every completion token (0 after the end), in micro-batches: the rollout policy's
-    (old) and the frozen models' log-probs, computed once per rollout."""
+    """No-grad log-probs [M, C] of every completion token (0 after the end), in micro-batches: the
+    rollout policy's (old) and the frozen models', computed once per rollout."""
     ids = batch["completion_ids"]
     out = []
     with gathered(model, args):
@@ -718,30 +946,33 @@ def batched_logprobs(model, batch: dict, args):
 
 
 def eos_ids(tokenizer, model):
-    """Every token that ends a completion: the tokenizer's EOS and the model's generation EOS ids."""
+    """Every token that ends a completion: the tokenizer's EOS and the model's generation EOSs."""
     generation_eos = np.atleast_1d(model.generation_config.eos_token_id or []).tolist()
     ids = {tokenizer.eos_token_id, *generation_eos} - {None}
     return torch.tensor(sorted(ids), device=DEVICE)
 
 
 def decode(tokenizer, batch: dict) -> list:
-    """The completion texts, special tokens (EOS) dropped."""
-    ids = [tokens[mask.bool()] for tokens, mask in zip(batch["completion_ids"], batch["completion_mask"])]
-    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+    """The completion texts, without special tokens (EOS)."""
+    pairs = zip(batch["completion_ids"], batch["completion_mask"])
+    return tokenizer.batch_decode(
+        [ids[mask.bool()] for ids, mask in pairs], skip_special_tokens=True
+    )
 
 
 @torch.no_grad()
 def evaluate(policy, kl_models: dict, run, eos) -> tuple:
-    """Held-out pass@1 at the training temperature (--eval_samples_per_prompt samples per prompt, the same noise at
-    every eval) and, per frozen model q of `kl_models`, KL(pi_theta || q) summed along each sample, exact over the
-    vocabulary at every visited position. Prompts are interleaved over ranks. Returns (metrics, rows to log)."""
+    """Held-out pass@1 at the training temperature (--eval_samples_per_prompt samples a prompt, the
+    same noise at every eval) and, per frozen model q of `kl_models`, KL(pi_theta || q) summed along
+    each sample, exact over the vocabulary at every position. Returns (metrics, rows to log)."""
     args = run.args
     per_prompt = args.eval_samples_per_prompt
     mine = [i for i in range(run.rank, len(run.eval_prompts), run.world) for _ in range(per_prompt)]
     prompts = [run.eval_prompts[i] for i in mine]
     batch = sample_batch(policy, prompts, args, eos, run.tokenizer.pad_token_id, run.eval_sampler())
     texts = decode(run.tokenizer, batch)
-    rewards = torch.tensor(run.task.score(texts, [run.eval_answers[i] for i in mine]), device=DEVICE)
+    answers = [run.eval_answers[i] for i in mine]
+    rewards = torch.tensor(run.task.score(texts, answers), device=DEVICE)
     mask = batch["completion_mask"]
     sums = [(rewards >= 1).sum(), rewards.sum(), mask.sum()]
     with gathered(policy, args):  # ranks may hold different numbers of eval rows
@@ -759,18 +990,19 @@ def evaluate(policy, kl_models: dict, run, eos) -> tuple:
     names += [f"eval/kl_{name}_rkl_exact_seq" for name in kl_models]
     shown = []
     for i, text, reward in list(zip(mine, texts, rewards.tolist()))[: args.log_completions]:
-        shown.append({"prompt": run.tokenizer.decode(run.eval_prompts[i]), "completion": text, "reward": reward})
+        prompt = run.tokenizer.decode(run.eval_prompts[i])
+        shown.append({"prompt": prompt, "completion": text, "reward": reward})
     return dict(zip(names, means.tolist())), shown
 
 
-# ---- UPDATE: global mini-batches, micro-batches in lockstep, the optimizer step ----------------------------
+# ---- UPDATE: global mini-batches, micro-batches in lockstep, the optimizer step ----------------
 def update_policy(model, optimizer, batch: dict, args, step: int, micro_loss) -> dict:
-    """--num_iterations passes x --num_minibatches optimizer steps over the rollout. A mini-batch is a set of GLOBAL
-    rows (one permutation on every rank; each rank trains its own rows of it); its sequence and token counts are
-    summed over the ranks BEFORE its loss is formed, and every rank backpropagates loss x world size (FSDP averages
-    the gradients). So the update depends neither on the number of ranks nor on the micro-batch size.
-    micro_loss(log_softmax, batch, rows, args, num_seqs, num_tokens) -> (loss, stats) is the algorithm's loss of a
-    micro-batch. Returns the update's metrics, global means over its optimizer steps."""
+    """--num_iterations passes x --num_minibatches optimizer steps over the rollout. A mini-batch is
+    a set of GLOBAL rows (one permutation on every rank, each rank training its own rows) whose
+    sequence and token counts are summed over the ranks BEFORE its loss is formed; every rank
+    backpropagates loss x world size (FSDP averages): the update depends neither on the number of
+    ranks nor on the micro-batch size. micro_loss(log_softmax, batch, rows, args, num_seqs,
+    num_tokens) -> (loss, stats): the algorithm's loss of a micro-batch. Returns global metrics."""
     world, rank = world_rank()
     mask = batch["loss_mask"]
     local_rows = len(mask)
@@ -785,27 +1017,30 @@ def update_policy(model, optimizer, batch: dict, args, step: int, micro_loss) ->
             num_seqs, num_tokens = all_reduce(counts).tolist()
             micro_batches = lockstep(mine, args.micro_batch_size)
             for k, (rows, weight) in enumerate(micro_batches):
-                if world > 1:  # FSDP2: reduce-scatter the gradients once, after the mini-batch's last micro-batch
+                if world > 1:  # FSDP2: reduce-scatter once, after the mini-batch's last micro-batch
                     model.set_requires_gradient_sync(k == len(micro_batches) - 1)
                 with autocast(args):
                     cached = not args.gradient_checkpointing
-                    log_softmax = completion_log_softmax(model, batch, rows, args.temperature, cached)
+                    log_softmax = completion_log_softmax(
+                        model, batch, rows, args.temperature, cached
+                    )
                 loss, micro_stats = micro_loss(log_softmax, batch, rows, args, num_seqs, num_tokens)
                 (loss * world * weight).backward()
                 if weight == 0:  # a filler: no stats
                     stats.append({})
                     continue
-                entropy = -(log_softmax.exp() * log_softmax).sum(-1) * mask[rows, : log_softmax.shape[1]]
-                micro_stats["entropy"] = entropy.sum().detach() / max(num_tokens, 1)
+                token_entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+                entropy = (token_entropy * mask[rows, : log_softmax.shape[1]]).sum()
+                micro_stats["entropy"] = entropy.detach() / max(num_tokens, 1)
                 stats.append(micro_stats)
             stats[-1] |= optimizer_step(model, optimizer, args)
     return reduce_stats(stats, args.num_iterations * args.num_minibatches)
 
 
 def lockstep(rows, size: int) -> list:
-    """This rank's micro-batches of a mini-batch, as (rows, weight). Under FSDP every forward and backward is a
-    collective, so every rank must run as many of them as the busiest rank: a rank with fewer rows (or none) adds
-    fillers, row 0 with weight 0, that change nothing. In one process: just the micro-batches, weight 1."""
+    """This rank's micro-batches of a mini-batch, as (rows, weight). Under FSDP every forward and
+    backward is a collective, so every rank runs as many as the busiest rank: a rank with fewer rows
+    (or none) adds fillers, row 0 with weight 0, which change nothing. One process: weights 1."""
     micro = list(rows.split(size)) if len(rows) else []
     busiest = int(all_reduce(torch.tensor(len(micro), device=DEVICE), dist.ReduceOp.MAX))
     filler = torch.zeros(1, dtype=torch.long, device=DEVICE)
@@ -813,15 +1048,14 @@ def lockstep(rows, size: int) -> list:
 
 
 def optimizer_step(model, optimizer, args) -> dict:
-    """Clip the gradient norm (--max_grad_norm 0: no clipping), stop on a non-finite norm, and step at the warm-up
+    """Clip the gradient norm (0: no clipping), stop on a non-finite norm, and step at the warm-up
     learning rate (linear over --warmup_steps optimizer steps)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
     if hasattr(norm, "full_tensor"):  # FSDP: a distributed tensor
         norm = norm.full_tensor()
     if not torch.isfinite(norm):
-        raise FloatingPointError(f"non-finite loss or gradient (norm {norm.item()}); stopping without saving")
-    first_state = next(iter(optimizer.state.values()), {})
-    steps_done = float(first_state.get("step", 0))
+        raise FloatingPointError(f"non-finite loss or gradient (norm {norm.item()}); not saving")
+    steps_done = float(next(iter(optimizer.state.values()), {}).get("step", 0))
     warmup = min(1, (steps_done + 1) / max(args.warmup_steps, 1))
     for group in optimizer.param_groups:
         group["lr"] = args.learning_rate * warmup
@@ -831,31 +1065,31 @@ def optimizer_step(model, optimizer, args) -> dict:
 
 
 def reduce_stats(stats: list, steps: int) -> dict:
-    """An update's metrics from its micro-batches' stats (shares of global means): summed over the ranks and
-    averaged over its optimizer steps; `*_min` and `*_max` are global extremes."""
+    """An update's metrics from its micro-batches' stats (shares of global means): summed over the
+    ranks, averaged over its optimizer steps; `*_min` and `*_max` are global extremes."""
     out = {}
-    for key in sorted({k for s in stats for k in s}):  # the same keys in the same order on every rank
+    for key in sorted({k for s in stats for k in s}):  # the same keys, in order, on every rank
         op = "sum"
-        if key.endswith("_min"):
-            op = "min"
-        if key.endswith("_max"):
-            op = "max"
-        values = [torch.as_tensor(s[key], dtype=torch.float64, device=DEVICE) for s in stats if key in s]
-        local = getattr(torch.stack(values), op)()
-        value = all_reduce(local, getattr(dist.ReduceOp, op.upper())).item()
+        if key.endswith(("_min", "_max")):
+            op = key[-3:]
+        values = [
+            torch.as_tensor(s[key], dtype=torch.float64, device=DEVICE) for s in stats if key in s
+        ]
+        value = all_reduce(getattr(torch.stack(values), op)(), getattr(dist.ReduceOp, op.upper()))
         name = key if "/" in key else f"losses/{key}"
-        out[name] = value / steps if op == "sum" else value
+        out[name] = value.item() / steps if op == "sum" else value.item()
     return out
 
 
-# ---- PLUMBING: processes, run folders, checkpoints, resume, logging ----------------------------------------
+# ---- PLUMBING: processes, run folders, checkpoints, resume, logging ----------------------------
 DEVICE = torch.device("cpu")  # this rank's GPU or the CPU: set once, by Run, from --cuda
-FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # checkpoints: whole tensors, on rank 0
-RESUMABLE = {"resume", "total_steps", "learning_rate", "weight_decay", "max_grad_norm", "eval_every", "save_every"}
-# flags that must be > 0 in every script (the others must be >= 0); each check_args adds its own
+FULL_STATE = dist_state.StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors
+RESUMABLE = {"resume", "total_steps", "learning_rate", "weight_decay", "max_grad_norm"}
+RESUMABLE |= {"eval_every", "save_every"}  # the flags that may change when resuming
+# flags that must be > 0 in every script (the other number flags >= 0); check_args adds its own
 POSITIVE = ("temperature", "max_prompt_length", "max_new_tokens", "total_steps", "prompts_per_step")
 POSITIVE += ("micro_batch_size", "gen_batch_size", "eval_num_prompts", "eval_samples_per_prompt")
-LOCKS = []  # run-folder locks held by this process, released when main ends (tests call main again in-process)
+LOCKS = []  # run-folder locks this process holds, released when main ends (tests rerun main)
 
 
 class UserError(Exception):
@@ -867,15 +1101,14 @@ class Stop(Exception):
 
 
 def main() -> None:
-    """Parse the flags and train. Bad input of any kind ends in one `error:` line and exit status 1; SIGTERM or
-    SIGINT in a checkpoint, a `stopped:` line and exit status 143."""
-    on_other_rank = int(os.environ.get("RANK", 0)) > 0
-    if on_other_rank and {"-h", "--help"} & set(sys.argv):
+    """Parse the flags and train. Bad input of any kind ends in one `error:` line (exit status 1);
+    SIGTERM or SIGINT in a checkpoint and a `stopped:` line (exit status 143)."""
+    if int(os.environ.get("RANK", 0)) > 0 and {"-h", "--help"} & set(sys.argv):
         return  # --help prints once, on rank 0
     code = 0
     try:
         train(parse_args(sys.argv[1:]))
-    except (UserError, TaskError, FloatingPointError, OSError) as e:
+    except (UserError, tasks.TaskError, FloatingPointError, OSError) as e:
         code = f"error: {str(e).strip().splitlines()[0]}"
     except Stop as e:
         print(f"stopped: {e}", file=sys.stderr)
@@ -889,27 +1122,20 @@ def main() -> None:
 
 
 def parse_args(argv: list) -> Args:
-    """The flags. With --resume DIR (read before the others), DIR/args.json gives every flag's default and only the
-    RESUMABLE flags may change."""
-    folder = resume_folder(argv)
+    """The flags. With --resume DIR (read first), DIR/args.json gives every flag's default and only
+    the RESUMABLE flags may change."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--resume")
+    folder = pre.parse_known_args(argv)[0].resume
     if folder is None:
         return tyro.cli(Args, args=argv, use_underscores=True)
     saved = saved_args(folder)
     args = tyro.cli(Args, args=argv, default=Args(**saved), use_underscores=True)
-    for key, value in asdict(args).items():
-        if key in saved and value != saved[key] and key not in RESUMABLE:  # (a flag missing: its default)
-            raise UserError(f"--{key} cannot change when resuming (the run has {saved[key]!r}); start a new run")
+    for key, value in asdict(args).items():  # (a flag missing from args.json: its default)
+        if key in saved and value != saved[key] and key not in RESUMABLE:
+            why = f"the run has {saved[key]!r}; start a new run"
+            raise UserError(f"--{key} cannot change when resuming ({why})")
     return args
-
-
-def resume_folder(argv: list) -> Optional[str]:
-    """The folder of `--resume DIR` or `--resume=DIR`, if given."""
-    for i, arg in enumerate(argv):
-        if arg == "--resume" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--resume="):
-            return arg[len("--resume=") :]
-    return None
 
 
 def saved_args(folder: str) -> dict:
@@ -936,8 +1162,8 @@ def check_numbers(args, positive: tuple) -> None:
 
 
 def lock(run_dir: str) -> None:
-    """Rank 0 holds an flock on RUN/.lock while it runs (the OS drops it on any exit, SIGKILL included), so a second
-    process never writes into a run folder in use."""
+    """Rank 0 holds an flock on RUN/.lock while it runs (the OS drops it on any exit, SIGKILL too),
+    so a second process never writes into a run folder in use."""
     import fcntl
 
     handle = open(os.path.join(run_dir, ".lock"), "w")
@@ -945,15 +1171,16 @@ def lock(run_dir: str) -> None:
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        raise UserError(f"{run_dir} is in use by another run (it holds {run_dir}/.lock); wait for it to end") from None
+        why = f"it holds {run_dir}/.lock; wait for it to end"
+        raise UserError(f"{run_dir} is in use by another run ({why})") from None
 
 
 def seed_of(args, stream: str, *keys) -> int:
-    """The seed of one random draw, from (--seed, the stream's name, step, ...): every step is reproducible on its
-    own, and two streams never share a seed (SeedSequence pads short keys with zeros, so without the name
-    (seed, step) and (seed, step, 0) would be the same seed)."""
-    name = zlib.crc32(stream.encode())
-    return int(np.random.SeedSequence([args.seed, name, *[k % 2**31 for k in keys]]).generate_state(1)[0])
+    """The seed of one random draw, from (--seed, the stream's name, step, ...): every step is
+    reproducible on its own, and no two streams share a seed (SeedSequence pads short keys with
+    zeros: without the name, (seed, step) and (seed, step, 0) would be the same seed)."""
+    entropy = [args.seed, zlib.crc32(stream.encode()), *[k % 2**31 for k in keys]]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def world_rank() -> tuple:
@@ -963,7 +1190,7 @@ def world_rank() -> tuple:
 
 
 def all_reduce(x, op=dist.ReduceOp.SUM):
-    """x reduced over the ranks (a copy; x itself in one process)."""
+    """x reduced over the ranks, as a copy (x itself in one process)."""
     if not dist.is_initialized():
         return x
     x = x.clone()
@@ -974,9 +1201,8 @@ def all_reduce(x, op=dist.ReduceOp.SUM):
 def global_mean_std(x) -> tuple:
     """Mean and Bessel std of x over all ranks, in two passes (never E[x^2] - mean^2)."""
     count, total = all_reduce(torch.stack([x.new_tensor(x.numel()), x.sum()])).tolist()
-    mean = total / count
-    squares = all_reduce((x - mean).pow(2).sum()).item()
-    return mean, (squares / max(count - 1, 1)) ** 0.5
+    squares = all_reduce((x - total / count).pow(2).sum()).item()
+    return total / count, (squares / max(count - 1, 1)) ** 0.5
 
 
 def autocast(args):
@@ -984,29 +1210,29 @@ def autocast(args):
 
 
 def load_model(path: str, args, trainable: bool = False):
-    """A causal LM with dropout off (ratios are exactly 1 at theta = theta_old), frozen unless trained. A trained model
-    is held in float32 (AdamW's master weights). A frozen one computes as the trained one does, so that their
-    log-probs agree at theta = theta_ref: in bf16 under FSDP with --bf16 (its MixedPrecisionPolicy), else in float32
-    under autocast."""
+    """A causal LM with dropout off (ratios are exactly 1 at theta = theta_old), frozen unless
+    trained; trained in float32 (AdamW's master weights). A frozen model computes as the trained one
+    does, so their log-probs agree at theta = theta_ref: in bf16 under FSDP with --bf16 (its
+    MixedPrecisionPolicy), else in float32 under autocast."""
     from transformers import AutoModelForCausalLM
 
     bf16 = args.bf16 and DEVICE.type == "cuda" and not trainable and dist.is_initialized()
     dtype = torch.bfloat16 if bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path(path), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(tasks.model_path(path), dtype=dtype)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout) or hasattr(module, "attention_dropout"):
             module.p = 0.0
             module.attention_dropout = 0.0
-    if trainable and args.gradient_checkpointing:
-        # transformers 5.2x renamed it activation checkpointing
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
+    if trainable and args.gradient_checkpointing:  # (transformers 5.2x: activation checkpointing)
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
     return model.to(DEVICE).train(trainable).requires_grad_(trainable)
 
 
 def shard(model, args):
-    """Under torchrun, FSDP2 on each decoder layer and on the root: weights, gradients and AdamW state split over
-    the ranks; on CUDA with --bf16, bf16 compute and float32 gradient reductions. One process: the model as it is."""
+    """Under torchrun, FSDP2 on each decoder layer and on the root: weights, gradients and AdamW
+    state split over the ranks; on CUDA with --bf16, bf16 compute and float32 gradient reductions.
+    One process: the model as it is."""
     if not dist.is_initialized():
         return model
     from torch.distributed.device_mesh import init_device_mesh
@@ -1015,8 +1241,12 @@ def shard(model, args):
     mixed = MixedPrecisionPolicy()
     if args.bf16 and DEVICE.type == "cuda":
         mixed = MixedPrecisionPolicy(torch.bfloat16, torch.float32)
-    mesh = init_device_mesh(DEVICE.type, (dist.get_world_size(),))  # --no_cuda on a GPU machine: CPU shards
-    options = {"reshard_after_forward": args.reshard_after_forward, "mp_policy": mixed, "mesh": mesh}
+    mesh = init_device_mesh(DEVICE.type, (dist.get_world_size(),))  # --no_cuda on a GPU: CPU shards
+    options = {
+        "reshard_after_forward": args.reshard_after_forward,
+        "mp_policy": mixed,
+        "mesh": mesh,
+    }
     layer_types = set()
     for module in model.modules():
         layer_types.update(getattr(module, "_no_split_modules", None) or [])
@@ -1027,11 +1257,9 @@ def shard(model, args):
 
 @contextlib.contextmanager
 def gathered(model, args):
-    """FSDP2: all-gather the weights once for a whole inference phase (rollout, log-probs, eval), not per layer at
-    every forward; with no collective inside, ranks may run different numbers of forwards. Else: nothing."""
-    sharded = []
-    if model is not None:
-        sharded = [m for m in model.modules() if hasattr(m, "unshard")]
+    """FSDP2: all-gather the weights once for a whole inference phase (rollout, log-probs, eval),
+    not per layer and forward; with no collective inside, ranks may run different forward counts."""
+    sharded = [m for m in model.modules() if hasattr(m, "unshard")] if model is not None else []
     for module in sharded:
         module.unshard()
     if sharded:
@@ -1043,20 +1271,10 @@ def gathered(model, args):
         module.reshard()
 
 
-def model_path(path: str) -> str:
-    """A relative path that does not exist here is read from the repository root (the shipped tiny models)."""
-    if os.path.exists(path):
-        return path
-    if os.path.exists(os.path.join(ROOT, path)):
-        return os.path.join(ROOT, path)
-    if os.path.isabs(path) or path.startswith(".") or path.count("/") > 1:
-        raise UserError(f"{path}: no such local folder (nor a hub id)")
-    return path  # a hub id
-
-
 class Run:
-    """One training run: the task and its prompts, the processes, the run folder (created exclusively), checkpoints
-    and resume, metrics, the progress bar and the stop signals (SIGTERM, SIGINT: finish the step, save, exit 143)."""
+    """One training run: the task and its prompts, the processes, the run folder (created
+    exclusively), checkpoints and resume, metrics, the progress bar and the stop signals (SIGTERM,
+    SIGINT: finish the step, save, exit 143)."""
 
     def __init__(self, args):
         import transformers
@@ -1068,15 +1286,21 @@ class Run:
         self.stop = []  # the stop signals received
         self.checkpoint = None  # the checkpoint to resume from
         use_cuda = args.cuda and torch.cuda.is_available()
-        DEVICE = choose_device(use_cuda)  # the one place it is set: every helper computes on DEVICE
-        self.task = load_task(args.task, args.train_file, args.eval_file, args.prompt_field, args.answer_field)
-        fill_defaults(args, self.task, use_cuda)
+        if use_cuda:  # LOCAL_RANK modulo the visible GPUs: some launchers show each process one
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            DEVICE = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
+        if args.bf16 is None:
+            args.bf16 = use_cuda and torch.cuda.is_bf16_supported()
+        self.task = tasks.run_task(args)  # (and the task's default lengths)
         check_args(args, self.world)
-        self.run_dir = args.resume or os.path.join(args.output_dir, args.run_name or self.default_name())
+        name = args.run_name or self.default_name()
+        self.run_dir = args.resume or os.path.join(args.output_dir, name)
         if args.resume:
             self.checkpoint = self.find_checkpoint()
         elif os.path.exists(self.run_dir):
-            raise UserError(f"{self.run_dir} already exists: --resume it, or choose another --run_name")
+            raise UserError(
+                f"{self.run_dir} already exists: --resume it, or choose another --run_name"
+            )
         else:  # a read-only or file --output_dir fails here, before any model loads
             os.makedirs(args.output_dir, exist_ok=True)
             if not os.access(args.output_dir, os.W_OK):
@@ -1085,27 +1309,24 @@ class Run:
             if use_cuda:
                 torch.cuda.set_device(DEVICE)
             dist.init_process_group("nccl" if use_cuda else "gloo")
-        torch.manual_seed(args.seed)  # TRY NOT TO MODIFY: every other random draw is seed_of(args, stream, ...)
+        torch.manual_seed(
+            args.seed
+        )  # TRY NOT TO MODIFY: every other draw is seed_of(args, stream, ...)
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         if self.rank == 0:
             print(f"loading {args.model_name_or_path}", flush=True)
-        self.tokenizer = load_tokenizer(args)
-        evals = self.task.eval[: args.eval_num_prompts]
-        template, limit = args.chat_template, args.max_prompt_length
-        self.train_prompts = encode_prompts(self.tokenizer, self.task.train, template, limit, "train")
-        self.eval_prompts = encode_prompts(self.tokenizer, evals, template, limit, "eval")
-        self.eval_answers = [e.answer for e in evals]
-        if args.prompts_per_step > len(self.train_prompts):
-            raise UserError(f"--prompts_per_step {args.prompts_per_step} > {len(self.train_prompts)} training prompts")
+        self.tokenizer = tasks.load_tokenizer(args)
+        prompts = tasks.encode_task(self.tokenizer, self.task, args)
+        self.train_prompts, self.eval_prompts, self.eval_answers = prompts
 
     def default_name(self) -> str:
         args = self.args
         return f"{self.task.name}__{args.exp_name}__{args.seed}__{int(time.time())}_{os.getpid()}"
 
     def find_checkpoint(self) -> str:
-        """The newest complete checkpoint of the run folder (by name; an interrupted save ends in .tmp)."""
-        if self.rank == 0 and not getattr(self.args, "sample_from", None):  # (Q#'s --sample_from only reads it)
+        """The run folder's newest complete checkpoint (by name; interrupted saves end in .tmp)."""
+        if self.rank == 0 and not getattr(self.args, "sample_from", None):  # (Q#: only reads it)
             lock(self.run_dir)
         found = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*")))
         for tmp in [c for c in found if c.endswith(".tmp")]:
@@ -1116,18 +1337,23 @@ class Run:
         return complete[-1]
 
     def start(self, policy, evaluate):
-        """Shard the trained model, make AdamW (restored when resuming), create the run folder (exclusively: two
-        runs never share one) and its log, and evaluate at step 0. Returns (model, optimizer)."""
+        """Shard the trained model, make AdamW (restored when resuming), create the run folder
+        (exclusively: two runs never share one), evaluate at step 0. Returns (model, optimizer)."""
         args = self.args
         self.evaluate = evaluate
         self.tb = None
         self.model = shard(policy, args)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), args.learning_rate, weight_decay=args.weight_decay)
+        parameters = self.model.parameters()
+        self.optimizer = torch.optim.AdamW(
+            parameters, args.learning_rate, weight_decay=args.weight_decay
+        )
         self.state = {"step": 0, "elapsed_s": 0.0, "prompts_seen": 0}
         if self.checkpoint:
-            self.state = torch.load(os.path.join(self.checkpoint, "trainer_state.pt"), "cpu", weights_only=False)
+            path = os.path.join(self.checkpoint, "trainer_state.pt")
+            self.state = torch.load(path, "cpu", weights_only=False)
             optimizer_state = self.state.pop("optimizer")
-            set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=FULL_STATE)
+            restore = dist_state.set_optimizer_state_dict
+            restore(self.model, self.optimizer, optimizer_state, options=FULL_STATE)
             for group in self.optimizer.param_groups:  # --weight_decay may change on resume
                 group["weight_decay"] = args.weight_decay
         self.log_path = os.path.join(self.run_dir, "metrics.jsonl")
@@ -1138,13 +1364,15 @@ class Run:
         self.t0 = time.time() - self.state["elapsed_s"]
         if self.state["step"] == 0:
             self.log(0, self.eval())
-        self.bar = tqdm.tqdm(total=args.total_steps, initial=self.state["step"], disable=self.rank > 0)
+        self.bar = tqdm.tqdm(
+            total=args.total_steps, initial=self.state["step"], disable=self.rank > 0
+        )
         return self.model, self.optimizer
 
     def create_folder(self) -> None:
-        """Rank 0: the run folder (locked), args.json, and metrics.jsonl cut back to the checkpoint's step: what
-        was logged after it is logged again. From a step-0 checkpoint (A*-PO stopped in its stage 1) step 0 itself
-        is redone, its eval and stage-1 rows included."""
+        """Rank 0: the run folder (locked), args.json, and metrics.jsonl cut back to the
+        checkpoint's step, whose later rows are logged again. From a step-0 checkpoint (A*-PO
+        stopped in its stage 1), step 0 itself is redone: its eval and stage-1 rows too."""
         args = self.args
         os.makedirs(self.run_dir, exist_ok=bool(args.resume))
         if not args.resume:
@@ -1171,8 +1399,9 @@ class Run:
             yield self.step
 
     def draw(self, step: int):
-        """The step's order of all training prompts: one draw from (seed, step), the same on every rank."""
-        return np.random.default_rng(seed_of(self.args, "prompts", step)).permutation(len(self.train_prompts))
+        """The step's order of all training prompts: one draw from (seed, step), on every rank."""
+        seed = seed_of(self.args, "prompts", step)
+        return np.random.default_rng(seed).permutation(len(self.train_prompts))
 
     def prompts(self, step: int):
         """This rank's share of the step's prompts."""
@@ -1187,7 +1416,7 @@ class Run:
         return torch.Generator(DEVICE).manual_seed(seed_of(self.args, "eval", self.rank))
 
     def lap(self, name: str) -> None:
-        """Log the time since the last lap (or the step's start) as perf/{name}_s."""
+        """Record the time since the last lap (or the step's start) as perf/{name}_s."""
         now = time.time()
         self.clock[f"perf/{name}_s"] = now - self.clock["last"]
         self.clock["last"] = now
@@ -1207,8 +1436,7 @@ class Run:
         if self.rank > 0:
             return
         row = {"step": step, "time_s": round(time.time() - self.t0, 3)}
-        for key, value in metrics.items():
-            row[key] = value if math.isfinite(value) else None
+        row |= {key: value if math.isfinite(value) else None for key, value in metrics.items()}
         with open(self.log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb:
@@ -1216,8 +1444,8 @@ class Run:
                 self.tb.add_scalar(key, value, step)
 
     def end_step(self, step: int, batch: dict, metrics: dict) -> None:
-        """Counters, the eval when due, the metrics row, and a checkpoint every --save_every steps, at the end, or on
-        SIGTERM / SIGINT (which then stops the run)."""
+        """Counters, the eval when due, the metrics row, and a checkpoint every --save_every steps,
+        at the end, or on SIGTERM / SIGINT (which then stops the run)."""
         args = self.args
         elapsed = time.time() - self.clock["start"]
         rows = len(batch["completion_ids"]) * self.world
@@ -1244,14 +1472,18 @@ class Run:
             self.save(step)
         if stop:
             why = self.stop[0] if self.stop else "a signal on another rank"
-            raise Stop(f"{why}: checkpoint of step {step} saved; continue with --resume {self.run_dir}")
+            raise Stop(
+                f"{why}: checkpoint of step {step} saved; continue with --resume {self.run_dir}"
+            )
 
     def save(self, step: int) -> None:
-        """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt (optimizer, counters), written
-        as step_N.tmp and renamed (never half-written); the newest --keep_last kept; `final` links to the last."""
+        """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt (optimizer,
+        counters), written as step_N.tmp and renamed (never half-written); the newest --keep_last
+        kept; `final` links to the last."""
         self.state["step"] = step
         self.state["elapsed_s"] = time.time() - self.t0
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=FULL_STATE)
+        states = dist_state.get_state_dict(self.model, self.optimizer, options=FULL_STATE)
+        model_state, optimizer_state = states
         path = os.path.join(self.run_dir, "checkpoints", f"step_{step:06d}")
         if self.rank == 0:
             try:
@@ -1264,7 +1496,12 @@ class Run:
             except OSError as e:
                 shutil.rmtree(path + ".tmp", ignore_errors=True)
                 raise UserError(f"could not save {path}: {e.strerror or e}") from None
-            self.remove_old_checkpoints()
+            if self.args.keep_last:  # only the newest --keep_last checkpoints stay
+                checkpoints = sorted(
+                    glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*[0-9]"))
+                )
+                for old in checkpoints[: -self.args.keep_last]:
+                    shutil.rmtree(old)
             if step == self.args.total_steps:
                 link = os.path.join(self.run_dir, "final")
                 with contextlib.suppress(FileNotFoundError):
@@ -1273,59 +1510,15 @@ class Run:
         if self.world > 1:
             dist.barrier()
 
-    def remove_old_checkpoints(self) -> None:
-        """--keep_last K > 0: only the newest K checkpoints stay."""
-        if not self.args.keep_last:
-            return
-        checkpoints = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*[0-9]")))
-        for old in checkpoints[: -self.args.keep_last]:
-            shutil.rmtree(old)
-
-
-def choose_device(use_cuda: bool):
-    """This rank's GPU (LOCAL_RANK modulo the visible GPUs: some launchers show each process one GPU), or the CPU."""
-    if not use_cuda:
-        return torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
-
-
-def fill_defaults(args, task, use_cuda: bool) -> None:
-    """Set the flags left unset (None) in place: the lengths to the task's defaults, --bf16 to whether the GPU
-    supports it. args.json then records the values the run used."""
-    if args.max_prompt_length is None:
-        args.max_prompt_length = task.max_prompt_length
-    if args.max_new_tokens is None:
-        args.max_new_tokens = task.max_new_tokens
-    if args.bf16 is None:
-        args.bf16 = use_cuda and torch.cuda.is_bf16_supported()
-
-
-def load_tokenizer(args):
-    """The policy's tokenizer (its pad token: EOS if it has none); lengths that the model cannot hold are an error,
-    before any weights load."""
-    import transformers
-
-    path = model_path(args.model_name_or_path)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        config = transformers.AutoConfig.from_pretrained(path)
-    except OSError as e:
-        raise UserError(f"could not load {args.model_name_or_path!r}: {str(e).strip().splitlines()[0]}") from None
-    positions = getattr(config, "max_position_embeddings", math.inf)
-    if args.max_prompt_length + args.max_new_tokens > positions:
-        raise UserError(f"--max_prompt_length + --max_new_tokens > the model's {positions} positions")
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    return tokenizer
-
 
 def tensorboard(args, run_dir: str):
     """--track: a TensorBoard writer, mirrored to W&B; each when installed."""
     with contextlib.suppress(ImportError):
         import wandb
 
+        name = os.path.basename(run_dir)
         wandb.init(
-            project=args.wandb_project_name, name=os.path.basename(run_dir), config=asdict(args), sync_tensorboard=True
+            project=args.wandb_project_name, name=name, config=asdict(args), sync_tensorboard=True
         )
     with contextlib.suppress(ImportError):
         from torch.utils.tensorboard import SummaryWriter

@@ -227,3 +227,64 @@ def load_task(
     raise TaskError(
         f"unknown task {task!r}: use 'arithmetic', 'jsonl' (with --train_file/--eval_file) or 'hf:<dataset>[:<config>]'"
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a run reads before any weights load: the task with its default lengths, the model's folder, the tokenizer
+# and the encoded prompts (the algorithm scripts' `Run` calls these)
+# ----------------------------------------------------------------------------------------------------------
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_task(args) -> Task:
+    """The task of the flags; the lengths left unset (None) are set in place to the task's defaults, so that
+    args.json records the values the run used."""
+    task = load_task(args.task, args.train_file, args.eval_file, args.prompt_field, args.answer_field)
+    if args.max_prompt_length is None:
+        args.max_prompt_length = task.max_prompt_length
+    if args.max_new_tokens is None:
+        args.max_new_tokens = task.max_new_tokens
+    return task
+
+
+def model_path(path: str) -> str:
+    """A relative path that does not exist here is read from the repository root (the shipped tiny models); any
+    other path that exists nowhere is an error; the rest are hub ids."""
+    if os.path.exists(path):
+        return path
+    if os.path.exists(os.path.join(REPOSITORY, path)):
+        return os.path.join(REPOSITORY, path)
+    if os.path.isabs(path) or path.startswith(".") or path.count("/") > 1:
+        raise TaskError(f"{path}: no such local folder (nor a hub id)")
+    return path
+
+
+def load_tokenizer(args):
+    """The policy's tokenizer (its pad token: EOS when it has none). Prompt and completion lengths that the model
+    cannot hold are an error, before any weights load."""
+    import transformers
+
+    path = model_path(args.model_name_or_path)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path)
+    except OSError as e:
+        first_line = str(e).strip().splitlines()[0]
+        raise TaskError(f"could not load {args.model_name_or_path!r}: {first_line}") from None
+    positions = getattr(config, "max_position_embeddings", math.inf)
+    if args.max_prompt_length + args.max_new_tokens > positions:
+        raise TaskError(f"--max_prompt_length + --max_new_tokens > the model's {positions} positions")
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return tokenizer
+
+
+def encode_task(tokenizer, task: Task, args) -> tuple:
+    """(training prompts, held-out prompts, held-out answers): token ids of every training prompt and of the first
+    --eval_num_prompts held-out ones; more --prompts_per_step than training prompts is an error."""
+    held_out = task.eval[: args.eval_num_prompts]
+    template, limit = args.chat_template, args.max_prompt_length
+    train_prompts = encode_prompts(tokenizer, task.train, template, limit, "train")
+    eval_prompts = encode_prompts(tokenizer, held_out, template, limit, "eval")
+    if args.prompts_per_step > len(train_prompts):
+        raise TaskError(f"--prompts_per_step {args.prompts_per_step} > {len(train_prompts)} training prompts")
+    return train_prompts, eval_prompts, [e.answer for e in held_out]

@@ -98,7 +98,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.trl_compare import exact_pass_at_1, run  # noqa: E402
+from benchmarks.trl_compare import exact_pass_at_1, run
 
 # One set of numbers per algorithm, given to both sides (ours as flags, TRL as its config).
 GKD = {"prompts_per_step": 128, "learning_rate": 1e-3, "lmbda": 1.0, "beta": 0.5, "temperature": 1.0}

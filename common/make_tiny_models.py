@@ -32,7 +32,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from common import TINY_POLICY, TINY_TEACHER
 from common.tasks import arithmetic_task
 
-SEED, BATCH, LR, WARMUP, TOTAL_STEPS, EVAL_EVERY = 0, 128, 3e-3, 100, 1500, 10
+SEED = 0
+BATCH = 128  # sequences per step
+LR = 3e-3  # peak learning rate
+WARMUP = 100  # linear warm-up steps, then cosine decay
+TOTAL_STEPS = 1500
+EVAL_EVERY = 10
 POLICY_MIN_PASS, TEACHER_MIN_PASS = 0.25, 0.9
 
 
@@ -130,13 +135,15 @@ def main():
     model = build_model(tokenizer)
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M")
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    lr_at = lambda s: (
-        LR
-        * min(1.0, (s + 1) / WARMUP)
-        * (  # noqa: E731
-            1.0 if s < WARMUP else 0.5 * (1 + math.cos(math.pi * (s - WARMUP) / (TOTAL_STEPS - WARMUP)))
-        )
-    )
+
+    def lr_at(s):
+        """Linear warm-up over WARMUP steps, then a cosine decay to 0 at TOTAL_STEPS."""
+        warmup = min(1.0, (s + 1) / WARMUP)
+        if s < WARMUP:
+            return LR * warmup
+        cosine = 0.5 * (1 + math.cos(math.pi * (s - WARMUP) / (TOTAL_STEPS - WARMUP)))
+        return LR * warmup * cosine
+
     policy_saved = False
     model.train()
     for step in range(1, TOTAL_STEPS + 1):

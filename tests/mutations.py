@@ -208,7 +208,7 @@ MUTATIONS = [
         "algorithms/grpo.py",
         "ratio.clamp(1 - eps_low, 1 + eps_high)",
         "ratio.clamp(0.8, 1 + eps_high)",
-        ["tests/test_flags.py::test_every_flag_changes_the_run[grpo]"],
+        ["tests/test_grpo.py::test_t6_clip_regions_with_asymmetric_eps"],
     ),
     (
         "grpo-no-old-logprobs-with-minibatches",

@@ -231,6 +231,11 @@ def test_t6_clip_regions_with_asymmetric_eps():
     # negative control: with the symmetric 0.2 clip, rho = 1.25 with A > 0 would be clipped
     g_sym = grad(one_token_loss(lp, adv, lp_old=lp_old, beta=0.0, epsilon=0.2, loss_agg="token_mean"), lp)
     assert abs(g_sym[0] - g[0]) > GAP
+    # other clip ranges move the regions: epsilon 0.1 also clips rho = 0.81 with A < 0; 1.3 stays inside 1 + 0.4
+    wide = one_token_loss(lp, adv, lp_old=lp_old, beta=0.0, epsilon=0.1, epsilon_high=0.4, loss_agg="token_mean")
+    clipped = torch.tensor([False, False, True, True, False, False])
+    expected = torch.where(clipped, torch.zeros(n, dtype=DT), -rho * adv / n)
+    assert max_abs(grad(wide, lp), expected) < TOL
     _, stats = grpo.grpo_loss(
         lp[:, None],
         lp_old[:, None],

@@ -19,6 +19,7 @@ from tests.harness import (
     run_script,
     tiny_flags,
 )
+from tests.test_reliability import untimed
 
 FLAGS = {  # flags each script must document in --help
     "grpo": [
@@ -116,9 +117,6 @@ def test_torchrun_two_processes(tmp_path, script):
     shutil.rmtree(tmp_path / "kill" / "checkpoints" / "step_000002")
     resumed = run_script(script, "--resume", str(tmp_path / "kill"), nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    untimed = lambda rows: [
-        {k: v for k, v in r.items() if k != "time_s" and "perf/" not in k and "_per_s" not in k} for r in rows
-    ]  # noqa: E731
     assert untimed(read_metrics(tmp_path / "kill")) == untimed(read_metrics(tmp_path / "ddp"))
     a, b = (safe_open(str(tmp_path / r / "final" / "model.safetensors"), "pt") for r in ("ddp", "kill"))
     assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())

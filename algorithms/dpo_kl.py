@@ -1027,9 +1027,8 @@ class Run:
         self.tb = None
         self.model = shard(policy, args)
         parameters = self.model.parameters()
-        self.optimizer = torch.optim.AdamW(
-            parameters, args.learning_rate, weight_decay=args.weight_decay
-        )
+        decay = args.weight_decay
+        self.optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=decay)
         self.state = {"step": 0, "elapsed_s": 0.0, "prompts_seen": 0}
         if self.checkpoint:
             path = os.path.join(self.checkpoint, "trainer_state.pt")

@@ -1,17 +1,20 @@
 # docs: docs/gkd.md
-# GKD: "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes" (arXiv 2306.13649).
-"""Generalized knowledge distillation: a student learns the full next-token distributions of a frozen teacher, in
-one file, with a zoo of per-token divergences.
+# GKD: "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes"
+"""Generalized knowledge distillation (arXiv 2306.13649): a student learns the full next-token
+distributions of a frozen teacher, with a zoo of per-token divergences.
 
 Objective (student q_theta, teacher p_T, s_t = (x, y_<t) the states of a completion y):
     min_theta E_x E_{y ~ data(lambda)} [ sum_t D(p_T(.|s_t), q_theta(.|s_t)) ],
-y sampled from the current student with probability lambda (on-policy, no gradient through the sampling), else the
-dataset's answer or, with --seq_kd, a teacher sample. Every D is 0 iff q = p_T at that state, so a fully expressive
-student's optimum is the teacher whatever the data; with limited capacity the data decides WHERE it matches.
-Loss (t = softmax(a / T), s = softmax(z / T) for teacher and student logits a, z at each completion position):
+y sampled from the current student with probability lambda (on-policy, no gradient through the
+sampling), else the dataset's answer or, with --seq_kd, a teacher sample. Every D is 0 iff q = p_T
+at that state, so a fully expressive student's optimum is the teacher whatever the data; with
+limited capacity the data decides WHERE it matches.
+Loss (t = softmax(a / T), s = softmax(z / T) for teacher and student logits a, z at each
+completion position):
     L = sum_{valid positions} D(t, s) / (global number of valid positions),   D from --divergence.
-On-policy per-token RKL with detached sampling is the per-state RKL under the student's state distribution, not
-the gradient of the sequence-level KL(q || p_T) (MiniLLM's extra score-function term; tests/test_gkd.py, G9).
+What this estimator really regularizes: on-policy per-token RKL with detached sampling is the
+per-state RKL under the student's state distribution, not the gradient of the sequence-level
+KL(q || p_T) (MiniLLM's extra score-function term; tests/test_gkd.py, G9).
 """
 
 import argparse
@@ -28,6 +31,7 @@ import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Literal, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,143 +52,115 @@ from common import tasks
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
-    seed: int = (
-        1  # seed of every random draw; step s on rank k samples from its own stream (seed, s, k)
-    )
+    seed: int = 1  # seed of every random draw (rank k samples step s from the stream (seed, s, k))
     cuda: bool = True  # use the GPU when there is one
     track: bool = False  # also log to TensorBoard and Weights & Biases, each when installed
     wandb_project_name: str = "klrl"  # the W&B project
     run_name: Optional[str] = None  # default {task}__{exp_name}__{seed}__{unix time}_{pid}
     output_dir: str = "runs"  # run folders go here
     # model and data
-    model_name_or_path: str = (
-        "common/models/tiny-policy"  # any Hugging Face causal LM: local folder or hub id
-    )
-    teacher_name_or_path: str = (
-        "common/models/tiny-teacher"  # the frozen teacher (same tokenizer, logit width)
-    )
-    task: str = "arithmetic"  # arithmetic (built in), jsonl (--train_file, --eval_file) or hf:<dataset>[:<config>]
+    model_name_or_path: str = "common/models/tiny-policy"  # a causal LM: local folder or hub id
+    teacher_name_or_path: str = "common/models/tiny-teacher"  # frozen; same tokenizer, logit width
+    # arithmetic (built in), jsonl (--train_file, --eval_file) or hf:<dataset>[:<config>]
+    task: str = "arithmetic"
     train_file: Optional[str] = None  # JSONL training prompts (--task jsonl)
     eval_file: Optional[str] = None  # JSONL held-out prompts (--task jsonl)
     prompt_field: str = "prompt"  # JSON field of the prompt (GSM8K: question)
-    answer_field: str = (
-        "answer"  # JSON field of the answer (GSM8K `#### 42` and `\boxed{}` are reduced)
-    )
+    answer_field: str = "answer"  # JSON field of the answer (GSM8K `#### 42`, `\boxed{}` reduced)
     chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
-    max_prompt_length: Optional[int] = (
-        None  # longer prompts are an error (default: 16 arithmetic, 512 data)
-    )
-    max_new_tokens: Optional[int] = (
-        None  # completion token limit (default: 4 arithmetic, 1024 data)
-    )
+    max_prompt_length: Optional[int] = None  # longer is an error (default 16 arithmetic, 512 data)
+    max_new_tokens: Optional[int] = None  # completion token limit (default 4 arithmetic, 1024 data)
     temperature: float = (
-        1.0  # sampling temperature, also of every log-prob (student, teacher; TRL samples at 0.9)
+        1.0  # of sampling and every log-prob (student, teacher; TRL samples at 0.9)
     )
     # training
     total_steps: int = 200  # rollout steps
-    prompts_per_step: int = (
-        128  # prompts per step, all ranks together, one completion each (TRL 8-32 per device)
-    )
+    prompts_per_step: int = 128  # all ranks together, one completion each (TRL 8-32 per device)
     num_iterations: int = 1  # passes over each batch (the teacher's target does not change)
     num_minibatches: int = 1  # optimizer steps per pass
-    micro_batch_size: int = (
-        512  # sequences per forward/backward on one device (2-8 for 1.5B, 1K tokens, 80 GB)
-    )
+    micro_batch_size: int = 512  # sequences per forward/backward on a device (1.5B, 1K tokens: 2-8)
     gen_batch_size: int = 512  # sequences per generation call on one device
-    learning_rate: float = (
-        1e-3  # AdamW, constant after warm-up (paper 3e-4 with Adafactor on T5, TRL 2e-5)
-    )
+    learning_rate: float = 1e-3  # AdamW, constant after warm-up (paper 3e-4 Adafactor, TRL 2e-5)
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient-norm clip (0 = none)
     warmup_steps: int = 0  # linear learning-rate warm-up, in optimizer steps
     # GKD
-    lmbda: float = 1.0  # on-policy fraction: the probability that a step samples the student (paper best 1, TRL 0.5)
-    seq_kd: bool = (
-        False  # off-policy steps train on teacher samples instead of the dataset's answers
-    )
-    divergence: Literal["jsd", "fkl", "rkl", "skl", "srkl", "tv", "akl"] = (
-        "jsd"  # per-token D(teacher, student)
-    )
+    lmbda: float = 1.0  # on-policy fraction: P(a step samples the student) (paper best 1, TRL 0.5)
+    seq_kd: bool = False  # off-policy steps train on teacher samples, not the dataset's answers
+    # per-token D(teacher, student), see divergence_from_log_probs
+    divergence: Literal["jsd", "fkl", "rkl", "skl", "srkl", "tv", "akl"] = "jsd"
     beta: float = 0.5  # JSD mixture m = beta t + (1 - beta) s; 0 / 1: exact fkl / rkl (TRL 0.5)
-    skew_alpha: float = (
-        0.1  # skl = KL(t || a t + (1 - a) s), srkl = KL(s || (1 - a) t + a s), < 1 (DistiLLM 0.1)
-    )
-    akl_mu: float = (
-        0.5  # AKL head: the fewest top teacher tokens whose mass reaches mu, <= 1 (AKL 0.5)
-    )
-    divergence_chunk_size: int = (
-        0  # positions per chunk of D, recomputed in backward (0 = one; real vocab 128-512)
-    )
+    # a in skl = KL(t || a t + (1 - a) s), srkl = KL(s || (1 - a) t + a s); < 1 (DistiLLM 0.1)
+    skew_alpha: float = 0.1
+    akl_mu: float = 0.5  # AKL head: the fewest top teacher tokens whose mass reaches mu (AKL 0.5)
+    # positions per chunk of D, recomputed in backward (0 = one chunk; real vocabularies 128-512)
+    divergence_chunk_size: int = 0
     # evaluation, logging, checkpoints
-    eval_every: int = (
-        25  # held-out eval every this many steps, at step 0 and at the end (0 = only those)
-    )
+    eval_every: int = 25  # held-out eval every this many steps, at step 0 and at the end (0: only)
     eval_num_prompts: int = 500  # held-out prompts per eval (the whole arithmetic held-out split)
-    eval_samples_per_prompt: int = (
-        4  # samples per held-out prompt at `temperature`; pass@1 = mean correctness
-    )
-    eval_kl: bool = (
-        True  # log eval/kl_init_rkl_exact_seq (needs a frozen copy of the initial student)
-    )
-    eval_teacher: bool = (
-        True  # log eval/kl_teacher_rkl_exact_seq, and the teacher's pass@1 at step 0
-    )
-    log_completions: int = (
-        0  # held-out (prompt, completion, reward) rows per eval written to completions.jsonl
-    )
+    eval_samples_per_prompt: int = 4  # samples per held-out prompt (pass@1: mean correctness)
+    eval_kl: bool = True  # log eval/kl_init_rkl_exact_seq (a frozen copy of the initial student)
+    eval_teacher: bool = True  # log eval/kl_teacher_rkl_exact_seq and the teacher's step-0 pass@1
+    log_completions: int = 0  # held-out (prompt, completion, reward) rows per eval to a JSONL file
     save_every: int = 0  # checkpoint every this many steps (0 = only at the end)
     keep_last: int = 0  # keep only the newest this many checkpoints (0 = all)
     resume: Optional[str] = None  # a run folder to continue, bit for bit; it keeps writing there
-    bf16: Optional[bool] = (
-        None  # bf16 autocast of forwards (weights, optimizer float32); default: on bf16 GPUs
-    )
+    bf16: Optional[bool] = None  # bf16 autocast of forwards (weights float32); default: bf16 GPUs
     gradient_checkpointing: bool = False  # trade compute for memory on real models
-    reshard_after_forward: bool = (
-        True  # under torchrun (FSDP2): free gathered weights after each forward (ZeRO-3)
-    )
+    reshard_after_forward: bool = True  # torchrun (FSDP2): free gathered weights after a forward
 
 
 def check_args(args: Args, world: int) -> None:
-    check_numbers(args, positive=POSITIVE + ("akl_mu", "num_iterations", "num_minibatches"))
-    for k in ("lmbda", "beta", "akl_mu"):
-        if getattr(args, k) > 1:
-            raise UserError(f"--{k} must be <= 1, got {getattr(args, k)}")
+    """Bad flag values, before any model loads (called by Run)."""
+    positive = ("akl_mu", "num_iterations", "num_minibatches")
+    check_numbers(args, POSITIVE + positive)
+    for name in ("lmbda", "beta", "akl_mu"):
+        value = getattr(args, name)
+        if value > 1:
+            raise UserError(f"--{name} must be <= 1, got {value}")
     if args.skew_alpha >= 1:
-        raise UserError(
-            f"--skew_alpha must be < 1 (at 1 the skew KLs are identically 0), got {args.skew_alpha}"
-        )
-    if args.prompts_per_step % world or args.prompts_per_step // world % args.num_minibatches:
+        why = "at 1 the skew KLs are identically 0"
+        raise UserError(f"--skew_alpha must be < 1 ({why}), got {args.skew_alpha}")
+    rows_per_rank = args.prompts_per_step // world
+    if args.prompts_per_step % world or rows_per_rank % args.num_minibatches:
         split = f"{world} ranks x --num_minibatches {args.num_minibatches}"
         raise UserError(f"--prompts_per_step {args.prompts_per_step} does not split into {split}")
 
 
-def check_same_vocabulary(student_tok, teacher_tok, student_width=None, teacher_width=None) -> None:
-    """D compares the two next-token distributions entry by entry: token i must be the same string for both (same
-    vocabulary and special tokens; checked before any weights load) and both need as many logits (the widths)."""
-    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
-    special = [
-        k
-        for k in ("bos_token", "eos_token", "unk_token")
-        if getattr(student_tok, k) != getattr(teacher_tok, k)
-    ]
-    if sv != tv or special:
-        pairs = sorted(set(sv.items()) ^ set(tv.items()), key=lambda x: x[1])
+def check_same_vocabulary(
+    student_tokenizer, teacher_tokenizer, student_width=None, teacher_width=None
+) -> None:
+    """D compares the two next-token distributions entry by entry: token i must be the same string
+    for both (same vocabulary and special tokens; checked before any weights load) and both need as
+    many logits (the widths)."""
+    student_vocab = student_tokenizer.get_vocab()
+    teacher_vocab = teacher_tokenizer.get_vocab()
+    special = []
+    for name in ("bos_token", "eos_token", "unk_token"):
+        if getattr(student_tokenizer, name) != getattr(teacher_tokenizer, name):
+            special.append(name)
+    if student_vocab != teacher_vocab or special:
+        # the (token, id) pairs that only one of the two has, the lowest id first
+        one_only = set(student_vocab.items()) ^ set(teacher_vocab.items())
+        pairs = [(token, i) for i, token in sorted((i, token) for token, i in one_only)]
+        sizes = f"{len(student_vocab)} vs {len(teacher_vocab)} tokens"
+        differences = f"(token, id) pairs in one only: {len(pairs)}, e.g. {pairs[:1]}"
         raise UserError(
-            f"the teacher's tokenizer differs from the student's ({len(sv)} vs {len(tv)} tokens; (token, id) pairs "
-            f"in one only: {len(pairs)}, e.g. {pairs[:1]}; special tokens that differ: {special}); GKD needs one"
+            f"the teacher's tokenizer differs from the student's ({sizes}; {differences}; "
+            f"special tokens that differ: {special}); GKD needs one"
         )
     if student_width != teacher_width:
-        raise UserError(
-            f"the teacher's logit width {teacher_width} differs from the student's {student_width}"
-        )
+        why = f"{teacher_width} differs from the student's {student_width}"
+        raise UserError(f"the teacher's logit width {why}")
 
 
-# ==========================================================================================================
-# ALGO LOGIC: pure functions, tensors in and out (tested against closed forms in tests/test_gkd.py)
-# ==========================================================================================================
+# ==================================================================================================
+# ALGO LOGIC: pure functions, tensors in and out (closed-form tests: tests/test_gkd.py)
+# ==================================================================================================
 def log_mix(log_a, log_b, w: float):
-    """log(w a + (1 - w) b) from log a, log b: the mixture is formed in PROBABILITY space (mixing log-probs
-    instead is the bug of huggingface/trl#2202). w = 0 or 1 return the other input exactly (no log 0)."""
+    """log(w a + (1 - w) b) from log a, log b: the mixture is formed in PROBABILITY space (mixing
+    log-probs instead is the bug of huggingface/trl#2202). w = 0 or 1 return the other input
+    exactly (no log 0)."""
     if w <= 0.0:
         return log_b
     if w >= 1.0:
@@ -192,202 +168,242 @@ def log_mix(log_a, log_b, w: float):
     return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
 
 
-def akl_head_mask(teacher_probs, mu: float):
-    """AKL head H in VOCABULARY order (bool, same shape): H = the shortest prefix of the teacher-sorted tokens
-    whose cumulative mass reaches mu, the crossing token included (never empty; the released AKL code puts it in
-    the tail, see docs/gkd.md), mapped back to the tokens themselves (applying the sorted mask unsorted is a bug)."""
-    sorted_p, order = teacher_probs.sort(dim=-1, descending=True, stable=True)
-    head_sorted = (
-        sorted_p.cumsum(-1) - sorted_p
-    ) < mu  # the mass BEFORE a token is < mu: it is still needed
+def kl(p, log_p, log_q):
+    """KL(p || q) over the last axis, from p and the log-probs of p and q."""
+    return (p * (log_p - log_q)).sum(-1)
+
+
+def akl_head_mask(teacher_probs, mu: float = 0.5):
+    """AKL head H in VOCABULARY order (bool, same shape): H = the shortest prefix of the
+    teacher-sorted tokens whose cumulative mass reaches mu, the crossing token included (never
+    empty; the released AKL code puts it in the tail, see docs/gkd.md), mapped back to the tokens
+    themselves (applying the sorted mask unsorted is a bug)."""
+    sorted_probs, order = teacher_probs.sort(dim=-1, descending=True, stable=True)
+    # a token is in the head while the mass BEFORE it is < mu: it is still needed to reach mu
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    head_sorted = mass_before < mu
     return torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
 
 
 def divergence_from_log_probs(
-    lt, ls, kind: str, beta: float = 0.5, skew_alpha: float = 0.1, akl_mu: float = 0.5
+    log_t, log_s, kind: str = "jsd", beta: float = 0.5, skew_alpha: float = 0.1, akl_mu=0.5
 ):
-    """Per-position D(t, s) over the last axis from teacher / student log-probs lt, ls (at temperature T):
+    """Per-position D(t, s) over the last axis from teacher / student log-probs (at temperature T):
         fkl  = sum t (log t - log s) = KL(t || s)            grad_z = (s - t) / T
         rkl  = sum s (log s - log t) = KL(s || t)            grad_z = s (log(s/t) - rkl) / T
-        jsd  = beta KL(t || m) + (1 - beta) KL(s || m),  m = beta t + (1 - beta) s   (paper; 0 <= jsd <= H_b(beta))
-               beta = 0 / 1 -> exactly fkl / rkl (TRL; a jump: jsd ~ beta fkl near 0, ~ (1 - beta) rkl near 1)
+        jsd  = beta KL(t || m) + (1 - beta) KL(s || m),  m = beta t + (1 - beta) s
+               (paper; 0 <= jsd <= H_b(beta)); beta = 0 / 1 -> exactly fkl / rkl (TRL; a jump:
+               jsd ~ beta fkl near 0, ~ (1 - beta) rkl near 1)
         skl  = KL(t || m),  m = alpha t + (1 - alpha) s      (DistiLLM skew KL, alpha = skew_alpha)
         srkl = KL(s || m),  m = (1 - alpha) t + alpha s      (DistiLLM skew reverse KL)
         tv   = 0.5 sum |t - s|
-        akl  = (g_H fkl + g_tail rkl) / (g_H + g_tail),  g_X = sum_{X} |t - s| over the teacher head H
-               (`akl_head_mask`) and the tail; the weights are detached (our choice), and D = 0 when s = t.
+        akl  = (g_H fkl + g_tail rkl) / (g_H + g_tail),  g_X = sum_{X} |t - s| over the teacher
+               head H (`akl_head_mask`) and the tail; the weights are detached (our choice), and
+               D = 0 when s = t.
     grad_z for student logits z: every row sums to 0 (softmax) and carries the 1/T factor."""
-    t, s = lt.exp(), ls.exp()
-    kl = lambda p, lp, lq: (p * (lp - lq)).sum(-1)  # noqa: E731  KL(p || q)
-    if kind == "fkl" or (
-        kind == "jsd" and beta <= 0.0
-    ):  # the raw JSD(0) and JSD(1) would be identically 0
-        return kl(t, lt, ls)
+    t = log_t.exp()
+    s = log_s.exp()
+    # the end points of JSD are the exact KLs: the raw JSD(0) and JSD(1) are identically 0
+    if kind == "fkl" or (kind == "jsd" and beta <= 0.0):
+        return kl(t, log_t, log_s)
     if kind == "rkl" or (kind == "jsd" and beta >= 1.0):
-        return kl(s, ls, lt)
+        return kl(s, log_s, log_t)
     if kind == "jsd":
-        lm = log_mix(lt, ls, beta)
-        return beta * kl(t, lt, lm) + (1 - beta) * kl(s, ls, lm)
+        log_m = log_mix(log_t, log_s, beta)
+        return beta * kl(t, log_t, log_m) + (1 - beta) * kl(s, log_s, log_m)
     if kind == "skl":
-        return kl(t, lt, log_mix(lt, ls, skew_alpha))
+        return kl(t, log_t, log_mix(log_t, log_s, skew_alpha))
     if kind == "srkl":
-        return kl(s, ls, log_mix(lt, ls, 1.0 - skew_alpha))
+        return kl(s, log_s, log_mix(log_t, log_s, 1.0 - skew_alpha))
     if kind == "tv":
         return 0.5 * (t - s).abs().sum(-1)
     if kind != "akl":
         raise ValueError(f"unknown divergence {kind!r}")
     with torch.no_grad():  # the mixing weights are detached (our choice)
-        head, gap = akl_head_mask(t, akl_mu).to(t.dtype), (t - s).abs()
-        g_head, g_tail = (gap * head).sum(-1), (gap * (1 - head)).sum(-1)
-        w_head = torch.where(
-            g_head + g_tail > 0,
-            g_head / (g_head + g_tail).clamp(min=torch.finfo(t.dtype).tiny),
-            0.5,
-        )
-    return w_head * kl(t, lt, ls) + (1 - w_head) * kl(s, ls, lt)
+        head = akl_head_mask(t, akl_mu).to(t.dtype)
+        gap = (t - s).abs()
+        gap_head = (gap * head).sum(-1)
+        gap_tail = (gap * (1 - head)).sum(-1)
+        gap_total = (gap_head + gap_tail).clamp(min=torch.finfo(t.dtype).tiny)
+        # s = t has no gap anywhere: D = 0 whatever the weight, so any weight (0.5) will do
+        w_head = torch.where(gap_head + gap_tail > 0, gap_head / gap_total, 0.5)
+    return w_head * kl(t, log_t, log_s) + (1 - w_head) * kl(s, log_s, log_t)
 
 
 def divergence(
-    teacher_logits, student_logits, kind: str, beta=0.5, skew_alpha=0.1, akl_mu=0.5, temperature=1.0
+    teacher_logits,
+    student_logits,
+    kind: str = "jsd",
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    akl_mu: float = 0.5,
+    temperature: float = 1.0,
 ):
-    """D(softmax(a / T), softmax(z / T)) per position from teacher / student logits a, z, in at least float32."""
+    """D(softmax(a / T), softmax(z / T)) per position from teacher / student logits a, z, in at
+    least float32."""
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    lt, ls = ((x.to(dtype) / temperature).log_softmax(-1) for x in (teacher_logits, student_logits))
-    return divergence_from_log_probs(lt, ls, kind, beta, skew_alpha, akl_mu)
+    log_t = (teacher_logits.to(dtype) / temperature).log_softmax(-1)
+    log_s = (student_logits.to(dtype) / temperature).log_softmax(-1)
+    return divergence_from_log_probs(log_t, log_s, kind, beta, skew_alpha, akl_mu)
 
 
-def gkd_loss(lt, ls, mask, completion_ids, args, num_tokens):
-    """This micro-batch's share of the global token mean of D = args.divergence between teacher and student
-    log-probs lt, ls [B, C, V]:
-        L = sum_{b,t} mask_bt D(t_bt, s_bt) / N_tokens,   N_tokens = valid positions over ALL ranks and micro-batches,
-    the same for any split. args.divergence_chunk_size > 0: D over chunks of positions under activation
-    checkpointing. Stats: token-mean shares of KL(t || s), KL(s || t), H(t), log t(completion_ids), whatever D is."""
-    m, n, step = mask.to(ls.dtype), max(num_tokens, 1), args.divergence_chunk_size or ls.shape[1]
-    total, sums = ls.new_zeros(()), torch.zeros(4, dtype=torch.float64, device=ls.device)
-
-    def D(a, z):
-        return divergence_from_log_probs(
-            a, z, args.divergence, args.beta, args.skew_alpha, args.akl_mu
-        )
-
-    for c in range(0, ls.shape[1], step):
-        a, z, mc = lt[:, c : c + step], ls[:, c : c + step], m[:, c : c + step]
-        chunked = args.divergence_chunk_size > 0 and torch.is_grad_enabled() and z.requires_grad
-        d = checkpoint(D, a, z, use_reentrant=False) if chunked else D(a, z)
-        total = total + (d * mc).sum()
+def gkd_loss(
+    log_t,
+    log_s,
+    mask,
+    completion_ids,
+    num_tokens,
+    divergence: str = "jsd",
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    akl_mu: float = 0.5,
+    divergence_chunk_size: int = 0,
+):
+    """This micro-batch's share of the global token mean of D = `divergence` (with its beta,
+    skew_alpha, akl_mu) between teacher and student log-probs log_t, log_s [B, C, V]:
+        L = sum_{b,t} mask_bt D(t_bt, s_bt) / N_tokens,
+    N_tokens = `num_tokens`, the valid positions over ALL ranks and micro-batches: the same L for
+    any split. divergence_chunk_size > 0: D over chunks of that many positions, under activation
+    checkpointing. Stats: token-mean shares of KL(t || s), KL(s || t), H(t) and
+    log t(completion_ids), whatever D is. Returns (loss, stats)."""
+    mask = mask.to(log_s.dtype)
+    C = log_s.shape[1]
+    chunk = divergence_chunk_size or C
+    options = {"kind": divergence, "beta": beta, "skew_alpha": skew_alpha, "akl_mu": akl_mu}
+    D = partial(divergence_from_log_probs, **options)
+    # recomputing D in backward keeps only one chunk's [B, chunk, V] intermediates alive at a time
+    recompute = divergence_chunk_size > 0 and torch.is_grad_enabled() and log_s.requires_grad
+    total = log_s.new_zeros(())
+    sums = torch.zeros(4, dtype=torch.float64, device=log_s.device)  # the four stats
+    for start in range(0, C, chunk):
+        positions = slice(start, start + chunk)
+        lt = log_t[:, positions]
+        ls = log_s[:, positions]
+        if recompute:
+            d = checkpoint(D, lt, ls, use_reentrant=False)
+        else:
+            d = D(lt, ls)
+        total = total + (d * mask[:, positions]).sum()
         with torch.no_grad():
-            t, s = a.exp(), z.exp()
-            per = [(t * (a - z)).sum(-1), (s * (z - a)).sum(-1), -(t * a).sum(-1)]
-            per.append(token_logprobs(a, completion_ids[:, c : c + step]))
-            sums += torch.stack([(x * mc).sum().double() for x in per])
-    keys = [
-        "kl_teacher_fkl_exact",
-        "kl_teacher_rkl_exact",
-        "entropy_teacher",
-        "charts/teacher_logprob_mean",
-    ]
-    return total / n, {"loss": total.detach() / n} | dict(zip(keys, sums / n))
+            t = lt.exp()
+            s = ls.exp()
+            teacher_logprobs = token_logprobs(lt, completion_ids[:, positions])
+            per_position = [kl(t, lt, ls), kl(s, ls, lt), -(t * lt).sum(-1), teacher_logprobs]
+            sums += torch.stack([(x * mask[:, positions]).sum().double() for x in per_position])
+    n = max(num_tokens, 1)
+    names = ["kl_teacher_fkl_exact", "kl_teacher_rkl_exact", "entropy_teacher"]
+    names.append("charts/teacher_logprob_mean")
+    stats = {"loss": total.detach() / n} | dict(zip(names, sums / n))
+    return total / n, stats
 
 
 def on_policy_coin(seed: int, step: int, lmbda: float) -> bool:
-    """The step's data source: on-policy iff u < lmbda, u ~ U(0, 1) from (seed, step) alone: the same on every rank,
-    for any world size and after a resume (per-rank coins would hang FSDP). The whole batch follows one coin, as TRL."""
+    """The step's data source: on-policy iff u < lmbda, u ~ U(0, 1) from (seed, step) alone: the
+    same on every rank, for any world size and after a resume (per-rank coins would hang FSDP).
+    The whole batch follows one coin, as TRL."""
     return bool(np.random.default_rng([seed, step, 0x6B6D]).random() < lmbda)
 
 
-# ==========================================================================================================
-# ROLLOUT: sampling, teacher-forced log-probs, evaluation (identical in every file that has them)
-# ==========================================================================================================
-
-
-# ==========================================================================================================
-# UPDATE: the loss of a micro-batch (from the policy's log-softmax over its rows), and the update loop
-# ==========================================================================================================
-def micro_loss(lsm, batch: dict, rows, args, num_seqs, num_tokens):
-    with (
-        torch.no_grad(),
-        autocast(args),
-    ):  # the teacher, re-run per micro-batch (a whole batch's would not fit)
-        lt = completion_log_softmax(batch["teacher"], batch, rows, args.temperature)
-    C = lsm.shape[1]
-    return gkd_loss(
-        lt, lsm, batch["loss_mask"][rows, :C], batch["completion_ids"][rows, :C], args, num_tokens
-    )
-
-
-# ==========================================================================================================
-# TRAIN
-# ==========================================================================================================
+# ==================================================================================================
+# UPDATE and TRAIN: the data of off-policy steps, the loss of a micro-batch, the training loop
+# ==================================================================================================
 def encode_completions(tokenizer, examples: list, limit: int) -> list:
-    """The dataset completions of off-policy steps without --seq_kd: each answer + EOS (never truncated)."""
-    ids = tokenizer([e.answer for e in examples], add_special_tokens=False)["input_ids"]
-    if (longest := max(map(len, ids)) + 1) > limit:
+    """The completions of off-policy steps without --seq_kd: each dataset answer + EOS (never
+    truncated: a longer answer is an error)."""
+    answers = [example.answer for example in examples]
+    ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
+    longest = max(map(len, ids)) + 1  # with EOS
+    if longest > limit:
         raise UserError(f"a train answer has {longest} tokens with EOS > --max_new_tokens {limit}")
-    return [c + [tokenizer.eos_token_id] for c in ids]
+    return [answer + [tokenizer.eos_token_id] for answer in ids]
+
+
+def micro_loss(log_softmax, batch: dict, rows, args, num_seqs, num_tokens):
+    """GKD's loss of the micro-batch `rows`, from the student's log-softmax over their tokens."""
+    # the teacher runs per micro-batch: a whole batch's [M, C, V] log-softmax would not fit
+    with torch.no_grad(), autocast(args):
+        log_t = completion_log_softmax(batch["teacher"], batch, rows, args.temperature)
+    C = log_softmax.shape[1]
+    return gkd_loss(
+        log_t,
+        log_softmax,
+        batch["loss_mask"][rows, :C],
+        batch["completion_ids"][rows, :C],
+        num_tokens,
+        divergence=args.divergence,
+        beta=args.beta,
+        skew_alpha=args.skew_alpha,
+        akl_mu=args.akl_mu,
+        divergence_chunk_size=args.divergence_chunk_size,
+    )
 
 
 def train(args: Args) -> None:
     from transformers import AutoTokenizer
 
-    run = Run(args)  # the task and its prompts, processes, the checkpoint to resume (PLUMBING)
+    run = Run(args)  # the task and its prompts, the processes, the checkpoint to resume (SHARED)
     try:
-        teacher_tokenizer = AutoTokenizer.from_pretrained(tasks.model_path(args.teacher_name_or_path))
+        teacher_path = tasks.model_path(args.teacher_name_or_path)
+        teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     except OSError as e:
-        raise UserError(
-            f"could not load {args.teacher_name_or_path!r}: {str(e).strip().splitlines()[0]}"
-        ) from None
+        why = str(e).strip().splitlines()[0]
+        raise UserError(f"could not load {args.teacher_name_or_path!r}: {why}") from None
     check_same_vocabulary(run.tokenizer, teacher_tokenizer)  # before any weights load
     policy = load_model(run.checkpoint or args.model_name_or_path, args, trainable=True)
     teacher = load_model(args.teacher_name_or_path, args)
-    widths = [len(m.get_output_embeddings().weight) for m in (policy, teacher)]
-    check_same_vocabulary(run.tokenizer, teacher_tokenizer, *widths)
-    init = load_model(args.model_name_or_path, args) if args.eval_kl else None
+    student_width = len(policy.get_output_embeddings().weight)
+    teacher_width = len(teacher.get_output_embeddings().weight)
+    check_same_vocabulary(run.tokenizer, teacher_tokenizer, student_width, teacher_width)
+    kl_models = {}  # the frozen models of the eval's exact KLs
+    if args.eval_kl:  # a frozen copy of the initial student
+        kl_models["init"] = load_model(args.model_name_or_path, args)
+    if args.eval_teacher:
+        kl_models["teacher"] = teacher
     if args.lmbda < 1 and not args.seq_kd:
         completions = encode_completions(run.tokenizer, run.task.train, args.max_new_tokens)
-    eos, pad = eos_ids(run.tokenizer, policy), run.tokenizer.pad_token_id
-    kl_models = ({"init": init} if args.eval_kl else {}) | (
-        {"teacher": teacher} if args.eval_teacher else {}
-    )
+    eos = eos_ids(run.tokenizer, policy)
+    pad = run.tokenizer.pad_token_id
 
     def evaluate_all():  # at step 0 also the teacher's pass@1, the ceiling of the distillation
         metrics, shown = evaluate(policy, kl_models, run, eos)
-        if args.eval_teacher and getattr(run, "step", 0) == 0:
-            metrics["eval/teacher_pass@1"] = evaluate(teacher, {}, run, eos)[0]["eval/pass@1"]
+        if args.eval_teacher and getattr(run, "step", 0) == 0:  # (no run.step before step 1)
+            teacher_metrics, _ = evaluate(teacher, {}, run, eos)
+            metrics["eval/teacher_pass@1"] = teacher_metrics["eval/pass@1"]
         return metrics, shown
 
     model, optimizer = run.start(policy, evaluate_all)
-    on_policy_steps = sum(
-        on_policy_coin(args.seed, s, args.lmbda) for s in range(1, run.state["step"] + 1)
-    )
+    done = range(1, run.state["step"] + 1)  # the steps before a resume
+    on_policy_steps = sum(on_policy_coin(args.seed, step, args.lmbda) for step in done)
     for step in run.steps():
-        # 1. the step's prompts (one global draw, this rank's share); one coin from (seed, step) picks the source
-        mine, on_policy = run.prompts(step), on_policy_coin(args.seed, step, args.lmbda)
-        prompts, on_policy_steps = [run.train_prompts[i] for i in mine], on_policy_steps + on_policy
+        # 1. the step's prompts (one global draw, this rank's share); one coin from (seed, step)
+        #    picks the data source of the whole step, on every rank
+        mine = run.prompts(step)
+        prompts = [run.train_prompts[i] for i in mine]
+        on_policy = on_policy_coin(args.seed, step, args.lmbda)
+        on_policy_steps += on_policy
         # 2. completions: the student's samples, the teacher's (--seq_kd) or the dataset's answers
-        if on_policy or args.seq_kd:
-            batch = sample_batch(
-                policy if on_policy else teacher, prompts, args, eos, pad, run.sampler(step)
-            )
+        if on_policy:
+            batch = sample_batch(policy, prompts, args, eos, pad, run.sampler(step))
+        elif args.seq_kd:
+            batch = sample_batch(teacher, prompts, args, eos, pad, run.sampler(step))
         else:
             batch = make_batch(prompts, [completions[i] for i in mine], eos, pad)
         run.lap("generate")
-        rewards = run.task.score(
-            decode(run.tokenizer, batch), [run.task.train[i].answer for i in mine]
-        )
+        # the rewards are only logged: the loss does not use them
+        answers = [run.task.train[i].answer for i in mine]
+        rewards = run.task.score(decode(run.tokenizer, batch), answers)
         reward_mean, reward_std = global_mean_std(torch.tensor(rewards, device=DEVICE))
-        # 3. teacher and student log-softmax at every completion position, D, one AdamW step per mini-batch
-        batch |= {"loss_mask": batch["completion_mask"], "teacher": teacher}
+        # 3. teacher and student log-softmax at every completion position, D, one AdamW step per
+        #    mini-batch (micro_loss runs the teacher on each micro-batch)
+        batch["loss_mask"] = batch["completion_mask"]
+        batch["teacher"] = teacher
         metrics = update_policy(model, optimizer, batch, args, step, micro_loss)
         run.lap("update")
-        metrics |= {
-            "charts/on_policy": float(on_policy),
-            "charts/on_policy_frac": on_policy_steps / step,
-        }
-        run.end_step(
-            step,
-            batch,
-            metrics | {"charts/reward_mean": reward_mean, "charts/reward_std": reward_std},
-        )
+        metrics["charts/on_policy"] = float(on_policy)
+        metrics["charts/on_policy_frac"] = on_policy_steps / step
+        metrics["charts/reward_mean"] = reward_mean
+        metrics["charts/reward_std"] = reward_std
+        run.end_step(step, batch, metrics)
 
 
 # ==================================================================================================
@@ -964,9 +980,8 @@ class Run:
         self.tb = None
         self.model = shard(policy, args)
         parameters = self.model.parameters()
-        self.optimizer = torch.optim.AdamW(
-            parameters, args.learning_rate, weight_decay=args.weight_decay
-        )
+        decay = args.weight_decay
+        self.optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=decay)
         self.state = {"step": 0, "elapsed_s": 0.0, "prompts_seen": 0}
         if self.checkpoint:
             path = os.path.join(self.checkpoint, "trainer_state.pt")

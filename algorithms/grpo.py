@@ -280,10 +280,7 @@ def train(args: Args) -> None:
     eos = eos_ids(run.tokenizer, policy)
     pad = run.tokenizer.pad_token_id
     G = args.num_generations
-    off_policy = (
-        args.num_iterations * args.num_minibatches > 1
-    )  # later optimizer steps: theta moved
-
+    off_policy = args.num_iterations * args.num_minibatches > 1  # later steps: theta moved
     model, optimizer = run.start(policy, partial(evaluate, policy, kl_models, run, eos))
     for step in run.steps():
         # 1. the step's prompts (one global draw, this rank's share), G completions each from pi_old
@@ -891,9 +888,8 @@ class Run:
         self.tb = None
         self.model = shard(policy, args)
         parameters = self.model.parameters()
-        self.optimizer = torch.optim.AdamW(
-            parameters, args.learning_rate, weight_decay=args.weight_decay
-        )
+        decay = args.weight_decay
+        self.optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=decay)
         self.state = {"step": 0, "elapsed_s": 0.0, "prompts_seen": 0}
         if self.checkpoint:
             path = os.path.join(self.checkpoint, "trainer_state.pt")

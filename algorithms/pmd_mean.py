@@ -1,17 +1,18 @@
 # docs: docs/pmd_mean.md
-# PMD-mean: "Approximation of Log-Partition Function in Policy Mirror Descent Induces Implicit Regularization for
-# LLM Post-Training" (arXiv 2602.05933).
-"""Policy mirror descent with the mean-reward approximation of the log-partition function, in one file.
+# PMD-mean: "Approximation of Log-Partition Function in Policy Mirror Descent Induces Implicit
+# Regularization for LLM Post-Training" (arXiv 2602.05933).
+"""Policy mirror descent with the mean-reward approximation of the log-partition function.
 
-Each rollout step is one mirror-descent step anchored at the rollout policy pi_t (no reference model):
+Each rollout step is one mirror-descent step anchored at the rollout policy pi_t (no reference):
     pi_{t+1} = argmax_pi E_pi[r] - tau KL(pi || pi_t),   exact step pi_{t+1} = pi_t e^{r/tau} / Z_t,
-so tau log(pi_{t+1}/pi_t)(y) = r(y) - tau log Z_t is regressed on samples of pi_t. PMD-mean replaces tau log Z_t
-by the mean reward; per response y_i with sequence log-ratio Delta_i = sum_t (log pi_theta - log pi_t):
-    l_i = 0.5 tau (A_i / tau - Delta_i)^2 / L_i,        A_i = r_i - baseline  (--baseline, --length_norm).
-Its population solution (exact mean baseline, one prompt) is pi_{t+1}(y) = pi_t(y) W0(lambda e^{a(y)}) / lambda,
-a = (r - E_{pi_t} r)/tau, W0 the Lambert W function, lambda > 0 the normalizer (the same for the leave-one-out
-mean): it maximizes E_pi[r] - tau KL(pi || pi_t) - (tau lambda / 2) chi2(pi || pi_t), an adaptive chi-squared
-penalty, a more conservative step than exact PMD (recovered with the exact tau log Z_t as the baseline).
+so tau log(pi_{t+1}/pi_t)(y) = r(y) - tau log Z_t is regressed on samples of pi_t. PMD-mean replaces
+tau log Z_t by the mean reward. Per response y_i, with Delta_i = sum_t (log pi_theta - log pi_t):
+    l_i = 0.5 tau (A_i / tau - Delta_i)^2 / L_i,  A_i = r_i - baseline (--baseline, --length_norm).
+What this estimator really regularizes: its population solution (exact mean baseline, one prompt) is
+    pi_{t+1}(y) = pi_t(y) W0(lambda e^{a(y)}) / lambda,    a = (r - E_{pi_t} r) / tau,
+W0 the Lambert W function, lambda > 0 the normalizer (the same for the leave-one-out mean). It
+maximizes E_pi[r] - tau KL(pi || pi_t) - (tau lambda / 2) chi2(pi || pi_t), an adaptive chi-squared
+penalty: a more conservative step than exact PMD (recovered with the exact tau log Z_t as baseline).
 """
 
 import argparse
@@ -28,6 +29,7 @@ import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Literal, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,219 +49,208 @@ from common import tasks
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
-    seed: int = (
-        1  # seed of every random draw; step s on rank k samples from its own stream (seed, s, k)
-    )
+    seed: int = 1  # seed of every random draw (rank k samples step s from the stream (seed, s, k))
     cuda: bool = True  # use the GPU when there is one
     track: bool = False  # also log to TensorBoard and Weights & Biases, each when installed
     wandb_project_name: str = "klrl"  # the W&B project
     run_name: Optional[str] = None  # default {task}__{exp_name}__{seed}__{unix time}_{pid}
     output_dir: str = "runs"  # run folders go here
     # model and data
-    model_name_or_path: str = (
-        "common/models/tiny-policy"  # any Hugging Face causal LM: local folder or hub id
-    )
-    task: str = "arithmetic"  # arithmetic (built in), jsonl (--train_file, --eval_file) or hf:<dataset>[:<config>]
+    model_name_or_path: str = "common/models/tiny-policy"  # a causal LM: local folder or hub id
+    # arithmetic (built in), jsonl (--train_file, --eval_file) or hf:<dataset>[:<config>]
+    task: str = "arithmetic"
     train_file: Optional[str] = None  # JSONL training prompts (--task jsonl)
     eval_file: Optional[str] = None  # JSONL held-out prompts (--task jsonl)
     prompt_field: str = "prompt"  # JSON field of the prompt (GSM8K: question)
-    answer_field: str = (
-        "answer"  # JSON field of the answer (GSM8K `#### 42` and `\boxed{}` are reduced)
-    )
+    answer_field: str = "answer"  # JSON field of the answer (GSM8K `#### 42`, `\boxed{}` reduced)
     chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
-    max_prompt_length: Optional[int] = (
-        None  # longer prompts are an error (default: 16 arithmetic, 512 data)
-    )
-    max_new_tokens: Optional[int] = (
-        None  # completion token limit (default: 4 arithmetic, 1024 data)
-    )
-    temperature: float = (
-        1.0  # sampling temperature, also of every log-prob (policy, old, reference)
-    )
+    max_prompt_length: Optional[int] = None  # longer is an error (default 16 arithmetic, 512 data)
+    max_new_tokens: Optional[int] = None  # completion token limit (default 4 arithmetic, 1024 data)
+    temperature: float = 1.0  # sampling temperature, also of every log-prob (policy, old, init)
     # training
     total_steps: int = 200  # rollout steps
     prompts_per_step: int = 64  # prompts per step, all ranks together (OpenKimi 512)
     num_generations: int = 8  # n, completions per prompt (OpenKimi 16)
     num_iterations: int = 1  # mu, passes over each rollout (paper 1)
-    num_minibatches: int = (
-        4  # optimizer steps per pass, all anchored to the same pi_t (OpenKimi 16)
-    )
-    micro_batch_size: int = (
-        512  # sequences per forward/backward on one device (4-16 for 1.5B, 1K tokens, 80 GB)
-    )
+    num_minibatches: int = 4  # optimizer steps per pass, all anchored to pi_t (OpenKimi 16)
+    micro_batch_size: int = 512  # sequences per forward/backward per device (1.5B, 1K tokens: 4-16)
     gen_batch_size: int = 512  # sequences per generation call on one device
     learning_rate: float = 3e-4  # AdamW, constant after warm-up (OpenKimi 1e-6)
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient-norm clip (0 = none)
     warmup_steps: int = 0  # linear learning-rate warm-up, in optimizer steps
     # PMD
-    tau: float = 0.1  # step size (KL coefficient to pi_t), 0/1 rewards (OpenKimi 0.01 on +-1 rewards = 0.005 here)
+    tau: float = 0.1  # KL coefficient to pi_t, the step size (OpenKimi 0.01 on +-1 rewards: 0.005)
     baseline: Literal["loo", "mean_incl_self", "partition"] = "loo"
-    """loo: mean of the others (OpenKimi); mean_incl_self: group mean (Kimi k1.5, = loo at tau n/(n-1)); partition:
-    leave-one-out tau log-mean-exp(r / tau), an estimate of tau log Z (PMD-part)"""
-    length_norm: bool = True  # divide each squared residual by the completion's length (OpenKimi); off: max_new_tokens
+    """loo: mean of the others (OpenKimi); mean_incl_self: group mean (Kimi k1.5, = loo at tau
+    n/(n-1)); partition: leave-one-out tau log-mean-exp(r / tau), estimates tau log Z (PMD-part)"""
+    length_norm: bool = True  # L_i = completion length (OpenKimi); off: L_i = max_new_tokens
     # evaluation, logging, checkpoints
-    eval_every: int = (
-        25  # held-out eval every this many steps, at step 0 and at the end (0 = only those)
-    )
+    eval_every: int = 25  # held-out eval every this many steps, at step 0 and at the end (0: only)
     eval_num_prompts: int = 500  # held-out prompts per eval (the whole arithmetic held-out split)
-    eval_samples_per_prompt: int = (
-        4  # samples per held-out prompt at `temperature`; pass@1 = mean correctness
-    )
-    eval_kl: bool = (
-        True  # log eval/kl_init_rkl_exact_seq (loads a frozen initial policy: PMD has no reference)
-    )
-    log_completions: int = (
-        0  # held-out (prompt, completion, reward) rows per eval written to completions.jsonl
-    )
+    eval_samples_per_prompt: int = 4  # samples per held-out prompt (pass@1: mean correctness)
+    eval_kl: bool = True  # log eval/kl_init_rkl_exact_seq (loads a frozen initial policy)
+    log_completions: int = 0  # held-out (prompt, completion, reward) rows per eval to a JSONL file
     save_every: int = 0  # checkpoint every this many steps (0 = only at the end)
     keep_last: int = 0  # keep only the newest this many checkpoints (0 = all)
     resume: Optional[str] = None  # a run folder to continue, bit for bit; it keeps writing there
-    bf16: Optional[bool] = (
-        None  # bf16 autocast of forwards (weights, optimizer float32); default: on bf16 GPUs
-    )
+    bf16: Optional[bool] = None  # bf16 autocast of forwards (weights float32); default: bf16 GPUs
     gradient_checkpointing: bool = False  # trade compute for memory on real models
-    reshard_after_forward: bool = (
-        True  # under torchrun (FSDP2): free gathered weights after each forward (ZeRO-3)
-    )
+    reshard_after_forward: bool = True  # torchrun (FSDP2): free gathered weights after a forward
 
 
 def check_args(args: Args, world: int) -> None:
-    check_numbers(
-        args, positive=POSITIVE + ("tau", "num_generations", "num_iterations", "num_minibatches")
-    )
+    """Bad flag values, before any model loads (called by Run)."""
+    positive = ("tau", "num_generations", "num_iterations", "num_minibatches")
+    check_numbers(args, POSITIVE + positive)
     if args.num_generations < 2:
         raise UserError(
             "--num_generations must be >= 2 (the leave-one-out baselines need two samples)"
         )
-    n, g, m = args.prompts_per_step, args.num_generations, args.num_minibatches
-    if n % world or n // world * g % m:  # whole groups on every rank, whole mini-batches
-        split = f"does not split into {world} ranks x --num_minibatches {m}"
-        raise UserError(f"--prompts_per_step {n} x --num_generations {g} {split}")
+    # whole groups on every rank (a baseline needs its whole group), whole mini-batches
+    rows_per_rank = args.prompts_per_step // world * args.num_generations
+    if args.prompts_per_step % world or rows_per_rank % args.num_minibatches:
+        sizes = f"{args.prompts_per_step} x --num_generations {args.num_generations}"
+        split = f"{world} ranks x --num_minibatches {args.num_minibatches}"
+        raise UserError(f"--prompts_per_step {sizes} does not split into {split}")
 
 
-# ==========================================================================================================
-# ALGO LOGIC: pure functions, tensors in and out (tested against closed forms in tests/test_pmd_mean.py)
-# ==========================================================================================================
+# ==================================================================================================
+# ALGO LOGIC: pure functions, tensors in and out (closed-form tests: tests/test_pmd_mean.py)
+# ==================================================================================================
 def pmd_advantages(rewards, group_size: int, baseline: str = "loo", tau: float = 0.1):
     """A_i = r_i - b_i for each group of n = group_size contiguous rewards:
-    loo:            b_i = mean of the OTHER n - 1 rewards, A_i = n/(n-1) (r_i - mean r) (OpenKimi, verl rloo);
+    loo:            b_i = mean of the OTHER n - 1 rewards, A_i = n/(n-1) (r_i - mean r) (OpenKimi,
+                    verl rloo);
     mean_incl_self: b = mean r (Kimi k1.5; the same as loo at tau n/(n-1));
-    partition:      b_i = tau (logsumexp_{j != i}(r_j / tau) - log(n - 1)), a leave-one-out estimate of tau log Z_t,
-                    in log space in float64 (a unique best in (+1, -1, -1, -1) at tau = 0.01 gets A = 2, where
-                    OpenKimi's float32 clamped mean gives 0.184)."""
-    n, r = group_size, rewards.view(-1, group_size)
+    partition:      b_i = tau (logsumexp_{j != i}(r_j / tau) - log(n - 1)), a leave-one-out estimate
+                    of tau log Z_t, in log space in float64 (a unique best in (+1, -1, -1, -1) at
+                    tau = 0.01 gets A = 2, where OpenKimi's float32 clamped mean gives 0.184)."""
+    n = group_size
+    r = rewards.view(-1, n)
     if baseline == "partition":
-        others = (r.double() / tau).unsqueeze(1).expand(-1, n, n)
-        others = others.masked_fill(torch.eye(n, dtype=torch.bool, device=r.device), -math.inf)
-        return (
-            (r.double() - tau * (torch.logsumexp(others, dim=-1) - math.log(n - 1)))
-            .to(r.dtype)
-            .reshape(-1)
-        )
+        # row i of the [groups, n, n] tensor holds every r_j / tau of its group but r_i (-inf)
+        scaled = (r.double() / tau).unsqueeze(1).expand(-1, n, n)
+        diagonal = torch.eye(n, dtype=torch.bool, device=r.device)
+        others = scaled.masked_fill(diagonal, -math.inf)
+        log_mean_exp = torch.logsumexp(others, dim=-1) - math.log(n - 1)
+        adv = r.double() - tau * log_mean_exp
+        return adv.to(r.dtype).reshape(-1)
     if baseline not in ("loo", "mean_incl_self"):
         raise ValueError(f"unknown baseline {baseline!r}")
     adv = r - r.mean(dim=1, keepdim=True)
-    return (adv * (n / (n - 1)) if baseline == "loo" else adv).reshape(-1)
+    if baseline == "loo":
+        # r_i - (n mean - r_i) / (n - 1) = n/(n-1) (r_i - mean)
+        adv = adv * (n / (n - 1))
+    return adv.reshape(-1)
 
 
-def pmd_loss(lp, lp_old, mask, adv, args, num_seqs, num_tokens):
+def sequence_mean(x, num_seqs):
+    """This micro-batch's share of the global mean of x over the sequences."""
+    return x.sum() / max(num_seqs, 1)
+
+
+def pmd_loss(
+    lp,
+    lp_old,
+    mask,
+    adv,
+    num_seqs,
+    num_tokens,
+    tau: float = 0.1,
+    length_norm: bool = True,
+    max_new_tokens: int = 1,
+):
     """PMD regression loss of one micro-batch, its share of the mean over the global mini-batch:
-        L = (1/N_seq) sum_i 0.5 tau (A_i / tau - Delta_i)^2 / L_i,    Delta_i = sum_t m_it (lp_it - lp_old_it),
-    L_i = the completion's length (args.length_norm, OpenKimi "seq-mean-token-mean") or args.max_new_tokens.
-    Per-sample gradient -(A_i - tau Delta_i) / L_i grad log pi_theta(y_i): at theta = theta_old the leave-one-out
-    policy gradient, then a pull back toward pi_old as Delta grows (Kimi k1.5's (A - tau Delta)^2 over 2 tau).
-    lp, lp_old, mask [B, T]; adv [B]; num_seqs, num_tokens: global counts; stats: shares of global means."""
-    m, tau = mask.to(lp.dtype), args.tau
-    delta = ((lp - lp_old) * m).sum(-1)
-    length = (
-        m.sum(-1).clamp(min=1)
-        if args.length_norm
-        else torch.full_like(delta, float(args.max_new_tokens))
-    )
+        L = (1/N_seq) sum_i 0.5 tau (A_i / tau - Delta_i)^2 / L_i,
+        Delta_i = sum_t m_it (lp_it - lp_old_it),
+    L_i = the completion's length (length_norm, OpenKimi "seq-mean-token-mean") or max_new_tokens.
+    Per-sample gradient -(A_i - tau Delta_i) / L_i grad log pi_theta(y_i): at theta = theta_old the
+    leave-one-out policy gradient, then a pull back toward pi_old as Delta grows (Kimi k1.5's
+    (A - tau Delta)^2 over 2 tau). lp, lp_old, mask: [B, T]; adv: [B]; num_seqs, num_tokens: global
+    counts. Returns (loss, stats), each stat this micro-batch's share of a global mean."""
+    mask = mask.to(lp.dtype)
+    delta = ((lp - lp_old) * mask).sum(-1)
+    if length_norm:
+        length = mask.sum(-1).clamp(min=1)
+    else:
+        length = torch.full_like(delta, float(max_new_tokens))
     adv = adv.to(lp.dtype)
     residual = adv / tau - delta
-    loss = (0.5 * tau * residual.pow(2) / length).sum() / max(num_seqs, 1)
-    seq = lambda x: x.sum() / max(num_seqs, 1)  # noqa: E731  (a share of the global sequence mean)
-    stats = {
-        "loss": loss,
-        "pmd_loss": loss,
-        "residual_mean": seq(residual),
-        "residual_abs_mean": seq(residual.abs()),
-    }
-    stats |= {"delta_mean": seq(delta), "delta_min": delta.min(), "delta_max": delta.max()}
-    stats |= {"ratio_seq_min": delta.min().exp(), "ratio_seq_max": delta.max().exp()}
-    stats |= {"adv_mean": seq(adv), "adv_abs_mean": seq(adv.abs())}
-    stats["kl_old_fkl_k1"] = ((lp_old - lp) * m).sum() / max(num_tokens, 1)
-    return loss, {k: v.detach() for k, v in stats.items()}
+    loss = sequence_mean(0.5 * tau * residual.pow(2) / length, num_seqs)
+    stats = {"loss": loss, "pmd_loss": loss}
+    stats["residual_mean"] = sequence_mean(residual, num_seqs)
+    stats["residual_abs_mean"] = sequence_mean(residual.abs(), num_seqs)
+    stats["delta_mean"] = sequence_mean(delta, num_seqs)
+    stats["delta_min"] = delta.min()
+    stats["delta_max"] = delta.max()
+    stats["ratio_seq_min"] = delta.min().exp()  # pi_theta(y) / pi_t(y), its extremes
+    stats["ratio_seq_max"] = delta.max().exp()
+    stats["adv_mean"] = sequence_mean(adv, num_seqs)
+    stats["adv_abs_mean"] = sequence_mean(adv.abs(), num_seqs)
+    stats["kl_old_fkl_k1"] = ((lp_old - lp) * mask).sum() / max(num_tokens, 1)
+    return loss, {key: value.detach() for key, value in stats.items()}
 
 
-# ==========================================================================================================
-# ROLLOUT: sampling, teacher-forced log-probs, evaluation (identical in every file that has them)
-# ==========================================================================================================
-
-
-# ==========================================================================================================
-# UPDATE: the loss of a micro-batch (from the policy's log-softmax over its rows), and the update loop
-# ==========================================================================================================
-def micro_loss(lsm, batch: dict, rows, args, num_seqs, num_tokens):
-    lp = token_logprobs(lsm, batch["completion_ids"][rows])
+# ==================================================================================================
+# UPDATE and TRAIN: the loss of a micro-batch (for the shared update loop) and the training loop
+# ==================================================================================================
+def micro_loss(log_softmax, batch: dict, rows, args, num_seqs, num_tokens):
+    """PMD's loss of the micro-batch `rows`, from the policy's log-softmax over their tokens."""
+    lp = token_logprobs(log_softmax, batch["completion_ids"][rows])
     C = lp.shape[1]
-    lp_old = (
-        batch["old_logprobs"][rows, :C] if "old_logprobs" in batch else lp.detach()
-    )  # 1 step per rollout
+    # one optimizer step per rollout (no old log-probs were computed): pi_t = pi_theta
+    lp_old = batch["old_logprobs"][rows, :C] if "old_logprobs" in batch else lp.detach()
     return pmd_loss(
         lp,
         lp_old,
         batch["loss_mask"][rows, :C],
         batch["advantages"][rows],
-        args,
         num_seqs,
         num_tokens,
+        tau=args.tau,
+        length_norm=args.length_norm,
+        max_new_tokens=args.max_new_tokens,
     )
 
 
-# ==========================================================================================================
-# TRAIN
-# ==========================================================================================================
 def train(args: Args) -> None:
-    run = Run(args)  # the task and its prompts, processes, the checkpoint to resume (PLUMBING)
+    run = Run(args)  # the task and its prompts, the processes, the checkpoint to resume (SHARED)
     policy = load_model(run.checkpoint or args.model_name_or_path, args, trainable=True)
-    init = (
-        load_model(args.model_name_or_path, args) if args.eval_kl else None
-    )  # only for the eval KL
-    eos, pad, G = eos_ids(run.tokenizer, policy), run.tokenizer.pad_token_id, args.num_generations
-    model, optimizer = run.start(
-        policy, lambda: evaluate(policy, {"init": init} if args.eval_kl else {}, run, eos)
-    )
+    # PMD has no reference model: the frozen initial policy serves only the eval's KL to init
+    init = load_model(args.model_name_or_path, args) if args.eval_kl else None
+    kl_models = {"init": init} if args.eval_kl else {}
+    eos = eos_ids(run.tokenizer, policy)
+    pad = run.tokenizer.pad_token_id
+    G = args.num_generations
+    # the optimizer steps after the first one on a rollout need log pi_t: theta moved off it
+    off_policy = args.num_iterations * args.num_minibatches > 1
+
+    model, optimizer = run.start(policy, partial(evaluate, policy, kl_models, run, eos))
     for step in run.steps():
         # 1. the step's prompts (one global draw, this rank's share), n completions each from pi_t
-        rows = [i for i in run.prompts(step) for _ in range(G)]
-        batch = sample_batch(
-            policy, [run.train_prompts[i] for i in rows], args, eos, pad, run.sampler(step)
-        )
+        prompts = run.prompts(step)
+        group_prompts = [run.train_prompts[i] for i in prompts for _ in range(G)]
+        batch = sample_batch(policy, group_prompts, args, eos, pad, run.sampler(step))
         run.lap("generate")
         # 2. rewards and advantages A = r - baseline (a group lives on one rank)
-        answers = [run.task.train[i].answer for i in rows]
+        answers = [run.task.train[i].answer for i in prompts for _ in range(G)]
         rewards = torch.tensor(run.task.score(decode(run.tokenizer, batch), answers), device=DEVICE)
         reward_mean, reward_std = global_mean_std(rewards)
         batch["advantages"] = pmd_advantages(rewards, G, args.baseline, args.tau)
         batch["loss_mask"] = batch["completion_mask"]
-        # 3. log pi_t, the anchor of every optimizer step on this rollout (pi_theta itself when there is one step)
-        if args.num_iterations * args.num_minibatches > 1:
+        # 3. log pi_t, the anchor of every optimizer step on this rollout
+        if off_policy:
             batch["old_logprobs"] = batched_logprobs(policy, batch, args)
         # 4. regress tau log(pi_theta / pi_t) onto A
         metrics = update_policy(model, optimizer, batch, args, step, micro_loss)
         run.lap("update")
-        zero_std = (rewards.view(-1, G) == rewards.view(-1, G)[:, :1]).all(1).sum().double() * G
-        metrics["charts/frac_reward_zero_std"] = all_reduce(zero_std).item() / (
-            args.prompts_per_step * G
-        )
-        run.end_step(
-            step,
-            batch,
-            metrics | {"charts/reward_mean": reward_mean, "charts/reward_std": reward_std},
-        )
+        groups = rewards.view(-1, G)
+        zero_std = (groups == groups[:, :1]).all(1).sum().double() * G  # rows without reward spread
+        num_rows = args.prompts_per_step * G
+        metrics["charts/frac_reward_zero_std"] = all_reduce(zero_std).item() / num_rows
+        metrics |= {"charts/reward_mean": reward_mean, "charts/reward_std": reward_std}
+        run.end_step(step, batch, metrics)
 
 
 # ==================================================================================================
@@ -836,9 +827,8 @@ class Run:
         self.tb = None
         self.model = shard(policy, args)
         parameters = self.model.parameters()
-        self.optimizer = torch.optim.AdamW(
-            parameters, args.learning_rate, weight_decay=args.weight_decay
-        )
+        decay = args.weight_decay
+        self.optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=decay)
         self.state = {"step": 0, "elapsed_s": 0.0, "prompts_seen": 0}
         if self.checkpoint:
             path = os.path.join(self.checkpoint, "trainer_state.pt")

@@ -395,7 +395,18 @@ def pmd_expected(algo, args, rows, rollout, init, iterations):
     def loss_fn(model, sub=None):
         sub = torch.arange(len(rows)) if sub is None else sub
         lp, m = token_logprobs(model, rows)[sub], mask[sub]
-        return algo.pmd_loss(lp, lp_old[sub], m, adv[sub], args, float(len(sub)), float(m.sum()))
+        n_seq, n_tok = float(len(sub)), float(m.sum())
+        return algo.pmd_loss(
+            lp,
+            lp_old[sub],
+            m,
+            adv[sub],
+            n_seq,
+            n_tok,
+            tau=args.tau,
+            length_norm=args.length_norm,
+            max_new_tokens=args.max_new_tokens,
+        )
 
     return loss_fn, {"reward_mean": float(rewards_of(rows).mean())}
 

@@ -45,13 +45,14 @@ def population_loss(z, lp_t, r, tau, adv, lengths=None):
     K = lp.shape[0]
     L = [1] * K if lengths is None else [int(x) for x in lengths]
     width = max(L)
-    args, total = pmd.Args(tau=tau, length_norm=True, max_new_tokens=width), 0.0
+    total = 0.0
     for y in range(K):
         x, x_old, mask = (torch.zeros(1, width, dtype=DT) for _ in range(3))
         x = x.clone()
         x[0, 0], x_old[0, 0] = lp[y], lp_t[y]
         mask[0, : L[y]] = 1.0
-        total = total + lp_t[y].exp() * pmd.pmd_loss(x, x_old, mask, adv[y : y + 1], args, 1, L[y])[0]
+        loss = pmd.pmd_loss(x, x_old, mask, adv[y : y + 1], 1, L[y], tau=tau, length_norm=True, max_new_tokens=width)
+        total = total + lp_t[y].exp() * loss[0]
     return total
 
 
@@ -117,8 +118,8 @@ def test_p5_per_sample_gradient_off_policy(length_norm):
     z = random_logits(6, 4)
     lp = torch.log_softmax(z, -1)
     x, x_old = lp[y].view(1, 1), lp_t[y].view(1, 1)
-    args = pmd.Args(tau=tau, length_norm=length_norm, max_new_tokens=4)
-    loss = pmd.pmd_loss(x, x_old, torch.ones(1, 1, dtype=DT), torch.tensor([A], dtype=DT), args, 1, 1)[0]
+    ones, adv = torch.ones(1, 1, dtype=DT), torch.tensor([A], dtype=DT)
+    loss = pmd.pmd_loss(x, x_old, ones, adv, 1, 1, tau=tau, length_norm=length_norm, max_new_tokens=4)[0]
     L = 1 if length_norm else 4
     delta = (lp[y] - lp_t[y]).detach()
     expected = -(A - tau * delta) / L * (torch.nn.functional.one_hot(torch.tensor(y), 6).to(DT) - lp.exp().detach())
@@ -131,8 +132,8 @@ def test_p6_kimi_identity():
     z = random_logits(6, 6)
     lp = torch.log_softmax(z, -1)
     x, x_old = lp[y].view(1, 1), lp_t[y].view(1, 1)
-    args = pmd.Args(tau=tau, length_norm=True, max_new_tokens=1)
-    loss = pmd.pmd_loss(x, x_old, torch.ones(1, 1, dtype=DT), torch.tensor([A], dtype=DT), args, 1, 1)[0]
+    ones, adv = torch.ones(1, 1, dtype=DT), torch.tensor([A], dtype=DT)
+    loss = pmd.pmd_loss(x, x_old, ones, adv, 1, 1, tau=tau, length_norm=True, max_new_tokens=1)[0]
     delta = lp[y] - lp_t[y]
     kimi = grad((A - tau * delta) ** 2, z)  # Kimi k1.5's squared loss = 2 tau x ours
     assert max_abs(grad(2 * tau * loss, z), kimi) < 1e-12
@@ -143,11 +144,11 @@ def test_p6_kimi_identity():
 def group_population_loss(z, lp_t, r, tau, n, baseline):
     """E over all K^n groups from pi_t of the mean per-sequence loss with the file's group advantages."""
     lp = torch.log_softmax(z, -1)
-    args, total = pmd.Args(tau=tau, length_norm=True, max_new_tokens=1), 0.0
+    total = 0.0
     for tup in enumerate_groups(lp.shape[0], n):
         adv = pmd.pmd_advantages(r[tup], n, baseline, tau)
         ones = torch.ones(n, 1, dtype=DT)
-        loss = pmd.pmd_loss(lp[tup].view(n, 1), lp_t[tup].view(n, 1), ones, adv, args, n, n)[0]
+        loss = pmd.pmd_loss(lp[tup].view(n, 1), lp_t[tup].view(n, 1), ones, adv, n, n, tau=tau, length_norm=True)[0]
         total = total + lp_t[tup].sum().exp() * loss
     return total
 

@@ -3,15 +3,17 @@
 """A*-PO: regress the optimal advantage of the KL-regularized objective, in one file, two stages.
 
 Objective with the frozen reference pi_ref (the initial model), sequence-level KL:
-    J_beta(pi) = E_x[ E_{y ~ pi}[r(x, y)] - beta KL(pi(.|x) || pi_ref(.|x)) ],   pi* = pi_ref e^{r/beta} / Z,
-    V*(x) = beta log E_{y ~ pi_ref}[e^{r(x, y)/beta}],   A*(x, y) = r - V*(x) = beta log(pi*(y|x) / pi_ref(y|x)).
+    J_beta(pi) = E_x[ E_{y ~ pi}[r(x, y)] - beta KL(pi(.|x) || pi_ref(.|x)) ],
+    pi* = pi_ref e^{r/beta} / Z,   V*(x) = beta log E_{y ~ pi_ref}[e^{r(x, y)/beta}],
+    A*(x, y) = r - V*(x) = beta log(pi*(y|x) / pi_ref(y|x)).
 Stage 1 (once): N reference samples per training prompt give
-    V_hat(x) = beta1 (logsumexp_i(r_i / beta1) - log N)    (--value_estimator mean: the plain mean, as the original).
-Stage 2: one on-policy sample per prompt, Delta_ref = sum_t (log pi_theta - log pi_ref) over its tokens,
+    V_hat(x) = beta1 (logsumexp_i(r_i / beta1) - log N)   (--value_estimator mean: the plain mean).
+Stage 2: one on-policy sample per prompt, Delta_ref = sum_t (log pi_theta - log pi_ref) over it,
     loss = mean_x (beta2 Delta_ref + V_hat(x) - r(x, y))^2  -  entropy_coef * H.
-Per sample the gradient is -2 beta2 (r - beta2 Delta_ref - V_hat) grad log pi_theta(y): REINFORCE on the KL-shaped
-reward with baseline V_hat, so the on-policy gradient is -2 beta2 grad J_beta2 whatever the error of V_hat. With a
-fixed sampler an error in V_hat moves the minimizer, safely only when V_hat <= V* (beta1 = 0.5 >> beta2 keeps it so).
+Per sample the gradient is -2 beta2 (r - beta2 Delta_ref - V_hat) grad log pi_theta(y): REINFORCE
+on the KL-shaped reward with baseline V_hat, so the on-policy gradient is -2 beta2 grad J_beta2
+whatever the error of V_hat. With a fixed sampler an error in V_hat moves the minimizer, safely
+only when V_hat <= V* (beta1 = 0.5 >> beta2 keeps it so).
 """
 
 import argparse
@@ -28,6 +30,7 @@ import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Literal, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,47 +50,30 @@ from common import tasks
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
-    seed: int = (
-        1  # seed of every random draw; step s on rank k samples from its own stream (seed, s, k)
-    )
+    seed: int = 1  # seed of every random draw (rank k samples step s from the stream (seed, s, k))
     cuda: bool = True  # use the GPU when there is one
     track: bool = False  # also log to TensorBoard and Weights & Biases, each when installed
     wandb_project_name: str = "klrl"  # the W&B project
     run_name: Optional[str] = None  # default {task}__{exp_name}__{seed}__{unix time}_{pid}
     output_dir: str = "runs"  # run folders go here
     # model and data
-    model_name_or_path: str = (
-        "common/models/tiny-policy"  # any Hugging Face causal LM: local folder or hub id
-    )
-    task: str = "arithmetic"  # arithmetic (built in), jsonl (--train_file, --eval_file) or hf:<dataset>[:<config>]
+    model_name_or_path: str = "common/models/tiny-policy"  # a causal LM: local folder or hub id
+    # arithmetic (built in), jsonl (--train_file, --eval_file) or hf:<dataset>[:<config>]
+    task: str = "arithmetic"
     train_file: Optional[str] = None  # JSONL training prompts (--task jsonl)
     eval_file: Optional[str] = None  # JSONL held-out prompts (--task jsonl)
     prompt_field: str = "prompt"  # JSON field of the prompt (GSM8K: question)
-    answer_field: str = (
-        "answer"  # JSON field of the answer (GSM8K `#### 42` and `\boxed{}` are reduced)
-    )
+    answer_field: str = "answer"  # JSON field of the answer (GSM8K `#### 42`, `\boxed{}` reduced)
     chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
-    max_prompt_length: Optional[int] = (
-        None  # longer prompts are an error (default: 16 arithmetic, 512 data)
-    )
-    max_new_tokens: Optional[int] = (
-        None  # completion token limit (default: 4 arithmetic, 1024 data)
-    )
-    temperature: float = (
-        1.0  # sampling temperature, also of every log-prob (policy, old, reference)
-    )
+    max_prompt_length: Optional[int] = None  # longer is an error (default 16 arithmetic, 512 data)
+    max_new_tokens: Optional[int] = None  # completion token limit (default 4 arithmetic, 1024 data)
+    temperature: float = 1.0  # sampling temperature, also of every log-prob (policy, reference)
     # training
     total_steps: int = 300  # stage-2 steps
-    prompts_per_step: int = (
-        256  # prompts per step, all ranks together, one completion each (paper 256)
-    )
+    prompts_per_step: int = 256  # prompts per step, all ranks together, one sample each (paper 256)
     num_iterations: int = 1  # mu, passes over each rollout (paper 1)
-    num_minibatches: int = (
-        2  # optimizer steps per pass; the second is slightly off-policy, uncorrected (paper 2)
-    )
-    micro_batch_size: int = (
-        512  # sequences per forward/backward on one device (4-16 for 1.5B, 1K tokens, 80 GB)
-    )
+    num_minibatches: int = 2  # optimizer steps per pass; the 2nd is a little off-policy (paper 2)
+    micro_batch_size: int = 512  # rows per forward/backward on a device (1.5B, 1K tokens: 4-16)
     gen_batch_size: int = 512  # sequences per generation call on one device
     learning_rate: float = 2e-4  # AdamW, constant after warm-up (paper 1e-6, weight decay 0.01)
     weight_decay: float = 0.0  # AdamW weight decay
@@ -95,87 +81,61 @@ class Args:
     warmup_steps: int = 0  # linear learning-rate warm-up, in optimizer steps
     # A*-PO
     num_ref_samples: int = 8  # N, stage-1 samples per training prompt from pi_ref (paper 8)
-    value_estimator: Literal["soft_max", "mean"] = (
-        "soft_max"  # V_hat of N rewards: soft max at beta1 (paper), mean
-    )
-    beta1: float = 0.5  # soft_max smoothing, V_hat = beta1 (logsumexp(r / beta1) - log N), > 0; -> max as beta1 -> 0
-    beta2: float = (
-        1e-3  # KL coefficient: the regression target is beta2 log(pi / pi_ref) (paper 1e-3)
-    )
-    entropy_coef: float = (
-        1e-5  # weight of the token-mean entropy bonus (original code 1e-3, TRL port none)
-    )
-    filter_unsolved: bool = (
-        False  # drop training prompts whose N stage-1 rewards are all 0 (original off, TRL on)
-    )
-    value_cache: Optional[str] = (
-        None  # stage-1 cache (default {run folder}/value_estimates.jsonl), read if it matches
-    )
-    max_train_prompts: Optional[int] = (
-        None  # only the first this many training prompts (default all)
-    )
+    value_estimator: Literal["soft_max", "mean"] = "soft_max"  # V_hat: soft max (paper), mean
+    beta1: float = 0.5  # > 0, V_hat = beta1 (logsumexp(r / beta1) - log N); the max as beta1 -> 0
+    beta2: float = 1e-3  # KL coefficient: the target is beta2 log(pi / pi_ref) (paper 1e-3)
+    entropy_coef: float = 1e-5  # token-mean entropy bonus (original code 1e-3, TRL port none)
+    filter_unsolved: bool = False  # drop prompts with N stage-1 rewards 0 (original off, TRL on)
+    value_cache: Optional[str] = None  # stage-1 cache, read if it matches (None: the run folder's)
+    max_train_prompts: Optional[int] = None  # only the first this many training prompts (None: all)
     # evaluation, logging, checkpoints
-    eval_every: int = (
-        25  # held-out eval every this many steps, at step 0 and at the end (0 = only those)
-    )
+    eval_every: int = 25  # held-out eval every this many steps, at step 0 and at the end (0: only)
     eval_num_prompts: int = 500  # held-out prompts per eval (the whole arithmetic held-out split)
-    eval_samples_per_prompt: int = (
-        4  # samples per held-out prompt at `temperature`; pass@1 = mean correctness
-    )
-    eval_kl: bool = True  # log eval/kl_init_rkl_exact_seq (A*-PO's reference is the initial policy: no extra model)
-    log_completions: int = (
-        0  # held-out (prompt, completion, reward) rows per eval written to completions.jsonl
-    )
+    eval_samples_per_prompt: int = 4  # samples per held-out prompt (pass@1: mean correctness)
+    eval_kl: bool = True  # log eval/kl_init_rkl_exact_seq (the reference is the initial policy)
+    log_completions: int = 0  # held-out (prompt, completion, reward) rows per eval to a JSONL file
     save_every: int = 0  # checkpoint every this many steps (0 = only at the end)
     keep_last: int = 0  # keep only the newest this many checkpoints (0 = all)
     resume: Optional[str] = None  # a run folder to continue, bit for bit; it keeps writing there
-    bf16: Optional[bool] = (
-        None  # bf16 autocast of forwards (weights, optimizer float32); default: on bf16 GPUs
-    )
+    bf16: Optional[bool] = None  # bf16 autocast of forwards (weights float32); default: bf16 GPUs
     gradient_checkpointing: bool = False  # trade compute for memory on real models
-    reshard_after_forward: bool = (
-        True  # under torchrun (FSDP2): free gathered weights after each forward (ZeRO-3)
-    )
+    reshard_after_forward: bool = True  # torchrun (FSDP2): free gathered weights after a forward
 
 
 def check_args(args: Args, world: int) -> None:
-    if (
-        args.value_estimator == "soft_max" and not args.beta1 > 0
-    ):  # beta1 -> 0 tends to the max, not the mean
-        raise UserError(
-            f"--beta1 must be > 0, got {args.beta1} (the plain mean is --value_estimator mean)"
-        )
-    check_numbers(
-        args,
-        positive=POSITIVE
-        + ("max_train_prompts", "beta2", "num_ref_samples", "num_iterations", "num_minibatches"),
-    )
-    n, m = args.prompts_per_step, args.num_minibatches
-    if n > (args.max_train_prompts or math.inf):
+    """Bad flag values, before any model loads (called by Run)."""
+    # beta1 -> 0 tends to the max, not the mean: the mean is an estimator of its own
+    if args.value_estimator == "soft_max" and not args.beta1 > 0:
+        mean = "the plain mean is --value_estimator mean"
+        raise UserError(f"--beta1 must be > 0, got {args.beta1} ({mean})")
+    positive = ("beta2", "num_ref_samples", "num_iterations", "num_minibatches")
+    check_numbers(args, POSITIVE + positive + ("max_train_prompts",))
+    n = args.prompts_per_step
+    if args.max_train_prompts is not None and n > args.max_train_prompts:
         raise UserError(f"--prompts_per_step {n} > --max_train_prompts {args.max_train_prompts}")
-    if n % (world * m):  # whole mini-batches of whole prompts on every rank
-        raise UserError(
-            f"--prompts_per_step {n} does not split into {world} ranks x --num_minibatches {m}"
-        )
+    if n % (world * args.num_minibatches):  # whole mini-batches of whole prompts on every rank
+        split = f"{world} ranks x --num_minibatches {args.num_minibatches}"
+        raise UserError(f"--prompts_per_step {n} does not split into {split}")
 
 
-# ==========================================================================================================
-# ALGO LOGIC: pure functions, tensors in and out (tested against closed forms in tests/test_a_star_po.py)
-# ==========================================================================================================
-def value_estimate(rewards, beta1: float, estimator: str = "soft_max"):
+# ==================================================================================================
+# ALGO LOGIC: pure functions, tensors in and out (closed-form tests: tests/test_a_star_po.py)
+# ==================================================================================================
+def value_estimate(rewards, beta1: float = 0.5, estimator: str = "soft_max"):
     """Stage-1 value of each prompt from its N reference rewards [P, N]:
-        soft_max:  V_hat = beta1 (logsumexp_i(r_i / beta1) - log N), beta1 > 0   (-> max as beta1 -> 0),
-        mean:      V_hat = mean_i r_i   (the original code's choice: the beta1 -> infinity limit; beta1 unused).
-    Binary rewards, k of N correct: beta1 log(1 - k/N + (k/N) e^{1/beta1}). By Jensen E[V_hat] <= V* of beta1."""
+        soft_max:  V_hat = beta1 (logsumexp_i(r_i / beta1) - log N), beta1 > 0 (max as beta1 -> 0)
+        mean:      V_hat = mean_i r_i  (the original code's choice: the limit beta1 -> infinity)
+    Binary rewards, k of N correct: beta1 log(1 - k/N + (k/N) e^{1/beta1}). By Jensen
+    E[V_hat] <= V* of beta1."""
     if estimator == "mean":
         return rewards.mean(-1)
     if estimator != "soft_max":
         raise ValueError(f"unknown value estimator {estimator!r} (soft_max or mean)")
     if not beta1 > 0:
-        raise ValueError(
-            f"beta1 must be > 0 (its limit 0 is the max; the mean is estimator 'mean'), got {beta1}"
-        )
-    return beta1 * (torch.logsumexp(rewards / beta1, dim=-1) - math.log(rewards.shape[-1]))
+        why = "its limit 0 is the max; the mean is estimator 'mean'"
+        raise ValueError(f"beta1 must be > 0 ({why}), got {beta1}")
+    N = rewards.shape[-1]
+    return beta1 * (torch.logsumexp(rewards / beta1, dim=-1) - math.log(N))
 
 
 def solved_mask(rewards):
@@ -183,106 +143,128 @@ def solved_mask(rewards):
     return (rewards != 0).any(dim=-1)
 
 
-def a_star_po_loss(lp, lp_ref, mask, v_hat, rewards, entropy_sum, args, num_prompts, num_tokens):
-    """A*-PO loss of one micro-batch, its share of the global mean (num_prompts, num_tokens: global counts):
+def a_star_po_loss(
+    lp,
+    lp_ref,
+    mask,
+    v_hat,
+    rewards,
+    entropy_sum,
+    num_prompts,
+    num_tokens,
+    beta2: float = 1e-3,
+    entropy_coef: float = 1e-5,
+):
+    """A*-PO's loss of one micro-batch, its share of the global mean (num_prompts, num_tokens: the
+    global counts):
         L = (1/N_prompts) sum_i (beta2 Delta_i + V_hat_i - r_i)^2  -  entropy_coef H,
-        Delta_i = sum_t m_it (lp_it - lp_ref_it)   (sequence SUM: a token mean would regress the wrong policy),
-    H = entropy_sum / num_tokens, the global token mean of the exact entropy (entropy_sum with its graph). No 1/2,
-    no 1/L, no clipping, no ratio to pi_old (as the original). lp, lp_ref, mask [B, T]; v_hat, rewards [B]."""
+        Delta_i = sum_t m_it (lp_it - lp_ref_it)
+    Delta is a sequence SUM: a token mean would regress the wrong policy. H = entropy_sum /
+    num_tokens, the global token mean of the exact entropy (entropy_sum carries its graph). No 1/2,
+    no 1/L, no clipping, no ratio to pi_old (as the original). lp, lp_ref, mask: [B, T]; v_hat,
+    rewards: [B]. Returns (loss, stats), each stat this micro-batch's share of a global mean."""
     delta = ((lp - lp_ref) * mask.to(lp.dtype)).sum(-1)
     adv = rewards.to(lp.dtype) - v_hat.to(lp.dtype)
-    residual = adv - args.beta2 * delta
-    per = lambda x: x.sum() / max(num_prompts, 1)  # noqa: E731  (a share of the global prompt mean)
-    regression, entropy = per(residual.pow(2)), entropy_sum / max(num_tokens, 1)
-    loss = regression - args.entropy_coef * entropy
-    stats = {
-        "loss": loss,
-        "regression_loss": regression,
-        "entropy": entropy,
-        "residual_mean": per(residual),
-    }
-    stats |= {
-        "residual_abs_mean": per(residual.abs()),
-        "adv_mean": per(adv),
-        "kl_ref_rkl_k1_seq": per(delta),
-    }
-    stats["kl_ref_rkl_k1"] = delta.sum() / max(num_tokens, 1)
-    return loss, {k: v.detach() for k, v in stats.items()}
+    residual = adv - beta2 * delta
+    # dividing by the GLOBAL counts: summed over micro-batches and ranks, each term is the mean
+    prompts = max(num_prompts, 1)
+    tokens = max(num_tokens, 1)
+    regression = residual.pow(2).sum() / prompts
+    entropy = entropy_sum / tokens
+    loss = regression - entropy_coef * entropy
+    stats = {"loss": loss, "regression_loss": regression, "entropy": entropy}
+    stats["residual_mean"] = residual.sum() / prompts
+    stats["residual_abs_mean"] = residual.abs().sum() / prompts
+    stats["adv_mean"] = adv.sum() / prompts
+    stats["kl_ref_rkl_k1_seq"] = delta.sum() / prompts
+    stats["kl_ref_rkl_k1"] = delta.sum() / tokens
+    return loss, {key: value.detach() for key, value in stats.items()}
 
 
-# ==========================================================================================================
-# ROLLOUT: sampling, teacher-forced log-probs, evaluation (identical in every file that has them)
-# ==========================================================================================================
-
-
-# ==========================================================================================================
-# UPDATE: the loss of a micro-batch (from the policy's log-softmax over its rows), and the update loop
-# ==========================================================================================================
-def micro_loss(lsm, batch: dict, rows, args, num_seqs, num_tokens):
-    lp = token_logprobs(lsm, batch["completion_ids"][rows])
-    mask, lp_ref = (
-        batch["loss_mask"][rows, : lp.shape[1]],
-        batch["ref_logprobs"][rows, : lp.shape[1]],
+# ==================================================================================================
+# UPDATE, STAGE 1 and TRAIN: the loss of a micro-batch (for the shared update loop), the stage-1
+# rewards and their cache, and the two-stage training loop
+# ==================================================================================================
+def micro_loss(log_softmax, batch: dict, rows, args, num_seqs, num_tokens):
+    """A*-PO's loss of the micro-batch `rows`, from the policy's log-softmax over their tokens."""
+    lp = token_logprobs(log_softmax, batch["completion_ids"][rows])
+    C = lp.shape[1]
+    mask = batch["loss_mask"][rows, :C]
+    lp_ref = batch["ref_logprobs"][rows, :C]
+    # the exact entropy of each token's distribution, with its graph: the bonus has a gradient
+    token_entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+    entropy_sum = (token_entropy * mask).sum()
+    return a_star_po_loss(
+        lp,
+        lp_ref,
+        mask,
+        batch["v_hat"][rows],
+        batch["rewards"][rows],
+        entropy_sum,
+        num_seqs,
+        num_tokens,
+        beta2=args.beta2,
+        entropy_coef=args.entropy_coef,
     )
-    entropy_sum = (-(lsm.exp() * lsm).sum(-1) * mask).sum()  # with its graph: the entropy bonus
-    v_hat, rewards = batch["v_hat"][rows], batch["rewards"][rows]
-    return a_star_po_loss(lp, lp_ref, mask, v_hat, rewards, entropy_sum, args, num_seqs, num_tokens)
 
 
-# ==========================================================================================================
-# TRAIN
-# ==========================================================================================================
 @torch.no_grad()
 def stage1_rewards(ref, prompts: list, run, eos, cache: str, meta: dict, done: dict) -> dict:
-    """N = num_ref_samples rewards of every prompt not in `done` ({prompt id: N rewards}), sampled from pi_ref in
-    chunks of whole prompts over ranks; rank 0 appends each finished chunk to `cache`. Each prompt's noise comes from
-    (seed, prompt id) alone, so V_hat depends neither on the ranks, the batching nor where a stopped stage 1 resumed.
-    SIGTERM / SIGINT (all-reduced between chunks): a step-0 checkpoint (--resume needs one), then Stop."""
-    args, N = run.args, run.args.num_ref_samples
-    todo, size = (
-        [p for p in range(len(prompts)) if p not in done],
-        max(1, args.gen_batch_size // N) * run.world,
-    )
+    """N = --num_ref_samples rewards of every prompt not in `done` ({prompt id: N rewards}), sampled
+    from pi_ref in chunks of whole prompts spread over the ranks; rank 0 appends each finished chunk
+    to `cache`. Each prompt's noise comes from (seed, prompt id) alone, so V_hat depends neither on
+    the ranks, the batching nor where a stopped stage 1 resumed. SIGTERM / SIGINT (all-reduced
+    between chunks): a step-0 checkpoint (--resume needs one), then Stop."""
+    args = run.args
+    N = args.num_ref_samples
+    todo = [p for p in range(len(prompts)) if p not in done]
     if run.rank == 0 and todo and not os.path.exists(cache):
         with open(cache, "w") as f:
             f.write(json.dumps({"meta": meta}) + "\n")
     bar = tqdm.tqdm(
         total=len(prompts), initial=len(done), desc="stage 1", unit="prompt", disable=run.rank > 0
     )
-    for chunk in (
-        todo[i : i + size] for i in range(0, len(todo), size)
-    ):  # the same chunks on every rank
-        if all_reduce(torch.tensor(len(run.stop), device=DEVICE)).item():
+    # every rank walks the same chunks, and each rank's share fills one generation call
+    chunk_size = max(1, args.gen_batch_size // N) * run.world
+    for start in range(0, len(todo), chunk_size):
+        signals = all_reduce(torch.tensor(len(run.stop), device=DEVICE)).item()  # on any rank
+        if signals:
             if run.checkpoint is None:
                 run.save(0)
             why = run.stop[0] if run.stop else "a signal on another rank"
             kept = f"stage 1 has {len(done)} of {len(prompts)} prompts in {cache}"
             raise Stop(f"{why}: {kept}; continue with --resume {run.run_dir}")
-        mine, scores = chunk[run.rank :: run.world], []
+        chunk = todo[start : start + chunk_size]
+        mine = chunk[run.rank :: run.world]  # this rank's prompts of the chunk
+        scores = []
         if mine:  # pi_ref is whole on every rank: sampling has no collective
             rows = [p for p in mine for _ in range(N)]
-            # each prompt's noise comes from (seed, prompt id) alone
-            gens = [torch.Generator().manual_seed(seed_of(args, "stage1", p)) for p in mine]
-            u = torch.cat(
-                [torch.rand(N, args.max_new_tokens, generator=g, dtype=torch.float64) for g in gens]
-            )
-            b = sample_batch(
-                ref, [prompts[p] for p in rows], args, eos, run.tokenizer.pad_token_id, uniforms=u
-            )
-            scores = run.task.score(
-                decode(run.tokenizer, b), [run.task.train[p].answer for p in rows]
-            )
+            # the uniforms of each prompt's N samples come from (seed, prompt id) alone
+            shape = (N, args.max_new_tokens)  # one uniform per sample and token
+            noise = []
+            for p in mine:
+                generator = torch.Generator().manual_seed(seed_of(args, "stage1", p))
+                noise.append(torch.rand(shape, generator=generator, dtype=torch.float64))
+            pad = run.tokenizer.pad_token_id
+            row_prompts = [prompts[p] for p in rows]
+            batch = sample_batch(ref, row_prompts, args, eos, pad, uniforms=torch.cat(noise))
+            answers = [run.task.train[p].answer for p in rows]
+            scores = run.task.score(decode(run.tokenizer, batch), answers)
+        # every rank learns every prompt's N rewards (contiguous in its rank's scores)
         parts = [(mine, scores)] * run.world
         if run.world > 1:
             dist.all_gather_object(parts, (mine, scores))
-        new = {p: r[i * N : i * N + N] for ids, r in parts for i, p in enumerate(ids)}
+        new = {}
+        for ids, rank_scores in parts:
+            for i, p in enumerate(ids):
+                new[p] = rank_scores[i * N : i * N + N]
         if run.rank == 0:  # finished work is kept: one line per prompt, {prompt_id, rewards, v_hat}
             with open(cache, "a") as f:
-                for p, r in sorted(new.items()):
-                    v = value_estimate(
-                        torch.tensor(r, dtype=torch.float64), args.beta1, args.value_estimator
-                    )
-                    f.write(json.dumps({"prompt_id": p, "rewards": r, "v_hat": v.item()}) + "\n")
+                for p, rewards in sorted(new.items()):
+                    r = torch.tensor(rewards, dtype=torch.float64)
+                    v_hat = value_estimate(r, args.beta1, args.value_estimator)
+                    row = {"prompt_id": p, "rewards": rewards, "v_hat": v_hat.item()}
+                    f.write(json.dumps(row) + "\n")
         done |= new
         bar.update(len(new))
     bar.close()
@@ -290,122 +272,97 @@ def stage1_rewards(ref, prompts: list, run, eos, cache: str, meta: dict, done: d
 
 
 def read_value_cache(path: str, meta: dict) -> dict:
-    """{prompt id: N rewards} of a cache file (all prompts, or those a stopped stage 1 finished), {} without one.
-    A directory, a truncated or corrupt file, or a cache of other settings is an error (before any model loads)."""
+    """{prompt id: N rewards} of a cache file (all prompts, or those a stopped stage 1 finished), {}
+    without one. A directory, a truncated or corrupt file, or a cache of other settings is an error
+    (before any model loads)."""
     if os.path.isdir(path):
         raise UserError(f"--value_cache {path} is a directory, not a cache file")
     if not os.path.exists(path):
         return {}
-    corrupt = UserError(
-        f"--value_cache {path} is truncated or corrupt; remove it to recompute stage 1"
-    )
+    corrupt = f"--value_cache {path} is truncated or corrupt; remove it to recompute stage 1"
     try:
         with open(path) as f:
             lines = [json.loads(line) for line in f if line.strip()]
-        found, rows = lines[0]["meta"], {r["prompt_id"]: r["rewards"] for r in lines[1:]}
-    except (
-        ValueError,
-        TypeError,
-        KeyError,
-        IndexError,
-    ):  # a cut line, not JSON, not UTF-8, no header
-        raise corrupt from None
+        found = lines[0]["meta"]
+        rows = {row["prompt_id"]: row["rewards"] for row in lines[1:]}
+    except (ValueError, TypeError, KeyError, IndexError):  # a cut line, not JSON/UTF-8, no header
+        raise UserError(corrupt) from None
     if found != meta:
-        why = (
-            f"was written with other settings ({found} vs {meta}); remove it or choose another path"
-        )
-        raise UserError(f"--value_cache {path} {why}")
-    if not all(
-        p in range(meta["num_prompts"]) and np.shape(r) == (meta["num_ref_samples"],)
-        for p, r in rows.items()
-    ):
-        raise corrupt
+        why = f"was written with other settings ({found} vs {meta})"
+        raise UserError(f"--value_cache {path} {why}; remove it or choose another path")
+    for p, rewards in rows.items():
+        if p not in range(meta["num_prompts"]) or np.shape(rewards) != (meta["num_ref_samples"],):
+            raise UserError(corrupt)
     return rows
 
 
 def train(args: Args) -> None:
-    run = Run(args)  # the task and its prompts, processes, the checkpoint to resume (PLUMBING)
-    prompts = run.train_prompts[
-        : args.max_train_prompts
-    ]  # --max_train_prompts: stage 1 scores every training prompt
-    keys = (
-        "model_name_or_path",
-        "chat_template",
-        "seed",
-        "num_ref_samples",
-        "temperature",
-        "max_new_tokens",
-    )
-    meta = {"task": run.task.name, "num_prompts": len(prompts)} | {
-        k: getattr(args, k) for k in keys
-    }
+    run = Run(args)  # the task and its prompts, the processes, the checkpoint to resume (SHARED)
+    prompts = run.train_prompts[: args.max_train_prompts]  # stage 1 scores every one of them
+    # the settings a stage-1 cache must have been written with
+    keys = "model_name_or_path chat_template seed num_ref_samples temperature max_new_tokens"
+    meta = {"task": run.task.name, "num_prompts": len(prompts)}
+    meta |= {key: getattr(args, key) for key in keys.split()}
     cache = args.value_cache or os.path.join(run.run_dir, "value_estimates.jsonl")
     done = read_value_cache(cache, meta)  # a bad cache fails before anything is loaded or written
     policy = load_model(run.checkpoint or args.model_name_or_path, args, trainable=True)
     ref = load_model(args.model_name_or_path, args)  # pi_ref, the anchor of the regression
-    eos, pad = eos_ids(run.tokenizer, policy), run.tokenizer.pad_token_id
-    model, optimizer = run.start(
-        policy, lambda: evaluate(policy, {"init": ref} if args.eval_kl else {}, run, eos)
-    )
-    if (
-        run.checkpoint and run.state["step"] == 0
-    ):  # a stopped stage 1's: saving it initialized AdamW (step 1)
+    kl_models = {"init": ref} if args.eval_kl else {}
+    eos = eos_ids(run.tokenizer, policy)
+    pad = run.tokenizer.pad_token_id
+
+    model, optimizer = run.start(policy, partial(evaluate, policy, kl_models, run, eos))
+    if run.checkpoint and run.state["step"] == 0:
+        # the checkpoint of a stopped stage 1: saving it initialized AdamW's state (step 1), which
+        # an uninterrupted run starts stage 2 without
         optimizer.state.clear()
-    # stage 1: N samples of pi_ref per training prompt (those not in the cache), V_hat(x) of every prompt
-    t1, generated = time.time(), (len(prompts) - len(done)) * args.num_ref_samples
+    # stage 1: N samples of pi_ref per training prompt not in the cache, V_hat(x) of every prompt
+    stage1_start = time.time()
+    generated = (len(prompts) - len(done)) * args.num_ref_samples
     done = stage1_rewards(ref, prompts, run, eos, cache, meta, done)
     stage1 = torch.tensor([done[p] for p in range(len(prompts))], dtype=torch.float64)
-    v_hat, solved = (
-        value_estimate(stage1, args.beta1, args.value_estimator).float().to(DEVICE),
-        solved_mask(stage1),
-    )
-    ids = solved.nonzero().view(-1).tolist() if args.filter_unsolved else list(range(len(prompts)))
+    v_hat = value_estimate(stage1, args.beta1, args.value_estimator).float().to(DEVICE)
+    solved = solved_mask(stage1)
+    ids = list(range(len(prompts)))  # the ids of the prompts that stage 2 draws from
+    if args.filter_unsolved:
+        ids = solved.nonzero().view(-1).tolist()
     if len(ids) < args.prompts_per_step:
-        raise UserError(
-            f"--prompts_per_step {args.prompts_per_step} > {len(ids)} prompts left by --filter_unsolved"
-        )
+        left = f"{len(ids)} prompts left by --filter_unsolved"
+        raise UserError(f"--prompts_per_step {args.prompts_per_step} > {left}")
     run.train_prompts = [prompts[i] for i in ids]  # what run.prompts draws from
     if run.rank == 0:
-        print(
-            f"stage 1: {generated} reference rewards sampled, {stage1.numel() - generated} read from {cache}"
-        )
-    if run.state["step"] == 0:
+        read = stage1.numel() - generated
+        print(f"stage 1: {generated} reference rewards sampled, {read} read from {cache}")
+    if run.state["step"] == 0:  # (a resumed stage 2 logged these already)
         stats = {"charts/value_mean": v_hat.mean().item(), "charts/value_std": v_hat.std().item()}
-        stats |= {
-            "charts/frac_unsolved": 1 - solved.double().mean().item(),
-            "charts/stage1_generated": generated,
-        }
-        run.log(
-            0,
-            stats
-            | {
-                "charts/stage1_reward_mean": stage1.mean().item(),
-                "perf/stage1_s": time.time() - t1,
-            },
-        )
+        stats["charts/frac_unsolved"] = 1 - solved.double().mean().item()
+        stats["charts/stage1_generated"] = generated
+        stats["charts/stage1_reward_mean"] = stage1.mean().item()
+        stats["perf/stage1_s"] = time.time() - stage1_start
+        run.log(0, stats)
     # stage 2
     for step in run.steps():
-        # 1. the step's prompts (one global draw, this rank's share), one completion each from pi_theta
-        mine = [ids[j] for j in run.prompts(step)]
+        # 1. the step's prompts (one global draw, this rank's share), one completion each from pi
+        mine = [ids[j] for j in run.prompts(step)]  # ids into `prompts` and `v_hat`
         batch = sample_batch(policy, [prompts[i] for i in mine], args, eos, pad, run.sampler(step))
         run.lap("generate")
         # 2. rewards, the stage-1 value of each row's own prompt, log pi_ref (the anchor)
         answers = [run.task.train[i].answer for i in mine]
         rewards = torch.tensor(run.task.score(decode(run.tokenizer, batch), answers), device=DEVICE)
         reward_mean, reward_std = global_mean_std(rewards)
-        batch["rewards"], batch["v_hat"] = rewards, v_hat[mine]
-        batch["loss_mask"], batch["ref_logprobs"] = (
-            batch["completion_mask"],
-            batched_logprobs(ref, batch, args),
-        )
+        batch["rewards"] = rewards
+        batch["v_hat"] = v_hat[mine]
+        batch["loss_mask"] = batch["completion_mask"]
+        batch["ref_logprobs"] = batched_logprobs(ref, batch, args)
         # 3. regress beta2 log(pi_theta / pi_ref) onto r - V_hat
         metrics = update_policy(model, optimizer, batch, args, step, micro_loss)
         run.lap("update")
-        run.state["stage2_s"] = (
-            run.state.get("stage2_s", 0.0) + time.time() - run.clock["start"]
-        )  # checkpointed
+        # stage 2's generation and update time so far, summed over its steps (checkpointed)
+        stage2_s = run.state.get("stage2_s", 0.0) + time.time() - run.clock["start"]
+        run.state["stage2_s"] = stage2_s
         metrics |= {"charts/reward_mean": reward_mean, "charts/reward_std": reward_std}
-        run.end_step(step, batch, metrics | {"perf/stage2_s": run.state["stage2_s"]})
+        metrics["perf/stage2_s"] = stage2_s
+        run.end_step(step, batch, metrics)
 
 
 # ==================================================================================================

@@ -1,16 +1,19 @@
 # docs: docs/dpo_kl.md
-# DPO-KL: "Direct Preference Optimization: Your Language Model is Secretly a Reward Model" (arXiv 2305.18290).
-"""DPO as KL-regularized reward maximization, trained online on pairs built from the verifiable reward, in one file.
-Also H-DPO (arXiv 2411.07595) and f-DPO (arXiv 2309.16240).
+# DPO-KL: "Direct Preference Optimization: Your Language Model is Secretly a Reward Model"
+"""DPO (arXiv 2305.18290) as KL-regularized reward maximization, trained online on pairs built from
+the verifiable reward, in one file. Also H-DPO (arXiv 2411.07595) and f-DPO (arXiv 2309.16240).
 
 Objective per prompt x, pi_ref the frozen initial model, SEQUENCE-level reverse KL:
     J(pi) = E_{y ~ pi}[r(x, y)] - beta KL(pi || pi_ref),   pi* = pi_ref e^{r/beta} / Z,
-so r = beta log(pi*/pi_ref) + beta log Z. Under Bradley-Terry, P(y_w > y_l) = sigma(r_w - r_l), Z cancels and
-    L = -E log sigma(h),   h = beta (s_w - s_l),   s = log pi_theta(y) - log pi_ref(y)   (sums over completion tokens)
-is stationary exactly at pi* for BT labels and any pair sampler with full support. H-DPO: s = alpha lp - lr;
-f-DPO: s = f'(pi/pi_ref). Online pairs (best vs worst of K samples) are deterministic labels, not BT samples: the
-plain loss has no finite minimizer; `--label_smoothing sigma(-1)` restores the BT label law of a 0/1 reward gap.
-beta means something else in grpo.py (std-scaled rewards, leave-in group mean): compare runs by the logged KL.
+so r = beta log(pi*/pi_ref) + beta log Z. Under Bradley-Terry, P(y_w > y_l) = sigma(r_w - r_l),
+Z cancels and
+    L = -E log sigma(h),   h = beta (s_w - s_l),   s = log pi_theta(y) - log pi_ref(y)
+(s sums over the completion tokens) is stationary exactly at pi* for BT labels and any pair sampler
+with full support. H-DPO: s = alpha lp - lr; f-DPO: s = f'(pi/pi_ref). Online pairs (best vs worst
+of K samples) are deterministic labels, not BT samples: the plain loss has no finite minimizer;
+`--label_smoothing sigma(-1)` restores the BT label law of a 0/1 reward gap.
+beta means something else in grpo.py (std-scaled rewards, leave-in group mean): compare runs by
+the logged KL.
 """
 
 import argparse
@@ -27,6 +30,7 @@ import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Literal, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,206 +51,190 @@ from common import tasks
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
-    seed: int = (
-        1  # seed of every random draw; step s on rank k samples from its own stream (seed, s, k)
-    )
+    seed: int = 1  # seed of every random draw (rank k samples step s from the stream (seed, s, k))
     cuda: bool = True  # use the GPU when there is one
     track: bool = False  # also log to TensorBoard and Weights & Biases, each when installed
     wandb_project_name: str = "klrl"  # the W&B project
     run_name: Optional[str] = None  # default {task}__{exp_name}__{seed}__{unix time}_{pid}
     output_dir: str = "runs"  # run folders go here
     # model and data
-    model_name_or_path: str = (
-        "common/models/tiny-policy"  # any Hugging Face causal LM: local folder or hub id
-    )
-    task: str = "arithmetic"  # arithmetic (built in), jsonl (--train_file, --eval_file) or hf:<dataset>[:<config>]
+    model_name_or_path: str = "common/models/tiny-policy"  # a causal LM: local folder or hub id
+    # arithmetic (built in), jsonl (--train_file, --eval_file) or hf:<dataset>[:<config>]
+    task: str = "arithmetic"
     train_file: Optional[str] = None  # JSONL training prompts (--task jsonl)
     eval_file: Optional[str] = None  # JSONL held-out prompts (--task jsonl)
     prompt_field: str = "prompt"  # JSON field of the prompt (GSM8K: question)
-    answer_field: str = (
-        "answer"  # JSON field of the answer (GSM8K `#### 42` and `\boxed{}` are reduced)
-    )
+    answer_field: str = "answer"  # JSON field of the answer (GSM8K `#### 42`, `\boxed{}` reduced)
     chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
-    max_prompt_length: Optional[int] = (
-        None  # longer prompts are an error (default: 16 arithmetic, 512 data)
-    )
-    max_new_tokens: Optional[int] = (
-        None  # completion token limit (default: 4 arithmetic, 1024 data)
-    )
-    temperature: float = (
-        1.0  # sampling temperature, also of every log-prob (policy, old, reference)
-    )
-    pairs_path: Optional[str] = (
-        None  # offline JSONL of {"prompt", "chosen", "rejected"}: replaces online pairs
-    )
+    max_prompt_length: Optional[int] = None  # longer is an error (default 16 arithmetic, 512 data)
+    max_new_tokens: Optional[int] = None  # completion token limit (default 4 arithmetic, 1024 data)
+    temperature: float = 1.0  # sampling temperature, also of every log-prob (policy, reference)
+    pairs_path: Optional[str] = None  # offline JSONL {"prompt", "chosen", "rejected"}: no sampling
     # training
     total_steps: int = 100  # rollout steps
-    prompts_per_step: int = (
-        128  # prompts per step, all ranks together (offline: pairs; TRL online DPO 8 per device)
-    )
-    num_generations: int = (
-        8  # K, completions per prompt, paired best vs worst; >= 4 advised (TRL online DPO 2)
-    )
+    prompts_per_step: int = 128  # prompts per step, all ranks (offline: pairs; TRL online 8/device)
+    num_generations: int = 8  # K, completions per prompt, best vs worst paired; >= 4 (TRL 2)
     num_iterations: int = 1  # mu, passes over each rollout
     num_minibatches: int = 1  # optimizer steps per pass, on disjoint sets of pairs
-    micro_batch_size: int = (
-        512  # sequences per forward/backward on one device, a pair is 2 (4-16 for 1.5B, 1K tokens)
-    )
+    micro_batch_size: int = 512  # sequences per forward/backward on a device (pair: 2; 1.5B: 4-16)
     gen_batch_size: int = 512  # sequences per generation call on one device
     learning_rate: float = 5e-4  # AdamW, constant after warm-up (paper, TRL 1e-6)
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient-norm clip (0 = none)
     warmup_steps: int = 0  # linear learning-rate warm-up, in optimizer steps (paper 150)
     # DPO
-    beta: float = 0.1  # KL coefficient on the SEQUENCE KL against raw rewards (paper, TRL 0.1); > 0
-    divergence: Literal["reverse_kl", "forward_kl", "js"] = (
-        "reverse_kl"  # f-DPO D_f(pi || pi_ref), s = f'(pi/pi_ref)
-    )
-    alpha: float = (
-        1.0  # H-DPO entropy weight, s = alpha lp - lr: < 1 sharpens, > 1 flattens (reverse_kl only)
-    )
-    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = (
-        "sigmoid"  # DPO (cDPO), IPO on sequence sums, SLiC, rDPO
-    )
-    label_smoothing: float = (
-        0.0  # eps, label-flip rate in [0, 0.5) (sigmoid, robust); sigma(-1): BT law of a 0/1 gap
-    )
+    beta: float = 0.1  # KL coefficient, the SEQUENCE KL vs raw rewards (paper, TRL 0.1); > 0
+    # f-DPO's D_f(pi || pi_ref), s = f'(pi/pi_ref)
+    divergence: Literal["reverse_kl", "forward_kl", "js"] = "reverse_kl"
+    alpha: float = 1.0  # H-DPO, s = alpha lp - lr: < 1 sharpens, > 1 flattens (reverse_kl only)
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"  # DPO (cDPO), IPO, SLiC, rDPO
+    # eps, label-flip rate in [0, 0.5) (sigmoid, robust); sigma(-1): the BT law of a 0/1 gap
+    label_smoothing: float = 0.0
     # evaluation, logging, checkpoints
-    eval_every: int = (
-        25  # held-out eval every this many steps, at step 0 and at the end (0 = only those)
-    )
+    eval_every: int = 25  # held-out eval every this many steps, at step 0 and at the end (0: only)
     eval_num_prompts: int = 500  # held-out prompts per eval (the whole arithmetic held-out split)
-    eval_samples_per_prompt: int = (
-        4  # samples per held-out prompt at `temperature`; pass@1 = mean correctness
-    )
-    eval_kl: bool = (
-        True  # log eval/kl_init_rkl_exact_seq (the reference is the initial policy: no extra model)
-    )
-    log_completions: int = (
-        0  # held-out (prompt, completion, reward) rows per eval written to completions.jsonl
-    )
+    eval_samples_per_prompt: int = 4  # samples per held-out prompt (pass@1: mean correctness)
+    eval_kl: bool = True  # log eval/kl_init_rkl_exact_seq (the reference is the initial policy)
+    log_completions: int = 0  # held-out (prompt, completion, reward) rows per eval to a JSONL file
     save_every: int = 0  # checkpoint every this many steps (0 = only at the end)
     keep_last: int = 0  # keep only the newest this many checkpoints (0 = all)
     resume: Optional[str] = None  # a run folder to continue, bit for bit; it keeps writing there
-    bf16: Optional[bool] = (
-        None  # bf16 autocast of forwards (weights, optimizer float32); default: on bf16 GPUs
-    )
+    bf16: Optional[bool] = None  # bf16 autocast of forwards (weights float32); default: bf16 GPUs
     gradient_checkpointing: bool = False  # trade compute for memory on real models
-    reshard_after_forward: bool = (
-        True  # under torchrun (FSDP2): free gathered weights after each forward (ZeRO-3)
-    )
+    reshard_after_forward: bool = True  # torchrun (FSDP2): free gathered weights after a forward
 
 
 def check_args(args: Args, world: int) -> None:
-    check_numbers(
-        args,
-        positive=POSITIVE
-        + ("beta", "alpha", "num_generations", "num_iterations", "num_minibatches"),
-    )
+    """Bad flag values, before any model loads (called by Run)."""
+    positive = ("beta", "alpha", "num_generations", "num_iterations", "num_minibatches")
+    check_numbers(args, POSITIVE + positive)
     if args.alpha != 1 and args.divergence != "reverse_kl":
         raise UserError("--alpha != 1 (H-DPO) is only defined with --divergence reverse_kl")
     if args.label_smoothing >= 0.5:
         raise UserError("--label_smoothing must be in [0, 0.5)")
     if args.label_smoothing and args.loss not in ("sigmoid", "robust"):
-        raise UserError(
-            f"--label_smoothing is used by the sigmoid and robust losses only, not --loss {args.loss}"
-        )
+        used_by = "the sigmoid and robust losses only"
+        raise UserError(f"--label_smoothing is used by {used_by}, not --loss {args.loss}")
     if args.num_generations < 2:
-        raise UserError(
-            "--num_generations must be >= 2 (a pair needs two samples; >= 4 recommended)"
-        )
+        why = "a pair needs two samples; >= 4 recommended"
+        raise UserError(f"--num_generations must be >= 2 ({why})")
     if args.prompts_per_step % world:
-        raise UserError(
-            f"--prompts_per_step {args.prompts_per_step} does not split into {world} ranks"
-        )
+        split = f"{args.prompts_per_step} does not split into {world} ranks"
+        raise UserError(f"--prompts_per_step {split}")
 
 
-# ==========================================================================================================
-# ALGO LOGIC: pure functions, tensors in and out (tested against closed forms in tests/test_dpo_kl.py)
-# ==========================================================================================================
+# ==================================================================================================
+# ALGO LOGIC: pure functions, tensors in and out (closed-form tests: tests/test_dpo_kl.py)
+# ==================================================================================================
 def build_pairs(rewards, group_size: int) -> tuple:
-    """Per group of K = `group_size` contiguous samples: chosen = the FIRST with the maximum reward, rejected = the
-    first with the minimum (i.i.d. samples: a random tie-break); a group of equal rewards has no pair.
-    Returns (chosen, rejected, usable), each [num_groups]: indices within each group and a bool mask."""
+    """Per group of K = `group_size` contiguous samples: chosen = the FIRST with the maximum reward,
+    rejected = the first with the minimum (i.i.d. samples: a random tie-break); a group of equal
+    rewards has no pair. Returns (chosen, rejected, usable), each [num_groups]: indices within each
+    group and a bool mask."""
     r = rewards.view(-1, group_size)
-    pos = torch.arange(group_size, device=r.device).expand_as(r)
-    first = lambda hit: torch.where(hit, pos, group_size).min(dim=1).values  # noqa: E731
-    chosen, rejected = (
-        first(r == r.max(1, keepdim=True).values),
-        first(r == r.min(1, keepdim=True).values),
-    )
-    return chosen, rejected, (r != r[:, :1]).any(1)
+    position = torch.arange(group_size, device=r.device).expand_as(r)
+    is_max = r == r.max(1, keepdim=True).values
+    is_min = r == r.min(1, keepdim=True).values
+    # the smallest position that holds the extreme (argmax does not promise the first of a tie)
+    chosen = torch.where(is_max, position, group_size).min(dim=1).values
+    rejected = torch.where(is_min, position, group_size).min(dim=1).values
+    usable = (r != r[:, :1]).any(1)
+    return chosen, rejected, usable
 
 
 def pair_roles(rewards, group_size: int):
-    """Per-sample role: +1 chosen, -1 rejected, 0 unused ([B] long; at most one +1 and one -1 per group, so the
-    i-th chosen and the i-th rejected row of a batch belong to the same prompt)."""
+    """Per-sample role: +1 chosen, -1 rejected, 0 unused ([B] long; at most one +1 and one -1 per
+    group, so the i-th chosen and the i-th rejected row of a batch belong to the same prompt)."""
     chosen, rejected, usable = build_pairs(rewards, group_size)
     roles = torch.zeros(len(usable), group_size, dtype=torch.long, device=rewards.device)
-    rows = usable.nonzero().view(-1)
-    roles[rows, chosen[usable]], roles[rows, rejected[usable]] = 1, -1
+    groups = usable.nonzero().view(-1)
+    roles[groups, chosen[usable]] = 1
+    roles[groups, rejected[usable]] = -1
     return roles.view(-1)
 
 
 def dpo_scores(lp, lr, divergence: str = "reverse_kl", alpha: float = 1.0):
-    """Score s(y) whose scaled difference is the implied reward margin; l = lp - lr (sequence log-ratio):
-        reverse_kl:  s = alpha lp - lr          (alpha = 1: the log-ratio l, DPO; alpha != 1: H-DPO)
-        forward_kl:  s = -exp(-l)               (f'(u) = -1/u for D_f = KL(pi_ref || pi))
-        js:          s = l - softplus(l)        (= log(u / (1 + u)); f'(u) = log(2u / (1 + u)), log 2 cancels)
-    The f-DPO optimum satisfies beta f'(pi/pi_ref) = r - C, so beta (s_w - s_l) = r_w - r_l there."""
+    """Score s(y) whose scaled difference is the implied reward margin; l = lp - lr (the sequence
+    log-ratio):
+        reverse_kl:  s = alpha lp - lr    (alpha = 1: the log-ratio l, DPO; alpha != 1: H-DPO)
+        forward_kl:  s = -exp(-l)         (f'(u) = -1/u for D_f = KL(pi_ref || pi))
+        js:          s = l - softplus(l)  (= log(u/(1 + u)); f'(u) = log(2u/(1 + u)), log 2 cancels)
+    At the f-DPO optimum, beta f'(pi/pi_ref) = r - C: there beta (s_w - s_l) = r_w - r_l."""
     if divergence == "reverse_kl":
         return alpha * lp - lr
     if alpha != 1.0:
         raise ValueError("--alpha != 1 (H-DPO) is only defined with --divergence reverse_kl")
     l = lp - lr
-    if divergence not in ("forward_kl", "js"):
-        raise ValueError(f"unknown divergence {divergence!r}")
-    return -torch.exp(-l) if divergence == "forward_kl" else l - F.softplus(l)
+    if divergence == "forward_kl":
+        return -torch.exp(-l)
+    if divergence == "js":
+        return l - F.softplus(l)
+    raise ValueError(f"unknown divergence {divergence!r}")
 
 
-def dpo_loss(s_w, s_l, beta: float, loss: str = "sigmoid", eps: float = 0.0, num_pairs_global=None):
+def dpo_loss(
+    s_w,
+    s_l,
+    beta: float = 0.1,
+    loss: str = "sigmoid",
+    eps: float = 0.0,
+    num_pairs_global=None,
+):
     """This micro-batch's share of the pair-mean loss, h = beta (s_w - s_l), eps = label smoothing:
-        sigmoid:  -(1 - eps) log sigma(h) - eps log sigma(-h)           (DPO; eps > 0: cDPO, optimum log((1-eps)/eps))
-        ipo:      ((s_w - s_l) - 1/(2 beta))^2                          (IPO on sequence sums)
-        hinge:    relu(1 - h)                                           (SLiC; no gradient once h >= 1)
-        robust:   [-(1 - eps) log sigma(h) + eps log sigma(-h)] / (1 - 2 eps)   (rDPO; unbiased under flip rate eps)
-    L = sum over this micro-batch's pairs / `num_pairs_global` (pairs over all ranks and micro-batches)."""
-    n, d = max(num_pairs_global if num_pairs_global is not None else s_w.shape[0], 1), s_w - s_l
+        sigmoid:  -(1 - eps) log sigma(h) - eps log sigma(-h)
+                  (DPO; eps > 0: cDPO, optimum h = log((1 - eps) / eps))
+        ipo:      ((s_w - s_l) - 1/(2 beta))^2            (IPO on sequence sums)
+        hinge:    relu(1 - h)                             (SLiC; no gradient once h >= 1)
+        robust:   [-(1 - eps) log sigma(h) + eps log sigma(-h)] / (1 - 2 eps)
+                  (rDPO; unbiased under the label-flip rate eps)
+    L = sum over this micro-batch's pairs / `num_pairs_global` (the pairs of all ranks and
+    micro-batches; None: this micro-batch's)."""
+    if num_pairs_global is None:
+        num_pairs_global = s_w.shape[0]
+    n = max(num_pairs_global, 1)
+    d = s_w - s_l
     h = beta * d
-    if loss == "sigmoid":
-        per = -(1 - eps) * F.logsigmoid(h) - eps * F.logsigmoid(-h) if eps else -F.logsigmoid(h)
+    if loss == "sigmoid" and not eps:  # DPO
+        per_pair = -F.logsigmoid(h)
+    elif loss == "sigmoid":  # cDPO
+        per_pair = -(1 - eps) * F.logsigmoid(h) - eps * F.logsigmoid(-h)
     elif loss == "ipo":
-        per = (d - 1 / (2 * beta)).pow(2)
+        per_pair = (d - 1 / (2 * beta)).pow(2)
     elif loss == "hinge":
-        per = torch.relu(1 - h)
+        per_pair = torch.relu(1 - h)
     elif loss == "robust":
-        per = (-(1 - eps) * F.logsigmoid(h) + eps * F.logsigmoid(-h)) / (1 - 2 * eps)
+        per_pair = (-(1 - eps) * F.logsigmoid(h) + eps * F.logsigmoid(-h)) / (1 - 2 * eps)
     else:
         raise ValueError(f"unknown loss {loss!r}")
-    out = per.sum() / n
-    return out, {"loss": out.detach()}
+    share = per_pair.sum() / n
+    return share, {"loss": share.detach()}
 
 
-def dpo_metrics(s_w, s_l, lp_w, lp_l, beta: float, num_pairs_global=None) -> dict:
-    """TRL-named pair metrics (means of beta s_w, beta s_l, h, [h > 0], policy sequence log-probs) as this
-    micro-batch's share of global pair means (summed over micro-batches and ranks)."""
-    n = max(num_pairs_global if num_pairs_global is not None else s_w.shape[0], 1)
-    s_w, s_l, h = s_w.detach(), s_l.detach(), beta * (s_w - s_l).detach()
-    out = {"rewards/chosen": beta * s_w, "rewards/rejected": beta * s_l, "rewards/margins": h}
-    out |= {
-        "rewards/accuracies": (h > 0).to(h.dtype),
-        "logps/chosen": lp_w.detach(),
-        "logps/rejected": lp_l.detach(),
-    }
-    return {k: v.sum() / n for k, v in out.items()}
+def dpo_metrics(s_w, s_l, lp_w, lp_l, beta: float = 0.1, num_pairs_global=None) -> dict:
+    """TRL-named pair metrics (means of beta s_w, beta s_l, h, [h > 0], the policy's sequence
+    log-probs) as this micro-batch's share of global pair means (summed over micro-batches and
+    ranks; num_pairs_global None: this micro-batch's pairs)."""
+    if num_pairs_global is None:
+        num_pairs_global = s_w.shape[0]
+    n = max(num_pairs_global, 1)
+    s_w = s_w.detach()
+    s_l = s_l.detach()
+    h = beta * (s_w - s_l)
+    metrics = {"rewards/chosen": beta * s_w, "rewards/rejected": beta * s_l, "rewards/margins": h}
+    metrics["rewards/accuracies"] = (h > 0).to(h.dtype)
+    metrics["logps/chosen"] = lp_w.detach()
+    metrics["logps/rejected"] = lp_l.detach()
+    return {key: value.sum() / n for key, value in metrics.items()}
 
 
 def divergence_estimate(lp, lr, divergence: str = "reverse_kl", alpha: float = 1.0):
-    """Per-sample term whose mean over y ~ pi estimates the regularizer the loss really uses (sequence level):
-        reverse_kl:  alpha lp - lr          -> alpha (-H(pi)) + CE(pi, pi_ref)  (= KL(pi || pi_ref) at alpha = 1)
-        forward_kl:  -l e^{-l}              -> KL(pi_ref || pi)                   (importance weight pi_ref/pi)
-        js:          l - (1 + e^{-l}) log((1 + e^l)/2)  -> sum pi_ref f(pi/pi_ref), f(u) = u log u - (u+1) log((u+1)/2)
-    (l = lp - lr). The forward-KL and JS estimates carry e^{-l}: high variance when pi has moved far from pi_ref."""
+    """Per-sample term whose mean over y ~ pi estimates the regularizer the loss really uses
+    (sequence level; l = lp - lr):
+        reverse_kl:  alpha lp - lr  -> alpha (-H(pi)) + CE(pi, pi_ref)  (= KL(pi || pi_ref) at 1)
+        forward_kl:  -l e^{-l}      -> KL(pi_ref || pi)                 (weight pi_ref/pi)
+        js:          l - (1 + e^{-l}) log((1 + e^l)/2)
+                     -> sum pi_ref f(pi/pi_ref), f(u) = u log u - (u+1) log((u+1)/2)
+    The forward-KL and JS estimates carry e^{-l}: high variance when pi moved far from pi_ref."""
     l = lp - lr
     if divergence == "reverse_kl":
         return alpha * lp - lr
@@ -257,197 +245,195 @@ def divergence_estimate(lp, lr, divergence: str = "reverse_kl", alpha: float = 1
     return l - (1 + torch.exp(-l)) * (F.softplus(l) - math.log(2))
 
 
-# ==========================================================================================================
-# ROLLOUT: sampling, teacher-forced log-probs, evaluation (identical in every file that has them)
-# ==========================================================================================================
-
-
-# ==========================================================================================================
-# UPDATE: the fresh samples' KL statistics, the loss of a micro-batch of pairs, and the update loop
-# ==========================================================================================================
+# ==================================================================================================
+# UPDATE: the fresh samples' KL statistics, the loss of a micro-batch of pairs, the update loop
+# ==================================================================================================
 @torch.no_grad()
 def sample_metrics(policy, batch: dict, rewards, args) -> dict:
-    """Over all K fresh samples per prompt: the sequence KL(pi || pi_ref) (mean log-ratio), the regularizer the loss
-    uses (`divergence_estimate`), the token entropy, J = reward mean - beta * each, and the share giving a pair."""
-    ids, mask = batch["completion_ids"], batch["completion_mask"]
-    lr = (batch["ref_logprobs"] * mask).sum(-1)
-    lp, ent = [], lr.new_zeros(())
+    """Over all K fresh samples per prompt: the sequence KL(pi || pi_ref) (the mean log-ratio), the
+    regularizer the loss uses (`divergence_estimate`), the token entropy, J = reward mean - beta x
+    each of the two, and the share of prompts that give a pair."""
+    ids = batch["completion_ids"]
+    mask = batch["completion_mask"]
+    lr = (batch["ref_logprobs"] * mask).sum(-1)  # sequence log-probs under pi_ref
+    lp = []
+    entropy = lr.new_zeros(())
     with gathered(policy, args):
         for rows in torch.arange(len(ids), device=ids.device).split(args.micro_batch_size):
             with autocast(args):
-                lsm = completion_log_softmax(policy, batch, rows, args.temperature)
-            lp.append((token_logprobs(lsm, ids[rows]) * mask[rows, : lsm.shape[1]]).sum(-1))
-            ent += (-(lsm.exp() * lsm).sum(-1) * mask[rows, : lsm.shape[1]]).sum()
+                log_softmax = completion_log_softmax(policy, batch, rows, args.temperature)
+            row_mask = mask[rows, : log_softmax.shape[1]]
+            token_lp = token_logprobs(log_softmax, ids[rows])
+            lp.append((token_lp * row_mask).sum(-1))
+            token_entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+            entropy += (token_entropy * row_mask).sum()
     lp = torch.cat(lp)
-    sums = [
-        (lp - lr).sum(),
-        divergence_estimate(lp, lr, args.divergence, args.alpha).sum(),
-        ent,
-        mask.sum(),
-    ]
-    kl, div, ent, tokens, pairs = all_reduce(
-        torch.stack([*sums, (batch["pair_role"] == 1).sum()]).double()
-    ).tolist()
-    n, (r_mean, r_std) = args.prompts_per_step * args.num_generations, global_mean_std(rewards)
-    out = {
-        "charts/reward_mean": r_mean,
-        "charts/reward_std": r_std,
-        "losses/entropy": ent / max(tokens, 1),
-    }
-    out |= {"charts/num_pairs": pairs, "charts/frac_usable_prompts": pairs / args.prompts_per_step}
-    out |= {
-        "losses/kl_ref_rkl_k1_seq": kl / n,
-        "charts/kl_reg_objective": r_mean - args.beta * kl / n,
-    }
-    return out | {
-        "losses/div_ref_seq": div / n,
-        "charts/div_reg_objective": r_mean - args.beta * div / n,
-    }
+    regularizer = divergence_estimate(lp, lr, divergence=args.divergence, alpha=args.alpha)
+    num_pairs = (batch["pair_role"] == 1).sum()
+    sums = [(lp - lr).sum(), regularizer.sum(), entropy, mask.sum(), num_pairs]
+    totals = all_reduce(torch.stack(sums).double())  # over all ranks
+    kl, div, entropy, tokens, pairs = totals.tolist()
+    n = args.prompts_per_step * args.num_generations  # samples over all ranks
+    reward_mean, reward_std = global_mean_std(rewards)
+    metrics = {"charts/reward_mean": reward_mean, "charts/reward_std": reward_std}
+    metrics["losses/entropy"] = entropy / max(tokens, 1)
+    metrics["charts/num_pairs"] = pairs
+    metrics["charts/frac_usable_prompts"] = pairs / args.prompts_per_step
+    metrics["losses/kl_ref_rkl_k1_seq"] = kl / n
+    metrics["charts/kl_reg_objective"] = reward_mean - args.beta * kl / n
+    metrics["losses/div_ref_seq"] = div / n
+    metrics["charts/div_reg_objective"] = reward_mean - args.beta * div / n
+    return metrics
 
 
-def micro_loss(lsm, batch: dict, rows, args, num_pairs):
-    """rows = m chosen rows then their m rejected rows (a single placeholder row, m = 0, on a rank without pairs:
-    then everything below is an empty sum, a zero-weighted loss over the same forward)."""
-    m, mask = len(rows) // 2, batch["completion_mask"][rows]
-    lp = (token_logprobs(lsm, batch["completion_ids"][rows]) * mask[:, : lsm.shape[1]]).sum(-1)[
-        : 2 * m
-    ]
+def micro_loss(log_softmax, batch: dict, rows, args, num_pairs):
+    """DPO's loss of the micro-batch `rows`: m chosen rows, then their m rejected rows. A filler
+    (one row, m = 0) makes every sum below empty: a loss of 0 over the forward FSDP needs."""
+    m = len(rows) // 2
+    C = log_softmax.shape[1]
+    mask = batch["completion_mask"][rows]
+    token_lp = token_logprobs(log_softmax, batch["completion_ids"][rows])
+    lp = (token_lp * mask[:, :C]).sum(-1)[: 2 * m]  # sequence log-probs
     lr = (batch["ref_logprobs"][rows] * mask).sum(-1)[: 2 * m].to(lp.dtype)
-    s = dpo_scores(lp, lr, args.divergence, args.alpha)
-    loss, stats = dpo_loss(s[:m], s[m:], args.beta, args.loss, args.label_smoothing, num_pairs)
-    stats["logratio_abs_max"] = F.pad((lp.detach() - lr).abs(), (0, 1)).max()  # 0 without pairs
-    return loss, stats | dpo_metrics(s[:m], s[m:], lp[:m], lp[m:], args.beta, num_pairs)
+    s = dpo_scores(lp, lr, divergence=args.divergence, alpha=args.alpha)
+    loss, stats = dpo_loss(
+        s[:m],
+        s[m:],
+        beta=args.beta,
+        loss=args.loss,
+        eps=args.label_smoothing,
+        num_pairs_global=num_pairs,
+    )
+    logratio = lp.detach() - lr
+    # padded with a 0: the max of an empty tensor (a filler) is an error
+    stats["logratio_abs_max"] = F.pad(logratio.abs(), (0, 1)).max()
+    stats |= dpo_metrics(s[:m], s[m:], lp[:m], lp[m:], beta=args.beta, num_pairs_global=num_pairs)
+    return loss, stats
 
 
 def update_pairs(model, optimizer, batch: dict, args, step: int) -> dict:
-    """num_iterations x num_minibatches optimizer steps, each on a set of GLOBAL pairs (numbered across ranks, one
-    permutation on every rank) whose count is known before its loss is formed: the update does not depend on the
-    number of ranks. Every rank runs as many micro-batches as the busiest one (a missing one: a zero-weighted
-    placeholder row), so FSDP's collectives stay in lockstep. A mini-batch without pairs takes no step."""
-    world, rank, stats, roles, steps = *world_rank(), [], batch["pair_role"], 0
-    chosen, rejected = (roles == 1).nonzero().view(-1), (roles == -1).nonzero().view(-1)
-    counts = all_reduce(
-        F.one_hot(torch.tensor(rank, device=DEVICE), world) * len(chosen)
-    )  # pairs per rank
-    first, per_micro = (
-        int(counts[:rank].sum()),
-        max(1, args.micro_batch_size // 2),
-    )  # my first global pair id
-    for it in range(args.num_iterations):
-        # the same mini-batches on every rank
-        shuffle = torch.Generator().manual_seed(seed_of(args, "shuffle", step, it))
-        for mb in (
-            torch.randperm(int(counts.sum()), generator=shuffle)
-            .to(DEVICE)
-            .tensor_split(args.num_minibatches)
-        ):
-            mine = (
-                mb[(mb >= first) & (mb < first + len(chosen))] - first
-            )  # this rank's pairs of the mini-batch
-            micro = mine.split(per_micro) if len(mine) else ()
-            n = int(
-                all_reduce(torch.tensor(len(micro), device=DEVICE), dist.ReduceOp.MAX)
-            )  # 0: no pair anywhere
-            for k in range(n):
-                idx = micro[k] if k < len(micro) else mine[:0]
-                rows = torch.cat([chosen[idx], rejected[idx]]) if len(idx) else roles.new_zeros(1)
-                if (
-                    world > 1
-                ):  # FSDP2: reduce-scatter the gradients once per mini-batch, after its last micro-batch
-                    model.set_requires_gradient_sync(k == n - 1)
+    """--num_iterations passes x --num_minibatches optimizer steps over the step's pairs. A
+    mini-batch is a set of GLOBAL pairs (numbered across the ranks, one permutation on every rank)
+    whose count is known before its loss is formed: the update depends neither on the number of
+    ranks nor on the micro-batch size. A mini-batch without pairs on any rank takes no step (no
+    pairs at all: no metrics). DPO's version of the shared `update_policy`, on pairs, not rows."""
+    world, rank = world_rank()
+    roles = batch["pair_role"]
+    # the i-th chosen row and the i-th rejected row are the i-th pair (see pair_roles)
+    chosen = (roles == 1).nonzero().view(-1)
+    rejected = (roles == -1).nonzero().view(-1)
+    # every rank's pair count: global pairs [first, first + len(chosen)) are this rank's
+    pairs_per_rank = torch.zeros(world, dtype=torch.long, device=DEVICE)
+    pairs_per_rank[rank] = len(chosen)
+    pairs_per_rank = all_reduce(pairs_per_rank)
+    first = int(pairs_per_rank[:rank].sum())
+    pairs_per_micro_batch = max(1, args.micro_batch_size // 2)  # a pair is two rows
+    stats = []
+    steps = 0
+    for iteration in range(args.num_iterations):
+        shuffle = torch.Generator().manual_seed(seed_of(args, "shuffle", step, iteration))
+        order = torch.randperm(int(pairs_per_rank.sum()), generator=shuffle).to(DEVICE)
+        for minibatch in order.tensor_split(args.num_minibatches):
+            is_mine = (minibatch >= first) & (minibatch < first + len(chosen))
+            mine = minibatch[is_mine] - first
+            micro_batches = lockstep(mine, pairs_per_micro_batch)
+            for k, (pairs, weight) in enumerate(micro_batches):
+                if world > 1:  # FSDP2: reduce-scatter once, after the mini-batch's last micro-batch
+                    model.set_requires_gradient_sync(k == len(micro_batches) - 1)
+                if weight:
+                    rows = torch.cat([chosen[pairs], rejected[pairs]])
+                else:  # a filler: row 0 alone, no pair (its loss is 0; see micro_loss)
+                    rows = roles.new_zeros(1)
                 with autocast(args):
-                    lsm = completion_log_softmax(
-                        model, batch, rows, args.temperature, not args.gradient_checkpointing
+                    cached = not args.gradient_checkpointing
+                    log_softmax = completion_log_softmax(
+                        model, batch, rows, args.temperature, cached
                     )
-                loss, s = micro_loss(lsm, batch, rows, args, len(mb))
-                (loss * world).backward()
-                stats.append(s)
-            if n:
+                loss, micro_stats = micro_loss(log_softmax, batch, rows, args, len(minibatch))
+                (loss * world).backward()  # FSDP averages the gradients over the ranks
+                # a filler's stats are zeros: a rank without pairs reports the same keys
+                stats.append(micro_stats)
+            if micro_batches:
                 stats[-1] |= optimizer_step(model, optimizer, args)
                 steps += 1
     return reduce_stats(stats, max(steps, 1))
 
 
-# ==========================================================================================================
+# ==================================================================================================
 # TRAIN
-# ==========================================================================================================
+# ==================================================================================================
 def load_pairs(path: str, tokenizer, args) -> list:
-    """Offline (prompt, chosen, rejected) token lists from a JSONL file; every problem is a one-line error naming
-    file:line. Completions get EOS appended (part of the sequence log-prob) and must fit --max_new_tokens."""
-    rows, pairs = (
-        tasks.read_jsonl(path),
-        [],
-    )  # a missing file, malformed JSON, a non-object: a tasks.TaskError naming file:line
-    for n, obj in rows:
+    """Offline (prompt, chosen, rejected) token lists from a JSONL file; every problem is a one-line
+    error naming file:line. Completions get EOS appended (part of the sequence log-prob) and must
+    fit --max_new_tokens."""
+    rows = tasks.read_jsonl(path)  # a missing file, malformed JSON, a non-object: a tasks.TaskError
+    completions = []  # chosen_0, rejected_0, chosen_1, ...
+    for line, obj in rows:
         for key in ("prompt", "chosen", "rejected"):
             if not isinstance(obj.get(key), str) or not obj[key]:
-                raise UserError(f"{path}:{n}: field {key!r} must be a non-empty string")
+                raise UserError(f"{path}:{line}: field {key!r} must be a non-empty string")
         if obj["chosen"] == obj["rejected"]:
-            raise UserError(f"{path}:{n}: chosen and rejected are identical")
+            raise UserError(f"{path}:{line}: chosen and rejected are identical")
         for key in ("chosen", "rejected"):
-            pairs.append(
-                tokenizer(obj[key], add_special_tokens=False)["input_ids"]
-                + [tokenizer.eos_token_id]
-            )
-            if len(pairs[-1]) > args.max_new_tokens:
-                raise UserError(
-                    f"{path}:{n}: {key} has {len(pairs[-1])} tokens with EOS > --max_new_tokens"
-                )
+            ids = tokenizer(obj[key], add_special_tokens=False)["input_ids"]
+            ids = ids + [tokenizer.eos_token_id]
+            if len(ids) > args.max_new_tokens:
+                why = f"{len(ids)} tokens with EOS > --max_new_tokens"
+                raise UserError(f"{path}:{line}: {key} has {why}")
+            completions.append(ids)
     if not rows:
         raise UserError(f"{path}: empty file (no pairs)")
     examples = [tasks.Example(obj["prompt"], "") for _, obj in rows]
-    prompts = tasks.encode_prompts(
-        tokenizer, examples, args.chat_template, args.max_prompt_length, "pairs"
-    )
-    return [(p, w, r) for p, w, r in zip(prompts, pairs[::2], pairs[1::2])]
+    max_length = args.max_prompt_length
+    prompts = tasks.encode_prompts(tokenizer, examples, args.chat_template, max_length, "pairs")
+    return list(zip(prompts, completions[::2], completions[1::2]))
 
 
 def train(args: Args) -> None:
-    run = Run(args)  # the task and its prompts, processes, the checkpoint to resume (PLUMBING)
+    run = Run(args)  # the task and its prompts, the processes, the checkpoint to resume (SHARED)
     policy = load_model(run.checkpoint or args.model_name_or_path, args, trainable=True)
     ref = load_model(args.model_name_or_path, args)  # DPO always needs the frozen reference
-    eos, pad, K = eos_ids(run.tokenizer, policy), run.tokenizer.pad_token_id, args.num_generations
-    if (
-        args.pairs_path
-    ):  # offline: the pairs replace the task's training prompts (its held-out prompts still eval)
+    kl_models = {"init": ref} if args.eval_kl else {}
+    eos = eos_ids(run.tokenizer, policy)
+    pad = run.tokenizer.pad_token_id
+    K = args.num_generations
+    if args.pairs_path:  # offline: the pairs replace the training prompts (the task still evals)
         run.train_prompts = load_pairs(args.pairs_path, run.tokenizer, args)
         if args.prompts_per_step > len(run.train_prompts):
-            raise UserError(
-                f"--prompts_per_step {args.prompts_per_step} > {len(run.train_prompts)} training pairs"
-            )
-    model, optimizer = run.start(
-        policy, lambda: evaluate(policy, {"init": ref} if args.eval_kl else {}, run, eos)
-    )
+            how_many = f"{args.prompts_per_step} > {len(run.train_prompts)}"
+            raise UserError(f"--prompts_per_step {how_many} training pairs")
+    model, optimizer = run.start(policy, partial(evaluate, policy, kl_models, run, eos))
     for step in run.steps():
         prompts = run.prompts(step)  # one global draw, this rank's share
-        if (
-            args.pairs_path
-        ):  # 1-2. offline: the step's pairs as rows chosen_0, rejected_0, chosen_1, ...
-            pairs = [run.train_prompts[i] for i in prompts]
-            completions = [c for _, chosen, rejected in pairs for c in (chosen, rejected)]
-            batch = make_batch([p for p, _, _ in pairs for _ in range(2)], completions, eos, pad)
-            batch["pair_role"] = torch.tensor([1, -1] * len(pairs), device=DEVICE)
+        if args.pairs_path:  # 1-2. offline: the step's pairs as rows chosen_0, rejected_0, ...
+            pair_prompts = []
+            completions = []
+            for i in prompts:
+                prompt, chosen, rejected = run.train_prompts[i]
+                pair_prompts += [prompt, prompt]
+                completions += [chosen, rejected]
+            batch = make_batch(pair_prompts, completions, eos, pad)
+            batch["pair_role"] = torch.tensor([1, -1] * len(prompts), device=DEVICE)
         else:  # 1. K completions per prompt from the current policy
             group_prompts = [run.train_prompts[i] for i in prompts for _ in range(K)]
             batch = sample_batch(policy, group_prompts, args, eos, pad, run.sampler(step))
             run.lap("generate")
             # 2. rewards and best-vs-worst pairs (a group lives on one rank)
             answers = [run.task.train[i].answer for i in prompts for _ in range(K)]
-            rewards = torch.tensor(
-                run.task.score(decode(run.tokenizer, batch), answers), device=DEVICE
-            )
+            texts = decode(run.tokenizer, batch)
+            rewards = torch.tensor(run.task.score(texts, answers), device=DEVICE)
             batch["pair_role"] = pair_roles(rewards, K)
-        # 3. reference log-probs of every sample; online, the fresh samples' sequence KL and objective
+        # 3. reference log-probs of every sample; online, the fresh samples' KL and objective
         batch["ref_logprobs"] = batched_logprobs(ref, batch, args)
-        offline = {"charts/num_pairs": float(args.prompts_per_step)}
-        metrics = offline if args.pairs_path else sample_metrics(policy, batch, rewards, args)
+        if args.pairs_path:
+            metrics = {"charts/num_pairs": float(args.prompts_per_step)}
+        else:
+            metrics = sample_metrics(policy, batch, rewards, args)
         run.lap("logprob")
         # 4. the update on the pairs
         metrics |= update_pairs(model, optimizer, batch, args, step)
         run.lap("update")
-        if (
-            "losses/loss" not in metrics
-        ):  # no pair on any rank (all ties): no update, no loss logged
+        if "losses/loss" not in metrics:  # no pair on any rank (all ties): no update, no loss
             run.state["skipped_steps"] = run.state.get("skipped_steps", 0) + 1  # checkpointed
         metrics["charts/skipped_steps"] = run.state.get("skipped_steps", 0)
         run.end_step(step, batch, metrics)

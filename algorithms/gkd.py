@@ -9,8 +9,7 @@ y sampled from the current student with probability lambda (on-policy, no gradie
 sampling), else the dataset's answer or, with --seq_kd, a teacher sample. Every D is 0 iff q = p_T
 at that state, so a fully expressive student's optimum is the teacher whatever the data; with
 limited capacity the data decides WHERE it matches.
-Loss (t = softmax(a / T), s = softmax(z / T) for teacher and student logits a, z at each
-completion position):
+Loss, t = softmax(a / T) and s = softmax(z / T) from teacher / student logits a, z:
     L = sum_{valid positions} D(t, s) / (global number of valid positions),   D from --divergence.
 What this estimator really regularizes: on-policy per-token RKL with detached sampling is the
 per-state RKL under the student's state distribution, not the gradient of the sequence-level
@@ -70,9 +69,7 @@ class Args:
     chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
     max_prompt_length: Optional[int] = None  # longer is an error (default 16 arithmetic, 512 data)
     max_new_tokens: Optional[int] = None  # completion token limit (default 4 arithmetic, 1024 data)
-    temperature: float = (
-        1.0  # of sampling and every log-prob (student, teacher; TRL samples at 0.9)
-    )
+    temperature: float = 1.0  # of sampling and every log-prob (student, teacher; TRL samples 0.9)
     # training
     total_steps: int = 200  # rollout steps
     prompts_per_step: int = 128  # all ranks together, one completion each (TRL 8-32 per device)
@@ -92,7 +89,7 @@ class Args:
     beta: float = 0.5  # JSD mixture m = beta t + (1 - beta) s; 0 / 1: exact fkl / rkl (TRL 0.5)
     # a in skl = KL(t || a t + (1 - a) s), srkl = KL(s || (1 - a) t + a s); < 1 (DistiLLM 0.1)
     skew_alpha: float = 0.1
-    akl_mu: float = 0.5  # AKL head: the fewest top teacher tokens whose mass reaches mu (AKL 0.5)
+    akl_mu: float = 0.5  # AKL head: fewest top teacher tokens whose mass reaches mu; <= 1 (AKL 0.5)
     # positions per chunk of D, recomputed in backward (0 = one chunk; real vocabularies 128-512)
     divergence_chunk_size: int = 0
     # evaluation, logging, checkpoints
@@ -112,8 +109,7 @@ class Args:
 
 def check_args(args: Args, world: int) -> None:
     """Bad flag values, before any model loads (called by Run)."""
-    positive = ("akl_mu", "num_iterations", "num_minibatches")
-    check_numbers(args, POSITIVE + positive)
+    check_numbers(args, POSITIVE + ("akl_mu", "num_iterations", "num_minibatches"))
     for name in ("lmbda", "beta", "akl_mu"):
         value = getattr(args, name)
         if value > 1:
@@ -127,22 +123,19 @@ def check_args(args: Args, world: int) -> None:
         raise UserError(f"--prompts_per_step {args.prompts_per_step} does not split into {split}")
 
 
-def check_same_vocabulary(
-    student_tokenizer, teacher_tokenizer, student_width=None, teacher_width=None
-) -> None:
+def check_same_vocabulary(student, teacher, student_width=None, teacher_width=None) -> None:
     """D compares the two next-token distributions entry by entry: token i must be the same string
-    for both (same vocabulary and special tokens; checked before any weights load) and both need as
-    many logits (the widths)."""
-    student_vocab = student_tokenizer.get_vocab()
-    teacher_vocab = teacher_tokenizer.get_vocab()
+    for both tokenizers (same vocabulary and special tokens; checked before any weights load) and
+    both models need as many logits (the widths)."""
+    student_vocab = student.get_vocab()
+    teacher_vocab = teacher.get_vocab()
     special = []
     for name in ("bos_token", "eos_token", "unk_token"):
-        if getattr(student_tokenizer, name) != getattr(teacher_tokenizer, name):
+        if getattr(student, name) != getattr(teacher, name):
             special.append(name)
     if student_vocab != teacher_vocab or special:
-        # the (token, id) pairs that only one of the two has, the lowest id first
-        one_only = set(student_vocab.items()) ^ set(teacher_vocab.items())
-        pairs = [(token, i) for i, token in sorted((i, token) for token, i in one_only)]
+        one_only = set(student_vocab.items()) ^ set(teacher_vocab.items())  # (token, id) pairs
+        pairs = [(token, i) for i, token in sorted((i, token) for token, i in one_only)]  # by id
         sizes = f"{len(student_vocab)} vs {len(teacher_vocab)} tokens"
         differences = f"(token, id) pairs in one only: {len(pairs)}, e.g. {pairs[:1]}"
         raise UserError(
@@ -180,14 +173,11 @@ def akl_head_mask(teacher_probs, mu: float = 0.5):
     themselves (applying the sorted mask unsorted is a bug)."""
     sorted_probs, order = teacher_probs.sort(dim=-1, descending=True, stable=True)
     # a token is in the head while the mass BEFORE it is < mu: it is still needed to reach mu
-    mass_before = sorted_probs.cumsum(-1) - sorted_probs
-    head_sorted = mass_before < mu
+    head_sorted = (sorted_probs.cumsum(-1) - sorted_probs) < mu
     return torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
 
 
-def divergence_from_log_probs(
-    log_t, log_s, kind: str = "jsd", beta: float = 0.5, skew_alpha: float = 0.1, akl_mu=0.5
-):
+def divergence_from_log_probs(log_t, log_s, kind="jsd", beta=0.5, skew_alpha=0.1, akl_mu=0.5):
     """Per-position D(t, s) over the last axis from teacher / student log-probs (at temperature T):
         fkl  = sum t (log t - log s) = KL(t || s)            grad_z = (s - t) / T
         rkl  = sum s (log s - log t) = KL(s || t)            grad_z = s (log(s/t) - rkl) / T
@@ -201,8 +191,7 @@ def divergence_from_log_probs(
                head H (`akl_head_mask`) and the tail; the weights are detached (our choice), and
                D = 0 when s = t.
     grad_z for student logits z: every row sums to 0 (softmax) and carries the 1/T factor."""
-    t = log_t.exp()
-    s = log_s.exp()
+    t, s = log_t.exp(), log_s.exp()
     # the end points of JSD are the exact KLs: the raw JSD(0) and JSD(1) are identically 0
     if kind == "fkl" or (kind == "jsd" and beta <= 0.0):
         return kl(t, log_t, log_s)
@@ -230,20 +219,11 @@ def divergence_from_log_probs(
     return w_head * kl(t, log_t, log_s) + (1 - w_head) * kl(s, log_s, log_t)
 
 
-def divergence(
-    teacher_logits,
-    student_logits,
-    kind: str = "jsd",
-    beta: float = 0.5,
-    skew_alpha: float = 0.1,
-    akl_mu: float = 0.5,
-    temperature: float = 1.0,
-):
-    """D(softmax(a / T), softmax(z / T)) per position from teacher / student logits a, z, in at
-    least float32."""
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    log_t = (teacher_logits.to(dtype) / temperature).log_softmax(-1)
-    log_s = (student_logits.to(dtype) / temperature).log_softmax(-1)
+def divergence(a, z, kind="jsd", beta=0.5, skew_alpha=0.1, akl_mu=0.5, temperature=1.0):
+    """D(softmax(a / T), softmax(z / T)) per position from teacher / student logits a, z."""
+    dtype = torch.promote_types(z.dtype, torch.float32)  # at least float32
+    log_t = (a.to(dtype) / temperature).log_softmax(-1)
+    log_s = (z.to(dtype) / temperature).log_softmax(-1)
     return divergence_from_log_probs(log_t, log_s, kind, beta, skew_alpha, akl_mu)
 
 
@@ -259,13 +239,11 @@ def gkd_loss(
     akl_mu: float = 0.5,
     divergence_chunk_size: int = 0,
 ):
-    """This micro-batch's share of the global token mean of D = `divergence` (with its beta,
-    skew_alpha, akl_mu) between teacher and student log-probs log_t, log_s [B, C, V]:
-        L = sum_{b,t} mask_bt D(t_bt, s_bt) / N_tokens,
-    N_tokens = `num_tokens`, the valid positions over ALL ranks and micro-batches: the same L for
-    any split. divergence_chunk_size > 0: D over chunks of that many positions, under activation
-    checkpointing. Stats: token-mean shares of KL(t || s), KL(s || t), H(t) and
-    log t(completion_ids), whatever D is. Returns (loss, stats)."""
+    """This micro-batch's share of the global token mean of D = `divergence` between teacher and
+    student log-probs log_t, log_s [B, C, V]: L = sum_{b,t} mask_bt D(t_bt, s_bt) / num_tokens,
+    num_tokens counting the valid positions of ALL ranks and micro-batches (the same L for any
+    split). divergence_chunk_size > 0: D over chunks of positions, recomputed in backward. Stats:
+    token-mean shares of KL(t || s), KL(s || t), H(t), log t(completion_ids), whatever D is."""
     mask = mask.to(log_s.dtype)
     C = log_s.shape[1]
     chunk = divergence_chunk_size or C
@@ -277,16 +255,14 @@ def gkd_loss(
     sums = torch.zeros(4, dtype=torch.float64, device=log_s.device)  # the four stats
     for start in range(0, C, chunk):
         positions = slice(start, start + chunk)
-        lt = log_t[:, positions]
-        ls = log_s[:, positions]
+        lt, ls = log_t[:, positions], log_s[:, positions]
         if recompute:
             d = checkpoint(D, lt, ls, use_reentrant=False)
         else:
             d = D(lt, ls)
         total = total + (d * mask[:, positions]).sum()
         with torch.no_grad():
-            t = lt.exp()
-            s = ls.exp()
+            t, s = lt.exp(), ls.exp()
             teacher_logprobs = token_logprobs(lt, completion_ids[:, positions])
             per_position = [kl(t, lt, ls), kl(s, ls, lt), -(t * lt).sum(-1), teacher_logprobs]
             sums += torch.stack([(x * mask[:, positions]).sum().double() for x in per_position])
@@ -308,8 +284,7 @@ def on_policy_coin(seed: int, step: int, lmbda: float) -> bool:
 # UPDATE and TRAIN: the data of off-policy steps, the loss of a micro-batch, the training loop
 # ==================================================================================================
 def encode_completions(tokenizer, examples: list, limit: int) -> list:
-    """The completions of off-policy steps without --seq_kd: each dataset answer + EOS (never
-    truncated: a longer answer is an error)."""
+    """The completions of off-policy steps without --seq_kd: each dataset answer + EOS, uncut."""
     answers = [example.answer for example in examples]
     ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
     longest = max(map(len, ids)) + 1  # with EOS
@@ -367,16 +342,14 @@ def train(args: Args) -> None:
     def evaluate_all():  # at step 0 also the teacher's pass@1, the ceiling of the distillation
         metrics, shown = evaluate(policy, kl_models, run, eos)
         if args.eval_teacher and getattr(run, "step", 0) == 0:  # (no run.step before step 1)
-            teacher_metrics, _ = evaluate(teacher, {}, run, eos)
-            metrics["eval/teacher_pass@1"] = teacher_metrics["eval/pass@1"]
+            metrics["eval/teacher_pass@1"] = evaluate(teacher, {}, run, eos)[0]["eval/pass@1"]
         return metrics, shown
 
     model, optimizer = run.start(policy, evaluate_all)
     done = range(1, run.state["step"] + 1)  # the steps before a resume
     on_policy_steps = sum(on_policy_coin(args.seed, step, args.lmbda) for step in done)
     for step in run.steps():
-        # 1. the step's prompts (one global draw, this rank's share); one coin from (seed, step)
-        #    picks the data source of the whole step, on every rank
+        # 1. the step's prompts (this rank's share) and its data source, one coin on every rank
         mine = run.prompts(step)
         prompts = [run.train_prompts[i] for i in mine]
         on_policy = on_policy_coin(args.seed, step, args.lmbda)
@@ -393,16 +366,14 @@ def train(args: Args) -> None:
         answers = [run.task.train[i].answer for i in mine]
         rewards = run.task.score(decode(run.tokenizer, batch), answers)
         reward_mean, reward_std = global_mean_std(torch.tensor(rewards, device=DEVICE))
-        # 3. teacher and student log-softmax at every completion position, D, one AdamW step per
-        #    mini-batch (micro_loss runs the teacher on each micro-batch)
+        # 3. D between teacher and student at every completion position, AdamW on its token mean
         batch["loss_mask"] = batch["completion_mask"]
-        batch["teacher"] = teacher
+        batch["teacher"] = teacher  # micro_loss runs it on each micro-batch
         metrics = update_policy(model, optimizer, batch, args, step, micro_loss)
         run.lap("update")
         metrics["charts/on_policy"] = float(on_policy)
         metrics["charts/on_policy_frac"] = on_policy_steps / step
-        metrics["charts/reward_mean"] = reward_mean
-        metrics["charts/reward_std"] = reward_std
+        metrics |= {"charts/reward_mean": reward_mean, "charts/reward_std": reward_std}
         run.end_step(step, batch, metrics)
 
 

@@ -1,13 +1,17 @@
 # docs: docs/q_sharp.md
 # Q-sharp: "Q#: Provably Optimal Distributional RL for LLM Post-Training" (arXiv 2502.20548).
-"""Q#: learn the return distribution of the frozen reference pi_ref, then sample from pi_ref e^{Q*/eta}, in one file.
+"""Q#: learn the return distribution of the frozen reference pi_ref, then sample from
+pi_ref e^{Q*/eta}, in one file.
 
-J(pi) = E_pi[R] - eta KL(pi || pi_ref) on the token MDP, whose deterministic transitions telescope the soft Bellman
-recursion:   Q*(s, a) = eta ln E_{pi_ref}[ e^{R/eta} | s, a ],   pi*(a|s) = pi_ref(a|s) e^{(Q*(s,a) - V*(s))/eta}.
-So Q* needs only pi_ref's return DISTRIBUTION, fit by maximum likelihood with a Q model (backbone + categorical head
-over reward atoms); one law serves every eta, and pi_ref is never trained. Each round (step) rolls in with pi_ref or
-the guided policy, switches at a uniform token and rolls out with pi_ref, so every label is an unbiased sample of
-pi_ref's return law; all rounds' data is kept. CD guides with pi_ref e^{E[R|s,a]/eta} instead, which is not pi*.
+J(pi) = E_pi[R] - eta KL(pi || pi_ref) on the token MDP, whose deterministic transitions telescope
+the soft Bellman recursion:
+    Q*(s, a) = eta ln E_{pi_ref}[ e^{R/eta} | s, a ],
+    pi*(a|s) = pi_ref(a|s) e^{(Q*(s,a) - V*(s))/eta}.
+So Q* needs only pi_ref's return DISTRIBUTION, fit by maximum likelihood with a Q model (backbone +
+categorical head over reward atoms); one law serves every eta, and pi_ref is never trained. Each
+round (step) rolls in with pi_ref or the guided policy, switches at a uniform token and rolls out
+with pi_ref, so every label is an unbiased sample of pi_ref's return law; all rounds' data is kept.
+CD guides with pi_ref e^{E[R|s,a]/eta} instead, which is not pi*.
 """
 
 import argparse
@@ -18,6 +22,7 @@ import glob
 import inspect
 import json
 import math
+import operator
 import os
 import shutil
 import signal
@@ -25,6 +30,7 @@ import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Literal, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,137 +50,75 @@ from common import tasks
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
-    seed: int = 1  # seed of every random draw; each sample's noise comes from (seed, round or eval, prompt, sample)
+    seed: int = 1  # seed of every draw; a sample's noise from (seed, round or eval, prompt, sample)
     cuda: bool = True  # use the GPU when there is one
     track: bool = False  # also log to TensorBoard and Weights & Biases, each when installed
     wandb_project_name: str = "klrl"  # the W&B project
     run_name: Optional[str] = None  # default {task}__{exp_name}__{seed}__{unix time}_{pid}
     output_dir: str = "runs"  # run folders go here
     # model and data
-    model_name_or_path: str = (
-        "common/models/tiny-policy"  # pi_ref: any Hugging Face causal LM, never trained
-    )
-    task: str = "arithmetic"  # arithmetic (built in), jsonl (--train_file, --eval_file) or hf:<dataset>[:<config>]
+    model_name_or_path: str = "common/models/tiny-policy"  # pi_ref: a causal LM, never trained
+    # arithmetic (built in), jsonl (--train_file, --eval_file) or hf:<dataset>[:<config>]
+    task: str = "arithmetic"
     train_file: Optional[str] = None  # JSONL training prompts (--task jsonl)
     eval_file: Optional[str] = None  # JSONL held-out prompts (--task jsonl)
     prompt_field: str = "prompt"  # JSON field of the prompt (GSM8K: question)
-    answer_field: str = (
-        "answer"  # JSON field of the answer (GSM8K `#### 42` and `\boxed{}` are reduced)
-    )
+    answer_field: str = "answer"  # JSON field of the answer (GSM8K `#### 42`, `\boxed{}` reduced)
     chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
-    max_prompt_length: Optional[int] = (
-        None  # longer prompts are an error (default: 16 arithmetic, 512 data)
-    )
-    max_new_tokens: Optional[int] = (
-        None  # horizon H, roll-outs included (default: 4 arithmetic, 1024 data)
-    )
-    temperature: float = (
-        1.0  # pi_ref = softmax(logits / T), whose returns are learned; offsets added after it
-    )
+    max_prompt_length: Optional[int] = None  # longer is an error (default 16 arithmetic, 512 data)
+    max_new_tokens: Optional[int] = None  # horizon H, roll-out included (4 arithmetic, 1024 data)
+    temperature: float = 1.0  # pi_ref = softmax(logits / T) (returns learned; offsets added after)
     # rounds and the Q model
-    total_steps: int = (
-        3  # rounds of collection and Q-model training; data of all rounds is kept (paper 2)
-    )
-    prompts_per_step: int = (
-        4096  # training prompts drawn per round (official code: every training problem)
-    )
+    total_steps: int = 3  # rounds of collection and Q-model training, all data kept (paper 2)
+    prompts_per_step: int = 4096  # training prompts drawn per round (official: every problem)
     samples_per_prompt: int = 2  # roll-outs per prompt per round (official 16)
-    q_model_name_or_path: Optional[str] = (
-        None  # the Q model's backbone (same vocabulary); default: pi_ref's weights
-    )
+    q_model_name_or_path: Optional[str] = None  # Q model backbone, same vocabulary (default pi_ref)
     epochs_per_round: int = 6  # passes over all collected data per round (official 5)
-    q_batch_size: int = (
-        128  # sequences per Q-model optimizer step, all ranks together (official 32)
-    )
+    q_batch_size: int = 128  # sequences per Q-model step, all ranks together (official 32)
     micro_batch_size: int = 128  # sequences per forward/backward on one device
     gen_batch_size: int = 256  # sequences per sampling call on one device
-    score_batch_size: int = (
-        32  # V-type head: sequences whose |V| candidates are scored in one forward
-    )
+    score_batch_size: int = 32  # V-type head: sequences whose |V| candidates share one forward
     learning_rate: float = 6e-4  # AdamW of the Q model, constant (official 2e-5)
     weight_decay: float = 0.01  # AdamW weight decay (official 0.01)
     max_grad_norm: float = 5.0  # gradient-norm clip (official 5.0); 0 = none
     warmup_steps: int = 0  # linear learning-rate warm-up, in optimizer steps
-    heldout_frac: float = (
-        0.1  # share of training prompts whose examples are kept out for the held-out Q loss
-    )
+    heldout_frac: float = 0.1  # share of training prompts kept out for the held-out Q loss
     # Q-sharp
-    eta: float = 0.1  # the paper's KL coefficient (bigger = closer to pi_ref; paper 0.1; official code's is 1/eta)
-    head: Literal["v", "q"] = (
-        "q"  # v: atoms from the hidden state AT each candidate (paper); q: |V| x atoms per state
-    )
-    num_atoms: int = (
-        2  # atoms of the categorical return law; 2 on {0, 1} is the sigmoid/BCE head (official)
-    )
+    eta: float = 0.1  # KL coefficient, bigger = closer to pi_ref (paper 0.1; official code: 1/eta)
+    head: Literal["v", "q"] = "q"  # v: atoms AT each candidate (paper); q: |V| x atoms per state
+    num_atoms: int = 2  # atoms of the return law; 2 on {0, 1} is the sigmoid/BCE head (official)
     v_min: float = 0.0  # smallest atom
     v_max: float = 1.0  # largest atom
-    top_k: int = 0  # guide only the k most likely reference tokens (0 = all: exactly pi_ref e^{Q/eta}; official 20)
-    topk_outside: Literal["zero", "mask"] = (
-        "zero"  # outside the top k: offset 0 (official) or removed (star graph)
-    )
+    top_k: int = 0  # guide only pi_ref's top k (0 = all: exactly pi_ref e^{Q/eta}; official 20)
+    topk_outside: Literal["zero", "mask"] = "zero"  # beyond top k: offset 0 (official) or removed
     rollin_eta: Optional[float] = None  # eta of the guided roll-in in rounds >= 2 (None = --eta)
-    only_switch_token: bool = (
-        False  # ablation: label only the switch token (official --use_all_ref_tokens 0)
-    )
-    drop_no_variation: bool = (
-        False  # drop prompts whose collected rewards are all equal (a selection effect)
-    )
-    q_loss_weighting: Literal["labels", "sequences"] = (
-        "labels"  # labels: all equal (exact ML); sequences: official
-    )
+    only_switch_token: bool = False  # label only the switch token (official --use_all_ref_tokens 0)
+    drop_no_variation: bool = False  # drop prompts whose rewards are all equal (a selection effect)
+    # labels: every label weighs the same (the exact maximum likelihood); sequences: official
+    q_loss_weighting: Literal["labels", "sequences"] = "labels"
     # evaluation, logging, checkpoints
     eval_every: int = 1  # guided held-out eval every this many rounds (and at step 0 for pi_ref)
     eval_num_prompts: int = 500  # held-out prompts per eval
     eval_samples_per_prompt: int = 4  # samples per held-out prompt; pass@1 = mean correctness
-    eval_etas: tuple[float, ...] = (
-        0.05,
-        0.1,
-        0.2,
-        0.3,
-        0.5,
-        1.0,
-        2.0,
-    )  # eta sweep of Q-sharp and CD at the end
+    eval_etas: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)  # final sweep of Q# and CD
     eval_cd: bool = True  # also evaluate CD, pi_ref e^{E[R|s,a]/eta}, from the same Q model
-    log_completions: int = (
-        0  # held-out (prompt, completion, reward) rows per eval written to completions.jsonl
-    )
+    log_completions: int = 0  # held-out (prompt, completion, reward) rows per eval to a JSONL file
     save_every: int = 1  # checkpoint every this many rounds (the last is always saved)
     keep_last: int = 0  # keep only the newest this many checkpoints (0 = all)
-    resume: Optional[str] = (
-        None  # a run folder to continue (Q model, optimizer, data); it keeps writing there
-    )
-    bf16: Optional[bool] = (
-        None  # bf16 autocast of forwards (weights, optimizer float32); default: on bf16 GPUs
-    )
+    resume: Optional[str] = None  # a run folder to continue (Q model, optimizer, data), in place
+    bf16: Optional[bool] = None  # bf16 autocast of forwards (weights float32); default: bf16 GPUs
     gradient_checkpointing: bool = False  # trade compute for memory on real Q models
-    reshard_after_forward: bool = (
-        True  # under torchrun (FSDP2): free gathered weights after each forward (ZeRO-3)
-    )
-    sample_from: Optional[str] = (
-        None  # a run folder: its flags, newest checkpoint; sample pi_ref e^{Q/eta} at --eta
-    )
-    prompts_file: Optional[str] = (
-        None  # --sample_from: JSONL prompts (optional answers); default the held-out ones
-    )
-    samples_out: Optional[str] = (
-        None  # --sample_from: one JSONL row per sample; default {run}/samples_eta{eta}.jsonl
-    )
+    reshard_after_forward: bool = True  # torchrun (FSDP2): free gathered weights after a forward
+    sample_from: Optional[str] = None  # a run folder: sample its pi_ref e^{Q/eta} at --eta
+    prompts_file: Optional[str] = None  # --sample_from: JSONL prompts [+ answers] (or held-out)
+    samples_out: Optional[str] = None  # --sample_from's JSONL (default RUN/samples_eta{eta}.jsonl)
 
 
 def check_args(args: Args, world: int) -> None:
-    check_numbers(
-        args,
-        positive=POSITIVE
-        + (
-            "eta",
-            "samples_per_prompt",
-            "epochs_per_round",
-            "q_batch_size",
-            "score_batch_size",
-            "num_atoms",
-        ),
-    )
+    """Bad flag values, before any model loads (called by Run)."""
+    positive = ("eta", "samples_per_prompt", "epochs_per_round", "q_batch_size")
+    positive += ("score_batch_size", "num_atoms")
+    check_numbers(args, POSITIVE + positive)
     if (args.rollin_eta is not None and args.rollin_eta <= 0) or min(args.eval_etas) <= 0:
         raise UserError("--rollin_eta and --eval_etas must be > 0 (the paper's KL coefficient)")
     if args.num_atoms < 2 or args.v_max <= args.v_min or args.heldout_frac >= 1:
@@ -182,16 +126,15 @@ def check_args(args: Args, world: int) -> None:
     if (args.prompts_file or args.samples_out) and not args.sample_from:
         raise UserError("--prompts_file and --samples_out go with --sample_from RUN")
     if args.q_batch_size % world:
-        raise UserError(
-            f"--q_batch_size {args.q_batch_size} is not divisible by the world size {world}"
-        )
+        size = args.q_batch_size
+        raise UserError(f"--q_batch_size {size} is not divisible by the world size {world}")
 
 
-# ==========================================================================================================
-# ALGO LOGIC: pure functions, tensors in and out (tested against closed forms in tests/test_q_sharp.py)
-# ==========================================================================================================
-def soft_q(log_pmf, atoms, eta: float):
-    """Q(s, a) = eta ln sum_i p(z_i | s, a) e^{z_i / eta}, the soft value of a learned return law [..., A]."""
+# ==================================================================================================
+# ALGO LOGIC: pure functions, tensors in and out (closed-form tests: tests/test_q_sharp.py)
+# ==================================================================================================
+def soft_q(log_pmf, atoms, eta: float = 0.1):
+    """Q(s, a) = eta ln sum_i p(z_i | s, a) e^{z_i / eta}: the soft value of the law [..., A]."""
     return eta * torch.logsumexp(log_pmf + atoms / eta, dim=-1)
 
 
@@ -201,106 +144,113 @@ def cd_value(log_pmf, atoms):
 
 
 def atom_bin(rewards, atoms) -> tuple:
-    """(index of the nearest atom, exact ties to the LOWER one; mask of rewards outside [v_min, v_max], clamped).
-    The official code rounds R (A - 1) half-to-even, ignoring the range."""
+    """(index of the nearest atom, exact ties to the LOWER one; mask of rewards outside [v_min,
+    v_max], clamped). The official code rounds R (A - 1) half-to-even, ignoring the range."""
     r = rewards.to(atoms.dtype)
-    idx = (r.clamp(atoms[0], atoms[-1]).unsqueeze(-1) - atoms).abs().argmin(dim=-1)
-    return idx, (r < atoms[0]) | (r > atoms[-1])
+    clamped = r.clamp(atoms[0], atoms[-1])
+    # argmin returns the first of equal minima: an exact tie goes to the lower atom
+    index = (clamped.unsqueeze(-1) - atoms).abs().argmin(dim=-1)
+    outside = (r < atoms[0]) | (r > atoms[-1])
+    return index, outside
 
 
 def dist_loss(log_pmf, bins, mask, num_seqs, num_labels=None, weighting: str = "labels"):
     """Distributional maximum likelihood, this micro-batch's share of the global batch's loss:
-        labels:    L = (1/N_lab) sum_i sum_{t in T_i} -log p_theta(bin(R_i) | s_t, y_t),   N_lab = sum_i |T_i|,
-        sequences: L = (1/N_seq) sum_i (1/|T_i|) sum_{t in T_i} -log p_theta(bin(R_i) | s_t, y_t)   (official).
-    Only equal label weights are the maximum likelihood of pi_ref's return law (|T_i| depends on the continuation,
-    hence on R). log_pmf [B, T, A], bins [B], mask [B, T] = T_i; GLOBAL counts (num_labels None: this batch's)."""
-    nll = -log_pmf.gather(-1, bins.view(-1, 1, 1).expand(-1, log_pmf.shape[1], 1)).squeeze(-1)
-    m = mask.to(nll.dtype)
+        labels:    L = (1/N_lab) sum_i sum_{t in T_i} -log p_theta(bin(R_i) | s_t, y_t),
+        sequences: L = (1/N_seq) sum_i (1/|T_i|) sum_{t in T_i} -log p_theta(bin(R_i) | s_t, y_t),
+    N_lab = sum_i |T_i| (sequences: the official code's). Only equal label weights are the maximum
+    likelihood of pi_ref's return law (|T_i| depends on the continuation, hence on R). log_pmf
+    [B, T, A], bins [B], mask [B, T] = T_i; GLOBAL counts (num_labels None: this batch's)."""
+    index = bins.view(-1, 1, 1).expand(-1, log_pmf.shape[1], 1)  # each row's bin at every position
+    nll = -log_pmf.gather(-1, index).squeeze(-1)
+    labels = mask.to(nll.dtype)
     if weighting == "sequences":
-        return ((nll * m).sum(-1) / m.sum(-1).clamp(min=1)).sum() / max(num_seqs, 1)
-    return (nll * m).sum() / max(m.sum() if num_labels is None else num_labels, 1)
+        per_sequence = (nll * labels).sum(-1) / labels.sum(-1).clamp(min=1)
+        return per_sequence.sum() / max(num_seqs, 1)
+    if num_labels is None:
+        num_labels = labels.sum()
+    return (nll * labels).sum() / max(num_labels, 1)
 
 
-def guided_logits(ref_logits, offsets, temperature: float, top_k: int = 0, outside: str = "zero"):
-    """l'_a = l_a / T + o(a), o = Q/eta (Q#) or E[R]/eta (CD), added AFTER tempering (the official code adds it
-    before). top_k > 0: only the k largest reference logits get their offset, the others 0 (`zero`) or removed."""
+def guided_logits(ref_logits, offsets, temperature: float = 1.0, top_k: int = 0, outside="zero"):
+    """l'_a = l_a / T + o(a), o = Q/eta (Q#) or E[R]/eta (CD), added AFTER tempering (the official
+    code adds it before). top_k > 0: only the k largest reference logits get their offset, the
+    others 0 (`zero`) or removed (`mask`)."""
     tempered = ref_logits / temperature
     if top_k <= 0 or top_k >= ref_logits.shape[-1]:
         return tempered + offsets
-    keep = torch.zeros_like(ref_logits, dtype=torch.bool).scatter(
-        -1, ref_logits.topk(top_k, dim=-1).indices, True
-    )
+    top = ref_logits.topk(top_k, dim=-1).indices
+    keep = torch.zeros_like(ref_logits, dtype=torch.bool).scatter(-1, top, True)
     if outside == "zero":
         return tempered + torch.where(keep, offsets, torch.zeros_like(offsets))
     return torch.where(keep, tempered + offsets, torch.full_like(tempered, -math.inf))
 
 
 def make_targets(completion_mask, switch, only_switch: bool = False):
-    """Label positions [B, C]: the switch token and every pi_ref token after it, EOS included (only the switch token
-    with `only_switch`); never the prompt or padding."""
-    pos = torch.arange(completion_mask.shape[1], device=completion_mask.device).unsqueeze(0)
-    at_or_after = (pos == switch.unsqueeze(1)) if only_switch else (pos >= switch.unsqueeze(1))
-    return at_or_after & completion_mask.bool()
+    """Label positions [B, C]: the switch token and every pi_ref token after it, EOS included (only
+    the switch token with `only_switch`); never the prompt or padding."""
+    position = torch.arange(completion_mask.shape[1], device=completion_mask.device).unsqueeze(0)
+    if only_switch:
+        labeled = position == switch.unsqueeze(1)
+    else:
+        labeled = position >= switch.unsqueeze(1)
+    return labeled & completion_mask.bool()
 
 
 def seq_kl(guided, reference, mask):
-    """sum_t KL(softmax(guided_t) || softmax(reference_t)) over masked positions [..., T, V]: by the chain rule its
-    expectation is the sequence KL(pi_g || pi_ref). -inf guided logits (masked top-k) count 0."""
-    lg, lr = torch.log_softmax(guided, -1), torch.log_softmax(reference, -1)
-    p = lg.exp()
-    return (torch.where(p > 0, p * (lg - lr), torch.zeros_like(p)).sum(-1) * mask.to(p.dtype)).sum(
-        -1
-    )
+    """sum_t KL(softmax(guided_t) || softmax(reference_t)) over masked positions [..., T, V]: in
+    expectation the sequence KL(pi_g || pi_ref) (chain rule). -inf guided logits count 0."""
+    log_g = torch.log_softmax(guided, -1)
+    log_r = torch.log_softmax(reference, -1)
+    p = log_g.exp()
+    # p log(p / r) is 0 where p = 0 (0 x -inf would be NaN for a removed token)
+    per_position = torch.where(p > 0, p * (log_g - log_r), torch.zeros_like(p)).sum(-1)
+    return (per_position * mask.to(p.dtype)).sum(-1)
 
 
 def kl_at_equal_reward(front: list, pass_at_1: float) -> float:
-    """The KL another method needs for this pass@1: linear interpolation on its Pareto front of (pass@1, KL) points
-    (dominated points dropped); NaN outside the front's range."""
-    pts, best = [], -math.inf
-    for p, kl in sorted(front, key=lambda x: (x[1], -x[0])):
-        if p > best:
-            pts.append((p, kl))
-            best = p
-    for (p0, k0), (p1, k1) in zip(pts, pts[1:]):
+    """The KL another method needs for this pass@1: linear interpolation on its Pareto front of
+    (pass@1, KL) points (dominated points dropped); NaN outside the front's range."""
+    # by KL, at equal KL the best pass@1 first; the front: each point that beats all cheaper ones
+    points = []
+    best = -math.inf
+    for kl, minus_pass in sorted((k, -p) for p, k in front):
+        if -minus_pass > best:
+            points.append((-minus_pass, kl))
+            best = -minus_pass
+    for (p0, k0), (p1, k1) in zip(points, points[1:]):
         if p0 <= pass_at_1 <= p1:
             return k0 + (k1 - k0) * (pass_at_1 - p0) / (p1 - p0)
     return math.nan
 
 
-# ==========================================================================================================
-# ROLLOUT: the Q model and our own sampler of pi_ref, Q# (pi_ref e^{Q/eta}) or CD (pi_ref e^{E[R]/eta})
-# ==========================================================================================================
-
-
+# ==================================================================================================
+# ROLLOUT and UPDATE: the Q model, our sampler (pi_ref, Q# or CD), the collection, the Q-model fit
+# ==================================================================================================
 class QModel(torch.nn.Module):
-    """A causal-LM backbone (no LM head) and a linear head giving log-probabilities over the reward atoms.
-    head "v": [B, L, A] from the hidden state AT each position, i.e. at the candidate token itself;
-    head "q": [B, L, V, A] from the hidden state at the end of the state, one row per next token."""
+    """A causal-LM backbone (no LM head) and a linear head of log-probabilities over reward atoms:
+    head "v" [B, L, A] from the hidden state AT each position (the candidate token itself); head "q"
+    [B, L, V, A] from the hidden state at the end of the state, one row per next token."""
 
     def __init__(self, backbone, head_type: str, num_atoms: int, vocab_size: int):
         super().__init__()
-        self.backbone, self.head_type, self.num_atoms, self.vocab_size = (
-            backbone,
-            head_type,
-            num_atoms,
-            vocab_size,
-        )
-        self.head = torch.nn.Linear(
-            backbone.config.hidden_size, num_atoms * (vocab_size if head_type == "q" else 1)
-        )
+        self.backbone = backbone
+        self.head_type = head_type
+        self.num_atoms = num_atoms
+        self.vocab_size = vocab_size
+        laws_per_state = vocab_size if head_type == "q" else 1  # Q-type: a law per next token
+        self.head = torch.nn.Linear(backbone.config.hidden_size, num_atoms * laws_per_state)
         torch.nn.init.zeros_(self.head.weight)  # a uniform return law until trained
         torch.nn.init.zeros_(self.head.bias)
 
     def hidden(self, ids, mask, pos, cache=None):
-        cache_kw = (
-            "cache"
-            if "cache" in inspect.signature(self.backbone.forward).parameters
-            else "past_key_values"
-        )
-        kw = {cache_kw: cache, "use_cache": True} if cache is not None else {}
-        return self.backbone(
-            input_ids=ids, attention_mask=mask, position_ids=pos, **kw
-        ).last_hidden_state
+        kwargs = {}
+        if cache is not None:  # transformers 5.x renamed `past_key_values` to `cache`
+            parameters = inspect.signature(self.backbone.forward).parameters
+            kwargs["cache" if "cache" in parameters else "past_key_values"] = cache
+            kwargs["use_cache"] = True
+        output = self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos, **kwargs)
+        return output.last_hidden_state
 
     def log_pmf(self, hidden):
         logits = self.head(hidden)
@@ -310,126 +260,127 @@ class QModel(torch.nn.Module):
         return torch.log_softmax(logits, dim=-1)
 
     def forward(self, ids, mask, pos, cache=None, head=True):
-        """Log-pmfs, or the hidden states with head=False (the sampler applies the head to the last position only).
-        The sampler calls it too, not `hidden`: under FSDP2 the root module's forward must run before its layers'."""
+        """Log-pmfs, or the hidden states with head=False (the sampler applies the head to the last
+        position only). The sampler calls it too, not `hidden`: under FSDP2 the root module's
+        forward must run before its layers'."""
         hidden = self.hidden(ids, mask, pos, cache)
         return self.log_pmf(hidden) if head else hidden
 
     def save_pretrained(self, path: str, state_dict: dict) -> None:
         """The backbone as a Hugging Face folder and the head as head.pt."""
-        part = lambda prefix: {
-            k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)
-        }  # noqa: E731
-        self.backbone.save_pretrained(path, state_dict=part("backbone."))
-        torch.save(part("head."), os.path.join(path, "head.pt"))
+        items = state_dict.items()
+        backbone = {k.removeprefix("backbone."): v for k, v in items if k.startswith("backbone.")}
+        head = {k.removeprefix("head."): v for k, v in items if k.startswith("head.")}
+        self.backbone.save_pretrained(path, state_dict=backbone)
+        torch.save(head, os.path.join(path, "head.pt"))
 
 
-def noise(args, kind: int, prompt: int, sample: int, n: int):
-    """A roll-out's noise from (seed, kind = round or -1 for eval, prompt id, sample index) alone: the collected
-    data and the eval samples do not depend on the number of ranks or on batching."""
-    generator = torch.Generator().manual_seed(seed_of(args, "rollout", kind, prompt, sample))
+def noise(args, kind, prompt, sample, n):
+    """A roll-out's noise from (seed, kind = round or -1 for eval, prompt id, sample index) alone:
+    the collected data and the eval samples do not depend on the number of ranks or on batching."""
+    seed = seed_of(args, "rollout", kind, prompt, sample)
+    generator = torch.Generator().manual_seed(seed)
     return torch.rand(n, generator=generator, dtype=torch.float64)
 
 
 @torch.no_grad()
-def score_candidates(qmodel, cache, attn, pos, chunk: int):
-    """V-type head: log-pmfs of every next token as a candidate, [B, V, A]: per chunk of rows, the prefix cache is
-    copied |V| times and the candidates run as one batch of single tokens, so none leaks into the next step."""
-    B, V, out = attn.shape[0], qmodel.vocab_size, []
-    for i in range(0, B, chunk):
-        rows = torch.arange(i, min(i + chunk, B), device=attn.device)
-        c = copy.deepcopy(cache)
-        keep_rows(c, rows.repeat_interleave(V))
-        cand = torch.arange(V, device=attn.device).repeat(len(rows)).unsqueeze(1)
-        a = torch.cat([attn[rows].repeat_interleave(V, 0), attn.new_ones(len(rows) * V, 1)], dim=1)
-        h = qmodel(cand, a, (pos[rows] + 1).repeat_interleave(V, 0), c, head=False)[:, -1]
-        out.append(qmodel.log_pmf(h).view(len(rows), V, -1))
+def score_candidates(qmodel, cache, attn, pos, chunk):
+    """V-type head: log-pmfs of every next token as a candidate, [B, V, A]. Per chunk of rows, the
+    prefix cache is copied |V| times and the candidates run as one batch of single tokens."""
+    B = attn.shape[0]
+    V = qmodel.vocab_size
+    out = []
+    for start in range(0, B, chunk):
+        rows = torch.arange(start, min(start + chunk, B), device=attn.device)
+        row_cache = copy.deepcopy(cache)  # the prefix cache itself stays as it is
+        keep_rows(row_cache, rows.repeat_interleave(V))  # each row's prefix, once per candidate
+        candidates = torch.arange(V, device=attn.device).repeat(len(rows)).unsqueeze(1)
+        prefix = attn[rows].repeat_interleave(V, 0)
+        mask = torch.cat([prefix, attn.new_ones(len(rows) * V, 1)], dim=1)
+        positions = (pos[rows] + 1).repeat_interleave(V, 0)
+        hidden = qmodel(candidates, mask, positions, row_cache, head=False)[:, -1]
+        out.append(qmodel.log_pmf(hidden).view(len(rows), V, -1))
     return torch.cat(out)
 
 
 @torch.no_grad()
-def sample(
-    ref,
-    qmodel,
-    prompts: list,
-    uniforms,
-    mode: str,
-    eta: float,
-    args,
-    atoms,
-    eos,
-    pad,
-    max_tokens=None,
-):
-    """One completion per prompt, tokens by inverse CDF from `uniforms` [B, >= H], KV-cached, finished rows leaving
-    the batch. mode "ref": softmax(l / T); "qsharp": softmax(l / T + Q/eta); "cd": softmax(l / T + E[R]/eta). Returns
-    (tokens [B, C], completion mask, kl [B, H]: the exact KL(pi_g || pi_ref) at each generated position, 0 after the
-    end and for "ref"). Under FSDP the caller holds qmodel `gathered`."""
+def sample(ref, qmodel, prompts, uniforms, mode, eta, args, atoms, eos, pad, max_tokens=None):
+    """One completion per prompt by inverse CDF from `uniforms` [B, >= H], KV-cached, finished rows
+    leaving the batch. mode "ref": softmax(l / T); "qsharp": softmax(l / T + Q/eta); "cd":
+    softmax(l / T + E[R]/eta). Returns (tokens [B, C], completion mask, kl [B, H]: the exact
+    KL(pi_g || pi_ref) at each position, 0 after the end and for "ref"). FSDP: qmodel `gathered`."""
     from transformers import DynamicCache
 
-    batch, H, guided = (
-        make_batch(prompts, None, eos, pad),
-        max_tokens or args.max_new_tokens,
-        mode != "ref",
-    )
-    p_ids, p_mask, index = batch["prompt_ids"], batch["prompt_mask"], batch["prompt_index"]
-    attn, q_cache = p_mask[index], DynamicCache()
+    batch = make_batch(prompts, None, eos, pad)
+    H = max_tokens or args.max_new_tokens
+    guided = mode != "ref"
+    prompt_ids = batch["prompt_ids"]
+    prompt_mask = batch["prompt_mask"]
+    index = batch["prompt_index"]  # each row's distinct prompt
+    attn = prompt_mask[index]
+    q_cache = DynamicCache()
     pos = attn.sum(-1, keepdim=True) - 1  # the position of each row's last token
     tokens = torch.full((len(prompts), H), pad, device=DEVICE)
-    kl, live = (
-        tokens.new_zeros(tokens.shape, dtype=torch.float64),
-        torch.arange(len(prompts), device=DEVICE),
-    )
-    with autocast(
-        args
-    ):  # each distinct prompt runs once in each model, its caches copied to its rows
-        ref_logits, ref_cache = prefill(ref, p_ids, p_mask, index)
+    kl = tokens.new_zeros(tokens.shape, dtype=torch.float64)
+    live = torch.arange(len(prompts), device=DEVICE)  # the rows still generating
+    # each distinct prompt runs once in each model, its caches copied to its rows
+    with autocast(args):
+        ref_logits, ref_cache = prefill(ref, prompt_ids, prompt_mask, index)
         if guided:
-            q_hidden = qmodel(
-                p_ids, p_mask, (p_mask.cumsum(-1) - 1).clamp(min=0), q_cache, head=False
-            )[index, -1]
+            positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+            q_hidden = qmodel(prompt_ids, prompt_mask, positions, q_cache, head=False)[index, -1]
             keep_rows(q_cache, index)
     for t in range(H):
         ref_logits = ref_logits.to(torch.promote_types(ref_logits.dtype, torch.float32))
-        logits = tempered = ref_logits / args.temperature
+        tempered = ref_logits / args.temperature
+        logits = tempered
         if guided:
             with autocast(args):
                 if qmodel.head_type == "q":
                     log_pmf = qmodel.log_pmf(q_hidden)
                 else:
                     log_pmf = score_candidates(qmodel, q_cache, attn, pos, args.score_batch_size)
-            offsets = (
-                soft_q(log_pmf, atoms, eta) / eta
-                if mode == "qsharp"
-                else cd_value(log_pmf, atoms) / eta
-            )
+            if mode == "qsharp":
+                offsets = soft_q(log_pmf, atoms, eta) / eta
+            else:  # CD
+                offsets = cd_value(log_pmf, atoms) / eta
             logits = guided_logits(
-                ref_logits, offsets, args.temperature, args.top_k, args.topk_outside
+                ref_logits,
+                offsets,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                outside=args.topk_outside,
             )
-            kl[live, t] = seq_kl(
-                logits[:, None], tempered[:, None], torch.ones_like(live)[:, None]
-            ).double()
+            one_position = torch.ones_like(live)[:, None]
+            kl[live, t] = seq_kl(logits[:, None], tempered[:, None], one_position).double()
+        # the first token whose CDF reaches u (clamped: the CDF may end just below 1)
         u = uniforms[live.cpu(), t, None].to(DEVICE, torch.float64)
         cdf = torch.softmax(logits.double(), -1).cumsum(-1)
-        tok = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=logits.shape[-1] - 1)
-        tokens[live, t], done = tok, torch.isin(tok, eos)
+        token = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+        tokens[live, t] = token
+        done = torch.isin(token, eos)
         if t == H - 1 or done.all():
             break
         if done.any():  # finished rows leave the batch and both caches
             keep = (~done).nonzero().squeeze(-1)
-            for cache in (ref_cache, q_cache) if guided else (ref_cache,):
-                keep_rows(cache, keep)
-            live, tok, attn, pos = live[keep], tok[keep], attn[keep], pos[keep]
-        attn, pos = torch.cat([attn, attn.new_ones(len(live), 1)], 1), pos + 1
-        with autocast(args):
-            ref_logits = forward(ref, tok[:, None], attn, pos, ref_cache, keep=1)[:, -1]
+            keep_rows(ref_cache, keep)
             if guided:
-                q_hidden = qmodel(tok[:, None], attn, pos, q_cache, head=False)[:, -1]
+                keep_rows(q_cache, keep)
+            live = live[keep]
+            token = token[keep]
+            attn = attn[keep]
+            pos = pos[keep]
+        attn = torch.cat([attn, attn.new_ones(len(live), 1)], 1)
+        pos = pos + 1
+        with autocast(args):
+            ref_logits = forward(ref, token[:, None], attn, pos, ref_cache, keep=1)[:, -1]
+            if guided:
+                q_hidden = qmodel(token[:, None], attn, pos, q_cache, head=False)[:, -1]
     out = make_batch(prompts, tokens[:, : t + 1].unbind(), eos, pad)
     return out["completion_ids"], out["completion_mask"], kl
 
 
-def all_gather(items: list) -> list:
+def all_gather(items):
     if not dist.is_initialized():
         return [items]
     parts = [None] * dist.get_world_size()
@@ -438,311 +389,347 @@ def all_gather(items: list) -> list:
 
 
 @torch.no_grad()
-def collect(step: int, ref, qmodel, run, prompt_ids: list, atoms, eos) -> list:
-    """Examples of this rank's prompts: per (prompt, sample) a roll-in from pi_ref (round 1) or the guided policy at
-    rollin_eta, a switch c ~ Unif{0..L-1}, y_0..y_c kept and the rest re-sampled from pi_ref (at most H tokens), the
-    reward of the final text. Round 1 re-samples too: keeping its own tokens after c would select the labels by the
-    continuation (c is uniform over its own length), biasing the law they sample."""
-    args, tok, pad = run.args, run.tokenizer, run.tokenizer.pad_token_id
-    H, S, eta, out = args.max_new_tokens, args.samples_per_prompt, args.rollin_eta or args.eta, []
+def collect(step, ref, qmodel, run, prompt_ids, atoms, eos):
+    """Examples of this rank's prompts: per (prompt, sample) a roll-in from pi_ref (round 1) or the
+    guided policy at rollin_eta, a switch c ~ Unif{0..L-1}, y_0..y_c kept and the rest re-sampled
+    from pi_ref (at most H tokens), the final text's reward. Round 1 re-samples too: keeping its own
+    tokens after c (uniform over their length) would select labels by the continuation: a bias."""
+    args = run.args
+    pad = run.tokenizer.pad_token_id
+    H = args.max_new_tokens
+    S = args.samples_per_prompt
+    eta = args.rollin_eta or args.eta
+    mode = "ref" if step == 1 else "qsharp"  # the roll-in's policy
     per_call = max(1, args.gen_batch_size // S)  # prompts per sampling call
-    with gathered(
-        qmodel, args
-    ):  # FSDP: the Q model gathered once for all chunks (ranks may run different numbers)
-        for i in range(0, len(prompt_ids), per_call):
-            rows = [(p, j) for p in prompt_ids[i : i + per_call] for j in range(S)]
+    examples = []
+    with gathered(qmodel, args):  # FSDP: gathered once for all chunks (ranks run different numbers)
+        for start in range(0, len(prompt_ids), per_call):
+            rows = [(p, j) for p in prompt_ids[start : start + per_call] for j in range(S)]
+            # per row: H uniforms for the roll-in, H for the roll-out and 1 for the switch
             u = torch.stack([noise(args, step, p, j, 2 * H + 1) for p, j in rows])
-            prompts, mode = (
-                [run.train_prompts[p] for p, _ in rows],
-                "ref" if step == 1 else "qsharp",
+            prompts = [run.train_prompts[p] for p, _ in rows]
+            tokens, mask, _ = sample(
+                ref,
+                qmodel,
+                prompts,
+                u[:, :H],
+                mode,
+                eta,
+                args=args,
+                atoms=atoms,
+                eos=eos,
+                pad=pad,
             )
-            toks, cmask, _ = sample(
-                ref, qmodel, prompts, u[:, :H], mode, eta, args, atoms, eos, pad
-            )
-            lengths = cmask.sum(-1).tolist()
-            switch = [min(int(u[k, 2 * H].item() * L), L - 1) for k, L in enumerate(lengths)]
-            completions = [toks[k, : c + 1].tolist() for k, c in enumerate(switch)]
+            lengths = mask.sum(-1).tolist()
+            switch_noise = u[:, 2 * H].tolist()  # the switch c ~ Unif{0..L-1}
+            switch = [min(int(x * L), L - 1) for x, L in zip(switch_noise, lengths)]
+            completions = [tokens[k, : c + 1].tolist() for k, c in enumerate(switch)]
             redo = [k for k in range(len(rows)) if switch[k] + 1 < lengths[k]]
             if redo:  # roll out from the switch token with pi_ref, at most H tokens in all
                 heads = [prompts[k] + completions[k] for k in redo]
-                more, mask, _ = sample(
-                    ref, None, heads, u[redo, H : 2 * H], "ref", eta, args, atoms, eos, pad, H - 1
+                rollout_noise = u[redo, H : 2 * H]
+                more, more_mask, _ = sample(
+                    ref,
+                    None,  # no Q model: pi_ref itself
+                    heads,
+                    rollout_noise,
+                    "ref",
+                    eta,
+                    args=args,
+                    atoms=atoms,
+                    eos=eos,
+                    pad=pad,
+                    max_tokens=H - 1,
                 )
                 for r, k in enumerate(redo):
-                    completions[k] += more[r, : min(int(mask[r].sum()), H - 1 - switch[k])].tolist()
-            texts = tok.batch_decode(completions, skip_special_tokens=True)
+                    kept = min(int(more_mask[r].sum()), H - 1 - switch[k])
+                    completions[k] += more[r, :kept].tolist()
+            texts = run.tokenizer.batch_decode(completions, skip_special_tokens=True)
             rewards = run.task.score(texts, [run.task.train[p].answer for p, _ in rows])
-            out += [
-                {
+            for (p, j), completion, c, reward in zip(rows, completions, switch, rewards):
+                example = {
                     "prompt_id": p,
                     "sample": j,
                     "round": step,
-                    "completion": c,
-                    "switch": s,
-                    "reward": r,
+                    "completion": completion,
+                    "switch": c,
+                    "reward": reward,
                 }
-                for (p, j), c, s, r in zip(rows, completions, switch, rewards)
-            ]
-    return out
+                examples.append(example)
+    return examples
 
 
-# ==========================================================================================================
-# UPDATE: the Q model, by maximum likelihood of the collected return labels
-# ==========================================================================================================
-def q_batch(examples: list, run, atoms, eos) -> dict:
-    """The shared batch layout of prompt + completion rows, the label mask and each sequence's atom bin."""
-    prompts = [run.train_prompts[e["prompt_id"]] for e in examples]
-    batch = make_batch(
-        prompts, [e["completion"] for e in examples], eos, run.tokenizer.pad_token_id
-    )
-    switch = torch.tensor([e["switch"] for e in examples], device=DEVICE)
+def q_batch(examples, run, atoms, eos):
+    """The batch layout of prompt + completion rows, with label mask `targets` and atom `bins`."""
+    prompts = [run.train_prompts[example["prompt_id"]] for example in examples]
+    completions = [example["completion"] for example in examples]
+    batch = make_batch(prompts, completions, eos, run.tokenizer.pad_token_id)
+    switch = torch.tensor([example["switch"] for example in examples], device=DEVICE)
     batch["targets"] = make_targets(batch["completion_mask"], switch, run.args.only_switch_token)
-    batch["bins"] = atom_bin(torch.tensor([e["reward"] for e in examples], device=DEVICE), atoms)[0]
+    rewards = torch.tensor([example["reward"] for example in examples], device=DEVICE)
+    batch["bins"] = atom_bin(rewards, atoms)[0]
     return batch
 
 
-def q_log_pmf(qmodel, batch: dict):
-    """log p(. | s_t, y_t) at every completion position [B, C, A]: V-type from the hidden state at y_t, Q-type
-    from the hidden state before y_t, in the row of y_t."""
-    p_mask, index, comp = batch["prompt_mask"], batch["prompt_index"], batch["completion_ids"]
-    mask = torch.cat([p_mask[index], batch["completion_mask"]], 1)
-    ids = torch.cat([batch["prompt_ids"][index], comp], 1)
-    log_pmf = qmodel(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
-    C = comp.shape[1]
-    if log_pmf.dim() == 3:
+def q_log_pmf(qmodel, batch):
+    """log p(. | s_t, y_t) at every completion position [B, C, A]: V-type from the hidden state at
+    y_t, Q-type from the hidden state before y_t, in the row of y_t."""
+    prompt = batch["prompt_index"]
+    completion = batch["completion_ids"]
+    mask = torch.cat([batch["prompt_mask"][prompt], batch["completion_mask"]], 1)
+    ids = torch.cat([batch["prompt_ids"][prompt], completion], 1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    log_pmf = qmodel(ids, mask, positions)
+    C = completion.shape[1]
+    if log_pmf.dim() == 3:  # V-type [B, L, A]
         return log_pmf[:, -C:]
-    return (
-        log_pmf[:, -C - 1 : -1]
-        .gather(2, comp[:, :, None, None].expand(-1, -1, 1, log_pmf.shape[-1]))
-        .squeeze(2)
-    )
+    # Q-type [B, L, V, A]: the law of the state before y_t, in the row of the token y_t
+    before = log_pmf[:, -C - 1 : -1]
+    index = completion[:, :, None, None].expand(-1, -1, 1, log_pmf.shape[-1])
+    return before.gather(2, index).squeeze(2)
 
 
-def train_q_epoch(model, optimizer, examples: list, run, atoms, eos, seed: int) -> float:
-    """One pass in global batches of q_batch_size sequences (the last filled up by wrapping around, so every rank
-    runs the same steps), each rank its slice; the batch's label count is all-reduced before any loss is formed, and
-    each rank backpropagates its share x world size (FSDP averages). Returns the mean loss."""
-    args, perm = (
-        run.args,
-        torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist(),
-    )
-    qb, steps, total = args.q_batch_size, math.ceil(len(examples) / args.q_batch_size), 0.0
-    perm = (perm * math.ceil(steps * qb / len(examples)))[: steps * qb]
-    for s in range(steps):
-        mine = perm[s * qb : (s + 1) * qb][
-            run.rank * qb // run.world : (run.rank + 1) * qb // run.world
-        ]
-        micro = [
-            mine[i : i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)
-        ]
-        micro = [q_batch([examples[i] for i in idx], run, atoms, eos) for idx in micro]
-        n = all_reduce(
-            sum(b["targets"].sum() for b in micro).double()
-        ).item()  # global label count, before any loss
-        for k, batch in enumerate(micro):
-            if (
-                run.world > 1
-            ):  # FSDP2: reduce-scatter the gradients once per step, after its last micro-batch
-                model.set_requires_gradient_sync(k == len(micro) - 1)
+def train_q_epoch(model, optimizer, examples, run, atoms, eos, seed):
+    """One pass in global batches of q_batch_size sequences, each rank its slice; the batch's label
+    count is all-reduced before any loss is formed, and each rank backpropagates its share x world
+    size (FSDP averages). Returns the mean loss."""
+    args = run.args
+    size = args.q_batch_size
+    micro_size = args.micro_batch_size
+    shuffle = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(examples), generator=shuffle).tolist()
+    steps = math.ceil(len(examples) / size)
+    # the order repeated until the last batch is full: every rank runs the same steps
+    repeats = math.ceil(steps * size / len(examples))
+    order = (order * repeats)[: steps * size]
+    total = 0.0
+    for step in range(steps):
+        batch_rows = order[step * size : (step + 1) * size]
+        mine = batch_rows[run.rank * size // run.world : (run.rank + 1) * size // run.world]
+        chunks = [mine[i : i + micro_size] for i in range(0, len(mine), micro_size)]
+        micro_batches = [q_batch([examples[i] for i in rows], run, atoms, eos) for rows in chunks]
+        num_labels = sum(batch["targets"].sum() for batch in micro_batches).double()
+        num_labels = all_reduce(num_labels).item()  # global, before any loss is formed
+        for k, batch in enumerate(micro_batches):
+            if run.world > 1:  # FSDP2: reduce-scatter once per step, after its last micro-batch
+                model.set_requires_gradient_sync(k == len(micro_batches) - 1)
             with autocast(args):
+                log_pmf = q_log_pmf(model, batch)
                 loss = dist_loss(
-                    q_log_pmf(model, batch),
+                    log_pmf,
                     batch["bins"],
                     batch["targets"],
-                    qb,
-                    n,
-                    args.q_loss_weighting,
+                    num_seqs=size,
+                    num_labels=num_labels,
+                    weighting=args.q_loss_weighting,
                 )
             (loss * run.world).backward()
             total += loss.item()
         optimizer_step(model, optimizer, args)
-    return all_reduce(torch.tensor(total, dtype=torch.float64, device=DEVICE)).item() / steps
+    total = torch.tensor(total, dtype=torch.float64, device=DEVICE)
+    return all_reduce(total).item() / steps
 
 
 @torch.no_grad()
-def heldout_q_loss(qmodel, examples: list, run, atoms, eos) -> float:
-    args, w = run.args, run.args.q_loss_weighting
-    mine, total = (
-        examples[run.rank :: run.world],
-        torch.zeros(2, dtype=torch.float64, device=DEVICE),
-    )
+def heldout_q_loss(qmodel, examples, run, atoms, eos):
+    """The loss of the held-out examples, over all their labels (or sequences) at once."""
+    args = run.args
+    weighting = args.q_loss_weighting
+    mine = examples[run.rank :: run.world]
+    total = torch.zeros(2, dtype=torch.float64, device=DEVICE)  # (summed loss, labels or sequences)
     with gathered(qmodel, args):  # ranks hold different numbers of held-out examples
-        for i in range(0, len(mine), args.micro_batch_size):
-            b = q_batch(mine[i : i + args.micro_batch_size], run, atoms, eos)
-            n = (
-                len(b["bins"]) if w == "sequences" else b["targets"].sum().item()
-            )  # sequences or labels
-            with autocast(args):
-                loss = dist_loss(q_log_pmf(qmodel, b), b["bins"], b["targets"], 1, 1, w).double()
-            total += torch.stack([loss, total.new_tensor(n)])
+        for start in range(0, len(mine), args.micro_batch_size):
+            batch = q_batch(mine[start : start + args.micro_batch_size], run, atoms, eos)
+            if weighting == "sequences":
+                count = len(batch["bins"])
+            else:
+                count = batch["targets"].sum().item()
+            with autocast(args):  # counts of 1: the micro-batch's summed loss
+                log_pmf = q_log_pmf(qmodel, batch)
+                loss = dist_loss(
+                    log_pmf,
+                    batch["bins"],
+                    batch["targets"],
+                    num_seqs=1,
+                    num_labels=1,
+                    weighting=weighting,
+                ).double()
+            total += torch.stack([loss, total.new_tensor(count)])
     total = all_reduce(total)
-    return (total[0] / total[1]).item() if total[1] > 0 else math.nan
+    if total[1] > 0:
+        return (total[0] / total[1]).item()
+    return math.nan
 
 
-# ==========================================================================================================
+# ==================================================================================================
 # EVALUATION and TRAIN
-# ==========================================================================================================
+# ==================================================================================================
 @torch.no_grad()
-def evaluate_guided(mode: str, eta: float, ref, qmodel, run, atoms, eos) -> tuple:
-    """Held-out pass@1 and mean sequence KL(pi_g || pi_ref); every mode and eta draws the same noise per
-    (prompt, sample), so their differences are not sampling noise. Prompts interleaved over ranks."""
-    args, tok, S = run.args, run.tokenizer, run.args.eval_samples_per_prompt
-    rows = [(p, j) for p in range(run.rank, len(run.eval_prompts), run.world) for j in range(S)]
-    sums, shown = torch.zeros(2, dtype=torch.float64, device=DEVICE), []
-    with gathered(
-        qmodel, args
-    ):  # FSDP: the Q model gathered once for all chunks (ranks may run different numbers)
-        for i in range(0, len(rows), args.gen_batch_size):
-            chunk = rows[i : i + args.gen_batch_size]
+def evaluate_guided(mode, eta, ref, qmodel, run, atoms, eos):
+    """Held-out pass@1 and mean sequence KL(pi_g || pi_ref); every mode and eta draws the same noise
+    per (prompt, sample): their differences are not sampling noise. Returns (metrics, rows)."""
+    args = run.args
+    tokenizer = run.tokenizer
+    pad = tokenizer.pad_token_id
+    S = args.eval_samples_per_prompt
+    mine = range(run.rank, len(run.eval_prompts), run.world)  # prompts interleaved over ranks
+    rows = [(p, j) for p in mine for j in range(S)]
+    sums = torch.zeros(2, dtype=torch.float64, device=DEVICE)  # (correct samples, summed KL)
+    shown = []
+    with gathered(qmodel, args):  # FSDP: gathered once for all chunks (ranks run different numbers)
+        for start in range(0, len(rows), args.gen_batch_size):
+            chunk = rows[start : start + args.gen_batch_size]
             u = torch.stack([noise(args, -1, p, j, args.max_new_tokens) for p, j in chunk])
             prompts = [run.eval_prompts[p] for p, _ in chunk]
-            toks, cmask, kl = sample(
-                ref, qmodel, prompts, u, mode, eta, args, atoms, eos, tok.pad_token_id
+            tokens, mask, kl = sample(
+                ref,
+                qmodel,
+                prompts,
+                u,
+                mode,
+                eta,
+                args=args,
+                atoms=atoms,
+                eos=eos,
+                pad=pad,
             )
-            texts = tok.batch_decode(
-                [t[m.bool()] for t, m in zip(toks, cmask)], skip_special_tokens=True
-            )
-            r = run.task.score(texts, [run.eval_answers[p] for p, _ in chunk])
-            sums += torch.stack([sums.new_tensor(sum(x >= 1 for x in r)), kl.sum()])
-            shown += [  # token_kl: the exact KL(pi_g || pi_ref) at each completion token
-                {
-                    "prompt": tok.decode(prompts[k]),
+            completions = [row[row_mask.bool()] for row, row_mask in zip(tokens, mask)]
+            texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+            rewards = run.task.score(texts, [run.eval_answers[p] for p, _ in chunk])
+            correct = sum(reward >= 1 for reward in rewards)
+            sums += torch.stack([sums.new_tensor(correct), kl.sum()])
+            lengths = mask.sum(-1).tolist()
+            for k, (token_kl, length) in enumerate(zip(kl.cpu(), lengths)):
+                row = {
+                    "prompt": tokenizer.decode(prompts[k]),
                     "completion": texts[k],
-                    "reward": r[k],
-                    "token_kl": x[:n].tolist(),
+                    "reward": rewards[k],
+                    "token_kl": token_kl[:length].tolist(),  # the exact KL(pi_g || pi_ref)
                 }
-                for k, (x, n) in enumerate(zip(kl.cpu(), cmask.sum(-1).tolist()))
-            ]
-    s = all_reduce(sums) / (len(run.eval_prompts) * S)
-    return {"pass@1": s[0].item(), "kl_init_rkl_exact_seq": s[1].item()}, shown[
-        : args.log_completions
-    ]
+                shown.append(row)
+    means = all_reduce(sums) / (len(run.eval_prompts) * S)
+    metrics = {"pass@1": means[0].item(), "kl_init_rkl_exact_seq": means[1].item()}
+    return metrics, shown[: args.log_completions]
 
 
-def evaluate_round(ref, qmodel, run, atoms, eos) -> tuple:
-    """pi_ref at step 0; Q# at --eta after each round; after the last, the eta sweep of Q# and CD and, for each
-    eta, the KL that CD needs for Q#'s pass@1 (interpolated on CD's front)."""
-    args, step = run.args, getattr(run, "step", 0)
-    evaluate = lambda mode, eta: evaluate_guided(mode, eta, ref, qmodel, run, atoms, eos)  # noqa: E731
-    m, shown = evaluate("ref" if step == 0 else "qsharp", args.eta)
-    out, front = {f"eval/{k}": v for k, v in m.items()}, []  # front: CD's (pass@1, KL) points
-    if step == args.total_steps:
+def evaluate_round(ref, qmodel, run, atoms, eos):
+    """pi_ref at step 0; Q# at --eta after each round; after the last, the eta sweep of Q# and CD
+    and, for each eta, the KL that CD needs for Q#'s pass@1 (interpolated on CD's front)."""
+    args = run.args
+    step = getattr(run, "step", 0)
+    qmodel.eval()
+    evaluate = partial(evaluate_guided, ref=ref, qmodel=qmodel, run=run, atoms=atoms, eos=eos)
+    metrics, shown = evaluate("ref" if step == 0 else "qsharp", args.eta)
+    out = {f"eval/{key}": value for key, value in metrics.items()}
+    if step != args.total_steps:
+        return out, shown
+    front = []  # CD's (pass@1, KL) points
+    modes = ["qsharp", "cd"] if args.eval_cd else ["qsharp"]
+    for eta in args.eval_etas:
+        for mode in modes:
+            if (mode, eta) == ("qsharp", args.eta):  # evaluated above
+                result = metrics
+            else:
+                result = evaluate(mode, eta)[0]
+            prefix = f"eval/sweep/{mode}_eta{eta:g}/"
+            out |= {prefix + key: value for key, value in result.items()}
+            if mode == "cd":
+                front.append((result["pass@1"], result["kl_init_rkl_exact_seq"]))
+    if args.eval_cd:  # the comparison that matters: at equal pass@1, how much KL does CD need?
+        ref_pass = evaluate("ref", args.eta)[0]["pass@1"]
+        front.insert(0, (ref_pass, 0.0))  # pi_ref's point
+        out["eval/sweep/ref/pass@1"] = ref_pass
         for eta in args.eval_etas:
-            for mode in ("qsharp", "cd") if args.eval_cd else ("qsharp",):
-                r = m if (mode, eta) == ("qsharp", args.eta) else evaluate(mode, eta)[0]
-                out |= {f"eval/sweep/{mode}_eta{eta:g}/{k}": v for k, v in r.items()}
-                front += [(r["pass@1"], r["kl_init_rkl_exact_seq"])] if mode == "cd" else []
-        if args.eval_cd:  # the comparison that matters: at equal pass@1, how much KL does CD need?
-            front.insert(0, (evaluate("ref", args.eta)[0]["pass@1"], 0.0))  # pi_ref's point
-            out["eval/sweep/ref/pass@1"] = front[0][0]
-            for e in args.eval_etas:
-                q_pass = out[f"eval/sweep/qsharp_eta{e:g}/pass@1"]
-                out[f"eval/frontier/cd_kl_at_equal_pass@1_eta{e:g}"] = kl_at_equal_reward(
-                    front, q_pass
-                )
+            q_pass = out[f"eval/sweep/qsharp_eta{eta:g}/pass@1"]
+            key = f"eval/frontier/cd_kl_at_equal_pass@1_eta{eta:g}"
+            out[key] = kl_at_equal_reward(front, q_pass)
     return out, shown
 
 
-def sample_guided(ref, qmodel, run, atoms, eos, examples) -> None:
-    """--sample_from RUN: the guided policy at --eta with the end-of-run eval's noise per (prompt, sample), for the
-    --prompts_file `examples` or the run's held-out prompts; one JSONL row per sample, prompt-major, to --samples_out."""
-    args, S = run.args, run.args.eval_samples_per_prompt
+def sample_guided(ref, qmodel, run, atoms, eos, examples):
+    """--sample_from: pi_ref e^{Q/eta} at --eta with the final eval's noise per (prompt, sample), on
+    the --prompts_file `examples` (or held-out prompts); a JSONL row per sample to --samples_out."""
+    args = run.args
+    S = args.eval_samples_per_prompt
     if examples is not None:
         run.eval_prompts = tasks.encode_prompts(
             run.tokenizer, examples, args.chat_template, args.max_prompt_length, "file"
         )
-        run.eval_answers = [e.answer for e in examples]
-    answers, args.log_completions = (
-        run.eval_answers,
-        len(run.eval_prompts) * S,
-    )  # every sample comes back
+        run.eval_answers = [example.answer for example in examples]
+    answers = run.eval_answers
+    args.log_completions = len(run.eval_prompts) * S  # every sample comes back
     metrics, rows = evaluate_guided("qsharp", args.eta, ref, qmodel, run, atoms, eos)
     out = args.samples_out or os.path.join(args.sample_from, f"samples_eta{args.eta:g}.jsonl")
-    with open(out, "w") as f:  # kl: the sequence KL to pi_ref; reward None without an answer
-        for r, a in zip(rows, [a for a in answers for _ in range(S)]):
-            f.write(
-                json.dumps(r | {"kl": sum(r["token_kl"]), "reward": r["reward"] if a else None})
-                + "\n"
-            )
+    sample_answers = [answer for answer in answers for _ in range(S)]
+    with open(out, "w") as f:
+        for row, answer in zip(rows, sample_answers):
+            row["kl"] = sum(row["token_kl"])  # the sequence KL to pi_ref
+            if not answer:  # a prompt without an answer has no reward
+                row["reward"] = None
+            f.write(json.dumps(row) + "\n")
     score = f", pass@1 {metrics['pass@1']:.4f}" if all(answers) else ""
-    print(f"{out}: {len(rows)} samples, mean KL {metrics['kl_init_rkl_exact_seq']:.4f}{score}")
+    kl = metrics["kl_init_rkl_exact_seq"]
+    print(f"{out}: {len(rows)} samples, mean KL {kl:.4f}{score}")
 
 
 def train(args: Args) -> None:
-    examples = None
-    if (
-        args.sample_from
-    ):  # the run's flags (its args.json) under this command line's; its newest checkpoint
+    examples = None  # --sample_from's prompts (None: the run's held-out prompts)
+    if args.sample_from:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise UserError("--sample_from runs in one process, not under torchrun")
         if args.prompts_file:  # checked before any model loads; answer "" where a row has none
             rows = [row for _, row in tasks.read_jsonl(args.prompts_file)]
-            if not rows or not all(isinstance(row.get(args.prompt_field), str) for row in rows):
-                raise UserError(
-                    f"--prompts_file {args.prompts_file}: every row needs a string {args.prompt_field!r}"
-                )
-            examples = [
-                tasks.Example(
-                    r[args.prompt_field], tasks.extract_answer(str(r.get(args.answer_field, "")))
-                )
-                for r in rows
-            ]
+            field = args.prompt_field
+            if not rows or not all(isinstance(row.get(field), str) for row in rows):
+                why = f"every row needs a string {field!r}"
+                raise UserError(f"--prompts_file {args.prompts_file}: {why}")
+            examples = []
+            for row in rows:
+                answer = tasks.extract_answer(str(row.get(args.answer_field, "")))
+                examples.append(tasks.Example(row[field], answer))
+        # the run's flags (its args.json) under this command line's, and its newest checkpoint
         saved = Args(**saved_args(args.sample_from) | {"resume": args.sample_from})
         args = tyro.cli(Args, default=saved, use_underscores=True)
-    run = Run(args)  # the task and its prompts, processes, the checkpoint to resume (PLUMBING)
+    run = Run(args)  # the task and its prompts, the processes, the checkpoint to resume (SHARED)
     ref = load_model(args.model_name_or_path, args)
-    if args.q_model_name_or_path:
+    if args.q_model_name_or_path:  # the Q model scores pi_ref's tokens: the same vocabulary
         import transformers
 
-        q_tokenizer = transformers.AutoTokenizer.from_pretrained(
-            tasks.model_path(args.q_model_name_or_path)
-        )
-        if (
-            q_tokenizer.get_vocab() != run.tokenizer.get_vocab()
-        ):  # the Q model scores pi_ref's tokens
-            raise UserError(
-                f"--q_model_name_or_path {args.q_model_name_or_path!r} has another tokenizer than pi_ref"
-            )
+        path = tasks.model_path(args.q_model_name_or_path)
+        q_tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        if q_tokenizer.get_vocab() != run.tokenizer.get_vocab():
+            name = args.q_model_name_or_path
+            raise UserError(f"--q_model_name_or_path {name!r} has another tokenizer than pi_ref")
     torch.manual_seed(args.seed)  # the head is the only new parameter: the same on every rank
-    backbone = load_model(
-        run.checkpoint or args.q_model_name_or_path or args.model_name_or_path, args, trainable=True
-    )
-    qmodel = QModel(backbone.base_model, args.head, args.num_atoms, ref.config.vocab_size).to(
-        DEVICE
-    )
+    start = run.checkpoint or args.q_model_name_or_path or args.model_name_or_path
+    backbone = load_model(start, args, trainable=True)
+    vocab_size = ref.config.vocab_size
+    qmodel = QModel(backbone.base_model, args.head, args.num_atoms, vocab_size).to(DEVICE)
     if run.checkpoint:
-        qmodel.head.load_state_dict(
-            torch.load(os.path.join(run.checkpoint, "head.pt"), map_location=DEVICE)
-        )
-    atoms, eos = (
-        torch.linspace(args.v_min, args.v_max, args.num_atoms, device=DEVICE),
-        eos_ids(run.tokenizer, ref),
-    )
+        head = torch.load(os.path.join(run.checkpoint, "head.pt"), map_location=DEVICE)
+        qmodel.head.load_state_dict(head)
+    atoms = torch.linspace(args.v_min, args.v_max, args.num_atoms, device=DEVICE)
+    eos = eos_ids(run.tokenizer, ref)
     if args.sample_from:
         return sample_guided(ref, qmodel.eval(), run, atoms, eos, examples)
-    order = np.random.default_rng(seed_of(args, "heldout_split")).permutation(
-        len(run.train_prompts)
-    )
-    heldout = set(
-        order[: int(args.heldout_frac * len(run.train_prompts))].tolist()
-    )  # prompts of the held-out loss
-    model, optimizer = run.start(
-        qmodel, lambda: evaluate_round(ref, qmodel.eval(), run, atoms, eos)
-    )
-    run.state.setdefault("examples", [])
+    split = np.random.default_rng(seed_of(args, "heldout_split"))
+    order = split.permutation(len(run.train_prompts))
+    num_heldout = int(args.heldout_frac * len(run.train_prompts))
+    heldout = set(order[:num_heldout].tolist())  # prompts of the held-out loss, never trained on
+    evaluate = partial(evaluate_round, ref, qmodel, run, atoms, eos)  # at step 0 and when due
+    model, optimizer = run.start(qmodel, evaluate)
+    run.state.setdefault("examples", [])  # every round's examples (saved in the checkpoints)
     for step in run.steps():
-        # 1. collect: this rank's share of the round's prompts; each sample's noise from (seed, round, prompt, sample)
-        mine = collect(step, ref, qmodel.eval(), run, run.prompts(step).tolist(), atoms, eos)
-        new = sorted(
-            [e for part in all_gather(mine) for e in part],
-            key=lambda e: (e["prompt_id"], e["sample"]),
-        )
+        # 1. collect: this rank's share of the round's prompts, then every rank's examples, in order
+        prompt_ids = run.prompts(step).tolist()
+        mine = collect(step, ref, qmodel.eval(), run, prompt_ids, atoms, eos)
+        new = [example for part in all_gather(mine) for example in part]
+        new = sorted(new, key=operator.itemgetter("prompt_id", "sample"))
         if args.drop_no_variation:
-            first = {
-                e["prompt_id"]: e["reward"] for e in reversed(new)
-            }  # each prompt's first reward
+            # each prompt's first reward (in reverse, the first example is written last)
+            first = {example["prompt_id"]: example["reward"] for example in reversed(new)}
             varied = {e["prompt_id"] for e in new if e["reward"] != first[e["prompt_id"]]}
-            new = [e for e in new if e["prompt_id"] in varied]
+            new = [example for example in new if example["prompt_id"] in varied]
         run.state["examples"] += new
         train_set = [e for e in run.state["examples"] if e["prompt_id"] not in heldout]
         held_set = [e for e in run.state["examples"] if e["prompt_id"] in heldout]
@@ -754,19 +741,19 @@ def train(args: Args) -> None:
             seed = seed_of(args, "q_shuffle", step, epoch)
             loss = train_q_epoch(model.train(), optimizer, train_set, run, atoms, eos, seed)
         run.lap("update")
-        rewards = torch.tensor([e["reward"] for e in new], dtype=torch.float64)
-        metrics = {"losses/q_loss": loss, "charts/reward_mean": rewards.mean().item()}
-        metrics["charts/reward_clamped_frac"] = (
-            atom_bin(rewards, atoms.cpu().double())[1].double().mean().item()
-        )
-        metrics |= {
+        # 3. the round's metrics; the held-out loss is on prompts never trained on
+        rewards = torch.tensor([example["reward"] for example in new], dtype=torch.float64)
+        clamped = atom_bin(rewards, atoms.cpu().double())[1]  # rewards outside [v_min, v_max]
+        metrics = {
+            "losses/q_loss": loss,
+            "charts/reward_mean": rewards.mean().item(),
+            "charts/reward_clamped_frac": clamped.double().mean().item(),
             "charts/num_examples": len(run.state["examples"]),
             "charts/num_train_examples": len(train_set),
         }
-        if held_set:  # the maximum-likelihood loss on prompts never trained on
-            metrics["losses/q_loss_heldout"] = heldout_q_loss(
-                qmodel.eval(), held_set, run, atoms, eos
-            )
+        if held_set:
+            heldout_loss = heldout_q_loss(qmodel.eval(), held_set, run, atoms, eos)
+            metrics["losses/q_loss_heldout"] = heldout_loss
         run.end_step(step, q_batch(mine, run, atoms, eos), metrics)
 
 

@@ -1,17 +1,24 @@
 # docs: docs/rpg.md
-# RPG-RKL / RPG-URKL: "On the Design of KL-Regularized Policy Gradient Algorithms for LLM Reasoning" (arXiv 2505.17508).
-"""Regularized Policy Gradient with the REVERSE KL (RKL) or the unnormalized reverse KL (URKL), in one file.
+# RPG-RKL / RPG-URKL: "On the Design of KL-Regularized Policy Gradient Algorithms for LLM Reasoning"
+"""Regularized Policy Gradient (arXiv 2505.17508) with the REVERSE KL (RKL) or the unnormalized
+reverse KL (URKL), in one file.
 
-Objective (x = a whole response; anchor pi_a = the rollout policy pi_old, or the initial model: --kl_anchor init):
-    J(theta) = E_{x ~ pi_theta}[R(x)] - beta D,  RKL: D = KL(pi_theta || pi_a),  URKL: D = KL + sum_x (pi_a - pi_theta),
-one step's optimum pi ~ pi_a e^{R / beta} (with the old anchor, a mirror-descent step toward argmax R).
-Loss on samples of pi_old, w = pi_theta / pi_old, u = pi_theta / pi_a, v = pi_a / pi_old, A = R - group mean of R
-(inside the w-weighted term, no std), k3(y) = y - 1 - log y; at sequence level, for every theta, grad L = -grad J:
-    differentiable: L = E_old[-w A + beta K],                K = w log u (RKL),  w k3(1/u) = v - w + w log u (URKL)
-    reinforce:      L = -E_old[sg(w A + C) log pi_theta(x)],  C = -beta w (log u + 1) (RKL),  -beta w log u (URKL)
---ratio_level token (default, the released code) uses token ratios: exact only at theta = theta_old with the old
-anchor; with the init anchor the KL term is the per-state KL under the sampler's states. URKL has RKL's expected
-gradient with zero per-sample KL gradient at w = 1 (lower variance).
+Objective (x = a whole response; anchor pi_a = pi_old, or the initial model with --kl_anchor init):
+    J(theta) = E_{x ~ pi_theta}[R(x)] - beta D,
+    RKL: D = KL(pi_theta || pi_a),    URKL: D = KL(pi_theta || pi_a) + sum_x (pi_a - pi_theta),
+one step's optimum pi ~ pi_a e^{R / beta} (with the old anchor, a mirror-descent step toward
+argmax R). Loss on samples of pi_old, w = pi_theta / pi_old, u = pi_theta / pi_a, v = pi_a / pi_old,
+A = R - group mean of R (inside the w-weighted term, no std), k3(y) = y - 1 - log y; at sequence
+level, for every theta, grad L = -grad J:
+    differentiable:  L = E_old[-w A + beta K]
+    reinforce:       L = -E_old[sg(w A + C) log pi_theta(x)]
+                K (differentiable)                C (reinforce)
+        RKL     w log u                           -beta w (log u + 1)
+        URKL    w k3(1/u) = v - w + w log u       -beta w log u
+--ratio_level token (default, the released code) uses token ratios: exact only at theta = theta_old
+with the old anchor; with the init anchor the KL term is the per-state KL under the sampler's
+states. URKL has RKL's expected gradient with zero per-sample KL gradient at w = 1 (lower
+variance).
 """
 
 import argparse
@@ -28,6 +35,7 @@ import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Literal, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,324 +55,329 @@ from common import tasks
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
-    seed: int = (
-        1  # seed of every random draw; step s on rank k samples from its own stream (seed, s, k)
-    )
+    seed: int = 1  # seed of every random draw (rank k samples step s from the stream (seed, s, k))
     cuda: bool = True  # use the GPU when there is one
     track: bool = False  # also log to TensorBoard and Weights & Biases, each when installed
     wandb_project_name: str = "klrl"  # the W&B project
     run_name: Optional[str] = None  # default {task}__{exp_name}__{seed}__{unix time}_{pid}
     output_dir: str = "runs"  # run folders go here
     # model and data
-    model_name_or_path: str = (
-        "common/models/tiny-policy"  # any Hugging Face causal LM: local folder or hub id
-    )
-    task: str = "arithmetic"  # arithmetic (built in), jsonl (--train_file, --eval_file) or hf:<dataset>[:<config>]
+    model_name_or_path: str = "common/models/tiny-policy"  # a causal LM: local folder or hub id
+    # arithmetic (built in), jsonl (--train_file, --eval_file) or hf:<dataset>[:<config>]
+    task: str = "arithmetic"
     train_file: Optional[str] = None  # JSONL training prompts (--task jsonl)
     eval_file: Optional[str] = None  # JSONL held-out prompts (--task jsonl)
     prompt_field: str = "prompt"  # JSON field of the prompt (GSM8K: question)
-    answer_field: str = (
-        "answer"  # JSON field of the answer (GSM8K `#### 42` and `\boxed{}` are reduced)
-    )
+    answer_field: str = "answer"  # JSON field of the answer (GSM8K `#### 42`, `\boxed{}` reduced)
     chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
-    max_prompt_length: Optional[int] = (
-        None  # longer prompts are an error (default: 16 arithmetic, 512 data)
-    )
-    max_new_tokens: Optional[int] = (
-        None  # completion token limit (default: 4 arithmetic, 1024 data)
-    )
-    temperature: float = (
-        1.0  # sampling temperature, also of every log-prob (policy, old, reference)
-    )
+    max_prompt_length: Optional[int] = None  # longer is an error (default 16 arithmetic, 512 data)
+    max_new_tokens: Optional[int] = None  # completion token limit (default 4 arithmetic, 1024 data)
+    temperature: float = 1.0  # sampling temperature, also of every log-prob (policy, old, anchor)
     # training
     total_steps: int = 200  # rollout steps
     prompts_per_step: int = 64  # prompts per step, all ranks together (paper 512)
     num_generations: int = 8  # G, completions per prompt (paper 16)
     num_iterations: int = 1  # mu, passes over each rollout (paper 1)
-    num_minibatches: int = (
-        4  # optimizer steps per pass; 1 x 1 is on-policy (ratio 1, clip fractions 0) (code 16)
-    )
-    micro_batch_size: int = (
-        512  # sequences per forward/backward on one device (4-16 for 1.5B, 1K tokens, 80 GB)
-    )
+    num_minibatches: int = 4  # optimizer steps per pass (code 16); 1 x 1 is on-policy (ratio 1)
+    micro_batch_size: int = 512  # sequences per forward/backward per device (1.5B, 1K tokens: 4-16)
     gen_batch_size: int = 512  # sequences per generation call on one device
-    learning_rate: float = (
-        3e-4  # AdamW, constant after warm-up (paper 1e-6, REINFORCE scripts 5e-7)
-    )
+    learning_rate: float = 3e-4  # AdamW, constant after warm-up (paper 1e-6, REINFORCE code 5e-7)
     weight_decay: float = 0.0  # AdamW weight decay (released code 0.1)
     max_grad_norm: float = 1.0  # gradient-norm clip (0 = none)
     warmup_steps: int = 0  # linear learning-rate warm-up, in optimizer steps (released code 10)
     # RPG
-    unnormalized: bool = (
-        False  # URKL: + sum_x (pi_a - pi_theta); same expected gradient, 0 per sample at w = 1
-    )
-    form: Literal["differentiable", "reinforce"] = (
-        "differentiable"  # released code, or paper Algorithm 2
-    )
-    kl_anchor: Literal["old", "init"] = (
-        "old"  # pi_a: the rollout policy (paper) or the frozen initial model
-    )
-    ratio_level: Literal["token", "sequence"] = (
-        "token"  # token ratios (released code); sequence: exact, more variance
-    )
+    unnormalized: bool = False  # URKL: + sum_x (pi_a - pi_theta): same mean gradient, 0 at w = 1
+    form: Literal["differentiable", "reinforce"] = "differentiable"  # released code, or Algorithm 2
+    kl_anchor: Literal["old", "init"] = "old"  # pi_a: rollout policy (paper) or initial model
+    ratio_level: Literal["token", "sequence"] = "token"  # released code; sequence: exact, noisier
     beta: float = 1e-3  # KL coefficient (paper and released scripts 1e-4)
-    clip: bool = (
-        True  # dual clip of the reward term (differentiable) or Algorithm 2's mask (reinforce)
-    )
+    clip: bool = True  # dual clip of the reward term, or Algorithm 2's mask (--form reinforce)
     clip_eps_low: float = 0.2  # lower clip range of the ratio (paper 0.2)
     clip_eps_high: float = 0.28  # upper clip range of the ratio (paper 0.28)
     clip_c: float = 10.0  # dual-clip bound c for negative advantages (paper 10)
+    # all terms / completion tokens (token_mean, released code) or / (N_seq max_new_tokens)
     loss_agg: Literal["token_mean", "seq_mean_token_sum_norm"] = "token_mean"
-    """token_mean: all terms / completion tokens (released code); seq_mean_token_sum_norm: / (N_seq max_new_tokens)"""
-    dynamic_sampling: bool = (
-        False  # DAPO: drop groups whose rewards are all equal and sample more (code: on)
-    )
-    max_gen_batches_per_step: int = (
-        20  # --dynamic_sampling: at most this many generation batches a step (code 20)
-    )
+    dynamic_sampling: bool = False  # DAPO: drop groups of equal rewards, sample more (code: on)
+    max_gen_batches_per_step: int = 20  # --dynamic_sampling: generation batches at most (code 20)
     # evaluation, logging, checkpoints
-    eval_every: int = (
-        25  # held-out eval every this many steps, at step 0 and at the end (0 = only those)
-    )
+    eval_every: int = 25  # held-out eval every this many steps, at step 0 and at the end (0: only)
     eval_num_prompts: int = 500  # held-out prompts per eval (the whole arithmetic held-out split)
-    eval_samples_per_prompt: int = (
-        4  # samples per held-out prompt at `temperature`; pass@1 = mean correctness
-    )
-    eval_kl: bool = True  # log eval/kl_init_rkl_exact_seq (a frozen initial model, held anyway by --kl_anchor init)
-    log_completions: int = (
-        0  # held-out (prompt, completion, reward) rows per eval written to completions.jsonl
-    )
+    eval_samples_per_prompt: int = 4  # samples per held-out prompt (pass@1: mean correctness)
+    eval_kl: bool = True  # log eval/kl_init_rkl_exact_seq (held anyway with --kl_anchor init)
+    log_completions: int = 0  # held-out (prompt, completion, reward) rows per eval to a JSONL file
     save_every: int = 0  # checkpoint every this many steps (0 = only at the end)
     keep_last: int = 0  # keep only the newest this many checkpoints (0 = all)
     resume: Optional[str] = None  # a run folder to continue, bit for bit; it keeps writing there
-    bf16: Optional[bool] = (
-        None  # bf16 autocast of forwards (weights, optimizer float32); default: on bf16 GPUs
-    )
+    bf16: Optional[bool] = None  # bf16 autocast of forwards (weights float32); default: bf16 GPUs
     gradient_checkpointing: bool = False  # trade compute for memory on real models
-    reshard_after_forward: bool = (
-        True  # under torchrun (FSDP2): free gathered weights after each forward (ZeRO-3)
-    )
+    reshard_after_forward: bool = True  # torchrun (FSDP2): free gathered weights after a forward
 
 
 def check_args(args: Args, world: int) -> None:
-    check_numbers(
-        args,
-        positive=POSITIVE
-        + ("num_generations", "num_iterations", "num_minibatches", "max_gen_batches_per_step"),
-    )
+    """Bad flag values, before any model loads (called by Run)."""
+    positive = ("num_generations", "num_iterations", "num_minibatches", "max_gen_batches_per_step")
+    check_numbers(args, POSITIVE + positive)
     if args.num_generations < 2:
+        why = "the group-mean baseline needs two samples"
+        raise UserError(f"--num_generations must be >= 2 ({why})")
+    rows_per_rank = args.prompts_per_step // world * args.num_generations
+    if args.prompts_per_step % world or rows_per_rank % args.num_minibatches:
         raise UserError(
-            "--num_generations must be >= 2 (the group-mean baseline needs two samples)"
-        )
-    if (
-        args.prompts_per_step % world
-        or args.prompts_per_step // world * args.num_generations % args.num_minibatches
-    ):
-        raise UserError(
-            f"--prompts_per_step {args.prompts_per_step} x --num_generations {args.num_generations} does "
-            f"not split into {world} ranks x --num_minibatches {args.num_minibatches}"
+            f"--prompts_per_step {args.prompts_per_step} x --num_generations {args.num_generations}"
+            f" does not split into {world} ranks x --num_minibatches {args.num_minibatches}"
         )
 
 
-# ==========================================================================================================
-# ALGO LOGIC: pure functions, tensors in and out (tested against closed forms in tests/test_rpg.py)
-# ==========================================================================================================
+# ==================================================================================================
+# ALGO LOGIC: pure functions, tensors in and out (closed-form tests: tests/test_rpg.py)
+# ==================================================================================================
 def k3(log_y):
-    """k3(y) = y - 1 - log y >= 0, from log y (expm1: accurate near y = 1). No clamp (the released code's clamp to
-    [-10, 10] zeroes the gradient outside)."""
+    """k3(y) = y - 1 - log y >= 0, from log y (expm1: accurate near y = 1). No clamp (the released
+    code's clamp to [-10, 10] zeroes the gradient outside)."""
     return torch.expm1(log_y) - log_y
 
 
 def group_mean_advantages(rewards, group_size: int):
-    """A_i = R_i - mean of its group, no std (the released code's `rpg` estimator). The mean includes R_i: the reward
-    gradient is (1 - 1/G) grad E[R], so the effective beta is beta / (1 - 1/G)."""
+    """A_i = R_i - mean of its group, no std (the released code's `rpg` estimator). The mean
+    includes R_i: the reward gradient is (1 - 1/G) grad E[R], so the effective beta is
+    beta / (1 - 1/G)."""
     r = rewards.view(-1, group_size)
     return (r - r.mean(dim=1, keepdim=True)).view(-1)
 
 
 def kl_surrogate(log_w, log_u, log_v, lp, unnormalized: bool, prefix: bool = False):
-    """Differentiable KL term K_t = W_t g(u_t):  RKL  g = log u;   URKL  g = k3(1/u)   (log_v, lp unused here).
-    Token level W_t = w_t: E_old[w log u] = KL(pi_theta || pi_a) per state, w k3(1/u) = v - w + w log u. Sequence
-    level (prefix) W_t = prod_{k<=t} w_k: sum_t K_t has the expectation of the whole-sequence KL(pi_theta || pi_a)
-    (plus the mass term for URKL) for every theta."""
+    """Differentiable KL term K_t = W_t g(u_t):  RKL  g = log u;  URKL  g = k3(1/u)
+    (log_v, lp unused here). Token level W_t = w_t: E_old[w log u] = KL(pi_theta || pi_a) per state,
+    w k3(1/u) = v - w + w log u. Sequence level (prefix) W_t = prod_{k<=t} w_k: sum_t K_t has the
+    expectation of the whole-sequence KL(pi_theta || pi_a) (plus the mass term for URKL) for every
+    theta."""
     g = k3(-log_u) if unnormalized else log_u
-    return torch.exp(log_w.cumsum(-1) if prefix else log_w) * g
+    log_W = log_w.cumsum(-1) if prefix else log_w
+    return torch.exp(log_W) * g
 
 
 def reinforce_coef(log_w, log_u, log_v, beta: float, unnormalized: bool):
-    """KL part C of the REINFORCE coefficient sg(w A + C):  RKL  -beta w (log u + 1);  URKL  -beta w log u."""
+    """KL part C of the REINFORCE coefficient sg(w A + C):  RKL  -beta w (log u + 1);
+    URKL  -beta w log u."""
     w = torch.exp(log_w)
-    return -beta * w * (log_u if unnormalized else log_u + 1.0)
+    if unnormalized:
+        return -beta * w * log_u
+    return -beta * w * (log_u + 1.0)
 
 
-def rpg_loss(lp, lp_old, lp_anchor, advantages, mask, args, num_seqs, num_tokens):
-    """RPG loss of one micro-batch (lp, lp_old, lp_anchor = lp_old for the old anchor, mask [B, T]; advantages [B]),
-    w = e^{lp - lp_old}, u = e^{lp - lp_anchor}, v = e^{lp_anchor - lp_old}, K = kl_surrogate, C = reinforce_coef:
-      token     differentiable: sum_t [clip(-w_t A) + beta K_t]   reinforce: sum_t -m_t sg(w_t A + C_t) lp_t
-      sequence  differentiable: clip(-W A) + beta sum_t K_t       reinforce: -m sg(W A + C) sum_t lp_t
-    (sequence: whole-sequence ratios, K_t with prefix-product weights), summed / num_tokens (token_mean) or
-    / (num_seqs max_new_tokens). clip(-w A) = max(-w A, -clip(w, 1 - eps_low, 1 + eps_high) A), for A < 0 also
-    min(., -c A): RPG / PPO dual clip of the reward term, the KL term unclipped (released code). m = 1 if (A' >= 0
-    and w < 1 + eps_high) or (A' < 0 and 1 - eps_low < w < c), A' = A + C/w (paper Algorithm 2: at beta = 0 the
-    dual-clip gradient). --no_clip: m = 1 and no clip; at sequence level grad E_old[loss] = -grad J for every theta.
-    Returns (loss, stats), each stat a share of a global mean, except `*_min` / `*_max`."""
-    m, token, adv = mask.to(lp.dtype), args.ratio_level == "token", advantages.to(lp.dtype)
-    lo, hi, c = args.clip_eps_low, args.clip_eps_high, args.clip_c
-    log_w, log_u, log_v = (lp - lp_old) * m, (lp - lp_anchor) * m, (lp_anchor - lp_old) * m
-    denom = (
-        max(num_tokens, 1)
-        if args.loss_agg == "token_mean"
-        else max(num_seqs, 1) * args.max_new_tokens
-    )
-    if token:  # every term per token; A broadcast over the tokens of its sequence
-        adv, log_ratios, logp, m_r = adv[:, None], (log_w, log_u, log_v), lp, m
-    else:  # one reward term per sequence, whole-sequence ratios
-        log_ratios, logp, m_r = (
-            (log_w.sum(-1), log_u.sum(-1), log_v.sum(-1)),
-            (lp * m).sum(-1),
-            torch.ones_like(adv),
-        )
-    ratio = torch.exp(log_ratios[0])
-    kl = (
-        kl_surrogate(log_w, log_u, log_v, lp, args.unnormalized, prefix=not token) * m
-    )  # logged in both forms
-    if args.form == "differentiable":
-        reward_term = -ratio * adv
-        if args.clip:
-            reward_term = torch.max(reward_term, -torch.clamp(ratio, 1 - lo, 1 + hi) * adv)
-            reward_term = torch.where(adv < 0, torch.min(reward_term, -c * adv), reward_term)
-        adv_eff, loss = adv, ((reward_term * m_r).sum() + args.beta * kl.sum()) / denom
+def token_mean(x, mask, num_tokens):
+    """This micro-batch's share of the global mean of x over the completion tokens."""
+    return (x * mask).sum() / max(num_tokens, 1)
+
+
+def rpg_loss(
+    lp,
+    lp_old,
+    lp_anchor,
+    advantages,
+    mask,
+    num_seqs,
+    num_tokens,
+    beta: float = 1e-3,
+    unnormalized: bool = False,
+    form: str = "differentiable",
+    ratio_level: str = "token",
+    clip: bool = True,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.28,
+    clip_c: float = 10.0,
+    loss_agg: str = "token_mean",
+    max_new_tokens: int = 1,
+    kl_anchor: str = "old",
+):
+    """RPG loss of one micro-batch; lp, lp_old, lp_anchor (= lp_old for the old anchor), mask:
+    [B, T], advantages [B]; w = e^{lp - lp_old}, u = e^{lp - lp_anchor}, v = e^{lp_anchor - lp_old},
+    K = kl_surrogate, C = reinforce_coef, W = a whole sequence's ratio. Per sequence:
+      token     differentiable:  sum_t [clip(-w_t A) + beta K_t]
+                reinforce:       sum_t -m_t sg(w_t A + C_t) lp_t
+      sequence  differentiable:  clip(-W A) + beta sum_t K_t   (K_t with prefix-product weights)
+                reinforce:       -m sg(W A + C) sum_t lp_t
+    summed / num_tokens (token_mean) or / (num_seqs max_new_tokens). clip(-w A) = max(-w A,
+    -clip(w, 1 - eps_low, 1 + eps_high) A), for A < 0 also min(., -c A): RPG / PPO dual clip of the
+    reward term, the KL term unclipped (released code). m = 1 if (A' >= 0 and w < 1 + eps_high) or
+    (A' < 0 and 1 - eps_low < w < c), A' = A + C/w (paper Algorithm 2: at beta = 0 the dual-clip
+    gradient). clip=False: m = 1 and no clip; at sequence level grad E_old[loss] = -grad J for every
+    theta. Returns (loss, stats), each stat a share of a global mean, except `*_min` / `*_max`."""
+    if form not in ("differentiable", "reinforce") or ratio_level not in ("token", "sequence"):
+        raise ValueError(f"unknown form {form!r} or ratio_level {ratio_level!r}")
+    mask = mask.to(lp.dtype)
+    adv = advantages.to(lp.dtype)[:, None]  # [B, 1]: A on each token of its sequence
+    # the log-ratios are 0 on padding, so a row's sum is the sum over its completion
+    log_w = (lp - lp_old) * mask
+    log_u = (lp - lp_anchor) * mask
+    log_v = (lp_anchor - lp_old) * mask
+    if loss_agg == "token_mean":
+        denominator = max(num_tokens, 1)
+    elif loss_agg == "seq_mean_token_sum_norm":
+        denominator = max(num_seqs, 1) * max_new_tokens
     else:
-        coef_kl = reinforce_coef(*log_ratios, args.beta, args.unnormalized)
+        raise ValueError(f"unknown loss_agg {loss_agg!r}")
+    if ratio_level == "token":  # every term per token, [B, T]
+        log_ratios = (log_w, log_u, log_v)
+        logp = lp
+        reward_mask = mask
+    else:  # sequence: one reward term per sequence, [B, 1], with whole-sequence ratios
+        log_ratios = tuple(x.sum(-1, keepdim=True) for x in (log_w, log_u, log_v))
+        logp = (lp * mask).sum(-1, keepdim=True)
+        reward_mask = torch.ones_like(adv)
+    ratio = torch.exp(log_ratios[0])
+    # the KL term stays per token at both levels (at sequence level with prefix-product weights)
+    prefix = ratio_level == "sequence"
+    kl = kl_surrogate(log_w, log_u, log_v, lp, unnormalized, prefix) * mask
+    if form == "differentiable":
+        reward_term = -ratio * adv
+        if clip:  # PPO's clip, then for A < 0 the dual clip's bound -c A
+            clipped_ratio = torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high)
+            reward_term = torch.max(reward_term, -clipped_ratio * adv)
+            reward_term = torch.where(adv < 0, torch.min(reward_term, -clip_c * adv), reward_term)
+        adv_eff = adv  # for the clip fractions: the reward term's advantage
+        loss = ((reward_term * reward_mask).sum() + beta * kl.sum()) / denominator
+    else:  # reinforce (Algorithm 2)
+        coef_kl = reinforce_coef(*log_ratios, beta, unnormalized)
+        # the mask reads the sign of the effective advantage A' = A + C / w, that of sg(w A + C)
         adv_eff = adv + coef_kl / ratio
-        inside = torch.where(adv_eff >= 0, ratio < 1 + hi, (ratio > 1 - lo) & (ratio < c))
-        keep = inside.to(ratio.dtype) if args.clip else torch.ones_like(ratio)
-        loss = (-(keep * (ratio * adv + coef_kl)).detach() * logp * m_r).sum() / denom
+        inside_low_and_c = (ratio > 1 - clip_eps_low) & (ratio < clip_c)
+        inside = torch.where(adv_eff >= 0, ratio < 1 + clip_eps_high, inside_low_and_c)
+        keep = inside.to(ratio.dtype) if clip else torch.ones_like(ratio)
+        coef = (keep * (ratio * adv + coef_kl)).detach()  # sg(w A + C), masked
+        loss = (-coef * logp * reward_mask).sum() / denominator
+    # the stats, per token: at sequence level a sequence's ratio and A' count on each of its tokens
     with torch.no_grad():
-        tok = lambda x: (x * m).sum() / max(num_tokens, 1)  # noqa: E731  a share of the global token mean
-        col = (lambda x: x) if token else (lambda x: x[:, None])  # noqa: E731  per sequence -> per token
-        r_t, a_t, _ = torch.broadcast_tensors(col(ratio), col(adv_eff), m)
-        r_valid, in_clip = r_t[m > 0] if (m > 0).any() else r_t.new_ones(1), float(args.clip)
-        stats = {
-            "loss": loss.detach(),
-            "kl_term": args.beta * kl.sum() / denom,
-            "kl_old_fkl_k3": tok(k3(lp - lp_old)),
-        }
-        stats |= {
-            "kl_old_rkl_k3w": tok(torch.exp(lp - lp_old) * k3(lp_old - lp)),
-            "ratio_mean": tok(r_t),
-        }
-        stats |= {"ratio_min": r_valid.min(), "ratio_max": r_valid.max()}
-        stats["clipfrac_low"] = in_clip * tok(((a_t < 0) & (r_t < 1 - lo)).to(m.dtype))
-        stats["clipfrac_high"] = in_clip * tok(((a_t > 0) & (r_t > 1 + hi)).to(m.dtype))
-        stats["clipfrac_dual"] = in_clip * tok(((a_t < 0) & (r_t > c)).to(m.dtype))
-        if args.kl_anchor != "old":
-            stats[f"kl_{args.kl_anchor}_rkl_k3w"] = tok(torch.exp(lp - lp_old) * k3(lp_anchor - lp))
-        if args.form == "reinforce":
-            stats["mask_frac"] = tok(1.0 - col(keep))
+        # a micro-batch without completion tokens has no ratio to report: 1 stands in
+        valid = mask > 0
+        ratio_valid = ratio.expand_as(mask)[valid] if valid.any() else ratio.new_ones(1)
+        w = torch.exp(lp - lp_old)
+        stats = {"loss": loss.detach(), "kl_term": beta * kl.sum() / denominator}
+        stats["kl_old_fkl_k3"] = token_mean(k3(lp - lp_old), mask, num_tokens)
+        stats["kl_old_rkl_k3w"] = token_mean(w * k3(lp_old - lp), mask, num_tokens)
+        stats["ratio_mean"] = token_mean(ratio, mask, num_tokens)
+        stats["ratio_min"] = ratio_valid.min()
+        stats["ratio_max"] = ratio_valid.max()
+        # the clip fractions: where the ratio left its range the way A' pushes it (0 without clip)
+        low = ((adv_eff < 0) & (ratio < 1 - clip_eps_low)).to(mask.dtype)
+        high = ((adv_eff > 0) & (ratio > 1 + clip_eps_high)).to(mask.dtype)
+        dual = ((adv_eff < 0) & (ratio > clip_c)).to(mask.dtype)
+        stats["clipfrac_low"] = float(clip) * token_mean(low, mask, num_tokens)
+        stats["clipfrac_high"] = float(clip) * token_mean(high, mask, num_tokens)
+        stats["clipfrac_dual"] = float(clip) * token_mean(dual, mask, num_tokens)
+        if kl_anchor != "old":  # named after the anchor: kl_init_rkl_k3w
+            stats[f"kl_{kl_anchor}_rkl_k3w"] = token_mean(w * k3(lp_anchor - lp), mask, num_tokens)
+        if form == "reinforce":
+            stats["mask_frac"] = token_mean(1.0 - keep, mask, num_tokens)
     return loss, stats
 
 
-# ==========================================================================================================
-# ROLLOUT: sampling, teacher-forced log-probs, evaluation (identical in every file that has them)
-# ==========================================================================================================
-
-
-# ==========================================================================================================
-# UPDATE: the loss of a micro-batch (from the policy's log-softmax over its rows), and the update loop
-# ==========================================================================================================
-def micro_loss(lsm, batch: dict, rows, args, num_seqs, num_tokens):
-    lp = token_logprobs(lsm, batch["completion_ids"][rows])
+# ==================================================================================================
+# UPDATE and TRAIN: the loss of a micro-batch (for the shared update), dynamic sampling, the loop
+# ==================================================================================================
+def micro_loss(log_softmax, batch: dict, rows, args, num_seqs, num_tokens):
+    """RPG's loss of the micro-batch `rows`, from the policy's log-softmax over their tokens."""
+    lp = token_logprobs(log_softmax, batch["completion_ids"][rows])
     C = lp.shape[1]
-    lp_old = (
-        batch["old_logprobs"][rows, :C] if "old_logprobs" in batch else lp.detach()
-    )  # 1 step per rollout
+    # one optimizer step per rollout (no old log-probs were computed): theta_old = theta
+    lp_old = batch["old_logprobs"][rows, :C] if "old_logprobs" in batch else lp.detach()
     lp_anchor = batch["anchor_logprobs"][rows, :C] if args.kl_anchor == "init" else lp_old
-    mask = batch["loss_mask"][rows, :C]
     return rpg_loss(
-        lp, lp_old, lp_anchor, batch["advantages"][rows], mask, args, num_seqs, num_tokens
+        lp,
+        lp_old,
+        lp_anchor,
+        batch["advantages"][rows],
+        batch["loss_mask"][rows, :C],
+        num_seqs,
+        num_tokens,
+        beta=args.beta,
+        unnormalized=args.unnormalized,
+        form=args.form,
+        ratio_level=args.ratio_level,
+        clip=args.clip,
+        clip_eps_low=args.clip_eps_low,
+        clip_eps_high=args.clip_eps_high,
+        clip_c=args.clip_c,
+        loss_agg=args.loss_agg,
+        max_new_tokens=args.max_new_tokens,
+        kl_anchor=args.kl_anchor,
     )
 
 
-# ==========================================================================================================
-# TRAIN
-# ==========================================================================================================
-def dynamic_sampling(
-    run, policy, args, eos, pad, step: int, prompts, batch: dict, rewards
-) -> tuple:
-    """--dynamic_sampling (DAPO): drop groups whose G rewards are all equal; refill this rank's slots from rounds r of
-    P = --prompts_per_step prompts (positions [r P, (r + 1) P) of the step's permutation, sampled from (seed, step,
-    rank, r)) while any rank is short; after --max_gen_batches_per_step rounds, the earliest all-equal groups."""
+def dynamic_sampling(run, policy, args, eos, pad, step: int, prompts, batch: dict, rewards):
+    """--dynamic_sampling (DAPO): drop groups whose G rewards are all equal; refill this rank's
+    slots from rounds r of P = --prompts_per_step prompts (positions [r P, (r + 1) P) of the step's
+    permutation, sampled from (seed, step, rank, r)) while any rank is short; after
+    --max_gen_batches_per_step rounds, the earliest all-equal groups."""
     if not args.dynamic_sampling:
         return batch, rewards, {}
-    G, P, need, kept, spare = args.num_generations, args.prompts_per_step, len(prompts), [], []
+    G = args.num_generations
+    P = args.prompts_per_step
+    need = len(prompts)  # this rank's groups
+    kept = []  # groups with reward spread: (prompt index, G completions, G rewards)
+    spare = []  # groups of equal rewards, the filler once the rounds run out
     draw = run.draw(step)  # the step's draw, continued
-    for rnd in range(args.max_gen_batches_per_step):
-        if rnd:
-            prompts = np.take(draw, range(rnd * P, rnd * P + P), mode="wrap")[run.rank :: run.world]
-            each = [i for i in prompts for _ in range(G)]
-            sampler = torch.Generator(DEVICE).manual_seed(
-                seed_of(args, "resample", step, run.rank, rnd)
-            )
-            batch = sample_batch(
-                policy, [run.train_prompts[i] for i in each], args, eos, pad, sampler
-            )
-            answers = [run.task.train[i].answer for i in each]
-            rewards = torch.tensor(
-                run.task.score(decode(run.tokenizer, batch), answers), device=DEVICE
-            )
-        rows = [
-            c[:n]
-            for c, n in zip(batch["completion_ids"], batch["completion_mask"].sum(-1).tolist())
-        ]  # to EOS
-        for g, (i, r) in enumerate(
-            zip(prompts, rewards.view(-1, G))
-        ):  # a group: G prompts, completions, rewards
-            (kept if (r != r[0]).any() else spare).append(
-                ([run.train_prompts[i]] * G, rows[g * G : g * G + G], r)
-            )
-        if all_reduce(torch.tensor(need - len(kept), device=DEVICE), dist.ReduceOp.MAX) <= 0:
+    for gen_batch in range(args.max_gen_batches_per_step):
+        if gen_batch > 0:  # the next P prompts of the draw (wrapping around), this rank's share
+            positions = range(gen_batch * P, gen_batch * P + P)
+            prompts = np.take(draw, positions, mode="wrap")[run.rank :: run.world]
+            group_prompts = [run.train_prompts[i] for i in prompts for _ in range(G)]
+            seed = seed_of(args, "resample", step, run.rank, gen_batch)
+            sampler = torch.Generator(DEVICE).manual_seed(seed)
+            batch = sample_batch(policy, group_prompts, args, eos, pad, sampler)
+            answers = [run.task.train[i].answer for i in prompts for _ in range(G)]
+            scores = run.task.score(decode(run.tokenizer, batch), answers)
+            rewards = torch.tensor(scores, device=DEVICE)
+        lengths = batch["completion_mask"].sum(-1).tolist()  # each completion up to its EOS
+        completions = [ids[:n] for ids, n in zip(batch["completion_ids"], lengths)]
+        for k, i in enumerate(prompts):  # group k: prompt i, rows k G .. k G + G - 1
+            group_rewards = rewards.view(-1, G)[k]
+            group = (i, completions[k * G : k * G + G], group_rewards)
+            if (group_rewards != group_rewards[0]).any():
+                kept.append(group)
+            else:
+                spare.append(group)
+        # all ranks run as many rounds as the rank shortest of groups (the all-reduces pair up)
+        shortfall = all_reduce(torch.tensor(need - len(kept), device=DEVICE), dist.ReduceOp.MAX)
+        if shortfall <= 0:
             break
-    dropped, sampled = all_reduce(
-        torch.tensor([len(spare), len(kept) + len(spare)], device=DEVICE)
-    ).tolist()
-    prompts, completions, rewards = zip(*(kept + spare)[:need])  # the batch: kept groups first
-    metrics = {"charts/gen_batches": rnd + 1, "charts/frac_groups_dropped": dropped / sampled}
-    return make_batch(sum(prompts, []), sum(completions, []), eos, pad), torch.cat(rewards), metrics
+    counts = torch.tensor([len(spare), len(kept) + len(spare)], device=DEVICE)
+    dropped, sampled = all_reduce(counts).tolist()
+    groups = (kept + spare)[:need]  # the batch: kept groups first
+    group_prompts = [run.train_prompts[i] for i, _, _ in groups for _ in range(G)]
+    completions = [ids for _, group_completions, _ in groups for ids in group_completions]
+    rewards = torch.cat([group_rewards for _, _, group_rewards in groups])
+    metrics = {"charts/gen_batches": gen_batch + 1, "charts/frac_groups_dropped": dropped / sampled}
+    return make_batch(group_prompts, completions, eos, pad), rewards, metrics
 
 
 def train(args: Args) -> None:
-    run = Run(args)  # the task and its prompts, processes, the checkpoint to resume (PLUMBING)
+    run = Run(args)  # the task and its prompts, the processes, the checkpoint to resume (SHARED)
     policy = load_model(run.checkpoint or args.model_name_or_path, args, trainable=True)
-    init = (
-        load_model(args.model_name_or_path, args)
-        if args.eval_kl or args.kl_anchor == "init"
-        else None
-    )
-    eos, pad, G = eos_ids(run.tokenizer, policy), run.tokenizer.pad_token_id, args.num_generations
-    model, optimizer = run.start(
-        policy, lambda: evaluate(policy, {"init": init} if args.eval_kl else {}, run, eos)
-    )
+    needs_init = args.eval_kl or args.kl_anchor == "init"  # the anchor, or the eval's KL to init
+    init = load_model(args.model_name_or_path, args) if needs_init else None
+    kl_models = {"init": init} if args.eval_kl else {}
+    eos = eos_ids(run.tokenizer, policy)
+    pad = run.tokenizer.pad_token_id
+    G = args.num_generations
+
+    model, optimizer = run.start(policy, partial(evaluate, policy, kl_models, run, eos))
     for step in run.steps():
         # 1. the step's prompts (one global draw, this rank's share), G completions each from pi_old
         prompts = run.prompts(step)
-        each = [i for i in prompts for _ in range(G)]
-        batch = sample_batch(
-            policy, [run.train_prompts[i] for i in each], args, eos, pad, run.sampler(step)
-        )
+        group_prompts = [run.train_prompts[i] for i in prompts for _ in range(G)]
+        batch = sample_batch(policy, group_prompts, args, eos, pad, run.sampler(step))
         run.lap("generate")
         # 2. rewards and group-mean advantages (a group lives on one rank)
-        answers = [run.task.train[i].answer for i in each]
+        answers = [run.task.train[i].answer for i in prompts for _ in range(G)]
         rewards = torch.tensor(run.task.score(decode(run.tokenizer, batch), answers), device=DEVICE)
         batch, rewards, resampled = dynamic_sampling(
             run, policy, args, eos, pad, step, prompts, batch, rewards
         )
         reward_mean, reward_std = global_mean_std(rewards)
-        batch["advantages"], batch["loss_mask"] = (
-            group_mean_advantages(rewards, G),
-            batch["completion_mask"],
-        )
-        # 3. log-probs of the rollout policy (only if later optimizer steps move away from it) and of the anchor
+        batch["advantages"] = group_mean_advantages(rewards, G)
+        batch["loss_mask"] = batch["completion_mask"]
+        # 3. log-probs of the rollout policy (needed once the optimizer moved off it) and of pi_a
         if args.num_iterations * args.num_minibatches > 1:
             batch["old_logprobs"] = batched_logprobs(policy, batch, args)
         if args.kl_anchor == "init":
@@ -372,15 +385,12 @@ def train(args: Args) -> None:
         # 4. the policy update: num_iterations x num_minibatches optimizer steps on the RPG loss
         metrics = update_policy(model, optimizer, batch, args, step, micro_loss) | resampled
         run.lap("update")
-        zero_std = (rewards.view(-1, G) == rewards.view(-1, G)[:, :1]).all(1).sum().double() * G
-        metrics["charts/frac_reward_zero_std"] = all_reduce(zero_std).item() / (
-            args.prompts_per_step * G
-        )
-        run.end_step(
-            step,
-            batch,
-            metrics | {"charts/reward_mean": reward_mean, "charts/reward_std": reward_std},
-        )
+        groups = rewards.view(-1, G)
+        zero_std = (groups == groups[:, :1]).all(1).sum().double() * G  # rows without reward spread
+        all_rows = args.prompts_per_step * G
+        metrics["charts/frac_reward_zero_std"] = all_reduce(zero_std).item() / all_rows
+        metrics |= {"charts/reward_mean": reward_mean, "charts/reward_std": reward_std}
+        run.end_step(step, batch, metrics)
 
 
 # ==================================================================================================

@@ -38,9 +38,9 @@ def loss_one(lp, lp_ref, v_hat, r, beta, length_normalized=False):
     T = lp.shape[-1]
     scale = 1.0 / T if length_normalized else 1.0
     zero = lp.new_zeros(())
-    args = apo.Args(beta2=beta, entropy_coef=0.0)
+    mask = torch.ones_like(lp)
     return apo.a_star_po_loss(
-        lp * scale, lp_ref * scale, torch.ones_like(lp), v_hat.view(1), r.view(1), zero, args, 1, T
+        lp * scale, lp_ref * scale, mask, v_hat.view(1), r.view(1), zero, 1, T, beta2=beta, entropy_coef=0.0
     )[0]
 
 

@@ -451,7 +451,7 @@ def test_d9_bad_pairs_file(tmp_path, case):
     row, message = BAD_PAIRS[case]
     path = write_pairs(tmp_path / "p.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}, row])
     tok = AutoTokenizer.from_pretrained(TINY_POLICY)
-    with pytest.raises((dpo.UserError, dpo.TaskError), match=message.replace("(", r"\(")):
+    with pytest.raises((dpo.UserError, dpo.tasks.TaskError), match=message.replace("(", r"\(")):
         dpo.load_pairs(path, tok, dpo.Args(max_new_tokens=4, max_prompt_length=16))
     good = write_pairs(tmp_path / "ok.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}])
     ((p, w, l),) = dpo.load_pairs(good, tok, dpo.Args(max_new_tokens=4, max_prompt_length=16))

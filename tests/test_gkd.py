@@ -88,7 +88,10 @@ def test_g2_jsd_limits_are_fkl_and_rkl():
 def closed_form_grad(kind, a, z, T, beta=0.5, alpha=0.1, mu=0.5):
     """d D / d z for each row, written from the spec's formulas (s = softmax(z/T), t = softmax(a/T))."""
     t, s = torch.softmax(a / T, -1), torch.softmax(z.detach() / T, -1)
-    centred = lambda g: s * (g - (s * g).sum(-1, keepdim=True))  # noqa: E731  softmax Jacobian applied to g
+
+    def centred(g):  # the softmax Jacobian applied to g
+        return s * (g - (s * g).sum(-1, keepdim=True))
+
     rkl = (s * (s / t).log()).sum(-1, keepdim=True)
     if kind == "fkl":
         g = s - t
@@ -222,9 +225,9 @@ def ragged(seed=10, B=4, C=5, V=6):
 
 def loss_of(a, z, mask, n, kind="jsd", beta=0.5, chunk_size=0, ids=None):
     """gkd_loss of teacher logits a and student logits z at T = 1 (ids: the batch tokens, for the log-prob stat)."""
-    args = gkd.Args(divergence=kind, beta=beta, divergence_chunk_size=chunk_size)
     ids = torch.zeros(mask.shape, dtype=torch.long) if ids is None else ids
-    return gkd.gkd_loss(torch.log_softmax(a, -1), torch.log_softmax(z, -1), mask, ids, args, n)
+    log_t, log_s = torch.log_softmax(a, -1), torch.log_softmax(z, -1)
+    return gkd.gkd_loss(log_t, log_s, mask, ids, n, divergence=kind, beta=beta, divergence_chunk_size=chunk_size)
 
 
 def test_g6_masked_token_mean():

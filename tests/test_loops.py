@@ -381,7 +381,26 @@ def rpg_expected(algo, args, rows, rollout, init, iterations):
     def loss_fn(model, sub=None):
         sub = torch.arange(len(rows)) if sub is None else sub
         lp, m = token_logprobs(model, rows)[sub], mask[sub]
-        return algo.rpg_loss(lp, lp_old[sub], lp_anchor[sub], adv[sub], m, args, float(len(sub)), float(m.sum()))
+        return algo.rpg_loss(
+            lp,
+            lp_old[sub],
+            lp_anchor[sub],
+            adv[sub],
+            m,
+            float(len(sub)),
+            float(m.sum()),
+            beta=args.beta,
+            unnormalized=args.unnormalized,
+            form=args.form,
+            ratio_level=args.ratio_level,
+            clip=args.clip,
+            clip_eps_low=args.clip_eps_low,
+            clip_eps_high=args.clip_eps_high,
+            clip_c=args.clip_c,
+            loss_agg=args.loss_agg,
+            max_new_tokens=args.max_new_tokens,
+            kl_anchor=args.kl_anchor,
+        )
 
     return loss_fn, {"reward_mean": float(rewards_of(rows).mean())}
 
@@ -431,7 +450,16 @@ def a_star_po_expected(algo, args, rows, rollout, init, iterations, run_dir=None
         entropy_sum = sum(-(lsm[i].exp() * lsm[i]).sum() for i in sub.tolist())
         m, n_seq = mask[sub], float(len(sub))
         return algo.a_star_po_loss(
-            lp, lp_ref[sub], m, v_hat[sub], rewards[sub], entropy_sum, args, n_seq, float(m.sum())
+            lp,
+            lp_ref[sub],
+            m,
+            v_hat[sub],
+            rewards[sub],
+            entropy_sum,
+            n_seq,
+            float(m.sum()),
+            beta2=args.beta2,
+            entropy_coef=args.entropy_coef,
         )
 
     return loss_fn, {"reward_mean": float(rewards.mean())}
@@ -450,9 +478,11 @@ def dpo_expected(algo, args, rows, rollout, init, iterations):
 
     def loss_fn(model, sub=None):
         lp = token_logprobs(model, pair_rows).sum(-1)
-        s = algo.dpo_scores(lp, lr_seq, args.divergence, args.alpha)
-        loss, stats = algo.dpo_loss(s[:m], s[m:], args.beta, args.loss, args.label_smoothing, m)
-        stats.update(algo.dpo_metrics(s[:m], s[m:], lp[:m], lp[m:], args.beta, m))
+        s = algo.dpo_scores(lp, lr_seq, divergence=args.divergence, alpha=args.alpha)
+        loss, stats = algo.dpo_loss(
+            s[:m], s[m:], beta=args.beta, loss=args.loss, eps=args.label_smoothing, num_pairs_global=m
+        )
+        stats.update(algo.dpo_metrics(s[:m], s[m:], lp[:m], lp[m:], beta=args.beta, num_pairs_global=m))
         return loss, stats
 
     assert m > 0, "no usable pair in the checked step: choose another seed"
@@ -471,7 +501,18 @@ def gkd_expected(algo, args, rows, rollout, init, iterations):
 
     def loss_fn(model, sub=None):
         ls = (padded(row_logits(model, rows)) / T).log_softmax(-1)
-        loss, stats = algo.gkd_loss(lt, ls, mask, ids, args, float(mask.sum()))
+        loss, stats = algo.gkd_loss(
+            lt,
+            ls,
+            mask,
+            ids,
+            float(mask.sum()),
+            divergence=args.divergence,
+            beta=args.beta,
+            skew_alpha=args.skew_alpha,
+            akl_mu=args.akl_mu,
+            divergence_chunk_size=args.divergence_chunk_size,
+        )
         stats["entropy"] = (-(ls.exp() * ls).sum(-1) * mask).sum().detach() / mask.sum()
         return loss, stats
 

@@ -340,7 +340,11 @@ def test_q_model_step_is_independent_of_micro_batching(weighting, monkeypatch):
     assert max_abs(step(3), whole) < 1e-12
     if weighting == "labels":
         real = qs.dist_loss
-        monkeypatch.setattr(qs, "dist_loss", lambda lp, b, m, s, n, w: real(lp, b, m, s, None, w))  # local counts
+
+        def local_counts(log_pmf, bins, mask, num_seqs, num_labels=None, weighting="labels"):
+            return real(log_pmf, bins, mask, num_seqs, None, weighting)  # each micro-batch's own count
+
+        monkeypatch.setattr(qs, "dist_loss", local_counts)
         assert max_abs(step(3), whole) > 1e-4
 
 
@@ -406,10 +410,11 @@ def test_q11_both_heads_give_the_same_guided_policy_for_the_same_pmfs():
     atoms = torch.tensor([0.0, 1.0])
     u = torch.rand(64, 1, generator=torch.Generator().manual_seed(0), dtype=DT)
     eos = torch.tensor([tok.eos_token_id])
-    out_v = qs.sample(ref, v, prompts, u, "qsharp", 0.1, args, atoms, eos, tok.pad_token_id)
-    out_q = qs.sample(ref, q, prompts, u, "qsharp", 0.1, args, atoms, eos, tok.pad_token_id)
+    fixed = dict(args=args, atoms=atoms, eos=eos, pad=tok.pad_token_id)  # the sampler's fixed context
+    out_v = qs.sample(ref, v, prompts, u, "qsharp", 0.1, **fixed)
+    out_q = qs.sample(ref, q, prompts, u, "qsharp", 0.1, **fixed)
     assert torch.equal(out_v[0], out_q[0]) and max_abs(out_v[2], out_q[2]) < 1e-5
-    plain = qs.sample(ref, None, prompts, u, "ref", 0.1, args, atoms, eos, tok.pad_token_id)
+    plain = qs.sample(ref, None, prompts, u, "ref", 0.1, **fixed)
     assert plain[2].abs().max() == 0 and out_v[2].min() > 0  # guidance moved away from pi_ref, with a KL cost
 
 
@@ -448,7 +453,10 @@ def test_sample_from_a_run_reproduces_its_final_eval(tmp_path, capsys):
     flags = [*tiny_flags("q_sharp"), "--output_dir", str(tmp_path), "--run_name", "r", "--log_completions", "16"]
     code, err = run_in_process("q_sharp", flags, capsys)
     assert code == 0, err[-3000:]
-    run, read = tmp_path / "r", lambda p: [json.loads(line) for line in open(p)]  # noqa: E731
+    run = tmp_path / "r"
+
+    def read(path):
+        return [json.loads(line) for line in open(path)]
 
     def sample_run(*flags):
         code, err = run_in_process("q_sharp", ["--sample_from", str(run), *flags], capsys)

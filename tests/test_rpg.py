@@ -42,7 +42,14 @@ def loss_of(variant, form, lp, lp_old, lp_anchor, adv, mask=None, level="token",
     one sequence and max_new_tokens 1 per call is exactly the per-sequence sum)."""
     mod, unnorm = VARIANTS[variant]
     mask = torch.ones_like(lp) if mask is None else mask
-    args = mod.Args(
+    return mod.rpg_loss(
+        lp,
+        lp_old,
+        lp_anchor,
+        adv,
+        mask,
+        1,
+        int(mask.sum()),
         beta=beta,
         unnormalized=unnorm,
         form=form,
@@ -51,8 +58,7 @@ def loss_of(variant, form, lp, lp_old, lp_anchor, adv, mask=None, level="token",
         loss_agg="seq_mean_token_sum_norm",
         max_new_tokens=1,
         **kw,
-    )
-    return mod.rpg_loss(lp, lp_old, lp_anchor, adv, mask, args, 1, int(mask.sum()))[0]
+    )[0]
 
 
 def expected_over(weights, losses):
@@ -118,8 +124,8 @@ def test_r3_group_mean_baseline_inside_w(G, form):
     for tup in tuples:
         adv = RKL.group_mean_advantages(R[tup], G)
         x, xo = lp[tup].view(G, 1), lp_old[tup].view(G, 1)
-        args = RKL.Args(beta=0.0, form=form, clip=False, loss_agg="seq_mean_token_sum_norm", max_new_tokens=1)
-        ours.append(RKL.rpg_loss(x, xo, xo, adv, torch.ones(G, 1, dtype=DT), args, G, G)[0])
+        hyper = dict(beta=0.0, form=form, clip=False, loss_agg="seq_mean_token_sum_norm", max_new_tokens=1)
+        ours.append(RKL.rpg_loss(x, xo, xo, adv, torch.ones(G, 1, dtype=DT), G, G, **hyper)[0])
         w = (x - xo).exp()  # negative control: REINFORCE with the baseline outside w, sg(w R - b) log pi
         outside.append(-((w * R[tup].view(G, 1) - R[tup].mean()).detach() * x).mean())
     g = grad(expected_over(p_old, ours), theta)
@@ -308,10 +314,11 @@ HAND_MASK = torch.tensor([[1.0, 0, 0, 0], [1.0, 1, 1, 0]], dtype=DT)
 def hand_loss(rows, agg, num_seqs, num_tokens):
     """FKL, old anchor, A = 0, beta = 1: every token's term is -lp = 1 | 2, 3, 4 (the grpo.md T9 batch)."""
     lp = HAND_LP[rows]
-    args = FKL.Args(beta=1.0, loss_agg=agg, max_new_tokens=4)
-    return FKL.rpg_loss(lp, lp, lp, torch.zeros(lp.shape[0], dtype=DT), HAND_MASK[rows], args, num_seqs, num_tokens)[
-        0
-    ].item()
+    adv = torch.zeros(lp.shape[0], dtype=DT)
+    loss, _ = FKL.rpg_loss(
+        lp, lp, lp, adv, HAND_MASK[rows], num_seqs, num_tokens, beta=1.0, loss_agg=agg, max_new_tokens=4
+    )
+    return loss.item()
 
 
 def test_r9_aggregation_by_hand_and_split_over_ranks():

@@ -45,7 +45,7 @@ import tyro
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 
-from common import tasks
+# common/tasks.py (data and rewards) is imported as `tasks` where the shared part begins
 
 
 @dataclass
@@ -384,6 +384,11 @@ def train(args: Args) -> None:
 # loss a script hands to `update_policy`). Not every script uses every helper.
 # ==================================================================================================
 
+try:  # the repository's common/ folder: a copied script needs it beside its own folder
+    from common import tasks
+except ModuleNotFoundError:
+    sys.exit(f"error: {__file__} needs the repository's common/ folder beside its own folder")
+
 
 # ---- ROLLOUT: sampling with the KV cache, teacher-forced log-probs, evaluation -----------------
 def forward(model, ids, mask, positions, cache=None, keep=0):
@@ -435,7 +440,8 @@ def generate(model, prompt_ids, prompt_mask, rows, args, eos, pad, generator=Non
         else:  # the first token whose CDF reaches u (clamped: the CDF may end just below 1)
             cdf = probs.double().cumsum(-1)
             u = uniforms[live.cpu(), t, None].to(probs.device, torch.float64)
-            token = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+            token = torch.searchsorted(cdf, u).squeeze(-1)
+            token = token.clamp(max=probs.shape[-1] - 1)
         tokens[live, t] = token
         done = torch.isin(token, eos)
         if t == args.max_new_tokens - 1 or done.all():
@@ -446,10 +452,12 @@ def generate(model, prompt_ids, prompt_mask, rows, args, eos, pad, generator=Non
             live = live[keep]
             token = token[keep]
             attention = attention[keep]
-        attention = torch.cat([attention, attention.new_ones(len(live), 1)], 1)
+        new_token = attention.new_ones(len(live), 1)
+        attention = torch.cat([attention, new_token], 1)
         positions = attention.sum(-1, keepdim=True) - 1
         with autocast(args):
-            logits = forward(model, token[:, None], attention, positions, cache, keep=1)[:, -1]
+            logits = forward(model, token[:, None], attention, positions, cache, keep=1)
+            logits = logits[:, -1]
     model.train(was_training)
     return tokens[:, : t + 1]
 
@@ -517,7 +525,8 @@ def completion_log_softmax(model, batch: dict, rows, temperature: float, cached:
         prompt_mask = batch["prompt_mask"][distinct]
         first, cache = prefill(model, batch["prompt_ids"][distinct], prompt_mask, inverse)
         # completion tokens 0..C-2 predict tokens 1..C-1, at the positions after each row's prompt
-        positions = prompt_mask.sum(-1)[inverse, None] + torch.arange(C - 1, device=prompt.device)
+        prompt_length = prompt_mask.sum(-1)[inverse, None]
+        positions = prompt_length + torch.arange(C - 1, device=prompt.device)
         mask = torch.cat([prompt_mask[inverse], torch.ones_like(completion[:, 1:])], 1)
         rest = forward(model, completion[:, :-1], mask, positions, cache)
         logits = torch.cat([first[:, None], rest], 1)
@@ -548,7 +557,8 @@ def batched_logprobs(model, batch: dict, args):
                 log_softmax = completion_log_softmax(model, batch, rows, args.temperature)
             logprobs = token_logprobs(log_softmax, ids[rows])
             logprobs = logprobs * batch["completion_mask"][rows, : logprobs.shape[1]]
-            out.append(torch.nn.functional.pad(logprobs, (0, ids.shape[1] - logprobs.shape[1])))
+            padding = (0, ids.shape[1] - logprobs.shape[1])  # back to the batch's width
+            out.append(torch.nn.functional.pad(logprobs, padding))
     return torch.cat(out)
 
 
@@ -574,7 +584,8 @@ def evaluate(policy, kl_models: dict, run, eos) -> tuple:
     each sample, exact over the vocabulary at every position. Returns (metrics, rows to log)."""
     args = run.args
     per_prompt = args.eval_samples_per_prompt
-    mine = [i for i in range(run.rank, len(run.eval_prompts), run.world) for _ in range(per_prompt)]
+    my_prompts = range(run.rank, len(run.eval_prompts), run.world)  # interleaved over the ranks
+    mine = [i for i in my_prompts for _ in range(per_prompt)]
     prompts = [run.eval_prompts[i] for i in mine]
     batch = sample_batch(policy, prompts, args, eos, run.tokenizer.pad_token_id, run.eval_sampler())
     texts = decode(run.tokenizer, batch)
@@ -592,11 +603,13 @@ def evaluate(policy, kl_models: dict, run, eos) -> tuple:
                 kl_per_position = (log_p.exp() * (log_p - log_q)).sum(-1)
                 kl += (kl_per_position * mask[rows, : log_p.shape[1]]).sum()
             sums.append(kl)
-    means = all_reduce(torch.stack(sums).double()) / (len(run.eval_prompts) * per_prompt)
+    samples = len(run.eval_prompts) * per_prompt
+    means = all_reduce(torch.stack(sums).double()) / samples
     names = ["eval/pass@1", "eval/reward_mean", "eval/completion_len_mean"]
     names += [f"eval/kl_{name}_rkl_exact_seq" for name in kl_models]
     shown = []
-    for i, text, reward in list(zip(mine, texts, rewards.tolist()))[: args.log_completions]:
+    logged = list(zip(mine, texts, rewards.tolist()))[: args.log_completions]
+    for i, text, reward in logged:
         prompt = run.tokenizer.decode(run.eval_prompts[i])
         shown.append({"prompt": prompt, "completion": text, "reward": reward})
     return dict(zip(names, means.tolist())), shown
@@ -620,7 +633,8 @@ def update_policy(model, optimizer, batch: dict, args, step: int, micro_loss) ->
         for minibatch in order.tensor_split(args.num_minibatches):
             # global row g is row g % local_rows of rank g // local_rows
             mine = minibatch[minibatch // local_rows == rank] % local_rows
-            counts = torch.stack([(mask[mine].sum(-1) > 0).sum(), mask[mine].sum()]).double()
+            sequences = (mask[mine].sum(-1) > 0).sum()
+            counts = torch.stack([sequences, mask[mine].sum()]).double()
             num_seqs, num_tokens = all_reduce(counts).tolist()
             micro_batches = lockstep(mine, args.micro_batch_size)
             for k, (rows, weight) in enumerate(micro_batches):
@@ -651,7 +665,8 @@ def lockstep(rows, size: int) -> list:
     micro = list(rows.split(size)) if len(rows) else []
     busiest = int(all_reduce(torch.tensor(len(micro), device=DEVICE), dist.ReduceOp.MAX))
     filler = torch.zeros(1, dtype=torch.long, device=DEVICE)
-    return [(m, 1) for m in micro] + [(filler, 0)] * (busiest - len(micro))
+    fillers = [(filler, 0)] * (busiest - len(micro))
+    return [(m, 1) for m in micro] + fillers
 
 
 def optimizer_step(model, optimizer, args) -> dict:
@@ -661,8 +676,10 @@ def optimizer_step(model, optimizer, args) -> dict:
     if hasattr(norm, "full_tensor"):  # FSDP: a distributed tensor
         norm = norm.full_tensor()
     if not torch.isfinite(norm):
-        raise FloatingPointError(f"non-finite loss or gradient (norm {norm.item()}); not saving")
-    steps_done = float(next(iter(optimizer.state.values()), {}).get("step", 0))
+        why = f"non-finite loss or gradient (norm {norm.item()})"
+        raise FloatingPointError(f"{why}; stopping without saving")
+    first_state = next(iter(optimizer.state.values()), {})  # (empty before the first step)
+    steps_done = float(first_state.get("step", 0))
     warmup = min(1, (steps_done + 1) / max(args.warmup_steps, 1))
     for group in optimizer.param_groups:
         group["lr"] = args.learning_rate * warmup
@@ -682,9 +699,10 @@ def reduce_stats(stats: list, steps: int) -> dict:
         values = [
             torch.as_tensor(s[key], dtype=torch.float64, device=DEVICE) for s in stats if key in s
         ]
-        value = all_reduce(getattr(torch.stack(values), op)(), getattr(dist.ReduceOp, op.upper()))
+        local = getattr(torch.stack(values), op)()
+        value = all_reduce(local, getattr(dist.ReduceOp, op.upper())).item()
         name = key if "/" in key else f"losses/{key}"
-        out[name] = value.item() / steps if op == "sum" else value.item()
+        out[name] = value / steps if op == "sum" else value
     return out
 
 
@@ -692,11 +710,11 @@ def reduce_stats(stats: list, steps: int) -> dict:
 DEVICE = torch.device("cpu")  # this rank's GPU or the CPU: set once, by Run, from --cuda
 FULL_STATE = dist_state.StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors
 RESUMABLE = {"resume", "total_steps", "learning_rate", "weight_decay", "max_grad_norm"}
-RESUMABLE |= {"eval_every", "save_every"}  # the flags that may change when resuming
+RESUMABLE |= {"eval_every", "save_every", "keep_last"}  # the flags that may change on resume
 # flags that must be > 0 in every script (the other number flags >= 0); check_args adds its own
 POSITIVE = ("temperature", "max_prompt_length", "max_new_tokens", "total_steps", "prompts_per_step")
 POSITIVE += ("micro_batch_size", "gen_batch_size", "eval_num_prompts", "eval_samples_per_prompt")
-LOCKS = []  # run-folder locks this process holds, released when main ends (tests rerun main)
+OPEN = []  # the run-folder lock and the progress bar, closed when main ends (tests rerun main)
 
 
 class UserError(Exception):
@@ -707,25 +725,54 @@ class Stop(Exception):
     """SIGTERM or SIGINT: the step in flight finished and was checkpointed; exit status 143."""
 
 
+class Finished(Exception):
+    """--resume of a run that has nothing left to run: one `finished:` line, exit status 0."""
+
+
 def main() -> None:
     """Parse the flags and train. Bad input of any kind ends in one `error:` line (exit status 1);
-    SIGTERM or SIGINT in a checkpoint and a `stopped:` line (exit status 143)."""
-    if int(os.environ.get("RANK", 0)) > 0 and {"-h", "--help"} & set(sys.argv):
+    SIGTERM or SIGINT in a checkpoint and a `stopped:` line (exit status 143); a second Ctrl-C stops
+    at once (exit status 130). Under torchrun only rank 0 speaks, but of its own file system's
+    errors every rank does."""
+    rank = int(os.environ.get("RANK", 0))
+    if rank > 0 and {"-h", "--help"} & set(sys.argv):
         return  # --help prints once, on rank 0
+    speak = rank == 0  # under torchrun, rank 0 says it, once
     code = 0
+    message = None
     try:
         train(parse_args(sys.argv[1:]))
-    except (UserError, tasks.TaskError, FloatingPointError, OSError) as e:
-        code = f"error: {str(e).strip().splitlines()[0]}"
+    except (UserError, tasks.TaskError, FloatingPointError) as e:
+        code = 1
+        message = f"error: {first_line(e)}"
+    except OSError as e:  # this rank's own file system: every rank says it
+        code = 1
+        message = f"error (rank {rank}): {first_line(e)}" if rank else f"error: {first_line(e)}"
+        speak = True
     except Stop as e:
-        print(f"stopped: {e}", file=sys.stderr)
         code = 143
+        message = f"stopped: {e}"
+    except Finished as e:
+        message = f"finished: {e}"
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the run started
+        code = 130
+        message = "stopped at once (Ctrl-C): nothing was saved since the last checkpoint"
+    for handle in reversed(OPEN):  # the progress bar ends its line, the run-folder lock is freed
+        handle.close()
+    OPEN.clear()
     if dist.is_initialized():  # the sharded model's reference cycles collected first
         gc.collect()
         dist.destroy_process_group()
-    while LOCKS:
-        LOCKS.pop().close()
+    if message and speak and code == 1:
+        sys.exit(message)  # (sys.exit prints it: one line, exit status 1)
+    if message and speak:
+        print(message, file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def first_line(error) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def parse_args(argv: list) -> Args:
@@ -746,26 +793,40 @@ def parse_args(argv: list) -> Args:
 
 
 def saved_args(folder: str) -> dict:
-    """A run folder's flags (JSON lists back to tuples); a folder of another script is an error."""
+    """A run folder's flags (JSON lists back to tuples). The run of another script is an error; a
+    flag missing from args.json (a hand edit, an older version) is named in a warning."""
     try:
         with open(os.path.join(folder, "args.json")) as f:
             saved = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"{folder} is not a run folder (args.json: {e})") from None
-    if not isinstance(saved, dict) or set(saved) - set(Args.__dataclass_fields__):
+    this = os.path.basename(__file__)
+    if not isinstance(saved, dict):
+        raise UserError(f"{folder} is not a run folder (args.json is no JSON object)")
+    script = saved.pop("script", this)  # (runs of older versions did not record it)
+    if script != this:
+        raise UserError(f"{folder} is a run of {script}, not of {this}: resume it with {script}")
+    if set(saved) - set(Args.__dataclass_fields__):
         raise UserError(f"{folder} is a run of another script (its flags are not this one's)")
+    fields = Args.__dataclass_fields__
+    missing = ", ".join(f"--{k} {v.default}" for k, v in fields.items() if k not in saved)
+    if missing and int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: {folder}/args.json lacks {missing}: using these", file=sys.stderr)
     return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
 
 
 def check_numbers(args, positive: tuple) -> None:
-    """No number flag may be negative; those named in `positive` must be > 0."""
+    """Every number flag is finite (NaN or inf would pass every comparison) and not negative; those
+    named in `positive` must be > 0."""
     for key, value in asdict(args).items():
-        if type(value) not in (int, float):
-            continue
-        if key in positive and value <= 0:
-            raise UserError(f"--{key} must be > 0, got {value}")
-        if value < 0:
-            raise UserError(f"--{key} must be >= 0, got {value}")
+        values = value if isinstance(value, tuple) else (value,)
+        for number in [v for v in values if type(v) in (int, float)]:
+            if not math.isfinite(number):
+                raise UserError(f"--{key} must be a finite number, got {number}")
+            if key in positive and number <= 0:
+                raise UserError(f"--{key} must be > 0, got {number}")
+            if number < 0:
+                raise UserError(f"--{key} must be >= 0, got {number}")
 
 
 def lock(run_dir: str) -> None:
@@ -774,7 +835,7 @@ def lock(run_dir: str) -> None:
     import fcntl
 
     handle = open(os.path.join(run_dir, ".lock"), "w")
-    LOCKS.append(handle)
+    OPEN.append(handle)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -808,8 +869,9 @@ def all_reduce(x, op=dist.ReduceOp.SUM):
 def global_mean_std(x) -> tuple:
     """Mean and Bessel std of x over all ranks, in two passes (never E[x^2] - mean^2)."""
     count, total = all_reduce(torch.stack([x.new_tensor(x.numel()), x.sum()])).tolist()
-    squares = all_reduce((x - total / count).pow(2).sum()).item()
-    return total / count, (squares / max(count - 1, 1)) ** 0.5
+    mean = total / count
+    squares = all_reduce((x - mean).pow(2).sum()).item()
+    return mean, (squares / max(count - 1, 1)) ** 0.5
 
 
 def autocast(args):
@@ -866,7 +928,9 @@ def shard(model, args):
 def gathered(model, args):
     """FSDP2: all-gather the weights once for a whole inference phase (rollout, log-probs, eval),
     not per layer and forward; with no collective inside, ranks may run different forward counts."""
-    sharded = [m for m in model.modules() if hasattr(m, "unshard")] if model is not None else []
+    sharded = []
+    if model is not None:
+        sharded = [m for m in model.modules() if hasattr(m, "unshard")]
     for module in sharded:
         module.unshard()
     if sharded:
@@ -884,6 +948,8 @@ class Run:
     SIGINT: finish the step, save, exit 143)."""
 
     def __init__(self, args):
+        from importlib.util import find_spec
+
         import transformers
 
         global DEVICE
@@ -900,47 +966,75 @@ class Run:
             args.bf16 = use_cuda and torch.cuda.is_bf16_supported()
         self.task = tasks.run_task(args)  # (and the task's default lengths)
         check_args(args, self.world)
-        name = args.run_name or self.default_name()
-        self.run_dir = args.resume or os.path.join(args.output_dir, name)
-        if args.resume:
-            self.checkpoint = self.find_checkpoint()
-        elif os.path.exists(self.run_dir):
-            raise UserError(
-                f"{self.run_dir} already exists: --resume it, or choose another --run_name"
-            )
-        else:  # a read-only or file --output_dir fails here, before any model loads
-            os.makedirs(args.output_dir, exist_ok=True)
-            if not os.access(args.output_dir, os.W_OK):
-                raise UserError(f"--output_dir {args.output_dir} is not writable")
+        if args.track and not (find_spec("tensorboard") or find_spec("wandb")):
+            raise UserError("--track needs tensorboard or wandb: pip install tensorboard wandb")
         if self.world > 1:
             if use_cuda:
                 torch.cuda.set_device(DEVICE)
             dist.init_process_group("nccl" if use_cuda else "gloo")
-        torch.manual_seed(
-            args.seed
-        )  # TRY NOT TO MODIFY: every other draw is seed_of(args, stream, ...)
+        self.run_dir = args.resume or os.path.join(args.output_dir, self.run_name())
+        if args.resume:
+            self.checkpoint = self.find_checkpoint()
+        elif os.path.exists(self.run_dir):
+            hint = "--resume it, or choose another --run_name"
+            raise UserError(f"{self.run_dir} already exists: {hint}")
+        else:  # a read-only or file --output_dir fails here, before any model loads
+            os.makedirs(args.output_dir, exist_ok=True)
+            if not os.access(args.output_dir, os.W_OK):
+                raise UserError(f"--output_dir {args.output_dir} is not writable")
+        torch.manual_seed(args.seed)  # TRY NOT TO MODIFY: all other draws are seed_of(args, ...)
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         if self.rank == 0:
             print(f"loading {args.model_name_or_path}", flush=True)
-        self.tokenizer = tasks.load_tokenizer(args)
+        self.tokenizer = tasks.load_tokenizer(args, self.task)
         prompts = tasks.encode_task(self.tokenizer, self.task, args)
         self.train_prompts, self.eval_prompts, self.eval_answers = prompts
 
-    def default_name(self) -> str:
+    def run_name(self) -> str:
+        """--run_name, or {task}__{exp_name}__{seed}__{time}_{pid}: chosen on rank 0 for all."""
         args = self.args
-        return f"{self.task.name}__{args.exp_name}__{args.seed}__{int(time.time())}_{os.getpid()}"
+        stamp = f"{int(time.time())}_{os.getpid()}"
+        name = f"{self.task.name}__{args.exp_name}__{args.seed}__{stamp}"
+        names = [args.run_name or name]
+        if self.world > 1:
+            dist.broadcast_object_list(names, src=0)
+        return names[0]
 
-    def find_checkpoint(self) -> str:
-        """The run folder's newest complete checkpoint (by name; interrupted saves end in .tmp)."""
+    def find_checkpoint(self):
+        """The run folder's newest intact checkpoint (a corrupt one is named and skipped); None
+        when the run was killed before its first one (it then starts again at step 0, keeping what
+        it cached, A*-PO's stage 1 say). Interrupted saves (step_N.tmp) are removed."""
         if self.rank == 0 and not getattr(self.args, "sample_from", None):  # (Q#: only reads it)
             lock(self.run_dir)
         found = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*")))
         for tmp in [c for c in found if c.endswith(".tmp")]:
-            print(f"warning: skipping {tmp}, an interrupted save", file=sys.stderr)
-        complete = [c for c in found if not c.endswith(".tmp")]
+            if self.rank == 0:
+                print(f"warning: removing {tmp}, an interrupted save", file=sys.stderr)
+                shutil.rmtree(tmp, ignore_errors=True)
+        complete = [c for c in found if c[-1].isdigit()]
+        while complete and checkpoint_problem(complete[-1]):
+            corrupt = complete.pop()
+            fallback = os.path.basename(complete[-1]) if complete else "step 0"
+            if self.rank == 0:  # kept aside, for a look: step_N.corrupt
+                problem = checkpoint_problem(corrupt)
+                print(f"warning: {problem}; resuming from {fallback}", file=sys.stderr)
+                os.replace(corrupt, corrupt + ".corrupt")
         if not complete:
-            raise UserError(f"{self.run_dir} has no checkpoint yet: delete it and start again")
+            if self.rank == 0:
+                print(
+                    f"warning: {self.run_dir} has no checkpoint: starting at step 0",
+                    file=sys.stderr,
+                )
+            return None
+        name = os.path.basename(complete[-1])
+        step = int(name[len("step_") :])
+        if self.args.total_steps < step:
+            raise UserError(f"--total_steps {self.args.total_steps} < the checkpoint's step {step}")
+        if self.args.total_steps == step:  # nothing left to run: say where the results are
+            raise Finished(
+                f"{self.run_dir} has run its {step} steps (to go on: raise --total_steps)"
+            )
         return complete[-1]
 
     def start(self, policy, evaluate):
@@ -970,33 +1064,34 @@ class Run:
         self.t0 = time.time() - self.state["elapsed_s"]
         if self.state["step"] == 0:
             self.log(0, self.eval())
-        self.bar = tqdm.tqdm(
-            total=args.total_steps, initial=self.state["step"], disable=self.rank > 0
-        )
+        initial = self.state["step"]
+        self.bar = tqdm.tqdm(total=args.total_steps, initial=initial, disable=self.rank > 0)
+        OPEN.append(self.bar)
         return self.model, self.optimizer
 
     def create_folder(self) -> None:
-        """Rank 0: the run folder (locked), args.json, and metrics.jsonl cut back to the
-        checkpoint's step, whose later rows are logged again. From a step-0 checkpoint (A*-PO
-        stopped in its stage 1), step 0 itself is redone: its eval and stage-1 rows too."""
+        """Rank 0: the run folder (locked), args.json (with the script that wrote it), and
+        metrics.jsonl cut back to the checkpoint's step, whose later rows are logged again (from a
+        step-0 checkpoint, or none, step 0 itself is redone: A*-PO stopped in its stage 1)."""
         args = self.args
         os.makedirs(self.run_dir, exist_ok=bool(args.resume))
         if not args.resume:
             lock(self.run_dir)
-        with open(os.path.join(self.run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args) | {"resume": None}, f, indent=1)
-        rows = []
-        if os.path.exists(self.log_path):
-            with open(self.log_path) as f:
-                rows = f.readlines()
+        saved = asdict(args) | {"resume": None, "script": os.path.basename(__file__)}
+        write_atomically(os.path.join(self.run_dir, "args.json"), json.dumps(saved, indent=1))
+        rows = read_jsonl_rows(self.log_path)
         last_kept = self.state["step"] if self.state["step"] > 0 else -1
-        with open(self.log_path, "w") as f:
-            f.writelines(r for r in rows if json.loads(r)["step"] <= last_kept)
+        kept = [json.dumps(row) + "\n" for row in rows if row["step"] <= last_kept]
+        write_atomically(self.log_path, "".join(kept))
         if args.track:
             self.tb = tensorboard(args, self.run_dir)
 
     def on_signal(self, signum, frame) -> None:
-        self.stop.append(signal.Signals(signum).name)  # acted on at the end of the step
+        """A stop signal ends the run after the step in flight (and its checkpoint); a second
+        Ctrl-C stops at once."""
+        if signum == signal.SIGINT and "SIGINT" in self.stop:
+            raise KeyboardInterrupt
+        self.stop.append(signal.Signals(signum).name)
 
     def steps(self):
         """The steps still to run; each starts the step's clock."""
@@ -1033,8 +1128,8 @@ class Run:
             print(f"step {step}: evaluating", flush=True)
         metrics, shown = self.evaluate()
         if self.rank == 0 and shown:
-            with open(os.path.join(self.run_dir, "completions.jsonl"), "a") as f:
-                f.writelines(json.dumps({"step": step} | row) + "\n" for row in shown)
+            rows = [json.dumps({"step": step} | row) + "\n" for row in shown]
+            append(os.path.join(self.run_dir, "completions.jsonl"), "".join(rows))
         return metrics
 
     def log(self, step: int, metrics: dict) -> None:
@@ -1042,9 +1137,9 @@ class Run:
         if self.rank > 0:
             return
         row = {"step": step, "time_s": round(time.time() - self.t0, 3)}
-        row |= {key: value if math.isfinite(value) else None for key, value in metrics.items()}
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        for key, value in metrics.items():
+            row[key] = value if math.isfinite(value) else None
+        append(self.log_path, json.dumps(row) + "\n")
         if self.tb:
             for key, value in metrics.items():
                 self.tb.add_scalar(key, value, step)
@@ -1055,8 +1150,8 @@ class Run:
         args = self.args
         elapsed = time.time() - self.clock["start"]
         rows = len(batch["completion_ids"]) * self.world
-        local = torch.stack([batch["completion_mask"].sum(), batch["truncated"].sum()]).double()
-        tokens, truncated = all_reduce(local).tolist()
+        counts = [batch["completion_mask"].sum(), batch["truncated"].sum()]
+        tokens, truncated = all_reduce(torch.stack(counts).double()).tolist()
         self.state["prompts_seen"] += args.prompts_per_step
         metrics |= {key: value for key, value in self.clock.items() if "/" in key}
         metrics["perf/step_s"] = elapsed
@@ -1078,19 +1173,26 @@ class Run:
             self.save(step)
         if stop:
             why = self.stop[0] if self.stop else "a signal on another rank"
-            raise Stop(
-                f"{why}: checkpoint of step {step} saved; continue with --resume {self.run_dir}"
-            )
+            raise Stop(f"{why}: step {step} saved; continue with --resume {self.run_dir}")
+        if last and self.rank == 0:  # where the results are, and the last eval
+            self.bar.close()
+            shown = [k for k in metrics if k.startswith("eval/") and k.count("/") == 1]
+            print(f"finished step {step}: " + ", ".join(f"{k} {metrics[k]:.4g}" for k in shown))
+            print(f"results: {self.run_dir} (metrics.jsonl, final/)")
 
     def save(self, step: int) -> None:
         """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt (optimizer,
-        counters), written as step_N.tmp and renamed (never half-written); the newest --keep_last
-        kept; `final` links to the last."""
+        counters), written as step_N.tmp and renamed: never half-written. Any failure to write
+        (a full disk raises OSError, RuntimeError or SafetensorError) removes the .tmp folder and
+        stops the run in one line; the earlier checkpoints and the logs stay."""
+        from safetensors import SafetensorError
+
         self.state["step"] = step
         self.state["elapsed_s"] = time.time() - self.t0
         states = dist_state.get_state_dict(self.model, self.optimizer, options=FULL_STATE)
         model_state, optimizer_state = states
         path = os.path.join(self.run_dir, "checkpoints", f"step_{step:06d}")
+        failure = None
         if self.rank == 0:
             try:
                 unwrapped = getattr(self.model, "module", self.model)
@@ -1099,22 +1201,70 @@ class Run:
                 trainer_state = self.state | {"optimizer": optimizer_state}
                 torch.save(trainer_state, os.path.join(path + ".tmp", "trainer_state.pt"))
                 os.replace(path + ".tmp", path)
-            except OSError as e:
+            except (OSError, RuntimeError, SafetensorError) as e:
                 shutil.rmtree(path + ".tmp", ignore_errors=True)
-                raise UserError(f"could not save {path}: {e.strerror or e}") from None
-            if self.args.keep_last:  # only the newest --keep_last checkpoints stay
-                checkpoints = sorted(
-                    glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*[0-9]"))
-                )
-                for old in checkpoints[: -self.args.keep_last]:
-                    shutil.rmtree(old)
-            if step == self.args.total_steps:
-                link = os.path.join(self.run_dir, "final")
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(link)
-                os.symlink(os.path.relpath(path, self.run_dir), link)
+                free = shutil.disk_usage(self.run_dir).free / 2**20
+                why = getattr(e, "strerror", None) or first_line(e)[:80]
+                failure = f"could not save {path} ({why}; {free:.1f} MB free)"
+        if all_reduce(torch.tensor(failure is not None, device=DEVICE).int()).item():
+            older = glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*[0-9]"))
+            kept = f"{os.path.basename(max(older))} is intact" if older else "nothing was saved"
+            raise UserError(f"{failure or 'rank 0 could not save'}: {kept}")
+        if self.rank == 0 and self.args.keep_last:  # only the newest --keep_last checkpoints stay
+            checkpoints = sorted(
+                glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*[0-9]"))
+            )
+            for old in checkpoints[: -self.args.keep_last]:
+                shutil.rmtree(old)
+        if self.rank == 0 and step == self.args.total_steps:  # `final` links to the last one
+            link = os.path.join(self.run_dir, "final")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(link)
+            os.symlink(os.path.relpath(path, self.run_dir), link)
         if self.world > 1:
             dist.barrier()
+
+
+def append(path: str, text: str) -> None:
+    """Append to a log file. A failure to write (a full disk) stops the run in one line that names
+    the file; its complete lines stay, and a cut last line is dropped when it is read back."""
+    try:
+        with open(path, "a") as f:
+            f.write(text)
+    except OSError as e:
+        raise UserError(
+            f"could not write {path}: {e.strerror or e}; the checkpoints stay"
+        ) from None
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write a whole file as path.tmp, then rename it: a kill or a full disk leaves the old file."""
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise UserError(f"could not write {path}: {e.strerror or e}") from None
+
+
+def read_jsonl_rows(path: str) -> list:
+    """The rows of a JSONL file the scripts append to (none if it does not exist). A last line cut
+    by a kill or a full disk is dropped with a warning; a broken line before it is an error."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path}, line {i + 1}, is not JSON: fix or remove it") from None
+            print(f"warning: dropping the cut last line of {path}", file=sys.stderr)
+    return rows
 
 
 def tensorboard(args, run_dir: str):
@@ -1130,6 +1280,24 @@ def tensorboard(args, run_dir: str):
         from torch.utils.tensorboard import SummaryWriter
 
         return SummaryWriter(run_dir)
+
+
+def checkpoint_problem(path: str):
+    """What is wrong with a checkpoint folder (a missing or cut file), or None. Cheap: the trainer
+    state is memory-mapped and only the safetensors headers are read."""
+    from safetensors import safe_open
+
+    weights = glob.glob(os.path.join(path, "*.safetensors"))
+    files = [os.path.join(path, "trainer_state.pt"), *weights]
+    for file in files:
+        try:
+            if file.endswith(".pt"):
+                torch.load(file, mmap=True, weights_only=False)
+            else:
+                safe_open(file, "pt").keys()
+        except Exception as e:  # any failure to read it: the file is not a checkpoint's
+            return f"{file} is unreadable ({first_line(e)[:60]})"
+    return None if weights else f"{path} has no model weights"
 
 
 if __name__ == "__main__":

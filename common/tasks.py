@@ -248,18 +248,21 @@ def run_task(args) -> Task:
 
 
 def model_path(path: str) -> str:
-    """A relative path that does not exist here is read from the repository root (the shipped tiny models); any
-    other path that exists nowhere is an error; the rest are hub ids."""
+    """A relative path that does not exist here is read from the repository root (the shipped tiny models); a
+    local folder must hold a model (config.json); any other path that exists nowhere is an error; the rest are hub
+    ids."""
+    if not os.path.exists(path) and os.path.exists(os.path.join(REPOSITORY, path)):
+        path = os.path.join(REPOSITORY, path)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        raise TaskError(f"{path} has no config.json: not a model folder")
     if os.path.exists(path):
         return path
-    if os.path.exists(os.path.join(REPOSITORY, path)):
-        return os.path.join(REPOSITORY, path)
     if os.path.isabs(path) or path.startswith(".") or path.count("/") > 1:
         raise TaskError(f"{path}: no such local folder (nor a hub id)")
     return path
 
 
-def load_tokenizer(args):
+def load_tokenizer(args, task: Task):
     """The policy's tokenizer (its pad token: EOS when it has none). Prompt and completion lengths that the model
     cannot hold are an error, before any weights load."""
     import transformers
@@ -273,7 +276,12 @@ def load_tokenizer(args):
         raise TaskError(f"could not load {args.model_name_or_path!r}: {first_line}") from None
     positions = getattr(config, "max_position_embeddings", math.inf)
     if args.max_prompt_length + args.max_new_tokens > positions:
-        raise TaskError(f"--max_prompt_length + --max_new_tokens > the model's {positions} positions")
+        lengths = []
+        for flag in ("max_prompt_length", "max_new_tokens"):
+            value = getattr(args, flag)
+            default = " (the task's default)" if value == getattr(task, flag) else ""
+            lengths.append(f"--{flag} {value}{default}")
+        raise TaskError(f"{' + '.join(lengths)} > the model's {positions} positions: set smaller ones")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return tokenizer
 

@@ -178,8 +178,9 @@ def start_script(name: str, *flags: str, nproc: int = 1) -> subprocess.Popen:
     )
 
 
-def run_in_process(script, flags, capsys):
-    """main() with these flags in this process (no interpreter start-up per case): (exit code, stderr)."""
+def run_in_process(script, flags, capsys, stdout=False):
+    """main() with these flags in this process (no interpreter start-up per case): (exit code, stderr), and
+    stdout too (a third item) with `stdout`."""
     algo = load_algorithm(script)
     torch.set_num_threads(1)  # as the subprocess runs (OMP_NUM_THREADS=1): xdist runs one worker per core
     argv, code = sys.argv, 0
@@ -190,7 +191,8 @@ def run_in_process(script, flags, capsys):
         code = e.code
     finally:
         sys.argv = argv
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return (code, captured.err, captured.out) if stdout else (code, captured.err)
 
 
 def read_metrics(run_dir) -> list:

@@ -6,6 +6,7 @@ own `a_star_po_loss` under a sampler mu; minimizers by L-BFGS.
 
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -277,16 +278,44 @@ def test_p10_sigterm_in_stage1_keeps_the_finished_prompts_and_resume_completes_t
     assert rows["full"] == rows["term"]
 
 
-@pytest.mark.parametrize("case", ["directory", "cut line", "cut header", "not UTF-8"])
+def test_p10_killed_in_stage1_resumes_with_its_finished_prompts(tmp_path, capsys):
+    """What SIGKILL during stage 1 leaves: no checkpoint, the step-0 eval row, the cache of the finished prompts
+    with a cut last line (the append in flight). --resume starts the run again at step 0 in the same folder
+    (a warning), drops the cut line (a warning), samples only the prompts still missing and ends as the
+    uninterrupted run (cache and rows)."""
+    flags = [*STAGE1, "--max_train_prompts", "40", "--num_ref_samples", "2", "--output_dir", str(tmp_path)]
+    code, err = run_in_process("a_star_po", [*flags, "--run_name", "full"], capsys)
+    assert code == 0, err[-3000:]
+    full, run = tmp_path / "full", tmp_path / "kill"
+    shutil.copytree(full, run, symlinks=True)
+    shutil.rmtree(run / "checkpoints")
+    os.remove(run / "final")
+    lines = (full / "value_estimates.jsonl").read_text().splitlines(keepends=True)
+    (run / "value_estimates.jsonl").write_text("".join(lines[:11]) + lines[11][:20])  # 10 prompts and a cut one
+    (run / "metrics.jsonl").write_text((full / "metrics.jsonl").read_text().splitlines(keepends=True)[0])
+    code, err = run_in_process("a_star_po", ["--resume", str(run)], capsys)
+    assert code == 0, err[-3000:]
+    assert "has no checkpoint: starting at step 0" in err and "dropping the cut last line" in err
+    assert (run / "value_estimates.jsonl").read_text() == "".join(lines)
+    assert stage1_row(run)["charts/stage1_generated"] == (40 - 10) * 2
+    rows = {name: untimed(read_metrics(tmp_path / name)) for name in ("full", "kill")}
+    for r in rows["full"] + rows["kill"]:
+        r.pop("charts/stage1_generated", None)
+    assert rows["full"] == rows["kill"]
+
+
+@pytest.mark.parametrize("case", ["directory", "cut header", "broken line", "not UTF-8"])
 def test_p10_bad_value_cache_is_an_error_before_stage1(tmp_path, capsys, case):
+    """(A cut LAST line is what a kill leaves: it is dropped with a warning, test_p10_killed_in_stage1_...)"""
     path = tmp_path / "cache.jsonl"
     if case == "directory":
         path.mkdir()
     else:  # (the header's settings need not match: the file is refused before they are compared)
-        cut = b'{"meta": {}}\n{"prompt_id": 0, "rewards": [0.0, 1.0, 0.0], "v_hat": 0.3}\n{"pro'
-        path.write_bytes({"cut line": cut, "cut header": b'{"meta": {"task": "ari', "not UTF-8": b"\xff\xfe\x00"}[case])
+        broken = b'{"meta": {}}\n{"pro\n{"prompt_id": 0, "rewards": [0.0, 1.0, 0.0], "v_hat": 0.3}\n'
+        cut_header = b'{"meta": {"task": "ari'
+        path.write_bytes({"broken line": broken, "cut header": cut_header, "not UTF-8": b"\xff\xfe\x00"}[case])
     flags = [*STAGE1, "--value_cache", str(path), "--output_dir", str(tmp_path / "out"), "--run_name", "r"]
     code, err = run_in_process("a_star_po", flags, capsys)
-    message = "is a directory" if case == "directory" else "is truncated or corrupt"
+    message = {"directory": "is a directory", "broken line": "line 2, is not JSON"}.get(case, "truncated or corrupt")
     assert isinstance(code, str) and code.startswith("error: ") and message in code and "Traceback" not in err, code
     assert not (tmp_path / "out" / "r").exists()  # before stage 1: no run folder, no model loaded

@@ -2,15 +2,20 @@
 uninterrupted run bit for bit; the same seed gives the same run, another seed other samples; bad input gives a
 one-line error, a non-zero exit and writes nothing (the table at the bottom)."""
 
+import dataclasses
+import json
 import math
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
-from tests.harness import SCRIPTS, read_metrics, run_in_process, run_script, start_script, tiny_flags
+from tests.harness import ROOT, SCRIPTS, read_metrics, run_in_process, run_script, start_script, tiny_flags
 
 TIMING = ("time_s", "perf/", "charts/step_time_s", "charts/tokens_per_s")
 FINAL_ONLY = ("eval/sweep/", "eval/frontier/")  # q_sharp's eta sweep runs after the last round of a run only
@@ -36,14 +41,20 @@ def final_params(run_dir, script):
     return dict(model.named_parameters())
 
 
-def kill_when(proc, ready, sig, timeout=240):
-    """Send `sig` once ready() holds; the process must still be running then (else the test would be vacuous)."""
+def kill_when(proc, ready, sig, timeout=240, wait=True, group=False):
+    """Send `sig` once ready() holds (to the process, or to its whole group: torchrun and its workers); the
+    process must still be running then (else the test would be vacuous). With `wait`: (exit status, stderr)."""
     t0 = time.time()
     while not ready():
         assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()[-3000:]}"
         assert time.time() - t0 < timeout, "timed out waiting to kill"
         time.sleep(0.02)
-    proc.send_signal(sig)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    if not wait:
+        return None
     _, err = proc.communicate(timeout=timeout)
     return proc.returncode, err
 
@@ -196,8 +207,18 @@ def bad_cases(script, tmp):
             "is a directory",
         ),
         "resume of another script's run": (["--resume", foreign_run(tmp)], "is a run of another script"),
+        "resume of a twin script's run": (["--resume", twin_run(tmp, script)], "is a run of twin.py"),
+        "not-a-number flag": (["--learning_rate", "nan"], "--learning_rate must be a finite number"),
+        "infinite flag": (["--temperature", "inf"], "--temperature must be a finite number"),
+        "empty model folder": (["--model_name_or_path", empty_folder(tmp)], "has no config.json"),
+        "default lengths beyond the model": (
+            ["--task", "jsonl", "--train_file", write("ok6.jsonl", GOOD), "--eval_file", write("ok7.jsonl", GOOD)],
+            "--max_prompt_length 512 (the task's default) + --max_new_tokens 1024 (the task's default)",
+        ),
         **ALGO_CASES.get(script, {}),
     }
+    if not tracking_installed():  # (--track with TensorBoard or W&B installed is no error)
+        cases["tracking without a backend"] = (["--track"], "--track needs tensorboard or wandb")
     if script in SPLIT:
         cases["batch split"] = SPLIT[script]
     if script in MISMATCH:
@@ -212,6 +233,28 @@ def foreign_run(tmp) -> str:
     (tmp / "foreign_run").mkdir(exist_ok=True)
     (tmp / "foreign_run" / "args.json").write_text('{"no_such_flag": 1}')
     return str(tmp / "foreign_run")
+
+
+def twin_run(tmp, script) -> str:
+    """A run folder of a script with this script's flags (rpg_fkl.py and rpg_rkl.py are such twins)."""
+    from tests.harness import load_algorithm
+
+    folder = tmp / f"twin_run_{script}"
+    folder.mkdir(exist_ok=True)
+    saved = dataclasses.asdict(load_algorithm(script).Args()) | {"script": "twin.py"}
+    (folder / "args.json").write_text(json.dumps(saved))
+    return str(folder)
+
+
+def empty_folder(tmp) -> str:
+    (tmp / "empty_model").mkdir(exist_ok=True)
+    return str(tmp / "empty_model")
+
+
+def tracking_installed() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) for name in ("tensorboard", "wandb"))
 
 
 def make_other_tokenizer_model(path):
@@ -256,6 +299,12 @@ CASE_NAMES = [
     "empty answer",
     "data file is a directory",
     "resume of another script's run",
+    "resume of a twin script's run",
+    "not-a-number flag",
+    "infinite flag",
+    "empty model folder",
+    "default lengths beyond the model",
+    "tracking without a backend",
 ]
 
 
@@ -318,6 +367,54 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, script, capsys):
     assert os.listdir(tmp_path / "taken") == ["metrics.jsonl"]
 
 
+def test_a_real_full_disk_during_a_save(tmp_path, capsys):
+    """A 15 MB tmpfs as --output_dir (root only; skipped where mounting is refused): the second checkpoint does
+    not fit. torch.save then raises RuntimeError ("unexpected pos"), not OSError; and on a 2 MB tmpfs the first
+    one's weights do not fit (safetensors raises SafetensorError). Each: one line naming the checkpoint, the .tmp
+    folder gone, the earlier checkpoint and the log intact."""
+    for size, steps, kept in (("15m", 2, ["step_000001"]), ("2m", 1, [])):
+        disk = tmp_path / f"disk_{size}"
+        disk.mkdir()
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True
+        )
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()[:80]}")
+        try:
+            flags = [*tiny_flags("grpo"), "--output_dir", str(disk), "--run_name", "r", "--save_every", "1"]
+            code, err = run_in_process("grpo", [*flags, "--total_steps", str(steps)], capsys)
+            assert_one_line_error(code, f"could not save {disk / 'r' / 'checkpoints'}")
+            assert "nothing was saved" in code if not kept else f"{kept[-1]} is intact" in code
+            assert sorted(os.listdir(disk / "r" / "checkpoints")) == kept and "Traceback" not in err
+            assert [r["step"] for r in read_metrics(disk / "r")] == list(range(steps + 1))
+        finally:
+            subprocess.run(["umount", str(disk)])
+
+
+@pytest.mark.parametrize("error", ["OSError", "RuntimeError", "SafetensorError"])
+def test_every_kind_of_failed_write_is_one_line(tmp_path, capsys, monkeypatch, error):
+    """The exceptions a full disk raises through torch.save and safetensors, injected into the final save."""
+    from safetensors import SafetensorError
+
+    raised = {
+        "OSError": OSError(28, "No space left on device"),
+        "RuntimeError": RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1 vs 2"),
+        "SafetensorError": SafetensorError("Error while serializing: I/O error: No space left on device"),
+    }[error]
+    real_save = torch.save
+
+    def fail(obj, f, *a, **k):
+        if "_000002" in str(f):
+            raise raised
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", fail)
+    flags = [*tiny_flags("grpo"), "--output_dir", str(tmp_path), "--run_name", "r", "--total_steps", "2"]
+    code, err = run_in_process("grpo", [*flags, "--save_every", "1"], capsys)
+    assert_one_line_error(code, "step_000001 is intact")
+    assert sorted(os.listdir(tmp_path / "r" / "checkpoints")) == ["step_000001"] and "Traceback" not in err
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_failed_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, script, capsys, monkeypatch):
     """Disk full while saving the last checkpoint: one line, and the periodic checkpoint before it is intact."""
@@ -351,3 +448,102 @@ def test_failed_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, script,
     code, _ = run_in_process(script, ["--resume", str(run)], capsys)
     assert code == 0
     assert (run / "final").is_dir()
+
+
+def test_resume_after_a_kill_or_a_full_disk_keeps_every_complete_record(tmp_path, capsys):
+    """What a kill or a full disk can leave, in copies of a finished run: a cut newest checkpoint (its trainer
+    state, or its weights), an interrupted save's .tmp folder, a cut last line of metrics.jsonl. --resume names
+    each, sets the cut checkpoint aside (step_N.corrupt), removes the .tmp folder, drops the cut line, resumes from
+    the newest intact checkpoint and ends exactly as the uninterrupted run (rows and weights)."""
+    flags = [*tiny_flags("grpo"), "--output_dir", str(tmp_path), "--total_steps", "3", "--save_every", "1"]
+    assert run_in_process("grpo", [*flags, "--run_name", "full"], capsys)[0] == 0
+    want = untimed(read_metrics(tmp_path / "full"))
+    for broken in ("trainer_state.pt", "model.safetensors"):
+        run = tmp_path / broken
+        shutil.copytree(tmp_path / "full", run, symlinks=True)
+        path = run / "checkpoints" / "step_000003" / broken
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        (run / "checkpoints" / "step_000004.tmp").mkdir()
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write('{"step": 4, "time_')
+        code, err = run_in_process("grpo", ["--resume", str(run)], capsys)
+        assert code == 0, err[-2000:]
+        assert f"{path} is unreadable" in err and "resuming from step_000002" in err
+        assert "removing" in err and "step_000004.tmp" in err and "dropping the cut last line" in err
+        left = ["step_000001", "step_000002", "step_000003", "step_000003.corrupt"]
+        assert sorted(os.listdir(run / "checkpoints")) == left
+        assert untimed(read_metrics(run)) == want
+        a, b = final_params(tmp_path / "full", "grpo"), final_params(run, "grpo")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_of_a_finished_run_and_changed_flags(tmp_path, capsys):
+    """A finished run says where its results are; --resume with --total_steps below its last checkpoint is an
+    error that writes nothing, and equal to it says the run is finished (exit 0); --keep_last may change on resume;
+    a flag missing from args.json is named in a warning."""
+    run = tmp_path / "r"
+    flags = [*tiny_flags("grpo"), "--output_dir", str(tmp_path), "--run_name", "r", "--total_steps", "2"]
+    code, err, out = run_in_process("grpo", [*flags, "--save_every", "1"], capsys, stdout=True)
+    assert code == 0 and "finished step 2: eval/pass@1 " in out and f"results: {run}" in out
+    before = {name: (run / name).read_text() for name in ("args.json", "metrics.jsonl")}
+    code, _ = run_in_process("grpo", ["--resume", str(run), "--total_steps", "1"], capsys)
+    assert_one_line_error(code, "--total_steps 1 < the checkpoint's step 2")
+    code, err = run_in_process("grpo", ["--resume", str(run)], capsys)
+    assert code == 0 and err.strip() == f"finished: {run} has run its 2 steps (to go on: raise --total_steps)"
+    assert {name: (run / name).read_text() for name in before} == before
+    saved = json.loads((run / "args.json").read_text())
+    del saved["beta"]
+    (run / "args.json").write_text(json.dumps(saved))
+    code, err = run_in_process("grpo", ["--resume", str(run), "--total_steps", "3", "--keep_last", "1"], capsys)
+    assert code == 0 and "args.json lacks --beta 0.04" in err
+    assert os.listdir(run / "checkpoints") == ["step_000003"]
+
+
+def test_ctrl_c(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the models load: one line, exit status 130. A second Ctrl-C during a run stops it at once
+    (the first one waits for the step and its checkpoint), in one line."""
+    from tests.harness import load_algorithm
+
+    algo = load_algorithm("grpo")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(algo, "load_model", interrupted)
+        flags = [*tiny_flags("grpo"), "--output_dir", str(tmp_path), "--run_name", "load"]
+        code, err = run_in_process("grpo", flags, capsys)
+    assert code == 130 and err.strip() == "stopped at once (Ctrl-C): nothing was saved since the last checkpoint"
+    run = tmp_path / "twice"
+    slow = ["--prompts_per_step", "64", "--num_generations", "16", "--total_steps", "1000"]  # seconds a step
+    proc = start_script("grpo", *tiny_flags("grpo"), *slow, "--output_dir", str(tmp_path), "--run_name", "twice")
+    kill_when(proc, lambda: logged_rows(run) >= 1, signal.SIGINT, wait=False)  # in step 1
+    time.sleep(0.2)  # (two signals before Python's handler runs would count as one)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip() and "it/s" not in line and "s/it" not in line]
+    assert proc.returncode == 130 and lines[-1].startswith("stopped at once"), err[-2000:]
+    assert not os.path.exists(run / "checkpoints")  # it did not wait for the step and its checkpoint
+
+
+def test_torchrun_one_run_name_and_one_stop_line(tmp_path):
+    """Under torchrun with the default run name: one folder (the name is chosen on rank 0), and SIGTERM gives one
+    `stopped:` line, whose --resume path exists."""
+    proc = start_script("grpo", *tiny_flags("grpo"), "--total_steps", "1000", "--output_dir", str(tmp_path), nproc=2)
+
+    def logged():
+        folders = os.listdir(tmp_path)
+        return len(folders) == 1 and logged_rows(tmp_path / folders[0]) >= 2
+
+    _, err = kill_when(proc, logged, signal.SIGTERM, group=True)
+    stopped = [line for line in err.splitlines() if line.startswith("stopped:")]
+    assert len(os.listdir(tmp_path)) == 1 and len(stopped) == 1, err[-3000:]
+    assert os.path.isdir(stopped[0].rsplit("--resume ", 1)[1])
+
+
+def test_a_copied_script_says_what_it_needs(tmp_path):
+    """A script copied alone (the card's own use) fails with one line naming the common/ folder."""
+    shutil.copy(os.path.join(ROOT, "algorithms", "grpo.py"), tmp_path)
+    proc = subprocess.run([sys.executable, str(tmp_path / "grpo.py"), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: ") and "common/ folder" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

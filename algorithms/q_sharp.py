@@ -64,6 +64,7 @@ class Args:
     eval_file: Optional[str] = None  # JSONL held-out prompts (--task jsonl)
     prompt_field: str = "prompt"  # JSON field of the prompt (GSM8K: question)
     answer_field: str = "answer"  # JSON field of the answer (GSM8K `#### 42`, `\boxed{}` reduced)
+    reward_fn: Optional[str] = None  # FILE.py:NAME or module:NAME, (completion, answer) -> float
     chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
     max_prompt_length: Optional[int] = None  # longer is an error (default 16 arithmetic, 512 data)
     max_new_tokens: Optional[int] = None  # horizon H, roll-out included (4 arithmetic, 1024 data)
@@ -103,6 +104,7 @@ class Args:
     eval_etas: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)  # final sweep of Q# and CD
     eval_cd: bool = True  # also evaluate CD, pi_ref e^{E[R|s,a]/eta}, from the same Q model
     log_completions: int = 0  # held-out (prompt, completion, reward) rows per eval to a JSONL file
+    log_train_completions: int = 0  # training rows per step, with reward and weight, to JSONL
     save_every: int = 1  # checkpoint every this many rounds (the last is always saved)
     keep_last: int = 0  # keep only the newest this many checkpoints (0 = all)
     resume: Optional[str] = None  # a run folder to continue (Q model, optimizer, data), in place
@@ -575,6 +577,7 @@ def evaluate_guided(mode, eta, ref, qmodel, run, atoms, eos):
     mine = range(run.rank, len(run.eval_prompts), run.world)  # prompts interleaved over ranks
     rows = [(p, j) for p in mine for j in range(S)]
     sums = torch.zeros(2, dtype=torch.float64, device=DEVICE)  # (correct samples, summed KL)
+    hits = []  # each row's correctness, for pass@k
     shown = []
     with gathered(qmodel, args):  # FSDP: gathered once for all chunks (ranks run different numbers)
         for start in range(0, len(rows), args.gen_batch_size):
@@ -596,6 +599,7 @@ def evaluate_guided(mode, eta, ref, qmodel, run, atoms, eos):
             completions = [row[row_mask.bool()] for row, row_mask in zip(tokens, mask)]
             texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
             rewards = run.task.score(texts, [run.eval_answers[p] for p, _ in chunk])
+            hits += [reward >= 1 for reward in rewards]
             correct = sum(reward >= 1 for reward in rewards)
             sums += torch.stack([sums.new_tensor(correct), kl.sum()])
             lengths = mask.sum(-1).tolist()
@@ -609,6 +613,11 @@ def evaluate_guided(mode, eta, ref, qmodel, run, atoms, eos):
                 shown.append(row)
     means = all_reduce(sums) / (len(run.eval_prompts) * S)
     metrics = {"pass@1": means[0].item(), "kl_init_rkl_exact_seq": means[1].item()}
+    correct = torch.tensor(hits, device=DEVICE).view(-1, S).sum(1)  # per prompt (all on one rank)
+    for k in pass_at_k_sizes(S):
+        metrics[f"pass@{k}"] = all_reduce(pass_at_k(correct, S, k).sum()).item() / len(
+            run.eval_prompts
+        )
     return metrics, shown[: args.log_completions]
 
 
@@ -754,7 +763,11 @@ def train(args: Args) -> None:
         if held_set:
             heldout_loss = heldout_q_loss(qmodel.eval(), held_set, run, atoms, eos)
             metrics["losses/q_loss_heldout"] = heldout_loss
-        run.end_step(step, q_batch(mine, run, atoms, eos), metrics)
+        batch = q_batch(mine, run, atoms, eos)
+        run.log_samples(
+            step, batch, [e["reward"] for e in mine], [e["switch"] for e in mine], "switch"
+        )
+        run.end_step(step, batch, metrics)
 
 
 # ==================================================================================================
@@ -802,9 +815,9 @@ def prefill(model, prompt_ids, prompt_mask, rows):
 
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, rows, args, eos, pad, generator=None, uniforms=None):
-    """One completion per row from exactly softmax(logits / T): no top-k, top-p or penalty, so the
-    samples follow the law every log-prob assumes. Finished rows leave the batch and the KV cache.
-    uniforms [M, H]: inverse-CDF draws from this noise instead of from `generator`."""
+    """One completion per row from exactly softmax(logits / T) (no top-k, top-p or penalty: the law
+    every log-prob assumes); finished rows leave the batch and the KV cache. uniforms [M, H]:
+    inverse-CDF draws from this noise instead of from `generator`."""
     was_training = model.training
     model.eval()  # in train mode, gradient checkpointing would switch the KV cache off
     with autocast(args):
@@ -879,9 +892,8 @@ def make_batch(prompts: list, completions, eos, pad, batch=None) -> dict:
     # padded with -1 first: a pad id that is also an EOS id must not end a row
     rows = [torch.as_tensor(c) for c in completions]
     tokens = pad_sequence(rows, batch_first=True, padding_value=-1).to(eos.device)
-    tokens = torch.nn.functional.pad(
-        tokens, (0, max(0, 2 - tokens.shape[1])), value=-1
-    )  # >= 2 columns
+    padding = (0, max(0, 2 - tokens.shape[1]))  # at least 2 columns
+    tokens = torch.nn.functional.pad(tokens, padding, value=-1)
     is_eos = torch.isin(tokens, eos).long()
     no_eos_before = is_eos.cumsum(-1) - is_eos == 0
     batch["completion_mask"] = (no_eos_before & (tokens >= 0)).long()
@@ -891,13 +903,11 @@ def make_batch(prompts: list, completions, eos, pad, batch=None) -> dict:
 
 
 def completion_log_softmax(model, batch: dict, rows, temperature: float, cached: bool = True):
-    """log softmax(logits / T) at the positions predicting the completion tokens of `rows`, cut to
-    their longest completion: [m, C, V], at least float32. cached: each distinct prompt runs once
-    (`prefill`) and the completions continue its cache (equal to whole rows to 1e-10 in float64);
-    else whole rows (gradient checkpointing drops the cache inside checkpointed layers)."""
-    C = max(
-        int(batch["completion_mask"][rows].sum(-1).max()), 2
-    )  # >= 2: same forwards on all ranks
+    """log softmax(logits / T) predicting the completion tokens of `rows`, cut to their longest: [m,
+    C, V], at least float32. cached: each distinct prompt runs once (`prefill`), the completions on
+    its cache; else whole rows (gradient checkpointing drops the cache in checkpointed layers)."""
+    longest = int(batch["completion_mask"][rows].sum(-1).max())
+    C = max(longest, 2)  # >= 2: the same forwards on every rank
     completion = batch["completion_ids"][rows, :C]
     prompt = batch["prompt_index"][rows]
     if cached:
@@ -907,14 +917,17 @@ def completion_log_softmax(model, batch: dict, rows, temperature: float, cached:
         # completion tokens 0..C-2 predict tokens 1..C-1, at the positions after each row's prompt
         prompt_length = prompt_mask.sum(-1)[inverse, None]
         positions = prompt_length + torch.arange(C - 1, device=prompt.device)
-        mask = torch.cat([prompt_mask[inverse], torch.ones_like(completion[:, 1:])], 1)
+        completion_mask = torch.ones_like(completion[:, 1:])
+        mask = torch.cat([prompt_mask[inverse], completion_mask], 1)
         rest = forward(model, completion[:, :-1], mask, positions, cache)
         logits = torch.cat([first[:, None], rest], 1)
     else:
-        mask = torch.cat([batch["prompt_mask"][prompt], torch.ones_like(completion)], 1)
+        completion_mask = torch.ones_like(completion)
+        mask = torch.cat([batch["prompt_mask"][prompt], completion_mask], 1)
         ids = torch.cat([batch["prompt_ids"][prompt], completion], 1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = forward(model, ids, mask, positions, keep=C + 1)[:, :-1]
+        logits = forward(model, ids, mask, positions, keep=C + 1)
+        logits = logits[:, :-1]  # the last position predicts past the completion
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return (logits / temperature).log_softmax(-1)
 
@@ -959,9 +972,9 @@ def decode(tokenizer, batch: dict) -> list:
 
 @torch.no_grad()
 def evaluate(policy, kl_models: dict, run, eos) -> tuple:
-    """Held-out pass@1 at the training temperature (--eval_samples_per_prompt samples a prompt, the
-    same noise at every eval) and, per frozen model q of `kl_models`, KL(pi_theta || q) summed along
-    each sample, exact over the vocabulary at every position. Returns (metrics, rows to log)."""
+    """Held-out pass@1 and pass@k at the training temperature (--eval_samples_per_prompt samples a
+    prompt, the same noise at every eval) and, per frozen model q of `kl_models`, KL(pi_theta || q)
+    summed along each sample, exact over the vocabulary per position. Returns (metrics, rows)."""
     args = run.args
     per_prompt = args.eval_samples_per_prompt
     my_prompts = range(run.rank, len(run.eval_prompts), run.world)  # interleaved over the ranks
@@ -987,22 +1000,41 @@ def evaluate(policy, kl_models: dict, run, eos) -> tuple:
     means = all_reduce(torch.stack(sums).double()) / samples
     names = ["eval/pass@1", "eval/reward_mean", "eval/completion_len_mean"]
     names += [f"eval/kl_{name}_rkl_exact_seq" for name in kl_models]
+    metrics = dict(zip(names, means.tolist()))
+    # pass@k from each prompt's count of correct samples (all of a prompt's samples are on one rank)
+    correct = (rewards >= 1).view(-1, per_prompt).sum(1)
+    for k in pass_at_k_sizes(per_prompt):
+        total = all_reduce(pass_at_k(correct, per_prompt, k).sum()).item()
+        metrics[f"eval/pass@{k}"] = total / len(run.eval_prompts)
     shown = []
     logged = list(zip(mine, texts, rewards.tolist()))[: args.log_completions]
     for i, text, reward in logged:
         prompt = run.tokenizer.decode(run.eval_prompts[i])
         shown.append({"prompt": prompt, "completion": text, "reward": reward})
-    return dict(zip(names, means.tolist())), shown
+    return metrics, shown
+
+
+def pass_at_k_sizes(n: int) -> list:
+    """The k of eval/pass@k: 2, 4, 8, ... below n samples, and n (pass@1: the mean correctness)."""
+    powers = [2**i for i in range(1, n.bit_length())]
+    sizes = [k for k in powers if k < n]
+    return sizes + [n] if n > 1 else []
+
+
+def pass_at_k(correct, n: int, k: int):
+    """The unbiased pass@k of each prompt, c of its n samples correct (Chen et al. 2021):
+    1 - C(n - c, k) / C(n, k): the chance that k samples, drawn WITHOUT replacement, hold one."""
+    # C(n - c, k) / C(n, k): the chance that all k are wrong (exact integers, then one division)
+    misses = [math.comb(n - c, k) / math.comb(n, k) for c in correct.tolist()]
+    return 1 - torch.tensor(misses, dtype=torch.float64, device=correct.device)
 
 
 # ---- UPDATE: global mini-batches, micro-batches in lockstep, the optimizer step ----------------
 def update_policy(model, optimizer, batch: dict, args, step: int, micro_loss) -> dict:
     """--num_iterations passes x --num_minibatches optimizer steps over the rollout. A mini-batch is
-    a set of GLOBAL rows (one permutation on every rank, each rank training its own rows) whose
-    sequence and token counts are summed over the ranks BEFORE its loss is formed; every rank
-    backpropagates loss x world size (FSDP averages): the update depends neither on the number of
-    ranks nor on the micro-batch size. micro_loss(log_softmax, batch, rows, args, num_seqs,
-    num_tokens) -> (loss, stats): the algorithm's loss of a micro-batch. Returns global metrics."""
+    a set of GLOBAL rows whose sequence and token counts are summed over the ranks before its loss
+    is formed; each rank backpropagates loss x world size (FSDP averages): the update depends on
+    neither the ranks nor the micro-batching; micro_loss(log_softmax, batch, rows, args, ...)."""
     world, rank = world_rank()
     mask = batch["loss_mask"]
     local_rows = len(mask)
@@ -1039,11 +1071,11 @@ def update_policy(model, optimizer, batch: dict, args, step: int, micro_loss) ->
 
 
 def lockstep(rows, size: int) -> list:
-    """This rank's micro-batches of a mini-batch, as (rows, weight). Under FSDP every forward and
-    backward is a collective, so every rank runs as many as the busiest rank: a rank with fewer rows
-    (or none) adds fillers, row 0 with weight 0, which change nothing. One process: weights 1."""
+    """This rank's micro-batches, as (rows, weight). Under FSDP every forward and backward is a
+    collective: a rank with fewer rows adds weight-0 fillers (row 0) to match the busiest rank."""
     micro = list(rows.split(size)) if len(rows) else []
-    busiest = int(all_reduce(torch.tensor(len(micro), device=DEVICE), dist.ReduceOp.MAX))
+    count = torch.tensor(len(micro), device=DEVICE)
+    busiest = int(all_reduce(count, dist.ReduceOp.MAX))
     filler = torch.zeros(1, dtype=torch.long, device=DEVICE)
     fillers = [(filler, 0)] * (busiest - len(micro))
     return [(m, 1) for m in micro] + fillers
@@ -1110,10 +1142,9 @@ class Finished(Exception):
 
 
 def main() -> None:
-    """Parse the flags and train. Bad input of any kind ends in one `error:` line (exit status 1);
-    SIGTERM or SIGINT in a checkpoint and a `stopped:` line (exit status 143); a second Ctrl-C stops
-    at once (exit status 130). Under torchrun only rank 0 speaks, but of its own file system's
-    errors every rank does."""
+    """Parse the flags and train. Bad input: one `error:` line (exit status 1); SIGTERM or SIGINT: a
+    checkpoint and a `stopped:` line (143); a second Ctrl-C stops at once (130). Under torchrun rank
+    0 says it, once (a rank's own file-system errors: every rank)."""
     rank = int(os.environ.get("RANK", 0))
     if rank > 0 and {"-h", "--help"} & set(sys.argv):
         return  # --help prints once, on rank 0
@@ -1127,7 +1158,8 @@ def main() -> None:
         message = f"error: {first_line(e)}"
     except OSError as e:  # this rank's own file system: every rank says it
         code = 1
-        message = f"error (rank {rank}): {first_line(e)}" if rank else f"error: {first_line(e)}"
+        where = f" (rank {rank})" if rank else ""
+        message = f"error{where}: {first_line(e)}"
         speak = True
     except Stop as e:
         code = 143
@@ -1184,12 +1216,17 @@ def saved_args(folder: str) -> dict:
     if not isinstance(saved, dict):
         raise UserError(f"{folder} is not a run folder (args.json is no JSON object)")
     script = saved.pop("script", this)  # (runs of older versions did not record it)
+    digest = saved.pop("reward_fn_sha256", None)
+    if digest and digest != tasks.reward_fn_digest(saved.get("reward_fn")):
+        changed = f"{saved['reward_fn']} changed since the run started: it scores as it is now"
+        print(f"warning: {changed}", file=sys.stderr)
     if script != this:
         raise UserError(f"{folder} is a run of {script}, not of {this}: resume it with {script}")
     if set(saved) - set(Args.__dataclass_fields__):
         raise UserError(f"{folder} is a run of another script (its flags are not this one's)")
     fields = Args.__dataclass_fields__
-    missing = ", ".join(f"--{k} {v.default}" for k, v in fields.items() if k not in saved)
+    missing = [f"--{key} {field.default}" for key, field in fields.items() if key not in saved]
+    missing = ", ".join(missing)
     if missing and int(os.environ.get("RANK", 0)) == 0:
         print(f"warning: {folder}/args.json lacks {missing}: using these", file=sys.stderr)
     return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
@@ -1224,10 +1261,10 @@ def lock(run_dir: str) -> None:
 
 
 def seed_of(args, stream: str, *keys) -> int:
-    """The seed of one random draw, from (--seed, the stream's name, step, ...): every step is
-    reproducible on its own, and no two streams share a seed (SeedSequence pads short keys with
-    zeros: without the name, (seed, step) and (seed, step, 0) would be the same seed)."""
-    entropy = [args.seed, zlib.crc32(stream.encode()), *[k % 2**31 for k in keys]]
+    """The seed of one random draw, from (--seed, the stream's name, step, ...): no two streams
+    share one (SeedSequence pads short keys with zeros: (seed, step) = (seed, step, 0), unnamed)."""
+    name = zlib.crc32(stream.encode())
+    entropy = [args.seed, name, *[k % 2**31 for k in keys]]
     return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
@@ -1248,7 +1285,8 @@ def all_reduce(x, op=dist.ReduceOp.SUM):
 
 def global_mean_std(x) -> tuple:
     """Mean and Bessel std of x over all ranks, in two passes (never E[x^2] - mean^2)."""
-    count, total = all_reduce(torch.stack([x.new_tensor(x.numel()), x.sum()])).tolist()
+    count_and_sum = torch.stack([x.new_tensor(x.numel()), x.sum()])
+    count, total = all_reduce(count_and_sum).tolist()
     mean = total / count
     squares = all_reduce((x - mean).pow(2).sum()).item()
     return mean, (squares / max(count - 1, 1)) ** 0.5
@@ -1259,10 +1297,9 @@ def autocast(args):
 
 
 def load_model(path: str, args, trainable: bool = False):
-    """A causal LM with dropout off (ratios are exactly 1 at theta = theta_old), frozen unless
-    trained; trained in float32 (AdamW's master weights). A frozen model computes as the trained one
-    does, so their log-probs agree at theta = theta_ref: in bf16 under FSDP with --bf16 (its
-    MixedPrecisionPolicy), else in float32 under autocast."""
+    """A causal LM with dropout off (ratios exactly 1 at theta = theta_old), frozen unless trained
+    (then float32: AdamW's master weights). A frozen one computes as the trained one does: in bf16
+    under FSDP with --bf16 (its MixedPrecisionPolicy), else in float32 under autocast."""
     from transformers import AutoModelForCausalLM
 
     bf16 = args.bf16 and DEVICE.type == "cuda" and not trainable and dist.is_initialized()
@@ -1279,9 +1316,8 @@ def load_model(path: str, args, trainable: bool = False):
 
 
 def shard(model, args):
-    """Under torchrun, FSDP2 on each decoder layer and on the root: weights, gradients and AdamW
-    state split over the ranks; on CUDA with --bf16, bf16 compute and float32 gradient reductions.
-    One process: the model as it is."""
+    """Under torchrun, FSDP2 on each decoder layer and the root (weights, gradients and AdamW state
+    split over the ranks; CUDA with --bf16: bf16 compute, float32 reductions); else the model."""
     if not dist.is_initialized():
         return model
     from torch.distributed.device_mesh import init_device_mesh
@@ -1323,9 +1359,8 @@ def gathered(model, args):
 
 
 class Run:
-    """One training run: the task and its prompts, the processes, the run folder (created
-    exclusively), checkpoints and resume, metrics, the progress bar and the stop signals (SIGTERM,
-    SIGINT: finish the step, save, exit 143)."""
+    """One training run: the task and its prompts, the processes, the run folder (exclusive),
+    checkpoints and resume, the logs, the progress bar and the stop signals."""
 
     def __init__(self, args):
         from importlib.util import find_spec
@@ -1382,9 +1417,8 @@ class Run:
         return names[0]
 
     def find_checkpoint(self):
-        """The run folder's newest intact checkpoint (a corrupt one is named and skipped); None
-        when the run was killed before its first one (it then starts again at step 0, keeping what
-        it cached, A*-PO's stage 1 say). Interrupted saves (step_N.tmp) are removed."""
+        """The run folder's newest intact checkpoint (a corrupt one named and set aside; .tmp
+        folders removed), or None before the first (step 0 again, keeping A*-PO's stage-1 cache)."""
         if self.rank == 0 and not getattr(self.args, "sample_from", None):  # (Q#: only reads it)
             lock(self.run_dir)
         found = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*")))
@@ -1450,19 +1484,22 @@ class Run:
         return self.model, self.optimizer
 
     def create_folder(self) -> None:
-        """Rank 0: the run folder (locked), args.json (with the script that wrote it), and
-        metrics.jsonl cut back to the checkpoint's step, whose later rows are logged again (from a
-        step-0 checkpoint, or none, step 0 itself is redone: A*-PO stopped in its stage 1)."""
+        """Rank 0: the run folder (locked), args.json (and the script that wrote it), and the logs
+        cut back to the checkpoint's step (step 0 redone from a step-0 checkpoint, or none)."""
         args = self.args
         os.makedirs(self.run_dir, exist_ok=bool(args.resume))
         if not args.resume:
             lock(self.run_dir)
         saved = asdict(args) | {"resume": None, "script": os.path.basename(__file__)}
+        saved["reward_fn_sha256"] = tasks.reward_fn_digest(args.reward_fn)
         write_atomically(os.path.join(self.run_dir, "args.json"), json.dumps(saved, indent=1))
-        rows = read_jsonl_rows(self.log_path)
         last_kept = self.state["step"] if self.state["step"] > 0 else -1
-        kept = [json.dumps(row) + "\n" for row in rows if row["step"] <= last_kept]
-        write_atomically(self.log_path, "".join(kept))
+        for name in ("metrics.jsonl", "completions.jsonl", "train_completions.jsonl"):
+            path = os.path.join(self.run_dir, name)
+            rows = read_jsonl_rows(path)
+            kept = [json.dumps(row) + "\n" for row in rows if row["step"] <= last_kept]
+            if rows:
+                write_atomically(path, "".join(kept))
         if args.track:
             self.tb = tensorboard(args, self.run_dir)
 
@@ -1486,7 +1523,8 @@ class Run:
 
     def prompts(self, step: int):
         """This rank's share of the step's prompts."""
-        return self.draw(step)[: self.args.prompts_per_step][self.rank :: self.world]
+        step_prompts = self.draw(step)[: self.args.prompts_per_step]
+        return step_prompts[self.rank :: self.world]
 
     def sampler(self, step: int):
         """This rank's sampling noise at this step."""
@@ -1511,6 +1549,25 @@ class Run:
             rows = [json.dumps({"step": step} | row) + "\n" for row in shown]
             append(os.path.join(self.run_dir, "completions.jsonl"), "".join(rows))
         return metrics
+
+    def log_samples(self, step: int, batch: dict, rewards, weights, weight="advantage"):
+        """--log_train_completions N: rank 0's first N training rows of the step, with the reward
+        and the algorithm's per-sample weight (named `weight`), to train_completions.jsonl."""
+        n = self.args.log_train_completions
+        if self.rank > 0 or n == 0:
+            return
+        completions = {k: batch[k][:n] for k in ("completion_ids", "completion_mask")}
+        rows = []
+        for i, text in enumerate(decode(self.tokenizer, completions)):
+            prompt = batch["prompt_index"][i]
+            prompt_ids = batch["prompt_ids"][prompt][batch["prompt_mask"][prompt].bool()]
+            row = {"step": step, "prompt": self.tokenizer.decode(prompt_ids), "completion": text}
+            row["reward"] = None if rewards is None else float(rewards[i])
+            row[weight] = float(weights[i])
+            row["completion_len"] = int(batch["completion_mask"][i].sum())
+            row["truncated"] = bool(batch["truncated"][i])
+            rows.append(json.dumps(row) + "\n")
+        append(os.path.join(self.run_dir, "train_completions.jsonl"), "".join(rows))
 
     def log(self, step: int, metrics: dict) -> None:
         """One metrics.jsonl row (rank 0), strict JSON: a non-finite value is null."""
@@ -1556,15 +1613,16 @@ class Run:
             raise Stop(f"{why}: step {step} saved; continue with --resume {self.run_dir}")
         if last and self.rank == 0:  # where the results are, and the last eval
             self.bar.close()
-            shown = [k for k in metrics if k.startswith("eval/") and k.count("/") == 1]
-            print(f"finished step {step}: " + ", ".join(f"{k} {metrics[k]:.4g}" for k in shown))
+            shown = [key for key in metrics if key.startswith("eval/")]
+            shown = [key for key in shown if key.count("/") == 1]  # (not Q#'s sweeps)
+            values = [f"{key} {metrics[key]:.4g}" for key in shown]
+            print(f"finished step {step}: {', '.join(values)}")
             print(f"results: {self.run_dir} (metrics.jsonl, final/)")
 
     def save(self, step: int) -> None:
-        """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt (optimizer,
-        counters), written as step_N.tmp and renamed: never half-written. Any failure to write
-        (a full disk raises OSError, RuntimeError or SafetensorError) removes the .tmp folder and
-        stops the run in one line; the earlier checkpoints and the logs stay."""
+        """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt, written as
+        step_N.tmp, then renamed. Any failure to write (a full disk: OSError, RuntimeError or
+        SafetensorError) removes the .tmp folder and stops the run in one line; all else stays."""
         from safetensors import SafetensorError
 
         self.state["step"] = step
@@ -1663,8 +1721,7 @@ def tensorboard(args, run_dir: str):
 
 
 def checkpoint_problem(path: str):
-    """What is wrong with a checkpoint folder (a missing or cut file), or None. Cheap: the trainer
-    state is memory-mapped and only the safetensors headers are read."""
+    """What is wrong with a checkpoint folder (a missing or cut file), or None; cheaply read."""
     from safetensors import safe_open
 
     weights = glob.glob(os.path.join(path, "*.safetensors"))

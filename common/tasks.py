@@ -237,14 +237,67 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_task(args) -> Task:
-    """The task of the flags; the lengths left unset (None) are set in place to the task's defaults, so that
-    args.json records the values the run used."""
+    """The task of the flags, scored by --reward_fn when given; the lengths left unset (None) are set in place to
+    the task's defaults, so that args.json records the values the run used."""
     task = load_task(args.task, args.train_file, args.eval_file, args.prompt_field, args.answer_field)
+    if args.reward_fn:
+        task.reward_fn = load_reward_fn(args.reward_fn)
     if args.max_prompt_length is None:
         args.max_prompt_length = task.max_prompt_length
     if args.max_new_tokens is None:
         args.max_new_tokens = task.max_new_tokens
     return task
+
+
+def load_reward_fn(spec: str) -> Callable[[str, str], float]:
+    """--reward_fn FILE.py:NAME or module:NAME: your reward, `NAME(completion: str, answer: str) -> float`, the
+    completion's text (special tokens dropped) and the example's reference answer (any string your data carries).
+    It replaces the task's reward everywhere the script scores (training, eval, pass@k). Loaded once, before any
+    model; a missing file or name, a module that fails to import, a non-callable or a signature that does not take
+    (completion, answer) is a one-line TaskError. A non-finite reward stops the run (Task.score)."""
+    import importlib
+    import importlib.util
+    import inspect
+
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise TaskError(f"--reward_fn {spec!r}: expected FILE.py:NAME or module:NAME")
+    if where.endswith(".py"):
+        if not os.path.isfile(where):
+            raise TaskError(f"--reward_fn: no such file {where}")
+        loader = importlib.util.spec_from_file_location(f"reward_fn_{abs(hash(where))}", where)
+        module = importlib.util.module_from_spec(loader)
+        try:
+            loader.loader.exec_module(module)
+        except Exception as e:  # any failure of the user's file: one line naming it
+            raise TaskError(f"--reward_fn: {where} fails to import ({type(e).__name__}: {e})") from None
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise TaskError(f"--reward_fn: cannot import module {where!r} ({e})") from None
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise TaskError(f"--reward_fn: {where} has no {name!r}")
+    if not callable(fn):
+        raise TaskError(f"--reward_fn: {where}:{name} is not callable")
+    try:
+        inspect.signature(fn).bind("completion", "answer")
+    except TypeError:
+        raise TaskError(f"--reward_fn: {where}:{name} must take (completion, answer)") from None
+    return fn
+
+
+def reward_fn_digest(spec) -> str | None:
+    """The SHA-256 of a --reward_fn file (None for a module or no --reward_fn): recorded in args.json, so that a
+    resumed run can say when the file changed since the run started."""
+    import hashlib
+
+    where = (spec or "").rpartition(":")[0]
+    if not where.endswith(".py") or not os.path.isfile(where):
+        return None
+    with open(where, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def model_path(path: str) -> str:

@@ -143,7 +143,7 @@ MUTATIONS = [
     (
         "grpo-minibatch-counts-of-the-whole-rollout",
         "algorithms/grpo.py",
-        "counts = torch.stack([(mask[mine].sum(-1) > 0).sum(), mask[mine].sum()]).double()",
+        "counts = torch.stack([sequences, mask[mine].sum()]).double()",
         "counts = torch.stack([(mask.sum(-1) > 0).sum(), mask.sum()]).double()",
         ["tests/test_loops.py::test_one_step_end_to_end[grpo:mb2]"],
     ),
@@ -171,7 +171,7 @@ MUTATIONS = [
     (
         "grpo-streams-without-names",
         "algorithms/grpo.py",
-        "entropy = [args.seed, zlib.crc32(stream.encode()), *[k % 2**31 for k in keys]]",
+        "entropy = [args.seed, name, *[k % 2**31 for k in keys]]",
         "entropy = [args.seed, *[k % 2**31 for k in keys]]",
         ["tests/test_loops.py::test_one_step_end_to_end[grpo]"],
     ),
@@ -293,6 +293,27 @@ MUTATIONS = [
         "args.rollin_eta or args.eta",
         "args.eta",
         ["tests/test_flags.py::test_every_flag_changes_the_run[q_sharp]"],
+    ),
+    (
+        "grpo-pass-at-k-per-rank-average",
+        "algorithms/grpo.py",
+        'metrics[f"eval/pass@{k}"] = total / len(run.eval_prompts)',
+        'metrics[f"eval/pass@{k}"] = total / len(my_prompts) / run.world',
+        ["tests/test_eval_and_rewards.py::test_pass_at_k_is_exact_when_the_prompts_are_split_over_ranks"],
+    ),
+    (
+        "grpo-reward-fn-ignored",
+        "common/tasks.py",
+        "task.reward_fn = load_reward_fn(args.reward_fn)",
+        "load_reward_fn(args.reward_fn)",
+        ["tests/test_eval_and_rewards.py::test_your_reward_function_scores_everything"],
+    ),
+    (
+        "grpo-train-log-not-cut-on-resume",
+        "algorithms/grpo.py",
+        'for name in ("metrics.jsonl", "completions.jsonl", "train_completions.jsonl"):',
+        'for name in ("metrics.jsonl",):',
+        ["tests/test_reliability.py::test_kill_then_resume_equals_uninterrupted_run"],
     ),
 ]
 

@@ -76,7 +76,8 @@ def has_checkpoint(run_dir):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_kill_then_resume_equals_uninterrupted_run(tmp_path, script, capsys):
     n = "3" if script == "q_sharp" else "6"
-    flags = [*tiny_flags(script), "--output_dir", str(tmp_path), "--total_steps", n]
+    base = [*tiny_flags(script), "--output_dir", str(tmp_path)]
+    flags = [*base, "--total_steps", n, "--log_completions", "2", "--log_train_completions", "2"]
     if script != "q_sharp":
         flags += ["--eval_every", "3"]
     full = run_script(script, *flags, "--run_name", "full")
@@ -97,13 +98,13 @@ def test_kill_then_resume_equals_uninterrupted_run(tmp_path, script, capsys):
         code, err = run_in_process(script, ["--resume", str(tmp_path / name)], capsys)
         assert code == 0, err[-3000:]
         assert untimed(read_metrics(tmp_path / name)) == want, name  # nothing lost, nothing duplicated
+        for log in ("completions.jsonl", "train_completions.jsonl"):  # the sample logs too
+            assert (tmp_path / name / log).read_text() == (tmp_path / "full" / log).read_text(), (name, log)
         a, b = final_params(tmp_path / "full", script), final_params(tmp_path / name, script)
         for key, p in a.items():
             assert torch.equal(p, b[key]), (name, key)
     # another seed: other samples (its first logged training row differs)
-    code, err = run_in_process(
-        script, [*flags[:-2], "--total_steps", "1", "--seed", "2", "--run_name", "seed2"], capsys
-    )
+    code, err = run_in_process(script, [*base, "--total_steps", "1", "--seed", "2", "--run_name", "seed2"], capsys)
     assert code == 0, err[-3000:]
     assert untimed(read_metrics(tmp_path / "seed2"))[1] != want[1]
 

@@ -1029,33 +1029,35 @@ class Run:
     def find_checkpoint(self):
         """The run folder's newest intact checkpoint (a corrupt one named and set aside; .tmp
         folders removed), or None before the first (step 0 again, keeping A*-PO's stage-1 cache)."""
-        if self.rank == 0 and not getattr(self.args, "sample_from", None):  # (Q#: only reads it)
+        resuming = not getattr(self.args, "sample_from", None)  # (Q#'s --sample_from only reads)
+        acting = self.rank == 0 and resuming  # one rank warns and tidies; a reader changes nothing
+        if acting:
             lock(self.run_dir)
         found = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*")))
-        for tmp in [c for c in found if c.endswith(".tmp")]:
-            if self.rank == 0:
-                print(f"warning: removing {tmp}, an interrupted save", file=sys.stderr)
-                shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in [c for c in found if c.endswith(".tmp") and acting]:
+            print(f"warning: removing {tmp}, an interrupted save", file=sys.stderr)
+            shutil.rmtree(tmp, ignore_errors=True)
         complete = [c for c in found if c[-1].isdigit()]
         while complete and checkpoint_problem(complete[-1]):
             corrupt = complete.pop()
             fallback = os.path.basename(complete[-1]) if complete else "step 0"
-            if self.rank == 0:  # kept aside, for a look: step_N.corrupt
+            if acting:  # kept aside, for a look: step_N.corrupt
                 problem = checkpoint_problem(corrupt)
                 print(f"warning: {problem}; resuming from {fallback}", file=sys.stderr)
                 os.replace(corrupt, corrupt + ".corrupt")
+        if not complete and not resuming:
+            raise UserError(f"{self.run_dir} has no checkpoint to read")
         if not complete:
-            if self.rank == 0:
+            if acting:
                 print(
                     f"warning: {self.run_dir} has no checkpoint: starting at step 0",
                     file=sys.stderr,
                 )
             return None
-        name = os.path.basename(complete[-1])
-        step = int(name[len("step_") :])
-        if self.args.total_steps < step:
+        step = int(os.path.basename(complete[-1])[len("step_") :])
+        if resuming and self.args.total_steps < step:
             raise UserError(f"--total_steps {self.args.total_steps} < the checkpoint's step {step}")
-        if self.args.total_steps == step:  # nothing left to run: say where the results are
+        if resuming and self.args.total_steps == step:  # nothing left to run: say so
             raise Finished(
                 f"{self.run_dir} has run its {step} steps (to go on: raise --total_steps)"
             )

@@ -112,6 +112,11 @@ class Args:
     resume: Optional[str] = None  # a run folder to continue, bit for bit; it keeps writing there
     bf16: Optional[bool] = None  # bf16 autocast of forwards (weights float32); default: bf16 GPUs
     gradient_checkpointing: bool = False  # trade compute for memory on real models
+    # LoRA (0: full fine-tuning); the initial model is then the trained one, adapters off
+    lora_r: int = 0  # adapter rank (peft; a 7B policy fits one 80 GB GPU at 16-64)
+    lora_alpha: float = 16.0  # adapter scale alpha / r
+    lora_dropout: float = 0.0  # must be 0: the ratios must be exactly 1 at theta = theta_old
+    lora_target_modules: str = "all-linear"  # comma-separated names, or all-linear (not lm_head)
     reshard_after_forward: bool = True  # torchrun (FSDP2): free gathered weights after a forward
 
 
@@ -357,7 +362,7 @@ def train(args: Args) -> None:
     run = Run(args)  # the task and its prompts, the processes, the checkpoint to resume (SHARED)
     policy = load_model(run.checkpoint or args.model_name_or_path, args, trainable=True)
     needs_init = args.eval_kl or args.kl_anchor == "init"  # the anchor, or the eval's KL to init
-    init = load_model(args.model_name_or_path, args) if needs_init else None
+    init = initial_model(policy, args) if needs_init else None
     kl_models = {"init": init} if args.eval_kl else {}
     eos = eos_ids(run.tokenizer, policy)
     pad = run.tokenizer.pad_token_id
@@ -414,7 +419,9 @@ def forward(model, ids, mask, positions, cache=None, keep=0):
     """Logits with explicit positions (prompts are left-padded), extending the KV cache if given."""
     kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
     if cache is not None:  # transformers 5.x renamed `past_key_values` to `cache`
-        parameters = inspect.signature(getattr(model, "module", model).forward).parameters
+        base = getattr(model, "module", model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base  # (LoRA: peft)
+        parameters = inspect.signature(base.forward).parameters
         kwargs["cache" if "cache" in parameters else "past_key_values"] = cache
         kwargs["use_cache"] = True
     return model(**kwargs, logits_to_keep=keep).logits
@@ -925,12 +932,18 @@ def autocast(args):
 def load_model(path: str, args, trainable: bool = False):
     """A causal LM with dropout off (ratios exactly 1 at theta = theta_old), frozen unless trained
     (then float32: AdamW's master weights). A frozen one computes as the trained one does: in bf16
-    under FSDP with --bf16 (its MixedPrecisionPolicy), else in float32 under autocast."""
+    under FSDP with --bf16 (its MixedPrecisionPolicy), else in float32 under autocast. Trained with
+    --lora_r: the base model of --model_name_or_path with new adapters, or a checkpoint's."""
     from transformers import AutoModelForCausalLM
 
+    lora = trainable and args.lora_r > 0
+    adapter = os.path.join(
+        path, "adapter"
+    )  # a LoRA run's checkpoint: its adapters, no full weights
+    base = args.model_name_or_path if lora and os.path.isdir(adapter) else path
     bf16 = args.bf16 and DEVICE.type == "cuda" and not trainable and dist.is_initialized()
     dtype = torch.bfloat16 if bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(tasks.model_path(path), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(tasks.model_path(base), dtype=dtype)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout) or hasattr(module, "attention_dropout"):
             module.p = 0.0
@@ -938,7 +951,19 @@ def load_model(path: str, args, trainable: bool = False):
     if trainable and args.gradient_checkpointing:  # (transformers 5.2x: activation checkpointing)
         enable = getattr(model, "activation_checkpointing_enable", None)
         (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
-    return model.to(DEVICE).train(trainable).requires_grad_(trainable)
+    model = model.to(DEVICE).train(trainable).requires_grad_(trainable)
+    if not lora:
+        return model
+    import peft  # only LoRA's adapters train; B starts at 0: the model starts as the base model
+
+    if os.path.isdir(adapter):
+        return peft.PeftModel.from_pretrained(model, adapter, is_trainable=True).to(DEVICE)
+    modules = args.lora_target_modules  # peft's "all-linear", or comma-separated module names
+    if modules != "all-linear":
+        modules = modules.split(",")
+    options = {"r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": 0.0}
+    config = peft.LoraConfig(**options, target_modules=modules, task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config)
 
 
 def shard(model, args):
@@ -970,18 +995,51 @@ def shard(model, args):
 def gathered(model, args):
     """FSDP2: all-gather the weights once for a whole inference phase (rollout, log-probs, eval),
     not per layer and forward; with no collective inside, ranks may run different forward counts."""
+    root = getattr(model, "module", model)  # (WithoutAdapters: the trained model it runs)
     sharded = []
-    if model is not None:
-        sharded = [m for m in model.modules() if hasattr(m, "unshard")]
+    if root is not None:
+        sharded = [m for m in root.modules() if hasattr(m, "unshard")]
     for module in sharded:
         module.unshard()
     if sharded:
-        model.set_reshard_after_forward(False)
+        root.set_reshard_after_forward(False)
     yield
     if sharded:
-        model.set_reshard_after_forward(args.reshard_after_forward)
+        root.set_reshard_after_forward(args.reshard_after_forward)
     for module in sharded:
         module.reshard()
+
+
+class WithoutAdapters(torch.nn.Module):
+    """With --lora_r, the initial model (reference, anchor, the eval's KL to init) is the trained
+    model with its adapters off: no second copy. Frozen by construction (the adapters are off, and
+    the log-probs are taken without gradients); its train / eval mode is the trained model's."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.trained = [model]  # (a list: not a submodule, so not in this module's parameters)
+        self.training = model.training
+
+    @property
+    def module(self):
+        return self.trained[0]
+
+    def forward(self, **kwargs):
+        with self.module.disable_adapter():
+            return self.module(**kwargs)
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        self.module.train(mode)
+        return self
+
+
+def initial_model(policy, args):
+    """The frozen initial policy: the trained model without its adapters under --lora_r, else a
+    second copy of --model_name_or_path."""
+    if args.lora_r:
+        return WithoutAdapters(policy)
+    return load_model(args.model_name_or_path, args)
 
 
 class Run:
@@ -1009,6 +1067,10 @@ class Run:
         check_args(args, self.world)
         if args.track and not (find_spec("tensorboard") or find_spec("wandb")):
             raise UserError("--track needs tensorboard or wandb: pip install tensorboard wandb")
+        if args.lora_r and not find_spec("peft"):
+            raise UserError("--lora_r needs peft: pip install peft")
+        if args.lora_dropout:  # (peft's dropout would make the ratios differ from 1 on-policy)
+            raise UserError("--lora_dropout must be 0: the ratios must be exactly 1 at theta_old")
         if self.world > 1:
             if use_cuda:
                 torch.cuda.set_device(DEVICE)
@@ -1086,7 +1148,7 @@ class Run:
         self.evaluate = evaluate
         self.tb = None
         self.model = shard(policy, args)
-        parameters = self.model.parameters()
+        parameters = [p for p in self.model.parameters() if p.requires_grad]  # (LoRA: adapters)
         decay = args.weight_decay
         self.optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=decay)
         self.state = {"step": 0, "elapsed_s": 0.0, "prompts_seen": 0}
@@ -1261,8 +1323,7 @@ class Run:
         failure = None
         if self.rank == 0:
             try:
-                unwrapped = getattr(self.model, "module", self.model)
-                unwrapped.save_pretrained(path + ".tmp", state_dict=model_state)
+                self.write_weights(path + ".tmp", model_state, step == self.args.total_steps)
                 self.tokenizer.save_pretrained(path + ".tmp")
                 trainer_state = self.state | {"optimizer": optimizer_state}
                 torch.save(trainer_state, os.path.join(path + ".tmp", "trainer_state.pt"))
@@ -1277,10 +1338,8 @@ class Run:
             kept = f"{os.path.basename(max(older))} is intact" if older else "nothing was saved"
             raise UserError(f"{failure or 'rank 0 could not save'}: {kept}")
         if self.rank == 0 and self.args.keep_last:  # only the newest --keep_last checkpoints stay
-            checkpoints = sorted(
-                glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*[0-9]"))
-            )
-            for old in checkpoints[: -self.args.keep_last]:
+            pattern = os.path.join(self.run_dir, "checkpoints", "step_*[0-9]")
+            for old in sorted(glob.glob(pattern))[: -self.args.keep_last]:
                 shutil.rmtree(old)
         if self.rank == 0 and step == self.args.total_steps:  # `final` links to the last one
             link = os.path.join(self.run_dir, "final")
@@ -1289,6 +1348,33 @@ class Run:
             os.symlink(os.path.relpath(path, self.run_dir), link)
         if self.world > 1:
             dist.barrier()
+
+    def write_weights(self, folder: str, model_state: dict, last: bool) -> None:
+        """save_pretrained of the trained model; with --lora_r its adapters in folder/adapter (what
+        --resume reads), and at the last step also the merged model (what `final` loads as)."""
+        unwrapped = getattr(self.model, "module", self.model)
+        if not self.args.lora_r:
+            unwrapped.save_pretrained(folder, state_dict=model_state)
+            return
+        unwrapped.save_pretrained(os.path.join(folder, "adapter"), state_dict=model_state)
+        if last:
+            merged = merge_lora(model_state, self.args.lora_alpha / self.args.lora_r)
+            unwrapped.get_base_model().save_pretrained(folder, state_dict=merged)
+
+
+def merge_lora(state: dict, scale: float) -> dict:
+    """A peft LoRA model's state dict as the base model's: W + scale B A for each adapted layer."""
+    merged = {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue
+        if key.endswith(".base_layer.weight"):
+            lora_a = state[key.replace(".base_layer.", ".lora_A.default.")]
+            lora_b = state[key.replace(".base_layer.", ".lora_B.default.")]
+            value = value + scale * (lora_b @ lora_a)
+        name = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        merged[name] = value
+    return merged
 
 
 def append(path: str, text: str) -> None:
@@ -1352,7 +1438,7 @@ def checkpoint_problem(path: str):
     """What is wrong with a checkpoint folder (a missing or cut file), or None; cheaply read."""
     from safetensors import safe_open
 
-    weights = glob.glob(os.path.join(path, "*.safetensors"))
+    weights = glob.glob(os.path.join(path, "**", "*.safetensors"), recursive=True)
     files = [os.path.join(path, "trainer_state.pt"), *weights]
     for file in files:
         try:

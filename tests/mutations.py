@@ -315,6 +315,13 @@ MUTATIONS = [
         'for name in ("metrics.jsonl",):',
         ["tests/test_reliability.py::test_kill_then_resume_equals_uninterrupted_run"],
     ),
+    (
+        "grpo-lora-reference-keeps-its-adapters",
+        "algorithms/grpo.py",
+        "        return WithoutAdapters(policy)",
+        "        return policy",
+        ["tests/test_lora.py::test_adapters_start_at_zero_and_the_initial_model_is_the_base_with_adapters_off"],
+    ),
 ]
 
 

@@ -55,6 +55,10 @@ CASES = [
     ("dpo_kl", {"num_minibatches": 2, "num_generations": 2, "pairs": "all"}),
     ("dpo_kl", {"num_generations": 4, "pairs": "all", "loss": "ipo"}),
     ("gkd", {"divergence": "akl", "num_iterations": 2, "micro_batch_size": 3}),
+    # LoRA: FSDP2 over the peft model (frozen base weights and trained adapters in one shard group)
+    ("grpo", {"lora_r": 4, "num_iterations": 2}),
+    ("dpo_kl", {"lora_r": 4, "pairs": "all"}),
+    ("gkd", {"lora_r": 4, "micro_batch_size": 3}),
 ]
 
 

@@ -11,9 +11,8 @@ at that state, so a fully expressive student's optimum is the teacher whatever t
 limited capacity the data decides WHERE it matches.
 Loss, t = softmax(a / T) and s = softmax(z / T) from teacher / student logits a, z:
     L = sum_{valid positions} D(t, s) / (global number of valid positions),   D from --divergence.
-What this estimator really regularizes: on-policy per-token RKL with detached sampling is the
-per-state RKL under the student's state distribution, not the gradient of the sequence-level
-KL(q || p_T) (MiniLLM's extra score-function term; tests/test_gkd.py, G9).
+On-policy per-token RKL with detached sampling is the per-state RKL under the student's states,
+not the sequence KL(q || p_T) (MiniLLM's score term; test_gkd.py G9; --update pg: opd_loss).
 """
 
 import argparse
@@ -91,8 +90,12 @@ class Args:
     # a in skl = KL(t || a t + (1 - a) s), srkl = KL(s || (1 - a) t + a s); < 1 (DistiLLM 0.1)
     skew_alpha: float = 0.1
     akl_mu: float = 0.5  # AKL head: fewest top teacher tokens whose mass reaches mu; <= 1 (AKL 0.5)
-    # positions per chunk of D, recomputed in backward (0 = one chunk; real vocabularies 128-512)
-    divergence_chunk_size: int = 0
+    divergence_chunk_size: int = 0  # positions per D chunk, recomputed (0: one; real vocab 128-512)
+    teacher_top_k: int = 0  # D over the teacher's top-K tokens + ONE TAIL BUCKET (0: all tokens)
+    update: Literal["supervised", "pg"] = "supervised"  # pg: the sampled token's RKL as a reward
+    opd_discount: Literal[0, 1] = 0  # pg: advantage = the reward (0) or the reward-to-go (1)
+    task_reward_weight: float = 0.0  # pg: + this x the task reward, in every token's advantage
+    epsilon: float = 0.2  # pg: ratio clip range 1 -+ epsilon (num_iterations, num_minibatches)
     # evaluation, logging, checkpoints
     eval_every: int = 25  # held-out eval every this many steps, at step 0 and at the end (0: only)
     eval_num_prompts: int = 500  # held-out prompts per eval (the whole arithmetic held-out split)
@@ -116,7 +119,9 @@ class Args:
 
 def check_args(args: Args, world: int) -> None:
     """Bad flag values, before any model loads (called by Run)."""
-    check_numbers(args, POSITIVE + ("akl_mu", "num_iterations", "num_minibatches"))
+    check_numbers(args, POSITIVE + ("akl_mu", "num_iterations", "num_minibatches", "epsilon"))
+    if args.update == "pg" and (args.lmbda < 1 or args.teacher_top_k):
+        raise UserError("--update pg needs --lmbda 1 (on-policy) and no --teacher_top_k")
     for name in ("lmbda", "beta", "akl_mu"):
         value = getattr(args, name)
         if value > 1:
@@ -131,9 +136,8 @@ def check_args(args: Args, world: int) -> None:
 
 
 def check_same_vocabulary(student, teacher, student_width=None, teacher_width=None) -> None:
-    """D compares the two next-token distributions entry by entry: token i must be the same string
-    for both tokenizers (same vocabulary and special tokens; checked before any weights load) and
-    both models need as many logits (the widths)."""
+    """D compares the next-token distributions entry by entry: token i is the same string in both
+    tokenizers (vocabulary, special tokens; before any weights load), as many logits (widths)."""
     student_vocab = student.get_vocab()
     teacher_vocab = teacher.get_vocab()
     special = []
@@ -142,9 +146,9 @@ def check_same_vocabulary(student, teacher, student_width=None, teacher_width=No
             special.append(name)
     if student_vocab != teacher_vocab or special:
         one_only = set(student_vocab.items()) ^ set(teacher_vocab.items())  # (token, id) pairs
-        pairs = [(token, i) for i, token in sorted((i, token) for token, i in one_only)]  # by id
+        pairs = sorted((i, token) for token, i in one_only)
         sizes = f"{len(student_vocab)} vs {len(teacher_vocab)} tokens"
-        differences = f"(token, id) pairs in one only: {len(pairs)}, e.g. {pairs[:1]}"
+        differences = f"(id, token) pairs in one only: {len(pairs)}, e.g. {pairs[:1]}"
         raise UserError(
             f"the teacher's tokenizer differs from the student's ({sizes}; {differences}; "
             f"special tokens that differ: {special}); GKD needs one"
@@ -174,10 +178,9 @@ def kl(p, log_p, log_q):
 
 
 def akl_head_mask(teacher_probs, mu: float = 0.5):
-    """AKL head H in VOCABULARY order (bool, same shape): H = the shortest prefix of the
-    teacher-sorted tokens whose cumulative mass reaches mu, the crossing token included (never
-    empty; the released AKL code puts it in the tail, see docs/gkd.md), mapped back to the tokens
-    themselves (applying the sorted mask unsorted is a bug)."""
+    """AKL head H in VOCABULARY order (bool, same shape): the shortest prefix of the teacher-sorted
+    tokens whose mass reaches mu, the crossing token included (never empty; the released AKL code
+    puts it in the tail, docs/gkd.md), mapped back to the tokens (the sorted mask unsorted: bug)"""
     sorted_probs, order = teacher_probs.sort(dim=-1, descending=True, stable=True)
     # a token is in the head while the mass BEFORE it is < mu: it is still needed to reach mu
     head_sorted = (sorted_probs.cumsum(-1) - sorted_probs) < mu
@@ -223,7 +226,9 @@ def divergence_from_log_probs(log_t, log_s, kind="jsd", beta=0.5, skew_alpha=0.1
         gap_total = (gap_head + gap_tail).clamp(min=torch.finfo(t.dtype).tiny)
         # s = t has no gap anywhere: D = 0 whatever the weight, so any weight (0.5) will do
         w_head = torch.where(gap_head + gap_tail > 0, gap_head / gap_total, 0.5)
-    return w_head * kl(t, log_t, log_s) + (1 - w_head) * kl(s, log_s, log_t)
+    forward_kl = kl(t, log_t, log_s)
+    reverse_kl = kl(s, log_s, log_t)
+    return w_head * forward_kl + (1 - w_head) * reverse_kl
 
 
 def divergence(a, z, kind="jsd", beta=0.5, skew_alpha=0.1, akl_mu=0.5, temperature=1.0):
@@ -232,6 +237,18 @@ def divergence(a, z, kind="jsd", beta=0.5, skew_alpha=0.1, akl_mu=0.5, temperatu
     log_t = (a.to(dtype) / temperature).log_softmax(-1)
     log_s = (z.to(dtype) / temperature).log_softmax(-1)
     return divergence_from_log_probs(log_t, log_s, kind, beta, skew_alpha, akl_mu)
+
+
+def top_k_buckets(top_log_t, top_index, log_s):
+    """Teacher, student log-probs over the teacher's top-K tokens (top_log_t, ids top_index) and ONE
+    TAIL BUCKET, the rest of each side's mass (>= tiny): D of these is <= D, and = D at K = V."""
+    top_log_s = log_s.gather(-1, top_index)
+    out = []
+    for top in (top_log_t, top_log_s):
+        tail = -top.logsumexp(-1, True).expm1()  # 1 - the top K's mass
+        tail = tail.clamp(min=torch.finfo(top.dtype).tiny)  # (rounding may leave it <= 0)
+        out.append(torch.cat([top, tail.log()], -1))
+    return out
 
 
 def gkd_loss(
@@ -246,11 +263,10 @@ def gkd_loss(
     akl_mu: float = 0.5,
     divergence_chunk_size: int = 0,
 ):
-    """This micro-batch's share of the global token mean of D = `divergence` between teacher and
-    student log-probs log_t, log_s [B, C, V]: L = sum_{b,t} mask_bt D(t_bt, s_bt) / num_tokens,
-    num_tokens counting the valid positions of ALL ranks and micro-batches (the same L for any
-    split). divergence_chunk_size > 0: D over chunks of positions, recomputed in backward. Stats:
-    token-mean shares of KL(t || s), KL(s || t), H(t), log t(completion_ids), whatever D is."""
+    """This micro-batch's share of the global token mean of D = `divergence` of teacher / student
+    log-probs log_t, log_s [B, C, V]: L = sum_{b,t} mask_bt D(t_bt, s_bt) / num_tokens, the valid
+    positions of ALL ranks and micro-batches (the same L for any split); divergence_chunk_size > 0:
+    D over chunks of positions, recomputed in backward. Stats: KL(t||s), KL(s||t), H(t), log t(y)"""
     mask = mask.to(log_s.dtype)
     C = log_s.shape[1]
     chunk = divergence_chunk_size or C
@@ -262,28 +278,54 @@ def gkd_loss(
     sums = torch.zeros(4, dtype=torch.float64, device=log_s.device)  # the four stats
     for start in range(0, C, chunk):
         positions = slice(start, start + chunk)
-        lt, ls = log_t[:, positions], log_s[:, positions]
+        lt = log_t[:, positions]
+        ls = log_s[:, positions]
         if recompute:
             d = checkpoint(D, lt, ls, use_reentrant=False)
         else:
             d = D(lt, ls)
         total = total + (d * mask[:, positions]).sum()
         with torch.no_grad():
-            t, s = lt.exp(), ls.exp()
+            t = lt.exp()
+            s = ls.exp()
             teacher_logprobs = token_logprobs(lt, completion_ids[:, positions])
             per_position = [kl(t, lt, ls), kl(s, ls, lt), -(t * lt).sum(-1), teacher_logprobs]
-            sums += torch.stack([(x * mask[:, positions]).sum().double() for x in per_position])
+            masked = [(x * mask[:, positions]).sum().double() for x in per_position]
+            sums += torch.stack(masked)
     n = max(num_tokens, 1)
     names = ["kl_teacher_fkl_exact", "kl_teacher_rkl_exact", "entropy_teacher"]
     names.append("charts/teacher_logprob_mean")
-    stats = {"loss": total.detach() / n} | dict(zip(names, sums / n))
+    means = dict(zip(names, sums / n))
+    stats = {"loss": total.detach() / n} | means
     return total / n, stats
 
 
+def opd_loss(lp, lp_old, lp_teacher, mask, bonus, num_seqs, num_tokens, discount=0, epsilon=0.2):
+    """On-policy distillation by policy gradient: r_t = log p_T(y_t) - log q_old(y_t) (minus the
+    sampled token's RKL), A_t = r_t (discount 0) or sum_{t' >= t} r_t' (1), + bonus; L = sum_{i,t}
+    -min(rho A, clip(rho, 1 -+ epsilon) A) / num_seqs. At theta_old (test_gkd.py O1-O4) discount 1
+    is grad KL(q || p_T) of sequences; 0, sum_s d(s) grad KL_s(q || p_T) (`rkl`), d held fixed."""
+    mask = mask.to(lp.dtype)
+    reward = (lp_teacher - lp_old) * mask
+    if discount == 1:  # the reward-to-go
+        reward = reward.flip(-1).cumsum(-1).flip(-1)
+    advantage = reward + bonus.to(lp.dtype)[:, None]
+    ratio = torch.exp(lp - lp_old)
+    clipped = ratio.clamp(1 - epsilon, 1 + epsilon)
+    surrogate = torch.min(ratio * advantage, clipped * advantage)
+    loss = -(surrogate * mask).sum() / max(num_seqs, 1)
+    no_gradient = ratio * advantage > clipped * advantage  # the min took the clipped term
+    n = max(num_tokens, 1)
+    kl_k1 = ((lp_old - lp_teacher) * mask).sum() / n  # the sampled tokens' k1 estimate
+    stats = {"loss": loss.detach(), "kl_teacher_rkl_k1": kl_k1}
+    stats["clipfrac"] = (no_gradient * mask).sum() / n
+    stats["charts/teacher_logprob_mean"] = (lp_teacher * mask).sum() / n
+    return loss, stats
+
+
 def on_policy_coin(seed: int, step: int, lmbda: float) -> bool:
-    """The step's data source: on-policy iff u < lmbda, u ~ U(0, 1) from (seed, step) alone: the
-    same on every rank, for any world size and after a resume (per-rank coins would hang FSDP).
-    The whole batch follows one coin, as TRL."""
+    """The step's data source, one coin for the whole batch (as TRL): on-policy iff u < lmbda, u ~
+    U(0, 1) from (seed, step) alone, the same on every rank and resume (per-rank: FSDP hangs)."""
     return bool(np.random.default_rng([seed, step, 0x6B6D]).random() < lmbda)
 
 
@@ -302,15 +344,30 @@ def encode_completions(tokenizer, examples: list, limit: int) -> list:
 
 def micro_loss(log_softmax, batch: dict, rows, args, num_seqs, num_tokens):
     """GKD's loss of the micro-batch `rows`, from the student's log-softmax over their tokens."""
+    C = log_softmax.shape[1]
+    ids = batch["completion_ids"][rows, :C]
+    mask = batch["loss_mask"][rows, :C]
+    if args.update == "pg":
+        lp = token_logprobs(log_softmax, ids)  # theta_old = theta without old log-probs
+        lp_old = batch["old_logprobs"][rows, :C] if "old_logprobs" in batch else lp.detach()
+        lp_teacher = batch["teacher_logprobs"][rows, :C]
+        bonus = batch["bonus"][rows]
+        options = {"discount": args.opd_discount, "epsilon": args.epsilon}
+        return opd_loss(lp, lp_old, lp_teacher, mask, bonus, num_seqs, num_tokens, **options)
     # the teacher runs per micro-batch: a whole batch's [M, C, V] log-softmax would not fit
     with torch.no_grad(), autocast(args):
         log_t = completion_log_softmax(batch["teacher"], batch, rows, args.temperature)
-    C = log_softmax.shape[1]
-    return gkd_loss(
+    if args.teacher_top_k:  # only its top K kept; a token's bucket: its rank in them, else K
+        top_log_t, top_index = log_t.topk(min(args.teacher_top_k, log_t.shape[-1]))
+        log_t, log_softmax = top_k_buckets(top_log_t, top_index, log_softmax)
+        hit = top_index == ids[..., None]
+        rank_in_top = hit.long().argmax(-1)
+        ids = torch.where(hit.any(-1), rank_in_top, top_index.shape[-1])
+    loss, stats = gkd_loss(
         log_t,
         log_softmax,
-        batch["loss_mask"][rows, :C],
-        batch["completion_ids"][rows, :C],
+        mask,
+        ids,
         num_tokens,
         divergence=args.divergence,
         beta=args.beta,
@@ -318,6 +375,10 @@ def micro_loss(log_softmax, batch: dict, rows, args, num_seqs, num_tokens):
         akl_mu=args.akl_mu,
         divergence_chunk_size=args.divergence_chunk_size,
     )
+    if args.teacher_top_k:  # stats of the buckets: kl_teacher_fkl_top_k, entropy_teacher_top_k, ...
+        for key in [k for k in stats if k != "loss"]:
+            stats[key.replace("_exact", "") + "_top_k"] = stats.pop(key)
+    return loss, stats
 
 
 def train(args: Args) -> None:
@@ -373,23 +434,28 @@ def train(args: Args) -> None:
         answers = [run.task.train[i].answer for i in mine]
         rewards = run.task.score(decode(run.tokenizer, batch), answers)
         reward_mean, reward_std = global_mean_std(torch.tensor(rewards, device=DEVICE))
-        # 3. D between teacher and student at every completion position, AdamW on its token mean
+        # 3. D (or pg's surrogate) at every completion position, AdamW on its mean
         batch["loss_mask"] = batch["completion_mask"]
         batch["teacher"] = teacher  # micro_loss runs it on each micro-batch
+        if args.update == "pg":  # the teacher's log-probs of the sampled tokens only
+            batch["teacher_logprobs"] = batched_logprobs(teacher, batch, args)
+            batch["bonus"] = args.task_reward_weight * torch.tensor(rewards, device=DEVICE)
+        if args.update == "pg" and args.num_iterations * args.num_minibatches > 1:
+            batch["old_logprobs"] = batched_logprobs(policy, batch, args)
         metrics = update_policy(model, optimizer, batch, args, step, micro_loss)
         run.lap("update")
         metrics["charts/on_policy"] = float(on_policy)
         metrics["charts/on_policy_frac"] = on_policy_steps / step
         metrics |= {"charts/reward_mean": reward_mean, "charts/reward_std": reward_std}
-        run.log_samples(step, batch, rewards, [float(on_policy)] * len(rewards), "on_policy")
+        weights = [float(on_policy)] * len(rewards)  # the logged weight: the step's data source
+        run.log_samples(step, batch, rewards, weights, "on_policy")
         run.end_step(step, batch, metrics)
 
 
 # ==================================================================================================
-# SHARED: identical in every algorithm file; TRY NOT TO MODIFY. tests/test_shared_blocks.py proves
-# it: change it in one file, then copy it with `python -m tests.test_shared_blocks --sync`. It calls
-# back into the algorithm above through `Args`, `check_args` and `train` only (and the micro-batch
-# loss a script hands to `update_policy`). Not every script uses every helper.
+# SHARED: identical in every algorithm file; TRY NOT TO MODIFY (tests/test_shared_blocks.py: change
+# it in one file, copy it with `python -m tests.test_shared_blocks --sync`). It calls back into the
+# algorithm above through `Args`, `check_args`, `train` and the loss given to `update_policy` only.
 # ==================================================================================================
 
 try:  # the repository's common/ folder: a copied script needs it beside its own folder
@@ -433,8 +499,7 @@ def prefill(model, prompt_ids, prompt_mask, rows):
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, rows, args, eos, pad, generator=None, uniforms=None):
     """One completion per row from exactly softmax(logits / T) (no top-k, top-p or penalty: the law
-    every log-prob assumes); finished rows leave the batch and the KV cache. uniforms [M, H]:
-    inverse-CDF draws from this noise instead of from `generator`."""
+    every log-prob assumes); finished rows leave the batch. uniforms [M, H]: inverse-CDF noise."""
     was_training = model.training
     model.eval()  # in train mode, gradient checkpointing would switch the KV cache off
     with autocast(args):
@@ -582,9 +647,8 @@ def eos_ids(tokenizer, model):
 def decode(tokenizer, batch: dict) -> list:
     """The completion texts, without special tokens (EOS)."""
     pairs = zip(batch["completion_ids"], batch["completion_mask"])
-    return tokenizer.batch_decode(
-        [ids[mask.bool()] for ids, mask in pairs], skip_special_tokens=True
-    )
+    completions = [ids[mask.bool()] for ids, mask in pairs]
+    return tokenizer.batch_decode(completions, skip_special_tokens=True)
 
 
 @torch.no_grad()
@@ -641,17 +705,15 @@ def pass_at_k_sizes(n: int) -> list:
 def pass_at_k(correct, n: int, k: int):
     """The unbiased pass@k of each prompt, c of its n samples correct (Chen et al. 2021):
     1 - C(n - c, k) / C(n, k): the chance that k samples, drawn WITHOUT replacement, hold one."""
-    # C(n - c, k) / C(n, k): the chance that all k are wrong (exact integers, then one division)
     misses = [math.comb(n - c, k) / math.comb(n, k) for c in correct.tolist()]
     return 1 - torch.tensor(misses, dtype=torch.float64, device=correct.device)
 
 
 # ---- UPDATE: global mini-batches, micro-batches in lockstep, the optimizer step ----------------
 def update_policy(model, optimizer, batch: dict, args, step: int, micro_loss) -> dict:
-    """--num_iterations passes x --num_minibatches optimizer steps over the rollout. A mini-batch is
-    a set of GLOBAL rows whose sequence and token counts are summed over the ranks before its loss
-    is formed; each rank backpropagates loss x world size (FSDP averages): the update depends on
-    neither the ranks nor the micro-batching; micro_loss(log_softmax, batch, rows, args, ...)."""
+    """--num_iterations x --num_minibatches optimizer steps over the rollout. A mini-batch: GLOBAL
+    rows, their sequence and token counts summed over the ranks before the loss; each rank backprops
+    loss x world size (FSDP averages): the update depends on neither ranks nor micro-batching."""
     world, rank = world_rank()
     mask = batch["loss_mask"]
     local_rows = len(mask)
@@ -916,14 +978,11 @@ def autocast(args):
 def load_model(path: str, args, trainable: bool = False):
     """A causal LM with dropout off (ratios exactly 1 at theta = theta_old), frozen unless trained
     (then float32: AdamW's master weights). A frozen one computes as the trained one does: in bf16
-    under FSDP with --bf16 (its MixedPrecisionPolicy), else in float32 under autocast. Trained with
-    --lora_r: the base model of --model_name_or_path with new adapters, or a checkpoint's."""
+    under FSDP with --bf16 (MixedPrecisionPolicy), else float32 under autocast (--lora_r: peft)."""
     from transformers import AutoModelForCausalLM
 
     lora = trainable and args.lora_r > 0
-    adapter = os.path.join(
-        path, "adapter"
-    )  # a LoRA run's checkpoint: its adapters, no full weights
+    adapter = os.path.join(path, "adapter")  # a LoRA run's checkpoint: its adapters only
     base = args.model_name_or_path if lora and os.path.isdir(adapter) else path
     bf16 = args.bf16 and DEVICE.type == "cuda" and not trainable and dist.is_initialized()
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -962,11 +1021,8 @@ def shard(model, args):
     if args.bf16 and DEVICE.type == "cuda":
         mixed = MixedPrecisionPolicy(torch.bfloat16, torch.float32)
     mesh = init_device_mesh(DEVICE.type, (dist.get_world_size(),))  # --no_cuda on a GPU: CPU shards
-    options = {
-        "reshard_after_forward": args.reshard_after_forward,
-        "mp_policy": mixed,
-        "mesh": mesh,
-    }
+    reshard = args.reshard_after_forward
+    options = {"reshard_after_forward": reshard, "mp_policy": mixed, "mesh": mesh}
     layer_types = set()
     for module in model.modules():
         layer_types.update(getattr(module, "_no_split_modules", None) or [])
@@ -980,9 +1036,8 @@ def gathered(model, args):
     """FSDP2: all-gather the weights once for a whole inference phase (rollout, log-probs, eval),
     not per layer and forward; with no collective inside, ranks may run different forward counts."""
     root = getattr(model, "module", model)  # (WithoutAdapters: the trained model it runs)
-    sharded = []
-    if root is not None:
-        sharded = [m for m in root.modules() if hasattr(m, "unshard")]
+    modules = root.modules() if root is not None else []
+    sharded = [m for m in modules if hasattr(m, "unshard")]
     for module in sharded:
         module.unshard()
     if sharded:
@@ -995,32 +1050,20 @@ def gathered(model, args):
 
 
 class WithoutAdapters(torch.nn.Module):
-    """With --lora_r, the initial model (reference, anchor, the eval's KL to init) is the trained
-    model with its adapters off: no second copy. Frozen by construction (the adapters are off, and
-    the log-probs are taken without gradients); its train / eval mode is the trained model's."""
+    """--lora_r: the initial model (reference, anchor, eval KL to init) is the trained model with
+    its adapters off (no second copy); a submodule: train() and eval() reach it."""
 
     def __init__(self, model):
         super().__init__()
-        self.trained = [model]  # (a list: not a submodule, so not in this module's parameters)
-        self.training = model.training
-
-    @property
-    def module(self):
-        return self.trained[0]
+        self.module = model
 
     def forward(self, **kwargs):
         with self.module.disable_adapter():
             return self.module(**kwargs)
 
-    def train(self, mode: bool = True):
-        self.training = mode
-        self.module.train(mode)
-        return self
-
 
 def initial_model(policy, args):
-    """The frozen initial policy: the trained model without its adapters under --lora_r, else a
-    second copy of --model_name_or_path."""
+    """The frozen initial policy: the trained model, adapters off (--lora_r), or a second copy."""
     if args.lora_r:
         return WithoutAdapters(policy)
     return load_model(args.model_name_or_path, args)
@@ -1111,18 +1154,15 @@ class Run:
             raise UserError(f"{self.run_dir} has no checkpoint to read")
         if not complete:
             if acting:
-                print(
-                    f"warning: {self.run_dir} has no checkpoint: starting at step 0",
-                    file=sys.stderr,
-                )
+                warning = f"warning: {self.run_dir} has no checkpoint: starting at step 0"
+                print(warning, file=sys.stderr)
             return None
         step = int(os.path.basename(complete[-1])[len("step_") :])
         if resuming and self.args.total_steps < step:
             raise UserError(f"--total_steps {self.args.total_steps} < the checkpoint's step {step}")
         if resuming and self.args.total_steps == step:  # nothing left to run: say so
-            raise Finished(
-                f"{self.run_dir} has run its {step} steps (to go on: raise --total_steps)"
-            )
+            again = "to go on: raise --total_steps"
+            raise Finished(f"{self.run_dir} has run its {step} steps ({again})")
         return complete[-1]
 
     def start(self, policy, evaluate):
@@ -1337,28 +1377,16 @@ class Run:
         """save_pretrained of the trained model; with --lora_r its adapters in folder/adapter (what
         --resume reads), and at the last step also the merged model (what `final` loads as)."""
         unwrapped = getattr(self.model, "module", self.model)
-        if not self.args.lora_r:
-            unwrapped.save_pretrained(folder, state_dict=model_state)
-            return
-        unwrapped.save_pretrained(os.path.join(folder, "adapter"), state_dict=model_state)
-        if last:
-            merged = merge_lora(model_state, self.args.lora_alpha / self.args.lora_r)
-            unwrapped.get_base_model().save_pretrained(folder, state_dict=merged)
+        weights = os.path.join(folder, "adapter") if self.args.lora_r else folder
+        unwrapped.save_pretrained(weights, state_dict=model_state)
+        if last and self.args.lora_r:  # W + (alpha / r) B A per adapted layer (peft), float32
+            import peft
+            from transformers import AutoModelForCausalLM
 
-
-def merge_lora(state: dict, scale: float) -> dict:
-    """A peft LoRA model's state dict as the base model's: W + scale B A for each adapted layer."""
-    merged = {}
-    for key, value in state.items():
-        if ".lora_" in key:
-            continue
-        if key.endswith(".base_layer.weight"):
-            lora_a = state[key.replace(".base_layer.", ".lora_A.default.")]
-            lora_b = state[key.replace(".base_layer.", ".lora_B.default.")]
-            value = value + scale * (lora_b @ lora_a)
-        name = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        merged[name] = value
-    return merged
+            base_path = tasks.model_path(self.args.model_name_or_path)
+            base = AutoModelForCausalLM.from_pretrained(base_path)
+            merged = peft.PeftModel.from_pretrained(base, os.path.join(folder, "adapter"))
+            merged.merge_and_unload().save_pretrained(folder)
 
 
 def append(path: str, text: str) -> None:
@@ -1368,9 +1396,8 @@ def append(path: str, text: str) -> None:
         with open(path, "a") as f:
             f.write(text)
     except OSError as e:
-        raise UserError(
-            f"could not write {path}: {e.strerror or e}; the checkpoints stay"
-        ) from None
+        why = e.strerror or e
+        raise UserError(f"could not write {path}: {why}; the checkpoints stay") from None
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -1409,9 +1436,8 @@ def tensorboard(args, run_dir: str):
         import wandb
 
         name = os.path.basename(run_dir)
-        wandb.init(
-            project=args.wandb_project_name, name=name, config=asdict(args), sync_tensorboard=True
-        )
+        config = asdict(args)
+        wandb.init(project=args.wandb_project_name, name=name, config=config, sync_tensorboard=True)
     with contextlib.suppress(ImportError):
         from torch.utils.tensorboard import SummaryWriter
 

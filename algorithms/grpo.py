@@ -18,6 +18,10 @@ What this estimator really regularizes:
     gradient with the state distribution held fixed, not the gradient of the sequence KL (that
     needs the log-ratio as a reward).
   * The group mean includes the sample itself: the reward gradient is (1 - 1/G) grad E[r].
+  * --kl_placement reward (InstructGPT's form, verl's use_kl_in_reward) subtracts beta sum_t k1_t
+    from r before the group mean: on-policy, with --scale_rewards none and --loss_agg
+    seq_mean_token_sum_norm, the expected gradient is (1 - 1/G) grad (E[r] - beta KL) of the
+    SEQUENCE law, optimum pi*. Every combination, and what each library does: docs/kl.md.
 """
 
 import argparse
@@ -89,9 +93,14 @@ class Args:
     warmup_steps: int = 0  # linear learning-rate warm-up, in optimizer steps
     # GRPO
     beta: float = 0.04  # KL coefficient (paper 0.04, TRL default 0); 0 removes the KL term
-    # per token, d = lp_ref - lp: k1 = -d, k2 = d^2 / 2, k3 = e^d - 1 - d
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    # per token, d = lp_ref - lp: k1 = -d, k2 = d^2 / 2, k3 = e^d - 1 - d; None: k3 in the loss (the
+    # paper), k1 in the reward (the sequence's log-ratio)
+    kl_estimator: Optional[Literal["k1", "k2", "k3"]] = None
     kl_importance_weight: bool = False  # KL term x rho: the reverse-KL gradient (DeepSeek-V3.2)
+    # loss: beta kappa per token in the loss; reward: r - beta sum_t kappa_t at the rollout, before
+    # the group mean and std. A clean expected gradient only with --scale_rewards none (batch: that
+    # over the batch std) and --loss_agg seq_mean_token_sum_norm (k1: the sequence KL's); docs/kl.md
+    kl_placement: Literal["loss", "reward"] = "loss"
     epsilon: float = 0.2  # lower clip range of the ratio
     epsilon_high: Optional[float] = None  # upper clip range (None = epsilon; DAPO 0.28)
     scale_rewards: Literal["group", "batch", "none"] = (
@@ -132,6 +141,8 @@ def check_args(args: Args, world: int) -> None:
     if args.prompts_per_step % world or rows_per_rank % args.num_minibatches:
         split = f"{world} ranks x --num_minibatches"
         raise UserError(f"--prompts_per_step x --num_generations does not split into {split}")
+    if args.kl_placement == "reward" and args.kl_importance_weight:
+        raise UserError("--kl_importance_weight needs --kl_placement loss (a reward has no ratio)")
 
 
 # ==================================================================================================
@@ -176,6 +187,16 @@ def kl_term(lp, lp_ref, lp_old, estimator: str = "k3", importance_weight: bool =
     if importance_weight:
         return torch.exp(lp - lp_old) * kappa
     return kappa
+
+
+def kl_reward_penalty(lp, lp_ref, mask, beta: float, estimator: str = "k1"):
+    """The reward placement's penalty of each sequence, beta sum_t kappa_t (kappa: kl_term's, at the
+    rollout policy lp; no gradient), subtracted from the reward before the group mean and std. As
+    a detached reward R(y) its expected gradient is grad E[R] - E[grad R]: with k1 the gradient of
+    the SEQUENCE KL(pi_theta || pi_ref); with k3 that minus the per-state forward-KL gradient; with
+    k2 grad E[sum_t k2_t] minus the per-state reverse-KL gradient (tests/test_grpo_kl.py)."""
+    kappa = kl_term(lp, lp_ref, lp, estimator) * mask
+    return beta * kappa.sum(-1).detach()
 
 
 def aggregate(per_token, mask, loss_agg: str, num_seqs, num_tokens, max_new_tokens: int):
@@ -258,7 +279,8 @@ def micro_loss(log_softmax, batch: dict, rows, args, num_seqs, num_tokens):
     C = lp.shape[1]
     # one optimizer step per rollout (no old log-probs were computed): theta_old = theta
     lp_old = batch["old_logprobs"][rows, :C] if "old_logprobs" in batch else lp.detach()
-    lp_ref = batch["ref_logprobs"][rows, :C] if "ref_logprobs" in batch else None
+    in_loss = "ref_logprobs" in batch and args.kl_placement == "loss"
+    lp_ref = batch["ref_logprobs"][rows, :C] if in_loss else None
     epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     return grpo_loss(
         lp,
@@ -271,7 +293,7 @@ def micro_loss(log_softmax, batch: dict, rows, args, num_seqs, num_tokens):
         beta=args.beta,
         epsilon_low=args.epsilon,
         epsilon_high=epsilon_high,
-        kl_estimator=args.kl_estimator,
+        kl_estimator=args.kl_estimator or "k3",
         kl_importance_weight=args.kl_importance_weight,
         loss_agg=args.loss_agg,
         max_new_tokens=args.max_new_tokens,
@@ -288,6 +310,7 @@ def train(args: Args) -> None:
     pad = run.tokenizer.pad_token_id
     G = args.num_generations
     off_policy = args.num_iterations * args.num_minibatches > 1  # later steps: theta moved
+    kl_in_reward = args.beta > 0 and args.kl_placement == "reward"
     model, optimizer = run.start(policy, partial(evaluate, policy, kl_models, run, eos))
     for step in run.steps():
         # 1. the step's prompts (one global draw, this rank's share), G completions each from pi_old
@@ -295,20 +318,34 @@ def train(args: Args) -> None:
         group_prompts = [run.train_prompts[i] for i in prompts for _ in range(G)]
         batch = sample_batch(policy, group_prompts, args, eos, pad, run.sampler(step))
         run.lap("generate")
-        # 2. rewards and group advantages (a group lives on one rank; the batch std is global)
+        # 2. log-probs of the rollout policy (once the optimizer moved off it, or for the KL in the
+        #    reward) and of pi_ref
+        if off_policy or kl_in_reward:
+            lp_rollout = batched_logprobs(policy, batch, args)
+        if off_policy:
+            batch["old_logprobs"] = lp_rollout
+        if args.beta > 0:
+            batch["ref_logprobs"] = batched_logprobs(ref, batch, args)
+        # 3. rewards (less beta x the sequence's KL with --kl_placement reward) and group advantages
+        #    (a group lives on one rank; the batch std is global)
         answers = [run.task.train[i].answer for i in prompts for _ in range(G)]
         rewards = torch.tensor(run.task.score(decode(run.tokenizer, batch), answers), device=DEVICE)
         reward_mean, reward_std = global_mean_std(rewards)
-        batch["advantages"] = group_advantages(rewards, G, args.scale_rewards, batch_std=reward_std)
+        kl_metrics, batch_std = {}, reward_std
+        if kl_in_reward:
+            lp_ref, mask = batch["ref_logprobs"], batch["completion_mask"]
+            estimator = args.kl_estimator or "k1"
+            penalty = kl_reward_penalty(lp_rollout, lp_ref, mask, args.beta, estimator)
+            kl_metrics["charts/kl_penalty_seq"] = global_mean_std(penalty)[0]
+            k1_seq = (lp_rollout - lp_ref).sum(-1)
+            kl_metrics["losses/kl_ref_rkl_k1_seq"] = global_mean_std(k1_seq)[0]
+            rewards = rewards - penalty
+            batch_std = global_mean_std(rewards)[1]
+        batch["advantages"] = group_advantages(rewards, G, args.scale_rewards, batch_std=batch_std)
         truncated = batch["truncated"][:, None] & args.mask_truncated_completions
         batch["loss_mask"] = batch["completion_mask"] * ~truncated
-        # 3. log-probs of the rollout policy (needed once the optimizer moved off it) and of pi_ref
-        if off_policy:
-            batch["old_logprobs"] = batched_logprobs(policy, batch, args)
-        if args.beta > 0:
-            batch["ref_logprobs"] = batched_logprobs(ref, batch, args)
         # 4. the policy update
-        metrics = update_policy(model, optimizer, batch, args, step, micro_loss)
+        metrics = update_policy(model, optimizer, batch, args, step, micro_loss) | kl_metrics
         run.lap("update")
         if not off_policy:  # the drift from the rollout policy is 0 by construction
             del metrics["losses/kl_old_fkl_k1"], metrics["losses/kl_old_fkl_k3"]
@@ -323,10 +360,9 @@ def train(args: Args) -> None:
 
 
 # ==================================================================================================
-# SHARED: identical in every algorithm file; TRY NOT TO MODIFY. tests/test_shared_blocks.py proves
-# it: change it in one file, then copy it with `python -m tests.test_shared_blocks --sync`. It calls
-# back into the algorithm above through `Args`, `check_args` and `train` only (and the micro-batch
-# loss a script hands to `update_policy`). Not every script uses every helper.
+# SHARED: identical in every algorithm file; TRY NOT TO MODIFY (tests/test_shared_blocks.py: change
+# it in one file, copy it with `python -m tests.test_shared_blocks --sync`). It calls back into the
+# algorithm above through `Args`, `check_args`, `train` and the loss given to `update_policy` only.
 # ==================================================================================================
 
 try:  # the repository's common/ folder: a copied script needs it beside its own folder
@@ -370,8 +406,7 @@ def prefill(model, prompt_ids, prompt_mask, rows):
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, rows, args, eos, pad, generator=None, uniforms=None):
     """One completion per row from exactly softmax(logits / T) (no top-k, top-p or penalty: the law
-    every log-prob assumes); finished rows leave the batch and the KV cache. uniforms [M, H]:
-    inverse-CDF draws from this noise instead of from `generator`."""
+    every log-prob assumes); finished rows leave the batch. uniforms [M, H]: inverse-CDF noise."""
     was_training = model.training
     model.eval()  # in train mode, gradient checkpointing would switch the KV cache off
     with autocast(args):
@@ -519,9 +554,8 @@ def eos_ids(tokenizer, model):
 def decode(tokenizer, batch: dict) -> list:
     """The completion texts, without special tokens (EOS)."""
     pairs = zip(batch["completion_ids"], batch["completion_mask"])
-    return tokenizer.batch_decode(
-        [ids[mask.bool()] for ids, mask in pairs], skip_special_tokens=True
-    )
+    completions = [ids[mask.bool()] for ids, mask in pairs]
+    return tokenizer.batch_decode(completions, skip_special_tokens=True)
 
 
 @torch.no_grad()
@@ -578,17 +612,15 @@ def pass_at_k_sizes(n: int) -> list:
 def pass_at_k(correct, n: int, k: int):
     """The unbiased pass@k of each prompt, c of its n samples correct (Chen et al. 2021):
     1 - C(n - c, k) / C(n, k): the chance that k samples, drawn WITHOUT replacement, hold one."""
-    # C(n - c, k) / C(n, k): the chance that all k are wrong (exact integers, then one division)
     misses = [math.comb(n - c, k) / math.comb(n, k) for c in correct.tolist()]
     return 1 - torch.tensor(misses, dtype=torch.float64, device=correct.device)
 
 
 # ---- UPDATE: global mini-batches, micro-batches in lockstep, the optimizer step ----------------
 def update_policy(model, optimizer, batch: dict, args, step: int, micro_loss) -> dict:
-    """--num_iterations passes x --num_minibatches optimizer steps over the rollout. A mini-batch is
-    a set of GLOBAL rows whose sequence and token counts are summed over the ranks before its loss
-    is formed; each rank backpropagates loss x world size (FSDP averages): the update depends on
-    neither the ranks nor the micro-batching; micro_loss(log_softmax, batch, rows, args, ...)."""
+    """--num_iterations x --num_minibatches optimizer steps over the rollout. A mini-batch: GLOBAL
+    rows, their sequence and token counts summed over the ranks before the loss; each rank backprops
+    loss x world size (FSDP averages): the update depends on neither ranks nor micro-batching."""
     world, rank = world_rank()
     mask = batch["loss_mask"]
     local_rows = len(mask)
@@ -853,14 +885,11 @@ def autocast(args):
 def load_model(path: str, args, trainable: bool = False):
     """A causal LM with dropout off (ratios exactly 1 at theta = theta_old), frozen unless trained
     (then float32: AdamW's master weights). A frozen one computes as the trained one does: in bf16
-    under FSDP with --bf16 (its MixedPrecisionPolicy), else in float32 under autocast. Trained with
-    --lora_r: the base model of --model_name_or_path with new adapters, or a checkpoint's."""
+    under FSDP with --bf16 (MixedPrecisionPolicy), else float32 under autocast (--lora_r: peft)."""
     from transformers import AutoModelForCausalLM
 
     lora = trainable and args.lora_r > 0
-    adapter = os.path.join(
-        path, "adapter"
-    )  # a LoRA run's checkpoint: its adapters, no full weights
+    adapter = os.path.join(path, "adapter")  # a LoRA run's checkpoint: its adapters only
     base = args.model_name_or_path if lora and os.path.isdir(adapter) else path
     bf16 = args.bf16 and DEVICE.type == "cuda" and not trainable and dist.is_initialized()
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -899,11 +928,8 @@ def shard(model, args):
     if args.bf16 and DEVICE.type == "cuda":
         mixed = MixedPrecisionPolicy(torch.bfloat16, torch.float32)
     mesh = init_device_mesh(DEVICE.type, (dist.get_world_size(),))  # --no_cuda on a GPU: CPU shards
-    options = {
-        "reshard_after_forward": args.reshard_after_forward,
-        "mp_policy": mixed,
-        "mesh": mesh,
-    }
+    reshard = args.reshard_after_forward
+    options = {"reshard_after_forward": reshard, "mp_policy": mixed, "mesh": mesh}
     layer_types = set()
     for module in model.modules():
         layer_types.update(getattr(module, "_no_split_modules", None) or [])
@@ -917,9 +943,8 @@ def gathered(model, args):
     """FSDP2: all-gather the weights once for a whole inference phase (rollout, log-probs, eval),
     not per layer and forward; with no collective inside, ranks may run different forward counts."""
     root = getattr(model, "module", model)  # (WithoutAdapters: the trained model it runs)
-    sharded = []
-    if root is not None:
-        sharded = [m for m in root.modules() if hasattr(m, "unshard")]
+    modules = root.modules() if root is not None else []
+    sharded = [m for m in modules if hasattr(m, "unshard")]
     for module in sharded:
         module.unshard()
     if sharded:
@@ -932,32 +957,20 @@ def gathered(model, args):
 
 
 class WithoutAdapters(torch.nn.Module):
-    """With --lora_r, the initial model (reference, anchor, the eval's KL to init) is the trained
-    model with its adapters off: no second copy. Frozen by construction (the adapters are off, and
-    the log-probs are taken without gradients); its train / eval mode is the trained model's."""
+    """--lora_r: the initial model (reference, anchor, eval KL to init) is the trained model with
+    its adapters off (no second copy); a submodule: train() and eval() reach it."""
 
     def __init__(self, model):
         super().__init__()
-        self.trained = [model]  # (a list: not a submodule, so not in this module's parameters)
-        self.training = model.training
-
-    @property
-    def module(self):
-        return self.trained[0]
+        self.module = model
 
     def forward(self, **kwargs):
         with self.module.disable_adapter():
             return self.module(**kwargs)
 
-    def train(self, mode: bool = True):
-        self.training = mode
-        self.module.train(mode)
-        return self
-
 
 def initial_model(policy, args):
-    """The frozen initial policy: the trained model without its adapters under --lora_r, else a
-    second copy of --model_name_or_path."""
+    """The frozen initial policy: the trained model, adapters off (--lora_r), or a second copy."""
     if args.lora_r:
         return WithoutAdapters(policy)
     return load_model(args.model_name_or_path, args)
@@ -1048,18 +1061,15 @@ class Run:
             raise UserError(f"{self.run_dir} has no checkpoint to read")
         if not complete:
             if acting:
-                print(
-                    f"warning: {self.run_dir} has no checkpoint: starting at step 0",
-                    file=sys.stderr,
-                )
+                warning = f"warning: {self.run_dir} has no checkpoint: starting at step 0"
+                print(warning, file=sys.stderr)
             return None
         step = int(os.path.basename(complete[-1])[len("step_") :])
         if resuming and self.args.total_steps < step:
             raise UserError(f"--total_steps {self.args.total_steps} < the checkpoint's step {step}")
         if resuming and self.args.total_steps == step:  # nothing left to run: say so
-            raise Finished(
-                f"{self.run_dir} has run its {step} steps (to go on: raise --total_steps)"
-            )
+            again = "to go on: raise --total_steps"
+            raise Finished(f"{self.run_dir} has run its {step} steps ({again})")
         return complete[-1]
 
     def start(self, policy, evaluate):
@@ -1274,28 +1284,16 @@ class Run:
         """save_pretrained of the trained model; with --lora_r its adapters in folder/adapter (what
         --resume reads), and at the last step also the merged model (what `final` loads as)."""
         unwrapped = getattr(self.model, "module", self.model)
-        if not self.args.lora_r:
-            unwrapped.save_pretrained(folder, state_dict=model_state)
-            return
-        unwrapped.save_pretrained(os.path.join(folder, "adapter"), state_dict=model_state)
-        if last:
-            merged = merge_lora(model_state, self.args.lora_alpha / self.args.lora_r)
-            unwrapped.get_base_model().save_pretrained(folder, state_dict=merged)
+        weights = os.path.join(folder, "adapter") if self.args.lora_r else folder
+        unwrapped.save_pretrained(weights, state_dict=model_state)
+        if last and self.args.lora_r:  # W + (alpha / r) B A per adapted layer (peft), float32
+            import peft
+            from transformers import AutoModelForCausalLM
 
-
-def merge_lora(state: dict, scale: float) -> dict:
-    """A peft LoRA model's state dict as the base model's: W + scale B A for each adapted layer."""
-    merged = {}
-    for key, value in state.items():
-        if ".lora_" in key:
-            continue
-        if key.endswith(".base_layer.weight"):
-            lora_a = state[key.replace(".base_layer.", ".lora_A.default.")]
-            lora_b = state[key.replace(".base_layer.", ".lora_B.default.")]
-            value = value + scale * (lora_b @ lora_a)
-        name = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        merged[name] = value
-    return merged
+            base_path = tasks.model_path(self.args.model_name_or_path)
+            base = AutoModelForCausalLM.from_pretrained(base_path)
+            merged = peft.PeftModel.from_pretrained(base, os.path.join(folder, "adapter"))
+            merged.merge_and_unload().save_pretrained(folder)
 
 
 def append(path: str, text: str) -> None:
@@ -1305,9 +1303,8 @@ def append(path: str, text: str) -> None:
         with open(path, "a") as f:
             f.write(text)
     except OSError as e:
-        raise UserError(
-            f"could not write {path}: {e.strerror or e}; the checkpoints stay"
-        ) from None
+        why = e.strerror or e
+        raise UserError(f"could not write {path}: {why}; the checkpoints stay") from None
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -1346,9 +1343,8 @@ def tensorboard(args, run_dir: str):
         import wandb
 
         name = os.path.basename(run_dir)
-        wandb.init(
-            project=args.wandb_project_name, name=name, config=asdict(args), sync_tensorboard=True
-        )
+        config = asdict(args)
+        wandb.init(project=args.wandb_project_name, name=name, config=config, sync_tensorboard=True)
     with contextlib.suppress(ImportError):
         from torch.utils.tensorboard import SummaryWriter
 

@@ -778,10 +778,9 @@ def train(args: Args) -> None:
 
 
 # ==================================================================================================
-# SHARED: identical in every algorithm file; TRY NOT TO MODIFY. tests/test_shared_blocks.py proves
-# it: change it in one file, then copy it with `python -m tests.test_shared_blocks --sync`. It calls
-# back into the algorithm above through `Args`, `check_args` and `train` only (and the micro-batch
-# loss a script hands to `update_policy`). Not every script uses every helper.
+# SHARED: identical in every algorithm file; TRY NOT TO MODIFY (tests/test_shared_blocks.py: change
+# it in one file, copy it with `python -m tests.test_shared_blocks --sync`). It calls back into the
+# algorithm above through `Args`, `check_args`, `train` and the loss given to `update_policy` only.
 # ==================================================================================================
 
 try:  # the repository's common/ folder: a copied script needs it beside its own folder
@@ -825,8 +824,7 @@ def prefill(model, prompt_ids, prompt_mask, rows):
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, rows, args, eos, pad, generator=None, uniforms=None):
     """One completion per row from exactly softmax(logits / T) (no top-k, top-p or penalty: the law
-    every log-prob assumes); finished rows leave the batch and the KV cache. uniforms [M, H]:
-    inverse-CDF draws from this noise instead of from `generator`."""
+    every log-prob assumes); finished rows leave the batch. uniforms [M, H]: inverse-CDF noise."""
     was_training = model.training
     model.eval()  # in train mode, gradient checkpointing would switch the KV cache off
     with autocast(args):
@@ -974,9 +972,8 @@ def eos_ids(tokenizer, model):
 def decode(tokenizer, batch: dict) -> list:
     """The completion texts, without special tokens (EOS)."""
     pairs = zip(batch["completion_ids"], batch["completion_mask"])
-    return tokenizer.batch_decode(
-        [ids[mask.bool()] for ids, mask in pairs], skip_special_tokens=True
-    )
+    completions = [ids[mask.bool()] for ids, mask in pairs]
+    return tokenizer.batch_decode(completions, skip_special_tokens=True)
 
 
 @torch.no_grad()
@@ -1033,17 +1030,15 @@ def pass_at_k_sizes(n: int) -> list:
 def pass_at_k(correct, n: int, k: int):
     """The unbiased pass@k of each prompt, c of its n samples correct (Chen et al. 2021):
     1 - C(n - c, k) / C(n, k): the chance that k samples, drawn WITHOUT replacement, hold one."""
-    # C(n - c, k) / C(n, k): the chance that all k are wrong (exact integers, then one division)
     misses = [math.comb(n - c, k) / math.comb(n, k) for c in correct.tolist()]
     return 1 - torch.tensor(misses, dtype=torch.float64, device=correct.device)
 
 
 # ---- UPDATE: global mini-batches, micro-batches in lockstep, the optimizer step ----------------
 def update_policy(model, optimizer, batch: dict, args, step: int, micro_loss) -> dict:
-    """--num_iterations passes x --num_minibatches optimizer steps over the rollout. A mini-batch is
-    a set of GLOBAL rows whose sequence and token counts are summed over the ranks before its loss
-    is formed; each rank backpropagates loss x world size (FSDP averages): the update depends on
-    neither the ranks nor the micro-batching; micro_loss(log_softmax, batch, rows, args, ...)."""
+    """--num_iterations x --num_minibatches optimizer steps over the rollout. A mini-batch: GLOBAL
+    rows, their sequence and token counts summed over the ranks before the loss; each rank backprops
+    loss x world size (FSDP averages): the update depends on neither ranks nor micro-batching."""
     world, rank = world_rank()
     mask = batch["loss_mask"]
     local_rows = len(mask)
@@ -1308,14 +1303,11 @@ def autocast(args):
 def load_model(path: str, args, trainable: bool = False):
     """A causal LM with dropout off (ratios exactly 1 at theta = theta_old), frozen unless trained
     (then float32: AdamW's master weights). A frozen one computes as the trained one does: in bf16
-    under FSDP with --bf16 (its MixedPrecisionPolicy), else in float32 under autocast. Trained with
-    --lora_r: the base model of --model_name_or_path with new adapters, or a checkpoint's."""
+    under FSDP with --bf16 (MixedPrecisionPolicy), else float32 under autocast (--lora_r: peft)."""
     from transformers import AutoModelForCausalLM
 
     lora = trainable and args.lora_r > 0
-    adapter = os.path.join(
-        path, "adapter"
-    )  # a LoRA run's checkpoint: its adapters, no full weights
+    adapter = os.path.join(path, "adapter")  # a LoRA run's checkpoint: its adapters only
     base = args.model_name_or_path if lora and os.path.isdir(adapter) else path
     bf16 = args.bf16 and DEVICE.type == "cuda" and not trainable and dist.is_initialized()
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -1354,11 +1346,8 @@ def shard(model, args):
     if args.bf16 and DEVICE.type == "cuda":
         mixed = MixedPrecisionPolicy(torch.bfloat16, torch.float32)
     mesh = init_device_mesh(DEVICE.type, (dist.get_world_size(),))  # --no_cuda on a GPU: CPU shards
-    options = {
-        "reshard_after_forward": args.reshard_after_forward,
-        "mp_policy": mixed,
-        "mesh": mesh,
-    }
+    reshard = args.reshard_after_forward
+    options = {"reshard_after_forward": reshard, "mp_policy": mixed, "mesh": mesh}
     layer_types = set()
     for module in model.modules():
         layer_types.update(getattr(module, "_no_split_modules", None) or [])
@@ -1372,9 +1361,8 @@ def gathered(model, args):
     """FSDP2: all-gather the weights once for a whole inference phase (rollout, log-probs, eval),
     not per layer and forward; with no collective inside, ranks may run different forward counts."""
     root = getattr(model, "module", model)  # (WithoutAdapters: the trained model it runs)
-    sharded = []
-    if root is not None:
-        sharded = [m for m in root.modules() if hasattr(m, "unshard")]
+    modules = root.modules() if root is not None else []
+    sharded = [m for m in modules if hasattr(m, "unshard")]
     for module in sharded:
         module.unshard()
     if sharded:
@@ -1387,32 +1375,20 @@ def gathered(model, args):
 
 
 class WithoutAdapters(torch.nn.Module):
-    """With --lora_r, the initial model (reference, anchor, the eval's KL to init) is the trained
-    model with its adapters off: no second copy. Frozen by construction (the adapters are off, and
-    the log-probs are taken without gradients); its train / eval mode is the trained model's."""
+    """--lora_r: the initial model (reference, anchor, eval KL to init) is the trained model with
+    its adapters off (no second copy); a submodule: train() and eval() reach it."""
 
     def __init__(self, model):
         super().__init__()
-        self.trained = [model]  # (a list: not a submodule, so not in this module's parameters)
-        self.training = model.training
-
-    @property
-    def module(self):
-        return self.trained[0]
+        self.module = model
 
     def forward(self, **kwargs):
         with self.module.disable_adapter():
             return self.module(**kwargs)
 
-    def train(self, mode: bool = True):
-        self.training = mode
-        self.module.train(mode)
-        return self
-
 
 def initial_model(policy, args):
-    """The frozen initial policy: the trained model without its adapters under --lora_r, else a
-    second copy of --model_name_or_path."""
+    """The frozen initial policy: the trained model, adapters off (--lora_r), or a second copy."""
     if args.lora_r:
         return WithoutAdapters(policy)
     return load_model(args.model_name_or_path, args)
@@ -1503,18 +1479,15 @@ class Run:
             raise UserError(f"{self.run_dir} has no checkpoint to read")
         if not complete:
             if acting:
-                print(
-                    f"warning: {self.run_dir} has no checkpoint: starting at step 0",
-                    file=sys.stderr,
-                )
+                warning = f"warning: {self.run_dir} has no checkpoint: starting at step 0"
+                print(warning, file=sys.stderr)
             return None
         step = int(os.path.basename(complete[-1])[len("step_") :])
         if resuming and self.args.total_steps < step:
             raise UserError(f"--total_steps {self.args.total_steps} < the checkpoint's step {step}")
         if resuming and self.args.total_steps == step:  # nothing left to run: say so
-            raise Finished(
-                f"{self.run_dir} has run its {step} steps (to go on: raise --total_steps)"
-            )
+            again = "to go on: raise --total_steps"
+            raise Finished(f"{self.run_dir} has run its {step} steps ({again})")
         return complete[-1]
 
     def start(self, policy, evaluate):
@@ -1729,28 +1702,16 @@ class Run:
         """save_pretrained of the trained model; with --lora_r its adapters in folder/adapter (what
         --resume reads), and at the last step also the merged model (what `final` loads as)."""
         unwrapped = getattr(self.model, "module", self.model)
-        if not self.args.lora_r:
-            unwrapped.save_pretrained(folder, state_dict=model_state)
-            return
-        unwrapped.save_pretrained(os.path.join(folder, "adapter"), state_dict=model_state)
-        if last:
-            merged = merge_lora(model_state, self.args.lora_alpha / self.args.lora_r)
-            unwrapped.get_base_model().save_pretrained(folder, state_dict=merged)
+        weights = os.path.join(folder, "adapter") if self.args.lora_r else folder
+        unwrapped.save_pretrained(weights, state_dict=model_state)
+        if last and self.args.lora_r:  # W + (alpha / r) B A per adapted layer (peft), float32
+            import peft
+            from transformers import AutoModelForCausalLM
 
-
-def merge_lora(state: dict, scale: float) -> dict:
-    """A peft LoRA model's state dict as the base model's: W + scale B A for each adapted layer."""
-    merged = {}
-    for key, value in state.items():
-        if ".lora_" in key:
-            continue
-        if key.endswith(".base_layer.weight"):
-            lora_a = state[key.replace(".base_layer.", ".lora_A.default.")]
-            lora_b = state[key.replace(".base_layer.", ".lora_B.default.")]
-            value = value + scale * (lora_b @ lora_a)
-        name = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        merged[name] = value
-    return merged
+            base_path = tasks.model_path(self.args.model_name_or_path)
+            base = AutoModelForCausalLM.from_pretrained(base_path)
+            merged = peft.PeftModel.from_pretrained(base, os.path.join(folder, "adapter"))
+            merged.merge_and_unload().save_pretrained(folder)
 
 
 def append(path: str, text: str) -> None:
@@ -1760,9 +1721,8 @@ def append(path: str, text: str) -> None:
         with open(path, "a") as f:
             f.write(text)
     except OSError as e:
-        raise UserError(
-            f"could not write {path}: {e.strerror or e}; the checkpoints stay"
-        ) from None
+        why = e.strerror or e
+        raise UserError(f"could not write {path}: {why}; the checkpoints stay") from None
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -1801,9 +1761,8 @@ def tensorboard(args, run_dir: str):
         import wandb
 
         name = os.path.basename(run_dir)
-        wandb.init(
-            project=args.wandb_project_name, name=name, config=asdict(args), sync_tensorboard=True
-        )
+        config = asdict(args)
+        wandb.init(project=args.wandb_project_name, name=name, config=config, sync_tensorboard=True)
     with contextlib.suppress(ImportError):
         from torch.utils.tensorboard import SummaryWriter
 

@@ -32,16 +32,17 @@ CHAT = (
 )
 
 
-def build_model(path: str, tiny: bool) -> None:
+def build_model(path: str, tiny: bool, vocab_size: int = 0) -> None:
     """A Qwen2.5-0.5B-shaped Qwen2 model with random weights and a local tokenizer of the same vocabulary size;
-    --tiny: a 2-layer one of the same family (seconds on CPU)."""
+    --tiny: a 2-layer one of the same family (seconds on CPU); vocab_size > 0: that vocabulary instead (tiny with
+    151936: Qwen's vocabulary on a 2-layer, 64-wide model, for CPU memory measurements)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
     chars = [chr(i) for i in range(32, 127)] + ["\n", "\t"]
-    vocab_size = 512 if tiny else 151936
+    vocab_size = vocab_size or (512 if tiny else 151936)
     names = specials + chars + [f"<x{i}>" for i in range(vocab_size - len(specials) - len(chars))]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(names)}, merges=[], unk_token="<unk>"))
     tok.decoder = decoders.Fuse()

@@ -51,7 +51,8 @@ ALGO_PAGES = {
     "dpo_kl.md": ["dpo_kl"],
     "gkd.md": ["gkd"],
 }
-OPERATIONAL_PAGES = ["real_models.md", "benchmarks.md", "operations.md", "metrics.md"]
+OPERATIONAL_PAGES = ["real_models.md", "benchmarks.md", "operations.md", "metrics.md", "kl.md"]
+FLAG_SCOPE = {"kl.md": ["grpo"]}  # an operational page about one script's flags: they are checked against it
 SECTIONS = [
     "Overview",
     "Usage",
@@ -509,7 +510,8 @@ def all_pages() -> list:
 
 
 def page_scripts(path: str) -> list | None:
-    return ALGO_PAGES.get(os.path.basename(path)) if os.path.dirname(path) == DOCS else None
+    name = os.path.basename(path)
+    return (ALGO_PAGES.get(name) or FLAG_SCOPE.get(name)) if os.path.dirname(path) == DOCS else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -673,7 +675,7 @@ def test_negative_control_sections_defaults_and_test_names(tmp_path):
     body = body.replace(
         "## Flags\n\ntext",
         "## Flags\n\n| flag | default |\n|---|---|\n| `--beta` | 0.05 |\n"
-        "| `--kl_estimator` | k3 |\n| `--epsilon` | about 0.2 |",
+        "| `--kl_estimator` | None |\n| `--epsilon` | about 0.2 |",
     )
     page.write_text(
         f"# GRPO\n\n{body}\n\nProved by `tests/test_grpo.py::test_t99_missing` and "
@@ -707,3 +709,11 @@ def test_bool_fields_give_no_flags():
     assert {"chat_template", "no_chat_template", "kl_importance_weight", "no_kl_importance_weight"} <= flags
     assert "bf16" in flags and "no_bf16" not in flags  # Optional[bool]: `--bf16 {None,True,False}`
     assert "no_beta" not in flags
+
+
+def test_negative_control_kl_page_scope(tmp_path):
+    """docs/kl.md names grpo.py's flags: another script's flag there is an error."""
+    page = tmp_path / "kl.md"
+    page.write_text("`--kl_placement reward`, `--kl_estimator k1` and pmd_mean's `--tau`.\n")
+    errors = check_flags(str(page), page_scripts=page_scripts(os.path.join(DOCS, "kl.md")))
+    assert len(errors) == 1 and "--tau" in errors[0], errors

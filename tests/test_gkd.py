@@ -399,3 +399,207 @@ def test_script_reports_a_tokenizer_mismatch_in_one_line(tmp_path):
     proc = run_script("gkd", "--teacher_name_or_path", str(teacher), "--output_dir", str(out), "--total_steps", "1")
     assert "tokenizer differs" in one_line_error(proc)
     assert not os.path.exists(out) or not os.listdir(out)
+
+
+# ---- O1-O4 on-policy distillation by policy gradient (--update pg): expected gradients by enumeration -----------
+def opd_setup(seed=31):
+    """A vocabulary-3 tree with EOS (token 0) ending sequences at depths 1, 2 and 3; student q (grad), teacher p."""
+    tree = TokenTree(vocab=3, max_len=3, eos=0)
+    return tree, tree.random_logits(seed), tree.random_logits(seed + 1).detach()
+
+
+def opd_expected_grad(tree, q, p, discount, bonus=None, length_norm=False):
+    """sum_y q(y) grad l(y): the exact expected gradient of opd_loss at theta = theta_old, one sequence at a time
+    (num_seqs 1), the sampling detached; length_norm (a negative control) divides each sequence's loss by its length."""
+    lp, lp_teacher = tree.token_logprobs(q), tree.token_logprobs(p).detach()
+    w = tree.seq_logprobs(q).exp().detach()
+    bonus = torch.zeros(len(w), dtype=DT) if bonus is None else bonus
+    total = 0.0
+    for i in range(len(w)):
+        row = slice(i, i + 1)
+        mask = tree.mask[row]
+        loss, _ = gkd.opd_loss(lp[row], lp[row].detach(), lp_teacher[row], mask, bonus[row], 1, 1, discount=discount)
+        total = total + w[i] * loss / (mask.sum() if length_norm else 1)
+    return grad(total, q)
+
+
+def supervised_rkl_expected_grad(tree, q, p):
+    """The same expectation for the supervised update: gkd_loss with --divergence rkl, summed over each sequence."""
+    w = tree.seq_logprobs(q).exp().detach()
+    total = 0.0
+    for i in range(len(w)):
+        states = tree.seq_states[i : i + 1]
+        loss, _ = loss_of(p[states], q[states], tree.mask[i : i + 1], 1, kind="rkl")
+        total = total + w[i] * loss
+    return grad(total, q)
+
+
+def test_o1_discount_one_is_the_sequence_kl_gradient():
+    tree, q, p = opd_setup()
+    assert set(tree.mask.sum(-1).tolist()) == {1.0, 2.0, 3.0}  # EOS at several depths
+    g = opd_expected_grad(tree, q, p, discount=1)
+    g_seq = grad(tree.seq_kl(q, p), q)
+    assert max_abs(g, g_seq) < TOL
+    # negative controls: the per-token reward without its future (discount 0), and a per-sequence length norm
+    assert max_abs(opd_expected_grad(tree, q, p, discount=0), g_seq) > GAP
+    assert max_abs(opd_expected_grad(tree, q, p, discount=1, length_norm=True), g_seq) > GAP
+
+
+def test_o2_discount_zero_is_the_per_state_gradient_and_the_supervised_rkl():
+    tree, q, p = opd_setup()
+    g0 = opd_expected_grad(tree, q, p, discount=0)
+    d = tree.state_probs(q)
+    kl_states = tree.per_state_kl(q, p)
+    g_state = grad((d.detach() * kl_states).sum(), q)  # the state law held fixed
+    assert max_abs(g0, g_state) < TOL
+    assert max_abs(g0, supervised_rkl_expected_grad(tree, q, p)) < TOL  # the same expectation as supervised rkl
+    # discount 1 - discount 0 = the future-state term sum_s grad d(s) KL_s, here not small
+    future = grad((d * kl_states.detach()).sum(), q)
+    g1 = opd_expected_grad(tree, q, p, discount=1)
+    assert max_abs(g1 - g0, future) < TOL and future.abs().max() > 0.1
+    assert max_abs(g1, g_state) > GAP  # negative control
+    # equal in expectation only: on one sequence the sampled-token gradient is not the exact per-state one
+    lp = tree.token_logprobs(q)
+    one = slice(5, 6)
+    loss, _ = gkd.opd_loss(lp[one], lp[one].detach(), tree.token_logprobs(p)[one], tree.mask[one], torch.zeros(1), 1, 1)
+    states = tree.seq_states[one]
+    sup, _ = loss_of(p[states], q[states], tree.mask[one], 1, kind="rkl")
+    assert max_abs(grad(loss, q), grad(sup, q)) > GAP
+
+
+@pytest.mark.parametrize("discount", [0, 1])
+def test_o3_task_reward_bonus(discount):
+    """bonus = w R(y) in every token's advantage: the expected gradient gains -w grad E_q R (both discounts)."""
+    tree, q, p = opd_setup()
+    R = (tree.tokens[:, 0] == 2).to(DT) + 0.5 * (tree.mask.sum(-1) == 2)  # a reward of the sequence
+    w = 0.7
+    g = opd_expected_grad(tree, q, p, discount, bonus=w * R)
+    expected_reward = (tree.seq_logprobs(q).exp() * R).sum()
+    assert max_abs(g, opd_expected_grad(tree, q, p, discount) - w * grad(expected_reward, q)) < TOL
+    assert max_abs(g, opd_expected_grad(tree, q, p, discount)) > GAP  # negative control: the bonus is used
+
+
+def test_o4_clipped_ratio_and_stats():
+    """Off theta_old: gradient -rho A grad lp / num_seqs where unclipped, 0 where the ratio left [1 - eps, 1 + eps] in
+    A's direction; the stats are token means (k1 = log q_old - log p_T). Negative control: the unclipped gradient."""
+    lp = torch.tensor([[-1.0, -0.5, -2.0, -0.1]], dtype=DT, requires_grad=True)
+    lp_old = torch.tensor([[-1.5, -0.5, -1.0, -0.3]], dtype=DT)  # ratios e^0.5, 1, e^-1, e^0.2
+    lp_teacher = torch.tensor([[-0.2, -0.9, -2.5, -0.4]], dtype=DT)  # A = 1.3, -0.4, -1.5, -0.1 (discount 0)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=DT)
+    loss, stats = gkd.opd_loss(lp, lp_old, lp_teacher, mask, torch.zeros(1), 2, 3, epsilon=0.2)
+    ratio, A = (lp - lp_old).exp().detach(), (lp_teacher - lp_old)
+    unclipped = torch.tensor([[0.0, 1.0, 0.0, 0.0]], dtype=DT)  # token 0: rho > 1.2, A > 0; token 2: rho < 0.8, A < 0
+    assert max_abs(grad(loss, lp), -ratio * A * unclipped / 2) < TOL
+    assert max_abs(grad(loss, lp), -ratio * A * mask / 2) > GAP
+    assert abs(stats["clipfrac"] - 2 / 3) < TOL
+    assert abs(stats["kl_teacher_rkl_k1"] - ((lp_old - lp_teacher) * mask).sum() / 3) < TOL
+    assert abs(stats["charts/teacher_logprob_mean"] - (lp_teacher * mask).sum() / 3) < TOL
+
+
+# ---- K1-K3 the teacher's top K and one tail bucket (--teacher_top_k) ----------------------------------------------
+def top_k_div(a, z, K, kind, **kw):
+    """D over the top-K buckets from teacher / student logits, through the script's top_k_buckets."""
+    log_t, log_s = torch.log_softmax(a, -1), torch.log_softmax(z, -1)
+    top, index = log_t.topk(K)
+    bt, bs = gkd.top_k_buckets(top, index, log_s)
+    return gkd.divergence_from_log_probs(bt, bs, kind, **kw)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_k1_all_tokens_is_the_full_divergence(kind):
+    a, z = pair(40, V=7)
+    full, ours = div(a, z, kind, beta=0.3), top_k_div(a, z, 7, kind, beta=0.3)
+    assert max_abs(ours, full) < 1e-12 and max_abs(grad(ours.sum(), z), grad(full.sum(), z)) < 1e-12
+    # K = V - 1 is exact too (its tail bucket is one token); negative control: K = 3
+    assert max_abs(top_k_div(a, z, 6, kind, beta=0.3), full) < 1e-12
+    assert max_abs(top_k_div(a, z, 3, kind, beta=0.3), full) > GAP
+
+
+def buckets_by_hand(t_row, s_row, K):
+    """The K + 1 bucket probabilities of one row, written out: the teacher's K most probable tokens, then the rest."""
+    top = sorted(range(len(t_row)), key=lambda k: -t_row[k])[:K]
+    bt = [t_row[k] for k in top] + [1 - sum(t_row[k] for k in top)]
+    bs = [s_row[k] for k in top] + [1 - sum(s_row[k] for k in top)]
+    return bt, bs
+
+
+def test_k2_top_k_against_its_closed_form():
+    a, z = pair(41, V=8, rows=6)
+    t, s = torch.softmax(a, -1).tolist(), torch.softmax(z.detach(), -1).tolist()
+    K = 3
+    for kind in ("fkl", "rkl", "tv", "jsd"):
+        ours = top_k_div(a, z.detach(), K, kind, beta=0.3)
+        renormalized, teacher_only = [], []
+        for i in range(6):
+            bt, bs = buckets_by_hand(t[i], s[i], K)
+            if kind == "fkl":
+                want = sum(x * math.log(x / y) for x, y in zip(bt, bs))
+            elif kind == "rkl":
+                want = sum(y * math.log(y / x) for x, y in zip(bt, bs))
+            elif kind == "tv":
+                want = 0.5 * sum(abs(x - y) for x, y in zip(bt, bs))
+            else:
+                m = [0.3 * x + 0.7 * y for x, y in zip(bt, bs)]
+                want = 0.3 * sum(x * math.log(x / c) for x, c in zip(bt, m))
+                want += 0.7 * sum(y * math.log(y / c) for y, c in zip(bs, m))
+            assert abs(ours[i].item() - want) < TOL
+            # the other conventions: both renormalized over the top K; the teacher renormalized, the student raw
+            rt, rs = [x / sum(bt[:K]) for x in bt[:K]], [y / sum(bs[:K]) for y in bs[:K]]
+            renormalized.append(sum(x * math.log(x / y) for x, y in zip(rt, rs)))
+            teacher_only.append(sum(x * math.log(x / y) for x, y in zip(rt, bs[:K])))
+        assert (ours <= div(a, z.detach(), kind, beta=0.3) + 1e-12).all()  # data processing: <= the full D
+        if kind == "fkl":  # negative controls: the other conventions give other values
+            assert max_abs(ours, torch.tensor(renormalized, dtype=DT)) > GAP
+            assert max_abs(ours, torch.tensor(teacher_only, dtype=DT)) > GAP
+
+
+def test_k3_top_k_forward_kl_gradient():
+    """grad_z of the bucketed KL(t || s) = s - t~, t~ = t on the top K and t_tail s_k / s_tail off it (the teacher's
+    tail spread like the student's). Negative control: the full forward KL's s - t."""
+    a, z = pair(42, V=8)
+    K = 3
+    t, s = torch.softmax(a, -1), torch.softmax(z.detach(), -1)
+    in_top = torch.zeros_like(t, dtype=torch.bool).scatter(-1, t.topk(K).indices, True)
+    t_tail = 1 - (t * in_top).sum(-1, keepdim=True)
+    s_tail = 1 - (s * in_top).sum(-1, keepdim=True)
+    t_filled = torch.where(in_top, t, t_tail * s / s_tail)
+    g = grad(top_k_div(a, z, K, "fkl").sum(), z)
+    assert max_abs(g, s - t_filled) < TOL
+    assert max_abs(g, s - t) > GAP
+
+
+def test_k4_script_top_k_of_every_token_is_the_full_run(tmp_path, capsys):
+    """One step of the script with --teacher_top_k above the vocabulary (K = V: every token and a tail bucket of
+    rounding) logs the full run's loss, KLs, teacher entropy and teacher log-prob, to float32's tail rounding (1 - the
+    top-K sum, ~1e-7, times a log-ratio: 2e-5 relative); K = 1 does not (negative control: the loss moves by 3e-4,
+    the KL(s || t) stat by ~1, the tiny teacher and student being peaked)."""
+    from tests.harness import TINY_RUN, read_metrics, run_in_process
+
+    rows = {}
+    for name, extra in (("full", []), ("all", ["--teacher_top_k", "100000"]), ("one", ["--teacher_top_k", "1"])):
+        flags = [
+            *TINY_RUN,
+            "--total_steps",
+            "1",
+            "--eval_every",
+            "0",
+            "--output_dir",
+            str(tmp_path),
+            "--run_name",
+            name,
+        ]
+        code, err = run_in_process("gkd", [*flags, *extra], capsys)
+        assert code == 0, err[-2000:]
+        rows[name] = read_metrics(tmp_path / name)[1]
+    pairs = {
+        "losses/loss": "losses/loss",
+        "losses/kl_teacher_fkl_exact": "losses/kl_teacher_fkl_top_k",
+        "losses/kl_teacher_rkl_exact": "losses/kl_teacher_rkl_top_k",
+        "losses/entropy_teacher": "losses/entropy_teacher_top_k",
+        "charts/teacher_logprob_mean": "charts/teacher_logprob_mean_top_k",
+    }
+    for full, top_k in pairs.items():
+        assert abs(rows["full"][full] - rows["all"][top_k]) < 2e-5 * max(1, abs(rows["full"][full])), full
+    assert abs(rows["full"]["losses/loss"] - rows["one"]["losses/loss"]) > 1e-4
+    assert abs(rows["full"]["losses/kl_teacher_rkl_exact"] - rows["one"]["losses/kl_teacher_rkl_top_k"]) > GAP
+    assert rows["one"]["losses/kl_teacher_fkl_top_k"] < rows["full"]["losses/kl_teacher_fkl_exact"]  # (<= D)

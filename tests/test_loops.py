@@ -57,6 +57,8 @@ FLAGS = {  # two passes over each rollout (num_iterations 2), so old log-probs m
     "grpo:mb2": "--prompts_per_step 4 --num_generations 4 --num_iterations 2 --num_minibatches 2 --beta 0.3".split(),
     # one pass in two mini-batches: the second is off-policy, so the rollout's log-probs are needed
     "grpo:mb2mu1": "--prompts_per_step 4 --num_generations 4 --num_minibatches 2 --beta 0.3".split(),
+    # the KL in the reward: r - beta sum_t k1_t of the rollout policy, before the group mean and std
+    "grpo:reward": "--prompts_per_step 4 --num_generations 4 --num_iterations 2 --beta 0.3 --kl_placement reward".split(),
     "rpg_fkl": "--prompts_per_step 4 --num_generations 4 --num_iterations 2 --kl_anchor init --beta 0.3".split(),
     "rpg_rkl": "--prompts_per_step 4 --num_generations 4 --num_iterations 2 --kl_anchor init --beta 0.3".split(),
     "pmd_mean": ["--prompts_per_step", "4", "--num_generations", "4", "--num_iterations", "2"],
@@ -81,6 +83,8 @@ FLAGS = {  # two passes over each rollout (num_iterations 2), so old log-probs m
     "gkd": ["--prompts_per_step", "8", "--num_iterations", "2", "--beta", "0.2"],  # JSD(0.5) is symmetric
     "gkd:data": "--prompts_per_step 8 --beta 0.2 --lmbda 0".split(),  # off-policy: the dataset's answers
     "gkd:seq_kd": "--prompts_per_step 8 --beta 0.2 --lmbda 0 --seq_kd".split(),  # the teacher's samples
+    # policy gradient on the sampled-token reverse KL, reward-to-go, with a task reward and two passes (clipping)
+    "gkd:pg": "--prompts_per_step 8 --update pg --opd_discount 1 --task_reward_weight 0.5 --num_iterations 2".split(),
 }
 
 
@@ -333,9 +337,14 @@ def step_inputs(rec, step: int = 2):
 
 def grpo_expected(algo, args, rows, rollout, init, iterations):
     mask, G = completion_mask(rows), args.num_generations
-    adv = algo.group_advantages(rewards_of(rows), G, args.scale_rewards)
     with torch.no_grad():
         lp_old, lp_ref = token_logprobs(rollout, rows), token_logprobs(init, rows)
+    rewards, charts = rewards_of(rows), {"reward_mean": float(rewards_of(rows).mean())}
+    if args.kl_placement == "reward":  # the sequence's k1 of the rollout policy, subtracted before the mean
+        k1_seq = ((lp_old - lp_ref) * mask).sum(-1)
+        rewards = rewards - args.beta * k1_seq
+        charts |= {"kl_penalty_seq": float(args.beta * k1_seq.mean()), "losses/kl_ref_rkl_k1_seq": float(k1_seq.mean())}
+    adv = algo.group_advantages(rewards, G, args.scale_rewards)
 
     def loss_fn(model, sub=None):
         """The loss of the mini-batch `sub` (row indices; None: every row), normalized by ITS sequences and tokens."""
@@ -349,7 +358,7 @@ def grpo_expected(algo, args, rows, rollout, init, iterations):
         loss, stats = algo.grpo_loss(
             lp,
             lp_old[sub, :C],
-            lp_ref[sub, :C],
+            lp_ref[sub, :C] if args.kl_placement == "loss" else None,
             adv[sub],
             m,
             n_seq,
@@ -357,7 +366,7 @@ def grpo_expected(algo, args, rows, rollout, init, iterations):
             beta=args.beta,
             epsilon_low=args.epsilon,
             epsilon_high=epsilon_high,
-            kl_estimator=args.kl_estimator,
+            kl_estimator=args.kl_estimator or "k3",
             kl_importance_weight=args.kl_importance_weight,
             loss_agg=args.loss_agg,
             max_new_tokens=args.max_new_tokens,
@@ -367,7 +376,7 @@ def grpo_expected(algo, args, rows, rollout, init, iterations):
             stats.pop("kl_old_fkl_k1"), stats.pop("kl_old_fkl_k3")
         return loss, stats
 
-    return loss_fn, {"reward_mean": float(rewards_of(rows).mean())}
+    return loss_fn, charts
 
 
 def rpg_expected(algo, args, rows, rollout, init, iterations):
@@ -519,15 +528,36 @@ def gkd_expected(algo, args, rows, rollout, init, iterations):
     return loss_fn, {}
 
 
+def gkd_pg_expected(algo, args, rows, rollout, init, iterations):
+    mask = completion_mask(rows)
+    bonus = args.task_reward_weight * rewards_of(rows)
+    with torch.no_grad():  # the rollout policy's and the teacher's log-probs of the sampled tokens
+        lp_old, lp_teacher = token_logprobs(rollout, rows), token_logprobs(tiny(TINY_TEACHER), rows)
+    ids = padded([torch.tensor(c, dtype=torch.float64) for _, c in rows]).long()
+
+    def loss_fn(model, sub=None):
+        ls = (padded(row_logits(model, rows)) / T).log_softmax(-1)
+        lp = ls.gather(-1, ids[..., None]).squeeze(-1) * mask
+        n_seq, n_tok = float(len(rows)), float(mask.sum())
+        options = {"discount": args.opd_discount, "epsilon": args.epsilon}
+        loss, stats = algo.opd_loss(lp, lp_old, lp_teacher, mask, bonus, n_seq, n_tok, **options)
+        stats["entropy"] = (-(ls.exp() * ls).sum(-1) * mask).sum().detach() / mask.sum()
+        return loss, stats
+
+    return loss_fn, {}
+
+
 EXPECTED = {
     "grpo": grpo_expected,
     "grpo:mu1": grpo_expected,
     "grpo:mb2": grpo_expected,
     "grpo:mb2mu1": grpo_expected,
+    "grpo:reward": grpo_expected,
     "pmd_mean:mb2": pmd_expected,
     "rpg_fkl:old": rpg_expected,
     "gkd:data": gkd_expected,
     "gkd:seq_kd": gkd_expected,
+    "gkd:pg": gkd_pg_expected,
     "rpg_fkl": rpg_expected,
     "rpg_rkl": rpg_expected,
     "pmd_mean": pmd_expected,

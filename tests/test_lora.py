@@ -40,7 +40,11 @@ def test_adapters_start_at_zero_and_the_initial_model_is_the_base_with_adapters_
             torch.nn.init.normal_(p, std=0.1)
     assert (logits(policy) - logits(base)).abs().max() > 1e-3  # negative control: the adapters act
     assert torch.equal(logits(initial), logits(base))  # and off, they do not
-    assert sum(p.numel() for p in initial.parameters()) == 0  # no second copy held
+    # no second copy held: every tensor of the initial model is one of the policy's
+    policy_tensors = {id(p) for p in policy.parameters()}
+    assert all(id(p) in policy_tensors for p in initial.parameters())
+    copy = grpo.initial_model(policy, grpo.Args(bf16=False))  # negative control: full fine-tuning
+    assert not any(id(p) in policy_tensors for p in copy.parameters())
 
 
 def test_a_lora_run_resumes_bit_for_bit_and_its_final_folder_loads_merged(tmp_path, capsys):

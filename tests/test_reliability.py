@@ -129,7 +129,13 @@ NONFINITE = {  # flags that make an update non-finite (default: a learning rate 
 }
 MISMATCH = {"q_sharp": "--q_model_name_or_path", "gkd": "--teacher_name_or_path"}
 ALGO_CASES = {  # values that make no sense for one algorithm's math
-    "grpo": {"negative beta": (["--beta", "-0.1"], "--beta must be >= 0")},
+    "grpo": {
+        "negative beta": (["--beta", "-0.1"], "--beta must be >= 0"),
+        "importance weight of a reward": (
+            ["--kl_placement", "reward", "--kl_importance_weight"],
+            "--kl_importance_weight needs --kl_placement loss",
+        ),
+    },
     "rpg_fkl": {"negative beta": (["--beta", "-0.1"], "--beta must be >= 0")},
     "rpg_rkl": {"negative beta": (["--beta", "-0.1"], "--beta must be >= 0")},
     "pmd_mean": {"zero tau": (["--tau", "0"], "--tau must be > 0")},

@@ -16,19 +16,20 @@ import pytest
 from tests.harness import ROOT, SCRIPTS
 
 BANNER = "# SHARED:"
-ABOVE = {  # lines above the SHARED banner (issue 27; later issues add what they state, issue 31: +15 each)
-    "grpo": 320 + 15,
+ABOVE = {  # lines above the SHARED banner (issue 27; later issues add what they state)
+    "grpo": 320 + 15 + 40,  # issue 31: +15 each (reward function, pass@k flags); issue 29: +40
     "pmd_mean": 260 + 15,
     "rpg_fkl": 400 + 15,
     "rpg_rkl": 400 + 15,
     "a_star_po": 370 + 15,
     "dpo_kl": 450 + 15,
-    "gkd": 380 + 15,
-    "q_sharp": 760 + 15,
+    "gkd": 380 + 15 + 60,  # issue 30: +60
+    "q_sharp": 760 + 15 + 10,  # issue 32: +10 (its LoRA flags)
 }
 # the shared part, identical in every file: issue 27's 760 lines, issue 28's fixes (it set no budget), issue 31's
-# pass@k, reward function and training-sample log (+40 allowed; +45, the density splits of its dense lines)
-SHARED_LINES = 760 + 165 + 45
+# pass@k, reward function and training-sample log (+40 allowed; +45, the density splits of its dense lines),
+# issue 32's LoRA (+40; its 5 flag lines above the banner fit in the budgets above)
+SHARED_LINES = 760 + 165 + 45 + 40
 NODES_PER_LINE = 6.0
 WIDE_SHARE = 0.10  # of lines wider than 100 columns
 

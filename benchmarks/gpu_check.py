@@ -73,9 +73,10 @@ def build_model(path: str, tiny: bool, vocab_size: int = 0) -> None:
     tok.save_pretrained(path)
 
 
-def write_data(work: str) -> tuple:
+def write_data(work: str, max_new_tokens: int = 256) -> tuple:
     """12-shot arithmetic prompts (~120 tokens) as JSONL train / eval files, and offline DPO pairs of ~200-token
-    completions (a random-weight model's own samples all score 0: online DPO finds no pair to train on)."""
+    completions, shorter when --max_new_tokens is (a random-weight model's own samples all score 0: online DPO finds
+    no pair to train on)."""
     from common.tasks import load_task
 
     task = load_task("arithmetic")
@@ -86,7 +87,8 @@ def write_data(work: str) -> tuple:
         with open(paths[-1], "w") as f:
             f.writelines(json.dumps({"prompt": shots + e.prompt, "answer": e.answer}) + "\n" for e in examples)
     paths.append(os.path.join(work, "pairs.jsonl"))
-    work_text = "Add the ones, carry the tens, then add the tens and the carry. " * 3
+    repeats = min(3, max_new_tokens // 64 - 1)  # ~50 tokens each
+    work_text = "Add the ones, carry the tens, then add the tens and the carry. " * max(repeats, 0)
     with open(paths[-1], "w") as f:
         for e in task.train[12:268]:
             row = {"prompt": shots + e.prompt, "chosen": work_text + e.answer, "rejected": work_text + e.answer + "1"}
@@ -263,7 +265,7 @@ def main() -> None:
 def check(a, work: str) -> None:
     model = os.path.join(work, "model")
     build_model(model, a.tiny)
-    train, held, pairs = write_data(work)
+    train, held, pairs = write_data(work, a.max_new_tokens)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if a.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""

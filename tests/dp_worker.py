@@ -5,9 +5,12 @@ whole groups, and calls the algorithm's `update_policy` -- the function its trai
 the updated parameters (SGD, lr 1: the update is minus the clipped gradient) to OUT, so tests can compare 1
 process against 2 and 1 micro-batch against several.
 Usage: python tests/dp_worker.py ALGO OUT [key=value ...]   (ALGO: grpo, rpg_fkl, ...; keys: Args fields)
+       python tests/dp_worker.py --cases CASES.json   ([[ALGO, OUT, {key: value}], ...]: one process group and one
+                                                     interpreter start-up for all; not q_sharp, whose Run joins it)
 """
 
 import gc
+import json
 import os
 import sys
 
@@ -137,14 +140,26 @@ def logprobs(algo, model, batch, C):
 
 
 def main():
-    name, out, overrides = sys.argv[1], sys.argv[2], dict(kv.split("=", 1) for kv in sys.argv[3:])
-    algo = load_algorithm(name)
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if name == "q_sharp":
-        q_sharp_update(algo, out)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if sys.argv[1] == "--cases":
+        with open(sys.argv[2]) as f:
+            cases = json.load(f)
+    else:
+        cases = [(sys.argv[1], sys.argv[2], dict(kv.split("=", 1) for kv in sys.argv[3:]))]
+    if cases[0][0] == "q_sharp":
+        q_sharp_update(load_algorithm("q_sharp"), cases[0][1])
         return teardown(world)
     if world > 1:
         dist.init_process_group("gloo")
+    for name, out, overrides in cases:
+        update(name, out, overrides, world)
+    teardown(world)
+
+
+def update(name, out, overrides, world):
+    """One case: the update of `name` with these Args overrides; rank 0 writes the result to `out`."""
+    algo = load_algorithm(name)
+    rank = dist.get_rank() if world > 1 else 0
     args = algo.Args(
         max_new_tokens=4, max_prompt_length=16, micro_batch_size=16, num_minibatches=1, learning_rate=1.0, bf16=False
     )
@@ -201,8 +216,8 @@ def main():
     saved_gap = checkpoint_roundtrip(algo, model, opt, tok, args, batch, out, ref) if "save" in overrides else None
     if rank == 0:
         torch.save({"params": params, "init": init, "metrics": metrics, "saved_gap": saved_gap}, out)
-    del model, opt  # the sharded model goes before its process group
-    teardown(world)
+    del model, opt  # the sharded model goes before its process group (teardown collects it)
+    gc.collect()
 
 
 def teardown(world: int) -> None:

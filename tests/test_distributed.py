@@ -5,6 +5,7 @@ and several micro-batches the same as one. The negative control for the normaliz
 means of ragged batches) is in tests/test_grpo.py::test_t10_split_over_ranks_with_global_counts.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -18,22 +19,31 @@ WORKER = os.path.join(ROOT, "tests", "dp_worker.py")
 
 
 def run_worker(tmp_path, algo, name, nproc=1, **overrides):
+    """The worker's result: 1 process in this one (no interpreter start-up), 2 under torchrun."""
     out = str(tmp_path / f"{algo}_{name}.pt")
     kv = [f"{k}={v}" for k, v in overrides.items()]
     if nproc == 1:
-        cmd = [sys.executable, WORKER, algo, out, *kv]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            WORKER,
-            algo,
-            out,
-            *kv,
-        ]
+        from tests import dp_worker
+
+        argv = sys.argv
+        sys.argv = [WORKER, algo, out, *kv]
+        torch.set_num_threads(1)  # as the torchrun workers (OMP_NUM_THREADS=1)
+        try:
+            dp_worker.main()
+        finally:
+            sys.argv = argv
+        return torch.load(out)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        WORKER,
+        algo,
+        out,
+        *kv,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -62,16 +72,59 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("algo,overrides", CASES, ids=[f"{a}-{'-'.join(map(str, o.values()))}" for a, o in CASES])
-def test_two_processes_equal_one(tmp_path, algo, overrides):
-    one = run_worker(tmp_path, algo, "one", 1, **overrides)
-    two = run_worker(tmp_path, algo, "two", 2, **overrides)
-    assert (one["params"] - one["init"]).abs().max() > 1e-3  # the update did move the parameters
-    assert (one["params"] - two["params"]).abs().max() < 1e-6
+# the 2-process runs of a batch share one torchrun (one interpreter start-up per rank for all its cases)
+BATCHES = {
+    "policy_gradient": ("grpo", "rpg_fkl", "rpg_rkl", "pmd_mean", "a_star_po"),
+    "pairs_distill": ("dpo_kl", "gkd"),
+}
+
+
+def case_id(algo, overrides) -> str:
+    return f"{algo}-{'-'.join(map(str, overrides.values()))}"
+
+
+def run_cases(tmp_path, cases, nproc) -> list:
+    """The worker's results for several cases, all in one torchrun of `nproc` ranks."""
+    path = tmp_path / "cases.json"
+    outs = [str(tmp_path / f"two_{i}.pt") for i in range(len(cases))]
+    as_flags = [{k: str(v) for k, v in overrides.items()} for _, overrides in cases]  # as key=value arguments
+    path.write_text(json.dumps([[algo, out, o] for (algo, _), out, o in zip(cases, outs, as_flags)]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([*cmd, WORKER, "--cases", str(path)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(out) for out in outs]
+
+
+def differences(one, two) -> list:
+    """What differs between a 1-process and a 2-process update (none: equal), and whether it moved at all."""
+    found = []
+    if (one["params"] - one["init"]).abs().max() <= 1e-3:
+        found.append("the update did not move the parameters")
+    gap = (one["params"] - two["params"]).abs().max().item()
+    if gap >= 1e-6:
+        found.append(f"parameters differ by {gap:.3g}")
     for k, v in one["metrics"].items():
-        if k.startswith("perf/"):  # wall-clock timings
-            continue
-        assert abs(v - two["metrics"][k]) < 1e-5 * max(1.0, abs(v)), k
+        if not k.startswith("perf/") and abs(v - two["metrics"][k]) >= 1e-5 * max(1.0, abs(v)):  # (not timings)
+            found.append(f"{k}: {v} vs {two['metrics'][k]}")
+    return found
+
+
+@pytest.mark.parametrize("batch", [*BATCHES, "q_sharp"])
+def test_two_processes_equal_one(tmp_path, batch):
+    """Each case of the batch: the 2-process update equals the 1-process one (parameters 1e-6, metrics 1e-5)."""
+    cases = [(algo, overrides) for algo, overrides in CASES if algo in BATCHES.get(batch, (batch,))]
+    if batch == "q_sharp":
+        twos = [run_worker(tmp_path, "q_sharp", "two", 2)]
+    else:
+        twos = run_cases(tmp_path, cases, 2)
+    failures = {}
+    for i, ((algo, overrides), two) in enumerate(zip(cases, twos)):
+        one = run_worker(tmp_path, algo, f"one_{i}", 1, **overrides)
+        found = differences(one, two)
+        if found:
+            failures[case_id(algo, overrides)] = found
+    assert not failures, failures
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from tests.harness import ROOT, SCRIPTS, read_metrics, run_in_process, run_script, start_script, tiny_flags
+from tests.harness import ROOT, SCRIPTS, read_metrics, run_in_process, start_script, tiny_flags
 
 TIMING = ("time_s", "perf/", "charts/step_time_s", "charts/tokens_per_s")
 FINAL_ONLY = ("eval/sweep/", "eval/frontier/")  # q_sharp's eta sweep runs after the last round of a run only
@@ -80,8 +80,8 @@ def test_kill_then_resume_equals_uninterrupted_run(tmp_path, script, capsys):
     flags = [*base, "--total_steps", n, "--log_completions", "2", "--log_train_completions", "2"]
     if script != "q_sharp":
         flags += ["--eval_every", "3"]
-    full = run_script(script, *flags, "--run_name", "full")
-    assert full.returncode == 0, full.stderr[-3000:]
+    code, err = run_in_process(script, [*flags, "--run_name", "full"], capsys)
+    assert code == 0, err[-3000:]
     want = untimed(read_metrics(tmp_path / "full"))
     # SIGTERM mid-run: the step (round) in flight finishes, a checkpoint is written, exit status 143
     term = start_script(script, *flags, "--run_name", "term", "--save_every", "1000")

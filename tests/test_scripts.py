@@ -16,6 +16,7 @@ from tests.harness import (
     load_algorithm,
     one_line_error,
     read_metrics,
+    run_in_process,
     run_script,
     tiny_flags,
 )
@@ -64,12 +65,12 @@ FLAGS = {  # flags each script must document in --help
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_help(script):
-    proc = run_script(script, "--help")
-    assert proc.returncode == 0
+def test_help(script, capsys):
+    code, _, stdout = run_in_process(script, ["--help"], capsys, stdout=True)
+    assert code == 0
     for flag in FLAGS[script] + ["--resume", "--model_name_or_path", "--task", "--chat_template, --no_chat_template"]:
-        assert flag in proc.stdout, flag
-    assert "--no_no_" not in proc.stdout  # booleans read naturally
+        assert flag in stdout, flag
+    assert "--no_no_" not in stdout  # booleans read naturally
 
 
 KEYS = {
@@ -109,17 +110,20 @@ KEYS = {
 def test_torchrun_two_processes(tmp_path, script):
     """A 2-rank FSDP2 run logs its metrics and writes its model. A copy of its folder cut back to the first
     checkpoint (what a kill after that checkpoint leaves, plus later rows and a dangling `final`), resumed on 2 ranks,
-    logs the same rows and ends with the same weights. (SIGKILL itself: tests/test_reliability.py.)"""
+    logs the same rows and ends with the same weights (SIGKILL itself: tests/test_reliability.py). The resume is
+    checked for the scripts whose state differs (rpg_fkl, rpg_rkl and pmd_mean resume as grpo does: the shared
+    Run only), to keep the suite's interpreter start-ups down."""
     flags = [*tiny_flags(script), "--output_dir", str(tmp_path), "--total_steps", "2", "--save_every", "1"]
     proc = run_script(script, *flags, "--run_name", "ddp", nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    shutil.copytree(tmp_path / "ddp", tmp_path / "kill", symlinks=True)
-    shutil.rmtree(tmp_path / "kill" / "checkpoints" / "step_000002")
-    resumed = run_script(script, "--resume", str(tmp_path / "kill"), nproc=2)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert untimed(read_metrics(tmp_path / "kill")) == untimed(read_metrics(tmp_path / "ddp"))
-    a, b = (safe_open(str(tmp_path / r / "final" / "model.safetensors"), "pt") for r in ("ddp", "kill"))
-    assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    if script not in ("rpg_fkl", "rpg_rkl", "pmd_mean"):
+        shutil.copytree(tmp_path / "ddp", tmp_path / "kill", symlinks=True)
+        shutil.rmtree(tmp_path / "kill" / "checkpoints" / "step_000002")
+        resumed = run_script(script, "--resume", str(tmp_path / "kill"), nproc=2)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert untimed(read_metrics(tmp_path / "kill")) == untimed(read_metrics(tmp_path / "ddp"))
+        a, b = (safe_open(str(tmp_path / r / "final" / "model.safetensors"), "pt") for r in ("ddp", "kill"))
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
     rows = read_metrics(tmp_path / "ddp")
     assert rows[0]["step"] == 0 and "eval/pass@1" in rows[0] and len(rows) >= 2
     assert abs(rows[0]["eval/kl_init_rkl_exact_seq"]) < 1e-6  # the start is the reference
@@ -274,6 +278,8 @@ def test_gpu_check_runs_on_cpu(tmp_path):
         "--tiny",
         "--steps",
         "2",
+        "--max_new_tokens",
+        "32",  # the random model rarely ends a completion: 32 tokens keep the test at seconds per script
         "--out",
         str(tmp_path),
     ]

@@ -3,8 +3,9 @@
 The model: a ~110M-parameter Llama (hidden 768, 12 layers, MLP 3072), random weights, built from its config and
 saved locally with the tiny shipped tokenizer (no download). Each configuration is one process of
 `algorithms/grpo.py` (the reference loaded as the scripts do: a second copy under full fine-tuning, the same
-weights with the adapters off under LoRA), 3 steps of 16 prompts, completions of up to 32 tokens; peak RSS from
-the process (ru_maxrss of the child), step time the median of the logged perf/step_s.
+weights with the adapters off under LoRA), 3 steps of 2 prompts x 4 completions of up to 32 tokens in micro-batches
+of 4 (small activations, so that the weights, gradients and AdamW state dominate); peak RSS of the process, step
+time the median of the logged perf/step_s.
 
     python benchmarks/lora_memory.py            # writes benchmarks/results/lora_memory.md
 """
@@ -47,7 +48,8 @@ def build_model(folder: str) -> int:
 def run(model: str, out: str, name: str, extra: list) -> dict:
     """One grpo.py run; its peak RSS (GiB) and median step time (s)."""
     flags = ["--model_name_or_path", model, "--output_dir", out, "--run_name", name]
-    flags += ["--total_steps", "3", "--prompts_per_step", "16", "--max_new_tokens", "32"]
+    flags += ["--total_steps", "3", "--prompts_per_step", "2", "--num_generations", "4", "--max_new_tokens", "32"]
+    flags += ["--micro_batch_size", "4"]  # small activations: the weights, gradients and AdamW state dominate
     flags += ["--eval_num_prompts", "4", "--eval_samples_per_prompt", "1", "--eval_every", "0"]
     command = [sys.executable, os.path.join(ROOT, "algorithms", "grpo.py"), *flags, *extra]
     # a fresh parent per run: ru_maxrss of RUSAGE_CHILDREN is a high-water mark over all children
@@ -73,8 +75,8 @@ def main() -> None:
     lines = [
         "# grpo.py: LoRA (--lora_r 16) against full fine-tuning, CPU",
         "",
-        f"`python benchmarks/lora_memory.py`: a {count / 1e6:.0f}M-parameter Llama (random weights), 3 steps of 16",
-        "prompts, completions of up to 32 tokens, the reference loaded as the scripts do.",
+        f"`python benchmarks/lora_memory.py`: a {count / 1e6:.0f}M-parameter Llama (random weights), 3 steps of 2",
+        "prompts x 4 completions of up to 32 tokens, micro-batches of 4, the reference loaded as the scripts do.",
         "",
         "| configuration | peak RSS (GiB) | median step (s) |",
         "|---|---|---|",

@@ -20,7 +20,6 @@ from tests.harness import (
     lbfgs_minimize,
     load_algorithm,
     max_abs,
-    one_line_error,
     random_logits,
     read_metrics,
     run_in_process,
@@ -202,9 +201,9 @@ def stage1_row(run_dir):
     return next(r for r in read_metrics(run_dir) if "charts/stage1_generated" in r)
 
 
-def test_p8_p9_stage1_cache_and_world_size(tmp_path):
-    one = run_script("a_star_po", *STAGE1, "--output_dir", str(tmp_path), "--run_name", "one")
-    assert one.returncode == 0, one.stderr[-3000:]
+def test_p8_p9_stage1_cache_and_world_size(tmp_path, capsys):
+    code, err = run_in_process("a_star_po", [*STAGE1, "--output_dir", str(tmp_path), "--run_name", "one"], capsys)
+    assert code == 0, err[-3000:]
     two = run_script("a_star_po", *STAGE1, "--output_dir", str(tmp_path), "--run_name", "two", nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     cache = str(tmp_path / "one" / "value_estimates.jsonl")  # in the run folder, beside checkpoints/ and final
@@ -212,33 +211,23 @@ def test_p8_p9_stage1_cache_and_world_size(tmp_path):
     assert len(read_cache(cache)) == 12 and stage1_row(tmp_path / "one")["charts/stage1_generated"] == 12 * 3
     assert os.readlink(tmp_path / "one" / "final") == os.path.join("checkpoints", "step_000001")
     # the same run folder, resumed: stage 1 is read from its cache, nothing generated, nothing logged again
-    resumed = run_script("a_star_po", "--resume", str(tmp_path / "one"), "--total_steps", "2")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"read from {cache}" in resumed.stdout
+    resume = ["--resume", str(tmp_path / "one"), "--total_steps", "2"]
+    code, err, out = run_in_process("a_star_po", resume, capsys, stdout=True)
+    assert code == 0, err[-3000:]
+    assert f"read from {cache}" in out
     assert [r["step"] for r in read_metrics(tmp_path / "one")] == [0, 0, 1, 2]
     assert os.readlink(tmp_path / "one" / "final") == os.path.join("checkpoints", "step_000002")
     # another run given the cache: reads it, generates nothing, writes no cache of its own
-    again = run_script(
-        "a_star_po", *STAGE1, "--output_dir", str(tmp_path), "--run_name", "again", "--value_cache", cache
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "read from" in again.stdout and stage1_row(tmp_path / "again")["charts/stage1_generated"] == 0
+    again = [*STAGE1, "--output_dir", str(tmp_path), "--run_name", "again", "--value_cache", cache]
+    code, err, out = run_in_process("a_star_po", again, capsys, stdout=True)
+    assert code == 0, err[-3000:]
+    assert "read from" in out and stage1_row(tmp_path / "again")["charts/stage1_generated"] == 0
     assert stage1_row(tmp_path / "again")["charts/value_mean"] == stage1_row(tmp_path / "one")["charts/value_mean"]
     assert not os.path.exists(tmp_path / "again" / "value_estimates.jsonl")
     # a cache written under other settings: a one-line error before anything is written
-    other = run_script(
-        "a_star_po",
-        *STAGE1,
-        "--num_ref_samples",
-        "4",
-        "--output_dir",
-        str(tmp_path),
-        "--run_name",
-        "other",
-        "--value_cache",
-        cache,
-    )
-    assert "written with other settings" in one_line_error(other)
+    other = [*STAGE1, "--num_ref_samples", "4", "--output_dir", str(tmp_path), "--run_name", "other"]
+    code, err = run_in_process("a_star_po", [*other, "--value_cache", cache], capsys)
+    assert str(code).startswith("error: ") and "written with other settings" in str(code)  # (sys.exit's line)
     assert not os.path.exists(tmp_path / "other")
 
 

@@ -313,7 +313,7 @@ MUTATIONS = [
         "algorithms/grpo.py",
         'for name in ("metrics.jsonl", "completions.jsonl", "train_completions.jsonl"):',
         'for name in ("metrics.jsonl",):',
-        ["tests/test_reliability.py::test_kill_then_resume_equals_uninterrupted_run"],
+        ["tests/test_eval_and_rewards.py::test_every_log_is_cut_back_to_the_checkpoint_on_resume"],
     ),
     (
         "grpo-lora-reference-keeps-its-adapters",

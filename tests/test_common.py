@@ -164,6 +164,22 @@ def test_tiny_tokenizer_is_character_level_and_round_trips():
     assert tok.padding_side == "left" and tok.eos_token == "</s>" and tok.pad_token == "<pad>"
 
 
+def test_fast_prompt_encoding_equals_the_tokenizers_own_call():
+    """common/tasks.token_ids (the fast tokenizer's backend, batch-encoded) gives tokenizer(texts)["input_ids"]
+    exactly, with and without special tokens, also after a call that set truncation on the backend. Negative
+    control: the other special-token setting differs (the BOS)."""
+    from transformers import AutoTokenizer
+
+    from common.tasks import token_ids
+
+    tok = AutoTokenizer.from_pretrained(TINY_POLICY)
+    texts = [e.prompt for e in arithmetic_task().train[:200]] + ["Hello, world!\n", ""]
+    tok(texts[:2], truncation=True, max_length=3)  # leaves truncation set on the backend
+    for special in (True, False):
+        assert token_ids(tok, texts, special) == tok(texts, add_special_tokens=special)["input_ids"]
+    assert token_ids(tok, texts, True) != token_ids(tok, texts, False)
+
+
 def test_tiny_policy_is_weak_and_teacher_is_strong():
     policy, teacher = exact_pass_at_1(TINY_POLICY), exact_pass_at_1(TINY_TEACHER)
     assert 0.15 <= policy <= 0.5, policy

@@ -19,34 +19,19 @@ WORKER = os.path.join(ROOT, "tests", "dp_worker.py")
 
 
 def run_worker(tmp_path, algo, name, nproc=1, **overrides):
-    """The worker's result: 1 process in this one (no interpreter start-up), 2 under torchrun."""
-    out = str(tmp_path / f"{algo}_{name}.pt")
-    kv = [f"{k}={v}" for k, v in overrides.items()]
-    if nproc == 1:
-        from tests import dp_worker
+    """The worker's result: 1 process in this one (no interpreter start-up), more under torchrun."""
+    if nproc > 1:
+        return run_cases(tmp_path, [(algo, overrides)], nproc)[0]
+    from tests import dp_worker
 
-        argv = sys.argv
-        sys.argv = [WORKER, algo, out, *kv]
-        torch.set_num_threads(1)  # as the torchrun workers (OMP_NUM_THREADS=1)
-        try:
-            dp_worker.main()
-        finally:
-            sys.argv = argv
-        return torch.load(out)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        WORKER,
-        algo,
-        out,
-        *kv,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = str(tmp_path / f"{algo}_{name}.pt")
+    argv = sys.argv
+    sys.argv = [WORKER, algo, out, *[f"{k}={v}" for k, v in overrides.items()]]
+    torch.set_num_threads(1)  # as the torchrun workers (OMP_NUM_THREADS=1)
+    try:
+        dp_worker.main()
+    finally:
+        sys.argv = argv
     return torch.load(out)
 
 
@@ -91,7 +76,9 @@ def run_cases(tmp_path, cases, nproc) -> list:
     path.write_text(json.dumps([[algo, out, o] for (algo, _), out, o in zip(cases, outs, as_flags)]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([*cmd, WORKER, "--cases", str(path)], cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [*cmd, WORKER, "--cases", str(path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(out) for out in outs]
 

@@ -151,9 +151,8 @@ def tiny_flags(script: str) -> list:
     return TINY_FLAGS.get(script, TINY_RUN)
 
 
-def script_command(name: str, *flags: str, nproc: int = 1) -> tuple:
-    """(argv, env) of `python algorithms/<name>.py *flags` (or torchrun with nproc > 1), offline, one thread."""
-    path = os.path.join(ROOT, "algorithms", f"{name}.py")
+def launch(path: str, *args: str, nproc: int = 1) -> tuple:
+    """(argv, env) of `python path *args` (or torchrun with nproc > 1), offline, one thread, no GPU."""
     launcher = (
         [sys.executable]
         if nproc == 1
@@ -161,7 +160,24 @@ def script_command(name: str, *flags: str, nproc: int = 1) -> tuple:
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["CUDA_VISIBLE_DEVICES"] = ""  # the equality tests are float32 CPU tests, also on a GPU machine
-    return [*launcher, path, *flags], env
+    return [*launcher, path, *args], env
+
+
+def script_command(name: str, *flags: str, nproc: int = 1) -> tuple:
+    """(argv, env) of `python algorithms/<name>.py *flags` (or torchrun with nproc > 1)."""
+    return launch(os.path.join(ROOT, "algorithms", f"{name}.py"), *flags, nproc=nproc)
+
+
+def run_batch(tmp_path, runs: list, nproc: int = 2) -> tuple:
+    """Several script runs ([(script, flags), ...]) in one torchrun (tests/script_batch.py): (each run's exit
+    status, the torchrun's stderr)."""
+    path = tmp_path / f"runs_{len(list(tmp_path.glob('runs_*.json')))}.json"
+    path.write_text(json.dumps([[script, [str(f) for f in flags]] for script, flags in runs]))
+    argv, env = launch(os.path.join(ROOT, "tests", "script_batch.py"), str(path), nproc=nproc)
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    codes_path = tmp_path / (path.name + ".codes")
+    assert proc.returncode == 0 and codes_path.exists(), proc.stderr[-3000:]
+    return json.loads(codes_path.read_text()), proc.stderr
 
 
 def run_script(name: str, *flags: str, cwd=None, timeout: int = 300, nproc: int = 1) -> subprocess.CompletedProcess:

@@ -24,9 +24,8 @@ from tests.harness import (
     read_metrics,
     run_in_process,
     run_script,
-    start_script,
 )
-from tests.test_reliability import kill_when, untimed
+from tests.test_reliability import signal_in_process, untimed
 
 apo = load_algorithm("a_star_po")
 TOL, GAP = 1e-10, 1e-3
@@ -249,8 +248,11 @@ def test_p10_sigterm_in_stage1_keeps_the_finished_prompts_and_resume_completes_t
     code, err = run_in_process("a_star_po", [*flags, "--run_name", "full"], capsys)
     assert code == 0, err[-3000:]
     cache = tmp_path / "term" / "value_estimates.jsonl"
-    term = start_script("a_star_po", *flags, "--run_name", "term")
-    rc, err = kill_when(term, lambda: cache.exists() and cache.read_text().count("\n") >= 3, 15)  # SIGTERM
+
+    def ready():  # three prompts of stage 1 finished
+        return cache.exists() and cache.read_text().count("\n") >= 3
+
+    rc, err = signal_in_process("a_star_po", [*flags, "--run_name", "term"], capsys, ready)  # SIGTERM
     assert rc == 143 and "stopped: SIGTERM: stage 1 has" in err, err[-3000:]
     kept, want = read_cache(cache), read_cache(tmp_path / "full" / "value_estimates.jsonl")
     assert 2 <= len(kept) < 300 and kept == want[: len(kept)]  # the finished part, with its values

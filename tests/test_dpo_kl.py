@@ -22,7 +22,6 @@ from tests.harness import (
     random_logits,
     read_metrics,
     run_in_process,
-    run_script,
 )
 
 dpo = load_algorithm("dpo_kl")
@@ -418,13 +417,14 @@ def write_pairs(path, rows):
     return str(path)
 
 
-def test_d9_offline_pairs_run(tmp_path):
+def test_d9_offline_pairs_run(tmp_path, capsys):
     pairs = [
         {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)} for a in range(3) for b in range(3)
     ]
     path = write_pairs(tmp_path / "pairs.jsonl", pairs)
-    proc = run_script("dpo_kl", *TINY_RUN, "--pairs_path", path, "--output_dir", str(tmp_path), "--run_name", "off")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    flags = [*TINY_RUN, "--pairs_path", path, "--output_dir", str(tmp_path), "--run_name", "off"]
+    code, err = run_in_process("dpo_kl", flags, capsys)
+    assert code == 0, err[-3000:]
     rows = read_metrics(tmp_path / "off")
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert abs(rows[1]["losses/loss"] - math.log(2)) < 1e-5  # policy == reference before the first update

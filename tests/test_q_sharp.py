@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tests.harness import DT, ROOT, TokenTree, load_algorithm, max_abs, read_metrics, run_script
+from tests.harness import DT, ROOT, TokenTree, load_algorithm, max_abs, read_metrics, run_in_process, run_script
 
 qs = load_algorithm("q_sharp")
 TREE = TokenTree(vocab=3, max_len=4, eos=0)
@@ -419,7 +419,7 @@ def test_q11_both_heads_give_the_same_guided_policy_for_the_same_pmfs():
 
 
 # ---- Q12 the script: one round on 1 and 2 ranks collects the same data ------------------------------------------------
-def test_q12_dataset_is_independent_of_world_size(tmp_path):
+def test_q12_dataset_is_independent_of_world_size(tmp_path, capsys):
     import json
 
     from tests.harness import tiny_flags
@@ -427,8 +427,8 @@ def test_q12_dataset_is_independent_of_world_size(tmp_path):
     # 9 eval prompts x 2 samples in chunks of 4 rows: rank 0 runs 3 chunks, rank 1 two (the Q model must stay
     # gathered across chunks: one all-gather per chunk left rank 0 waiting for rank 1)
     flags = [*tiny_flags("q_sharp"), "--output_dir", str(tmp_path), "--eval_num_prompts", "9", "--gen_batch_size", "4"]
-    one = run_script("q_sharp", *flags, "--run_name", "one")
-    assert one.returncode == 0, one.stderr[-3000:]
+    code, err = run_in_process("q_sharp", [*flags, "--run_name", "one"], capsys)
+    assert code == 0, err[-3000:]
     two = run_script("q_sharp", *flags, "--run_name", "two", nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     evals = [[r for r in read_metrics(tmp_path / n) if "eval/pass@1" in r] for n in ("one", "two")]
@@ -448,7 +448,7 @@ def test_sample_from_a_run_reproduces_its_final_eval(tmp_path, capsys):
     import json
 
     from common.tasks import arithmetic_task
-    from tests.harness import run_in_process, tiny_flags
+    from tests.harness import tiny_flags
 
     flags = [*tiny_flags("q_sharp"), "--output_dir", str(tmp_path), "--run_name", "r", "--log_completions", "16"]
     code, err = run_in_process("q_sharp", flags, capsys)

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -59,6 +60,44 @@ def kill_when(proc, ready, sig, timeout=240, wait=True, group=False):
     return proc.returncode, err
 
 
+def signal_in_process(script, flags, capsys, ready, sig=signal.SIGTERM, timeout=240):
+    """main() in this process (no interpreter start-up), sent `sig` by a watcher thread once ready() holds; the
+    script's handler runs in this thread, as in its own process: (exit status, stderr). The signal must come while
+    the run is running (else the test would be vacuous). The handlers of this process are restored afterwards."""
+    done = threading.Event()
+    sent = []
+
+    def watch():
+        t0 = time.time()
+        while not done.is_set() and time.time() - t0 < timeout:
+            try:
+                now = ready()
+            except ValueError:  # a log line read while it was being written
+                now = False
+            if now:
+                sent.append(sig)
+                os.kill(os.getpid(), sig)
+                return
+            time.sleep(0.02)
+
+    def after_the_run(signum, frame):
+        sent.append("after the run")  # (recorded: the exit status then shows the run was not stopped)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(sig, after_the_run)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        code, err = run_in_process(script, flags, capsys)
+    finally:
+        done.set()
+        watcher.join()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert sent == [sig], f"the run was not signalled while it ran ({sent}): {err[-3000:]}"
+    return code, err
+
+
 def logged_rows(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     return len(read_metrics(run_dir)) if os.path.exists(path) else 0
@@ -75,17 +114,17 @@ def has_checkpoint(run_dir):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_kill_then_resume_equals_uninterrupted_run(tmp_path, script, capsys):
-    n = "3" if script == "q_sharp" else "6"
+    n = "3" if script == "q_sharp" else "4"
     base = [*tiny_flags(script), "--output_dir", str(tmp_path)]
     flags = [*base, "--total_steps", n, "--log_completions", "2", "--log_train_completions", "2"]
     if script != "q_sharp":
-        flags += ["--eval_every", "3"]
+        flags += ["--eval_every", "2"]
     code, err = run_in_process(script, [*flags, "--run_name", "full"], capsys)
     assert code == 0, err[-3000:]
     want = untimed(read_metrics(tmp_path / "full"))
     # SIGTERM mid-run: the step (round) in flight finishes, a checkpoint is written, exit status 143
-    term = start_script(script, *flags, "--run_name", "term", "--save_every", "1000")
-    rc, err = kill_when(term, lambda: logged_rows(tmp_path / "term") >= 2, signal.SIGTERM)
+    term = [*flags, "--run_name", "term", "--save_every", "1000"]
+    rc, err = signal_in_process(script, term, capsys, lambda: logged_rows(tmp_path / "term") >= 2)
     assert rc == 143 and "stopped: SIGTERM" in err, err[-3000:]
     assert has_checkpoint(tmp_path / "term")
     # SIGKILL right after a periodic checkpoint: nothing is flushed, the checkpoint is what survives

@@ -2,6 +2,7 @@
 chat templates and other architectures. Resume, determinism and bad input: tests/test_reliability.py."""
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -11,11 +12,13 @@ import torch
 from safetensors import safe_open
 
 from tests.harness import (
+    ROOT,
     SCRIPTS,
     TINY_RUN,
     load_algorithm,
     one_line_error,
     read_metrics,
+    run_batch,
     run_in_process,
     run_script,
     tiny_flags,
@@ -106,38 +109,65 @@ KEYS = {
 }
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_torchrun_two_processes(tmp_path, script):
-    """A 2-rank FSDP2 run logs its metrics and writes its model. A copy of its folder cut back to the first
-    checkpoint (what a kill after that checkpoint leaves, plus later rows and a dangling `final`), resumed on 2 ranks,
-    logs the same rows and ends with the same weights (SIGKILL itself: tests/test_reliability.py). The resume is
-    checked for the scripts whose state differs (rpg_fkl, rpg_rkl and pmd_mean resume as grpo does: the shared
-    Run only), to keep the suite's interpreter start-ups down."""
-    flags = [*tiny_flags(script), "--output_dir", str(tmp_path), "--total_steps", "2", "--save_every", "1"]
-    proc = run_script(script, *flags, "--run_name", "ddp", nproc=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    if script not in ("rpg_fkl", "rpg_rkl", "pmd_mean"):
-        shutil.copytree(tmp_path / "ddp", tmp_path / "kill", symlinks=True)
-        shutil.rmtree(tmp_path / "kill" / "checkpoints" / "step_000002")
-        resumed = run_script(script, "--resume", str(tmp_path / "kill"), nproc=2)
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-        assert untimed(read_metrics(tmp_path / "kill")) == untimed(read_metrics(tmp_path / "ddp"))
-        a, b = (safe_open(str(tmp_path / r / "final" / "model.safetensors"), "pt") for r in ("ddp", "kill"))
-        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
-    rows = read_metrics(tmp_path / "ddp")
-    assert rows[0]["step"] == 0 and "eval/pass@1" in rows[0] and len(rows) >= 2
-    assert abs(rows[0]["eval/kl_init_rkl_exact_seq"]) < 1e-6  # the start is the reference
-    for key in (
-        ["eval/pass@1", "eval/kl_init_rkl_exact_seq"]
-        + KEYS[script]
-        + (
-            []
-            if script == "q_sharp"
-            else ["charts/reward_mean", "losses/loss", "losses/entropy", "charts/grad_norm", "charts/tokens_per_s"]
-        )
-    ):
-        assert key in rows[-1] and torch.isfinite(torch.tensor(rows[-1][key])), key
-    assert os.path.isfile(tmp_path / "ddp" / "final" / "model.safetensors")
+RESUMED = ("grpo", "a_star_po", "q_sharp", "dpo_kl", "gkd")  # rpg_fkl, rpg_rkl, pmd_mean resume as grpo does
+
+
+def test_torchrun_two_processes(tmp_path):
+    """Every script, a 2-rank FSDP2 run: it logs its metrics and writes its model. A copy of its folder cut back to
+    the first checkpoint (what a kill after that checkpoint leaves, plus later rows and a dangling `final`), resumed on
+    2 ranks, logs the same rows and ends with the same weights (SIGKILL itself: tests/test_reliability.py). The resume
+    is checked for the scripts whose state differs (rpg_fkl, rpg_rkl and pmd_mean resume through the shared Run only,
+    as grpo does). The runs of each phase share one torchrun (tests/script_batch.py: one interpreter start-up per rank
+    for all of them); a failure names its script."""
+    runs = [
+        (script, [*tiny_flags(script), "--output_dir", tmp_path / script, "--total_steps", "2", "--save_every", "1"])
+        for script in SCRIPTS
+    ]
+    codes, err = run_batch(tmp_path, [(script, [*flags, "--run_name", "ddp"]) for script, flags in runs])
+    failures = {script: f"exit status {code}" for script, code in zip(SCRIPTS, codes) if code != 0}
+    assert not failures, (failures, err[-3000:])
+    for script in RESUMED:
+        shutil.copytree(tmp_path / script / "ddp", tmp_path / script / "kill", symlinks=True)
+        shutil.rmtree(tmp_path / script / "kill" / "checkpoints" / "step_000002")
+    codes, err = run_batch(tmp_path, [(script, ["--resume", tmp_path / script / "kill"]) for script in RESUMED])
+    for script, code in zip(RESUMED, codes):
+        found = smoke_failures(tmp_path / script / "ddp", script)
+        if code != 0:
+            found.append(f"the resume's exit status {code}")
+        elif untimed(read_metrics(tmp_path / script / "kill")) != untimed(read_metrics(tmp_path / script / "ddp")):
+            found.append("the resumed run logs other rows")
+        elif not same_weights(tmp_path / script / "ddp" / "final", tmp_path / script / "kill" / "final"):
+            found.append("the resumed run ends with other weights")
+        failures[script] = found
+    for script in set(SCRIPTS) - set(RESUMED):
+        failures[script] = smoke_failures(tmp_path / script / "ddp", script)
+    failures = {script: found for script, found in failures.items() if found}
+    assert not failures, (failures, err[-3000:])
+
+
+def smoke_failures(run_dir, script) -> list:
+    """What a 2-rank run's folder lacks: its step-0 eval at the reference, finite last metrics, its model."""
+    rows = read_metrics(run_dir)
+    found = []
+    if not (rows[0]["step"] == 0 and "eval/pass@1" in rows[0] and len(rows) >= 2):
+        found.append("no step-0 eval row and a later row")
+    if abs(rows[0].get("eval/kl_init_rkl_exact_seq", 1.0)) >= 1e-6:
+        found.append("the step-0 KL to the initial model is not 0")  # the start is the reference
+    keys = ["eval/pass@1", "eval/kl_init_rkl_exact_seq", *KEYS[script]]
+    if script != "q_sharp":
+        keys += ["charts/reward_mean", "losses/loss", "losses/entropy", "charts/grad_norm", "charts/tokens_per_s"]
+    for key in keys:
+        if key not in rows[-1] or not math.isfinite(rows[-1][key]):
+            found.append(f"{key} missing or not finite")
+    if not os.path.isfile(run_dir / "final" / "model.safetensors"):
+        found.append("no final/model.safetensors")
+    return found
+
+
+def same_weights(a_dir, b_dir) -> bool:
+    a = safe_open(str(a_dir / "model.safetensors"), "pt")
+    b = safe_open(str(b_dir / "model.safetensors"), "pt")
+    return all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -199,7 +229,7 @@ def test_chat_template_is_applied_unless_disabled():
     assert tok.decode(encode_prompts(tok, ex, False, 32, "train")[0], skip_special_tokens=True) == "37+58="
 
 
-def test_other_architecture_with_chat_template(tmp_path):
+def test_other_architecture_with_chat_template(tmp_path, capsys):
     """The real-model path on CPU: a Qwen2-architecture model built from a config, a tokenizer with a chat
     template, bf16 autocast and gradient checkpointing."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -220,8 +250,7 @@ def test_other_architecture_with_chat_template(tmp_path):
     torch.manual_seed(0)
     Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "qwen")
     tok.save_pretrained(tmp_path / "qwen")
-    proc = run_script(
-        "grpo",
+    flags = [
         *TINY_RUN,
         "--model_name_or_path",
         str(tmp_path / "qwen"),
@@ -234,8 +263,9 @@ def test_other_architecture_with_chat_template(tmp_path):
         str(tmp_path),
         "--run_name",
         "q",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ]
+    code, err = run_in_process("grpo", flags, capsys)
+    assert code == 0, err[-3000:]
     rows = read_metrics(tmp_path / "q")
     assert [r["step"] for r in rows] == [0, 1, 2]  # (a random model scores 0: no reward signal to check)
     assert rows[2]["losses/entropy"] > 0 and "eval/kl_init_rkl_exact_seq" in rows[2]
@@ -264,28 +294,32 @@ def test_generation_uses_the_kv_cache_under_gradient_checkpointing():
     assert torch.equal(outs[0], outs[1])
 
 
-def test_gpu_check_runs_on_cpu(tmp_path):
+def test_gpu_check_runs_on_cpu(tmp_path, monkeypatch, capsys):
     """benchmarks/gpu_check.py, the prepared GPU script, end to end in its CPU mode (--device cpu --tiny: the same
     model and tokenizer builder at 2 layers, the same flags and table), so it cannot rot before a GPU is lent: every
-    run completes with finite losses and KL (online DPO on a random model finds no pair: no update, said so)."""
+    run completes with finite losses and KL (online DPO on a random model finds no pair: no update, said so). Its
+    script runs happen in this process (the same command lines, without an interpreter start-up each)."""
+    import importlib.util
     import subprocess
 
-    cmd = [
-        sys.executable,
-        "benchmarks/gpu_check.py",
-        "--device",
-        "cpu",
-        "--tiny",
-        "--steps",
-        "2",
-        "--max_new_tokens",
-        "32",  # the random model rarely ends a completion: 32 tokens keep the test at seconds per script
-        "--out",
-        str(tmp_path),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # beside other test workers: no oversubscribed OpenMP spinning
-    proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "benchmarks", "gpu_check.py"))
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    real_run = subprocess.run
+
+    def in_process(cmd, **kwargs):
+        if cmd[0] != sys.executable or os.path.dirname(cmd[1]) != os.path.join(ROOT, "algorithms"):
+            return real_run(cmd, **kwargs)  # (TRL's worker, where TRL is installed)
+        script = os.path.basename(cmd[1]).removesuffix(".py")
+        code, err = run_in_process(script, cmd[2:], capsys)
+        return subprocess.CompletedProcess(cmd, code if isinstance(code, int) else 1, "", err)
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", in_process)
+    argv = ["gpu_check.py", "--device", "cpu", "--tiny", "--steps", "1", "--max_new_tokens", "16"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as done:
+        gpu_check.main()
+    assert done.value.code == 0, capsys.readouterr().out[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {*SCRIPTS, "dpo_kl offline pairs", "TRL GRPOTrainer"}
     for name in [*SCRIPTS, "dpo_kl offline pairs"]:

@@ -103,6 +103,7 @@ class Args:
     resume: Optional[str] = None  # a run folder to continue, bit for bit; it keeps writing there
     bf16: Optional[bool] = None  # bf16 autocast of forwards (weights float32); default: bf16 GPUs
     gradient_checkpointing: bool = False  # trade compute for memory on real models
+    logprob_chunk_size: int = 256  # lm_head + log-softmax per this many positions (0: all at once)
     # LoRA (0: full fine-tuning); the initial model is then the trained one, adapters off
     lora_r: int = 0  # adapter rank (peft; a 7B policy fits one 80 GB GPU at 16-64)
     lora_alpha: float = 16.0  # adapter scale alpha / r
@@ -268,11 +269,11 @@ def sample_metrics(policy, batch: dict, rewards, args) -> dict:
     with gathered(policy, args):
         for rows in torch.arange(len(ids), device=ids.device).split(args.micro_batch_size):
             with autocast(args):
-                log_softmax = completion_log_softmax(policy, batch, rows, args.temperature)
-            row_mask = mask[rows, : log_softmax.shape[1]]
-            token_lp = token_logprobs(log_softmax, ids[rows])
+                chunk = args.logprob_chunk_size
+                outputs = completion_logprobs(policy, batch, rows, args.temperature, True, chunk)
+            token_lp, token_entropy = outputs
+            row_mask = mask[rows, : token_lp.shape[1]]
             lp.append((token_lp * row_mask).sum(-1))
-            token_entropy = -(log_softmax.exp() * log_softmax).sum(-1)
             entropy += (token_entropy * row_mask).sum()
     lp = torch.cat(lp)
     regularizer = divergence_estimate(lp, lr, divergence=args.divergence, alpha=args.alpha)
@@ -293,13 +294,12 @@ def sample_metrics(policy, batch: dict, rewards, args) -> dict:
     return metrics
 
 
-def micro_loss(log_softmax, batch: dict, rows, args, num_pairs):
+def micro_loss(token_lp, batch: dict, rows, args, num_pairs):
     """DPO's loss of the micro-batch `rows`: m chosen rows, then their m rejected rows. A filler
     (one row, m = 0) makes every sum below empty: a loss of 0 over the forward FSDP needs."""
     m = len(rows) // 2
-    C = log_softmax.shape[1]
+    C = token_lp.shape[1]
     mask = batch["completion_mask"][rows]
-    token_lp = token_logprobs(log_softmax, batch["completion_ids"][rows])
     lp = (token_lp * mask[:, :C]).sum(-1)[: 2 * m]  # sequence log-probs
     lr = (batch["ref_logprobs"][rows] * mask).sum(-1)
     lr = lr[: 2 * m].to(lp.dtype)
@@ -357,10 +357,12 @@ def update_pairs(model, optimizer, batch: dict, args, step: int) -> dict:
                     rows = roles.new_zeros(1)
                 with autocast(args):
                     cached = not args.gradient_checkpointing
-                    log_softmax = completion_log_softmax(
-                        model, batch, rows, args.temperature, cached
+                    chunk = args.logprob_chunk_size
+                    outputs = completion_logprobs(
+                        model, batch, rows, args.temperature, cached, chunk
                     )
-                loss, micro_stats = micro_loss(log_softmax, batch, rows, args, len(minibatch))
+                token_lp, _ = outputs
+                loss, micro_stats = micro_loss(token_lp, batch, rows, args, len(minibatch))
                 (loss * world).backward()  # FSDP averages the gradients over the ranks
                 # a filler's stats are zeros: a rank without pairs reports the same keys
                 stats.append(micro_stats)
@@ -469,9 +471,7 @@ def forward(model, ids, mask, positions, cache=None, keep=0):
     """Logits with explicit positions (prompts are left-padded), extending the KV cache if given."""
     kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
     if cache is not None:  # transformers 5.x renamed `past_key_values` to `cache`
-        base = getattr(model, "module", model)
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base  # (LoRA: peft)
-        parameters = inspect.signature(base.forward).parameters
+        parameters = inspect.signature(base_model(model).forward).parameters
         kwargs["cache" if "cache" in parameters else "past_key_values"] = cache
         kwargs["use_cache"] = True
     return model(**kwargs, logits_to_keep=keep).logits
@@ -584,12 +584,13 @@ def make_batch(prompts: list, completions, eos, pad, batch=None) -> dict:
     return batch
 
 
-def completion_log_softmax(model, batch: dict, rows, temperature: float, cached: bool = True):
-    """log softmax(logits / T) predicting the completion tokens of `rows`, cut to their longest: [m,
-    C, V], at least float32. cached: each distinct prompt runs once (`prefill`), the completions on
-    its cache; else whole rows (gradient checkpointing drops the cache in checkpointed layers)."""
+def completion_logits(model, batch: dict, rows, cached: bool = True, head=None):
+    """The logits [m, C, V] predicting the completion tokens of `rows`, cut to their longest (C >=
+    2: the same forwards on every rank). cached: each distinct prompt runs once (`prefill`), the
+    completions on its cache; else whole rows (gradient checkpointing drops the cache in
+    checkpointed layers). head (a `ChunkedHead`): it stands in for lm_head, [m, C, K] instead."""
     longest = int(batch["completion_mask"][rows].sum(-1).max())
-    C = max(longest, 2)  # >= 2: the same forwards on every rank
+    C = max(longest, 2)
     completion = batch["completion_ids"][rows, :C]
     prompt = batch["prompt_index"][rows]
     if cached:
@@ -601,17 +602,97 @@ def completion_log_softmax(model, batch: dict, rows, temperature: float, cached:
         positions = prompt_length + torch.arange(C - 1, device=prompt.device)
         completion_mask = torch.ones_like(completion[:, 1:])
         mask = torch.cat([prompt_mask[inverse], completion_mask], 1)
-        rest = forward(model, completion[:, :-1], mask, positions, cache)
-        logits = torch.cat([first[:, None], rest], 1)
-    else:
-        completion_mask = torch.ones_like(completion)
-        mask = torch.cat([batch["prompt_mask"][prompt], completion_mask], 1)
-        ids = torch.cat([batch["prompt_ids"][prompt], completion], 1)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with swapped_head(model, head, completion[:, 1:]):
+            rest = forward(model, completion[:, :-1], mask, positions, cache)
+        if head is not None:  # the prefill kept one position's logits: [m, V], small
+            first = head.outputs(first[:, None], completion[:, :1])[:, 0]
+        return torch.cat([first[:, None], rest], 1)
+    completion_mask = torch.ones_like(completion)
+    mask = torch.cat([batch["prompt_mask"][prompt], completion_mask], 1)
+    ids = torch.cat([batch["prompt_ids"][prompt], completion], 1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    targets = torch.nn.functional.pad(completion, (0, 1))  # the last position predicts past C
+    with swapped_head(model, head, targets):
         logits = forward(model, ids, mask, positions, keep=C + 1)
-        logits = logits[:, :-1]  # the last position predicts past the completion
+    return logits[:, :-1]
+
+
+def completion_log_softmax(model, batch: dict, rows, temperature: float, cached: bool = True):
+    """log softmax(logits / T) [m, C, V], at least float32, of `completion_logits`."""
+    logits = completion_logits(model, batch, rows, cached)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return (logits / temperature).log_softmax(-1)
+
+
+def completion_logprobs(model, batch, rows, temperature: float, cached=True, chunk_size=0):
+    """(the log-prob [m, C] of each completion token of `rows`, the entropy [m, C] of its
+    distribution) under softmax(logits / T), at least float32: lm_head runs per chunk of
+    chunk_size positions (0: one), so no [m, C, V] tensor exists whole (`ChunkedHead`)."""
+    head = ChunkedHead(partial(token_stats, temperature=temperature), chunk_size)
+    outputs = completion_logits(model, batch, rows, cached, head)
+    return outputs[..., 0], outputs[..., 1]
+
+
+def token_stats(logits, targets, temperature: float):
+    """[..., 2]: log softmax(logits / T) (at least float32) at each target token, and its entropy."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    log_softmax = (logits / temperature).log_softmax(-1)
+    logprobs = log_softmax.gather(-1, targets[..., None])
+    entropy = -(log_softmax.exp() * log_softmax).sum(-1, keepdim=True)
+    return torch.cat([logprobs, entropy], -1)
+
+
+class ChunkedHead(torch.nn.Module):
+    """Stands in for lm_head in one forward: outputs(logits, targets) [m, n, K] of lm_head(hidden)
+    per chunk of positions. With several chunks a chunk's logits live only while it is computed:
+    the backward recomputes them (activation checkpointing) from the hidden states it keeps."""
+
+    def __init__(self, outputs, chunk_size: int):
+        super().__init__()
+        self.outputs = outputs
+        self.chunk_size = chunk_size
+
+    def forward(self, hidden):
+        length = hidden.shape[1]
+        chunk = self.chunk_size if 0 < self.chunk_size < length else length
+        recompute = chunk < length and torch.is_grad_enabled()
+        pieces = []
+        for start in range(0, length, chunk):
+            arguments = (hidden[:, start : start + chunk], self.targets[:, start : start + chunk])
+            if recompute:
+                recomputed = torch.utils.checkpoint.checkpoint(
+                    self.chunk, *arguments, use_reentrant=False
+                )
+                pieces.append(recomputed)
+            else:
+                pieces.append(self.chunk(*arguments))
+        return torch.cat(pieces, 1)
+
+    def chunk(self, hidden, targets):
+        return self.outputs(self.lm_head[0](hidden), targets)
+
+
+@contextlib.contextmanager
+def swapped_head(model, head, targets):
+    """`head` (None: nothing) in place of the model's lm_head, predicting `targets`, for a forward."""
+    if head is None:
+        yield
+        return
+    base = base_model(model)
+    lm_head = base.get_output_embeddings()
+    head.lm_head = [lm_head]  # (a list: not a submodule; FSDP keeps managing lm_head's weights)
+    head.targets = targets
+    base.set_output_embeddings(head)
+    try:
+        yield
+    finally:
+        base.set_output_embeddings(lm_head)
+
+
+def base_model(model):
+    """The transformers model inside FSDP / WithoutAdapters (.module) and peft's LoRA wrapper."""
+    base = getattr(model, "module", model)
+    return base.get_base_model() if hasattr(base, "get_base_model") else base
 
 
 def token_logprobs(log_softmax, tokens):
@@ -629,8 +710,8 @@ def batched_logprobs(model, batch: dict, args):
     with gathered(model, args):
         for rows in torch.arange(len(ids), device=ids.device).split(args.micro_batch_size):
             with autocast(args):
-                log_softmax = completion_log_softmax(model, batch, rows, args.temperature)
-            logprobs = token_logprobs(log_softmax, ids[rows])
+                chunk = args.logprob_chunk_size
+                logprobs, _ = completion_logprobs(model, batch, rows, args.temperature, True, chunk)
             logprobs = logprobs * batch["completion_mask"][rows, : logprobs.shape[1]]
             padding = (0, ids.shape[1] - logprobs.shape[1])  # back to the batch's width
             out.append(torch.nn.functional.pad(logprobs, padding))
@@ -710,10 +791,11 @@ def pass_at_k(correct, n: int, k: int):
 
 
 # ---- UPDATE: global mini-batches, micro-batches in lockstep, the optimizer step ----------------
-def update_policy(model, optimizer, batch: dict, args, step: int, micro_loss) -> dict:
+def update_policy(model, optimizer, batch, args, step, micro_loss, outputs=completion_logprobs):
     """--num_iterations x --num_minibatches optimizer steps over the rollout. A mini-batch: GLOBAL
     rows, their sequence and token counts summed over the ranks before the loss; each rank backprops
-    loss x world size (FSDP averages): the update depends on neither ranks nor micro-batching."""
+    loss x world size (FSDP averages): the update depends on neither ranks nor micro-batching.
+    micro_loss(logprobs, entropy, batch, rows, args, ...): the policy's `outputs` [m, C] (each)."""
     world, rank = world_rank()
     mask = batch["loss_mask"]
     local_rows = len(mask)
@@ -733,17 +815,17 @@ def update_policy(model, optimizer, batch: dict, args, step: int, micro_loss) ->
                     model.set_requires_gradient_sync(k == len(micro_batches) - 1)
                 with autocast(args):
                     cached = not args.gradient_checkpointing
-                    log_softmax = completion_log_softmax(
-                        model, batch, rows, args.temperature, cached
-                    )
-                loss, micro_stats = micro_loss(log_softmax, batch, rows, args, num_seqs, num_tokens)
+                    chunk = args.logprob_chunk_size
+                    logprobs, entropy = outputs(model, batch, rows, args.temperature, cached, chunk)
+                loss, micro_stats = micro_loss(
+                    logprobs, entropy, batch, rows, args, num_seqs, num_tokens
+                )
                 (loss * world * weight).backward()
                 if weight == 0:  # a filler: no stats
                     stats.append({})
                     continue
-                token_entropy = -(log_softmax.exp() * log_softmax).sum(-1)
-                entropy = (token_entropy * mask[rows, : log_softmax.shape[1]]).sum()
-                micro_stats["entropy"] = entropy.detach() / max(num_tokens, 1)
+                entropy_sum = (entropy.detach() * mask[rows, : entropy.shape[1]]).sum()
+                micro_stats["entropy"] = entropy_sum / max(num_tokens, 1)
                 stats.append(micro_stats)
             stats[-1] |= optimizer_step(model, optimizer, args)
     return reduce_stats(stats, args.num_iterations * args.num_minibatches)

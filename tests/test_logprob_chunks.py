@@ -32,19 +32,15 @@ def test_chunked_logprobs_and_gradients_equal_the_whole(cached, chunk_size):
     algo, model, batch, *_ = setup("grpo")
     model = model.float()
     rows = torch.arange(len(PROMPTS) * G)[::2]
-    want = outputs_and_gradient(model, lambda: whole(algo, model, batch, rows, cached))  # noqa: E731
-    got = outputs_and_gradient(
-        model, lambda: algo.completion_logprobs(model, batch, rows, 0.7, cached, chunk_size)  # noqa: E731
-    )
+    want = outputs_and_gradient(model, lambda: whole(algo, model, batch, rows, cached))
+    got = outputs_and_gradient(model, lambda: algo.completion_logprobs(model, batch, rows, 0.7, cached, chunk_size))
     # float32 relative: a chunk's lm_head matmul may block the sum differently (log-probs reach -18 here)
     for g, w in zip(got, want):
         scale = max(1.0, w.abs().max().item())
         assert max_abs(g, w) < 1e-6 * scale, (max_abs(g, w), scale)
     scale = want[2].abs().max()
     # negative control: another temperature's log-probs and gradient differ
-    other = outputs_and_gradient(
-        model, lambda: algo.completion_logprobs(model, batch, rows, 1.0, cached, chunk_size)  # noqa: E731
-    )
+    other = outputs_and_gradient(model, lambda: algo.completion_logprobs(model, batch, rows, 1.0, cached, chunk_size))
     assert max_abs(other[0], want[0]) > 1e-3 and max_abs(other[2], want[2]) > 1e-3 * scale
 
 
@@ -53,6 +49,6 @@ def test_one_chunk_is_bit_identical():
     algo, model, batch, *_ = setup("grpo")
     model = model.float()
     rows = torch.arange(len(PROMPTS) * G)
-    a = outputs_and_gradient(model, lambda: algo.completion_logprobs(model, batch, rows, 0.7, True, 0))  # noqa: E731
-    b = outputs_and_gradient(model, lambda: algo.completion_logprobs(model, batch, rows, 0.7, True, 999))  # noqa: E731
+    a = outputs_and_gradient(model, lambda: algo.completion_logprobs(model, batch, rows, 0.7, True, 0))
+    b = outputs_and_gradient(model, lambda: algo.completion_logprobs(model, batch, rows, 0.7, True, 999))
     assert all(torch.equal(x, y) for x, y in zip(a, b))

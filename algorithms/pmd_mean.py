@@ -42,6 +42,7 @@ import torch.distributed.checkpoint.state_dict as dist_state
 import tqdm
 import tyro
 from torch.nn.utils.rnn import pad_sequence
+from torch.utils.checkpoint import checkpoint as recompute
 
 # common/tasks.py (data and rewards) is imported as `tasks` where the shared part begins
 
@@ -274,14 +275,24 @@ except ModuleNotFoundError:
 
 
 # ---- ROLLOUT: sampling with the KV cache, teacher-forced log-probs, evaluation -----------------
-def forward(model, ids, mask, positions, cache=None, keep=0):
-    """Logits with explicit positions (prompts are left-padded), extending the KV cache if given."""
+def forward(model, ids, mask, positions, cache=None, keep=0, head=None):
+    """Logits with explicit positions (prompts are left-padded), extending the KV cache if given;
+    head (a `ChunkedHead`): it stands in for lm_head, and its outputs for the logits."""
     kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    base = getattr(model, "module", model)  # (FSDP, WithoutAdapters)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base  # (LoRA: peft)
     if cache is not None:  # transformers 5.x renamed `past_key_values` to `cache`
-        parameters = inspect.signature(base_model(model).forward).parameters
+        parameters = inspect.signature(base.forward).parameters
         kwargs["cache" if "cache" in parameters else "past_key_values"] = cache
         kwargs["use_cache"] = True
-    return model(**kwargs, logits_to_keep=keep).logits
+    lm_head = base.get_output_embeddings()
+    if head is not None:
+        head.lm_head = [lm_head]  # (a list: not a submodule; FSDP keeps managing lm_head's weights)
+        base.set_output_embeddings(head)
+    try:
+        return model(**kwargs, logits_to_keep=keep).logits
+    finally:
+        base.set_output_embeddings(lm_head)
 
 
 def keep_rows(cache, rows):
@@ -392,12 +403,11 @@ def make_batch(prompts: list, completions, eos, pad, batch=None) -> dict:
 
 
 def completion_logits(model, batch: dict, rows, cached: bool = True, head=None):
-    """The logits [m, C, V] predicting the completion tokens of `rows`, cut to their longest (C >=
-    2: the same forwards on every rank). cached: each distinct prompt runs once (`prefill`), the
-    completions on its cache; else whole rows (gradient checkpointing drops the cache in
-    checkpointed layers). head (a `ChunkedHead`): it stands in for lm_head, [m, C, K] instead."""
+    """The logits [m, C, V] (or a `ChunkedHead`'s outputs) predicting the completion tokens of `rows`,
+    cut to their longest. cached: each distinct prompt runs once (`prefill`), the completions on its
+    cache; else whole rows (gradient checkpointing drops the cache in checkpointed layers)."""
     longest = int(batch["completion_mask"][rows].sum(-1).max())
-    C = max(longest, 2)
+    C = max(longest, 2)  # >= 2: the same forwards on every rank
     completion = batch["completion_ids"][rows, :C]
     prompt = batch["prompt_index"][rows]
     if cached:
@@ -409,18 +419,19 @@ def completion_logits(model, batch: dict, rows, cached: bool = True, head=None):
         positions = prompt_length + torch.arange(C - 1, device=prompt.device)
         completion_mask = torch.ones_like(completion[:, 1:])
         mask = torch.cat([prompt_mask[inverse], completion_mask], 1)
-        with swapped_head(model, head, completion[:, 1:]):
-            rest = forward(model, completion[:, :-1], mask, positions, cache)
+        if head is not None:
+            head.targets = completion[:, 1:]
+        rest = forward(model, completion[:, :-1], mask, positions, cache, head=head)
         if head is not None:  # the prefill kept one position's logits: [m, V], small
-            first = head.outputs(first[:, None], completion[:, :1])[:, 0]
+            first = token_stats(first[:, None], completion[:, :1], head.temperature)[:, 0]
         return torch.cat([first[:, None], rest], 1)
     completion_mask = torch.ones_like(completion)
     mask = torch.cat([batch["prompt_mask"][prompt], completion_mask], 1)
     ids = torch.cat([batch["prompt_ids"][prompt], completion], 1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    targets = torch.nn.functional.pad(completion, (0, 1))  # the last position predicts past C
-    with swapped_head(model, head, targets):
-        logits = forward(model, ids, mask, positions, keep=C + 1)
+    if head is not None:
+        head.targets = torch.nn.functional.pad(completion, (0, 1))  # the last one predicts past C
+    logits = forward(model, ids, mask, positions, keep=C + 1, head=head)
     return logits[:, :-1]
 
 
@@ -432,11 +443,8 @@ def completion_log_softmax(model, batch: dict, rows, temperature: float, cached:
 
 
 def completion_logprobs(model, batch, rows, temperature: float, cached=True, chunk_size=0):
-    """(the log-prob [m, C] of each completion token of `rows`, the entropy [m, C] of its
-    distribution) under softmax(logits / T), at least float32: lm_head runs per chunk of
-    chunk_size positions (0: one), so no [m, C, V] tensor exists whole (`ChunkedHead`)."""
-    head = ChunkedHead(partial(token_stats, temperature=temperature), chunk_size)
-    outputs = completion_logits(model, batch, rows, cached, head)
+    """(log-probs, entropies) [m, C] of the completion tokens of `rows`: a `ChunkedHead`'s."""
+    outputs = completion_logits(model, batch, rows, cached, ChunkedHead(temperature, chunk_size))
     return outputs[..., 0], outputs[..., 1]
 
 
@@ -450,62 +458,27 @@ def token_stats(logits, targets, temperature: float):
 
 
 class ChunkedHead(torch.nn.Module):
-    """Stands in for lm_head in one forward: outputs(logits, targets) [m, n, K] of lm_head(hidden)
-    per chunk of positions. With several chunks a chunk's logits live only while it is computed:
-    the backward recomputes them (activation checkpointing) from the hidden states it keeps."""
+    """Stands in for lm_head in a `forward`: `token_stats` [m, n, 2] of lm_head(hidden) per chunk of
+    chunk_size positions (0: one). A chunk's logits live only while it is computed; the backward
+    recomputes them from the hidden states: no [m, C, V] tensor exists whole, forward or backward."""
 
-    def __init__(self, outputs, chunk_size: int):
+    def __init__(self, temperature: float, chunk_size: int):
         super().__init__()
-        self.outputs = outputs
+        self.temperature = temperature
         self.chunk_size = chunk_size
 
     def forward(self, hidden):
-        length = hidden.shape[1]
-        chunk = self.chunk_size if 0 < self.chunk_size < length else length
-        recompute = chunk < length and torch.is_grad_enabled()
-        pieces = []
-        for start in range(0, length, chunk):
-            arguments = (hidden[:, start : start + chunk], self.targets[:, start : start + chunk])
-            if recompute:
-                recomputed = torch.utils.checkpoint.checkpoint(
-                    self.chunk, *arguments, use_reentrant=False
-                )
-                pieces.append(recomputed)
-            else:
-                pieces.append(self.chunk(*arguments))
+        chunk_size = self.chunk_size or hidden.shape[1]
+        hidden_chunks = hidden.split(chunk_size, 1)
+        chunks = list(zip(hidden_chunks, self.targets.split(chunk_size, 1)))
+        if len(chunks) > 1 and torch.is_grad_enabled():
+            pieces = [recompute(self.stats, h, t, use_reentrant=False) for h, t in chunks]
+        else:
+            pieces = [self.stats(h, t) for h, t in chunks]
         return torch.cat(pieces, 1)
 
-    def chunk(self, hidden, targets):
-        return self.outputs(self.lm_head[0](hidden), targets)
-
-
-@contextlib.contextmanager
-def swapped_head(model, head, targets):
-    """`head` (None: nothing) in place of the model's lm_head, predicting `targets`, for a forward."""
-    if head is None:
-        yield
-        return
-    base = base_model(model)
-    lm_head = base.get_output_embeddings()
-    head.lm_head = [lm_head]  # (a list: not a submodule; FSDP keeps managing lm_head's weights)
-    head.targets = targets
-    base.set_output_embeddings(head)
-    try:
-        yield
-    finally:
-        base.set_output_embeddings(lm_head)
-
-
-def base_model(model):
-    """The transformers model inside FSDP / WithoutAdapters (.module) and peft's LoRA wrapper."""
-    base = getattr(model, "module", model)
-    return base.get_base_model() if hasattr(base, "get_base_model") else base
-
-
-def token_logprobs(log_softmax, tokens):
-    """The log-prob [m, C] of each token, from a log-softmax [m, C, V] (longer tokens cut to C)."""
-    C = log_softmax.shape[1]
-    return log_softmax.gather(-1, tokens[:, :C, None]).squeeze(-1)
+    def stats(self, hidden, targets):
+        return token_stats(self.lm_head[0](hidden), targets, self.temperature)
 
 
 @torch.no_grad()
@@ -602,7 +575,7 @@ def update_policy(model, optimizer, batch, args, step, micro_loss, outputs=compl
     """--num_iterations x --num_minibatches optimizer steps over the rollout. A mini-batch: GLOBAL
     rows, their sequence and token counts summed over the ranks before the loss; each rank backprops
     loss x world size (FSDP averages): the update depends on neither ranks nor micro-batching.
-    micro_loss(logprobs, entropy, batch, rows, args, ...): the policy's `outputs` [m, C] (each)."""
+    micro_loss(lp, entropy, batch, rows, args, ...): the policy's `outputs`, log-probs [m, C] etc."""
     world, rank = world_rank()
     mask = batch["loss_mask"]
     local_rows = len(mask)
@@ -623,10 +596,8 @@ def update_policy(model, optimizer, batch, args, step, micro_loss, outputs=compl
                 with autocast(args):
                     cached = not args.gradient_checkpointing
                     chunk = args.logprob_chunk_size
-                    logprobs, entropy = outputs(model, batch, rows, args.temperature, cached, chunk)
-                loss, micro_stats = micro_loss(
-                    logprobs, entropy, batch, rows, args, num_seqs, num_tokens
-                )
+                    lp, entropy = outputs(model, batch, rows, args.temperature, cached, chunk)
+                loss, micro_stats = micro_loss(lp, entropy, batch, rows, args, num_seqs, num_tokens)
                 (loss * world * weight).backward()
                 if weight == 0:  # a filler: no stats
                     stats.append({})

@@ -211,7 +211,8 @@ def update(name, out, overrides, world):
     if name == "dpo_kl":  # DPO trains on chosen/rejected pairs
         metrics = algo.update_pairs(model, opt, shard, args, 7)
     else:
-        metrics = algo.update_policy(model, opt, shard, args, 7, algo.micro_loss)
+        outputs = getattr(algo, "student_outputs", algo.completion_logprobs)  # GKD: the whole log-softmax
+        metrics = algo.update_policy(model, opt, shard, args, 7, algo.micro_loss, outputs)
     params = flat(model)  # a collective under FSDP: every rank gathers
     saved_gap = checkpoint_roundtrip(algo, model, opt, tok, args, batch, out, ref) if "save" in overrides else None
     if rank == 0:

@@ -51,8 +51,8 @@ MUTATIONS = [
     (
         "grpo-logprobs-ignore-temperature",
         "algorithms/grpo.py",
-        "return (logits / temperature).log_softmax(-1)",
-        "return logits.log_softmax(-1)",
+        "log_softmax = (logits / temperature).log_softmax(-1)",
+        "log_softmax = logits.log_softmax(-1)",
         ["tests/test_loops.py::test_one_step_end_to_end"],
     ),
     (
@@ -241,15 +241,15 @@ MUTATIONS = [
     (
         "dpo_kl-pairs-normalized-per-rank",
         "algorithms/dpo_kl.py",
-        "micro_loss(log_softmax, batch, rows, args, len(minibatch))",
-        "micro_loss(log_softmax, batch, rows, args, len(mine))",
+        "micro_loss(token_lp, batch, rows, args, len(minibatch))",
+        "micro_loss(token_lp, batch, rows, args, len(mine))",
         ["tests/test_distributed.py::test_two_processes_equal_one"],
     ),
     (
         "dpo_kl-fresh-kl-from-the-reference",
         "algorithms/dpo_kl.py",
-        "log_softmax = completion_log_softmax(policy, batch, rows, args.temperature)",
-        "log_softmax = completion_log_softmax(ref, batch, rows, args.temperature)",
+        "metrics = sample_metrics(policy, batch, rewards, args)",
+        "metrics = sample_metrics(ref, batch, rewards, args)",
         ["tests/test_loops.py::test_one_step_end_to_end[dpo_kl]"],
     ),
     (

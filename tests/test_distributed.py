@@ -39,6 +39,8 @@ CASES = [
     ("grpo", {"loss_agg": "token_mean"}),
     ("grpo", {"loss_agg": "seq_mean_token_mean", "num_iterations": 2, "kl_estimator": "k2"}),
     ("grpo", {"num_minibatches": 2, "micro_batch_size": 3}),  # global mini-batches, ragged micro-batch counts
+    # lm_head + log-softmax per 2 positions, recomputed in the backward through FSDP2's gathered lm_head
+    ("grpo", {"logprob_chunk_size": 2, "num_iterations": 2, "micro_batch_size": 5}),
     ("rpg_fkl", {"num_iterations": 2, "unnormalized": True, "kl_anchor": "init"}),
     ("rpg_rkl", {"num_iterations": 2, "form": "reinforce", "ratio_level": "sequence"}),
     ("pmd_mean", {"num_iterations": 2}),

@@ -75,7 +75,7 @@ def test_log_probs_and_gradients_equal_the_full_rows(name):
     for key, b, cached in (("shared", batch, True), ("full", batch, False), ("wrong", wrong, True)):
         model.zero_grad()
         lsm = algo.completion_log_softmax(model, b, rows, 1.0, cached)
-        lp = algo.token_logprobs(lsm, b["completion_ids"][rows])
+        lp = lsm.gather(-1, b["completion_ids"][rows, : lsm.shape[1], None]).squeeze(-1)
         (lp * b["completion_mask"][rows, : lp.shape[1]]).sum().backward()
         out[key] = lsm.detach(), torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     longest = int(batch["completion_mask"][rows].sum(-1).max())  # trimmed to the micro-batch's longest completion
@@ -100,5 +100,5 @@ def test_batched_logprobs_in_micro_batches(name):
     assert max_abs(algo.batched_logprobs(model, batch, args), whole) < 1e-12
     with torch.no_grad():
         rows = torch.arange(len(whole))
-        full = algo.token_logprobs(algo.completion_log_softmax(model, batch, rows, 1.0, False), batch["completion_ids"])
+        full = algo.completion_logprobs(model, batch, rows, 1.0, False)[0]
     assert max_abs(full * batch["completion_mask"][:, : full.shape[1]], whole[:, : full.shape[1]]) < 1e-10

@@ -23,13 +23,14 @@ ABOVE = {  # lines above the SHARED banner (issue 27; later issues add what they
     "rpg_rkl": 400 + 15,
     "a_star_po": 370 + 15,
     "dpo_kl": 450 + 15,
-    "gkd": 380 + 15 + 60,  # issue 30: +60
+    "gkd": 380 + 15 + 60 + 20,  # issue 30: +60; issue 33: +20 (student_outputs, and its lines split)
     "q_sharp": 760 + 15 + 10,  # issue 32: +10 (its LoRA flags)
 }
 # the shared part, identical in every file: issue 27's 760 lines, issue 28's fixes (it set no budget), issue 31's
 # pass@k, reward function and training-sample log (+40 allowed; +45, the density splits of its dense lines),
-# issue 32's LoRA (+40; its 5 flag lines above the banner fit in the budgets above)
-SHARED_LINES = 760 + 165 + 45 + 40
+# issue 32's LoRA (+40; its 5 flag lines above the banner fit in the budgets above), issue 33's real shapes (+50:
+# the chunked log-probs take 49)
+SHARED_LINES = 760 + 165 + 45 + 40 + 50
 NODES_PER_LINE = 6.0
 WIDE_SHARE = 0.10  # of lines wider than 100 columns
 

@@ -104,7 +104,7 @@ class Args:
     resume: Optional[str] = None  # a run folder to continue, bit for bit; it keeps writing there
     bf16: Optional[bool] = None  # bf16 autocast of forwards (weights float32); default: bf16 GPUs
     gradient_checkpointing: bool = False  # trade compute for memory on real models
-    logprob_chunk_size: int = 256  # lm_head + log-softmax per this many positions (0: all at once)
+    logprob_chunk_size: int = 64  # lm_head + log-softmax per this many positions (0: all at once)
     # LoRA (0: full fine-tuning); the initial model is then the trained one, adapters off
     lora_r: int = 0  # adapter rank (peft; a 7B policy fits one 80 GB GPU at 16-64)
     lora_alpha: float = 16.0  # adapter scale alpha / r

@@ -349,10 +349,12 @@ def encode_completions(tokenizer, examples: list, limit: int) -> list:
 
 def student_outputs(model, batch: dict, rows, temperature: float, cached: bool, chunk_size: int):
     """GKD's loss needs the student's whole distribution: its log-softmax [m, C, V] (in place of
-    `completion_logprobs`' chunks; --divergence_chunk_size bounds the loss's own), and entropy."""
+    `completion_logprobs`' chunks; --divergence_chunk_size bounds the loss's own), and entropy
+    (without a gradient: GKD's loss has no entropy term)."""
     log_softmax = completion_log_softmax(model, batch, rows, temperature, cached)
-    probs = log_softmax.exp()
-    entropy = -(probs * log_softmax).sum(-1)
+    with torch.no_grad():  # (logged only: no [m, C, V] probabilities kept for the backward)
+        probs = log_softmax.exp()
+        entropy = -(probs * log_softmax).sum(-1)
     return log_softmax, entropy
 
 

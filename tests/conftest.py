@@ -12,7 +12,6 @@ SLOW_FIRST = (
     "test_t18_reward_to_go",
     "test_kill_then_resume_equals_uninterrupted_run",
     "test_torchrun_one_run_name_and_one_stop_line",
-    "test_checkpoint_loads_with_from_pretrained",
 )
 
 

@@ -3,10 +3,13 @@ for them all (a gloo group cannot be made twice in one process). Each run is the
 line runs it, except that it finds the group already made and leaves it for the next run.
 Usage: python -m torch.distributed.run --nproc_per_node=N tests/script_batch.py RUNS.json
        (RUNS.json: [[script, [flag, ...]], ...]; rank 0 writes each run's exit status to RUNS.json.codes)
+An entry ["copy_without", [SRC, DST, PART]] is no run: rank 0 copies the folder SRC to DST without DST/PART (what a
+kill leaves, for a resume later in the batch); its status is 1 if that fails.
 """
 
 import json
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,6 +36,19 @@ def exit_status(script: str, flags: list) -> int:
     return 0
 
 
+def copy_without(src: str, dst: str, part: str) -> int:
+    """Rank 0: a copy of the folder src at dst, without dst/part (0), or 1 if that fails (src missing: its run failed)."""
+    if dist.get_rank() > 0:
+        return 0
+    try:
+        shutil.copytree(src, dst, symlinks=True)
+        shutil.rmtree(os.path.join(dst, part))
+    except OSError as e:
+        print(f"copy_without {src}: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
 def main() -> None:
     path = sys.argv[1]
     with open(path) as f:
@@ -43,7 +59,10 @@ def main() -> None:
     dist.destroy_process_group = keep_the_group
     codes = []
     for script, flags in runs:
-        codes.append(exit_status(script, flags))
+        if script == "copy_without":
+            codes.append(copy_without(*flags))
+        else:
+            codes.append(exit_status(script, flags))
         dist.barrier()  # the next run starts together on every rank
     if dist.get_rank() == 0:
         with open(path + ".codes", "w") as f:

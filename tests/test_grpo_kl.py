@@ -267,10 +267,12 @@ def test_t16_reward_placement_converges_to_the_optimum():
     batched = all_groups_grad(EOS_TREE, theta, theta_ref, r, groups, BETA)
     assert max_abs(batched, expected_grad(EOS_TREE, theta, theta_ref, r)) < TOL  # the same expectation, batched
     theta = theta.detach().clone().requires_grad_()
-    for _ in range(6500):  # plain gradient descent on the exact expected gradient
+    velocity = torch.zeros_like(theta)
+    for _ in range(2000):  # heavy-ball descent on the exact expected gradient (plain descent needs 6,500 steps)
         step = all_groups_grad(EOS_TREE, theta, theta_ref, r, groups, BETA)
         with torch.no_grad():
-            theta -= 60.0 * step
+            velocity = 0.6 * velocity + step
+            theta -= 100.0 * velocity
     law = EOS_TREE.seq_logprobs(theta).exp()
     assert max_abs(law, optimal_law(EOS_TREE, theta_ref, r, BETA)) < TOL
     # negative control: not the optimum with the group factor on the reward alone, pi_ref e^{(1 - 1/G) r / beta} / Z
@@ -349,7 +351,12 @@ def estimator_moments(tree, theta, theta_ref, r, G, beta, scale, to_go):
             std = (penalized - base).pow(2).sum(-1, keepdim=True).div(G - 1).sqrt()
             all_equal = (penalized == penalized[:, :1]).all(-1)
             credit = torch.where(all_equal[:, None, None], 0.0, credit / (std[..., None] + 1e-4))
-    g = -(credit[..., None] * score_vectors(tree, theta)[groups]).sum((1, 2)) / G
+    # g = -(1/G) sum_i sum_t credit_it score(o_i, t): the credits summed per (sequence, position), then one product
+    # with the score vectors (not a [groups, G, L, states x V] tensor)
+    slots = (groups[..., None] * L + torch.arange(L)).view(len(groups), -1)
+    per_position = torch.zeros(len(groups), len(tree.seq_list) * L, dtype=DT)
+    per_position.scatter_add_(1, slots, credit.reshape(len(groups), -1))
+    g = -(per_position @ score_vectors(tree, theta).view(-1, theta.numel())) / G
     mean = (prob[:, None] * g).sum(0)
     return mean, (prob * (g - mean).pow(2).sum(-1)).sum().item()
 

@@ -7,6 +7,7 @@ model: tests/test_distributed.py.)"""
 
 import os
 import shutil
+from importlib.util import find_spec
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from common import TINY_POLICY
 from tests.harness import load_algorithm, read_metrics, run_in_process, tiny_flags
 from tests.test_reliability import final_params, untimed
 
-pytest.importorskip("peft")
+# (not importorskip: importing peft takes 6 s, which every pytest-xdist worker would pay while collecting)
+pytestmark = pytest.mark.skipif(find_spec("peft") is None, reason="--lora_r needs peft")
 grpo = load_algorithm("grpo")
 IDS = torch.tensor([[1, 5, 7, 9, 11, 4], [1, 8, 3, 2, 6, 10]])
 

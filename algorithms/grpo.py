@@ -626,16 +626,18 @@ def evaluate(policy, kl_models: dict, run, eos) -> tuple:
     rewards = torch.tensor(run.task.score(texts, answers), device=DEVICE)
     mask = batch["completion_mask"]
     sums = [(rewards >= 1).sum(), rewards.sum(), mask.sum()]
-    with gathered(policy, args):  # ranks may hold different numbers of eval rows
-        for q in kl_models.values():
-            kl = rewards.new_zeros(())
-            for rows in torch.arange(len(mine), device=DEVICE).split(args.micro_batch_size):
-                with autocast(args):
-                    log_p = completion_log_softmax(policy, batch, rows, args.temperature)
-                    log_q = completion_log_softmax(q, batch, rows, args.temperature)
-                kl_per_position = (log_p.exp() * (log_p - log_q)).sum(-1)
-                kl += (kl_per_position * mask[rows, : log_p.shape[1]]).sum()
-            sums.append(kl)
+    all_rows = torch.arange(len(mine), device=DEVICE)
+    for q in kl_models.values():
+        kl = rewards.new_zeros(())
+        # in lockstep (ranks hold different numbers of eval rows): under FSDP both models stay
+        # sharded, each forward gathering one layer at a time
+        for rows, weight in lockstep(all_rows, args.micro_batch_size):
+            with autocast(args):
+                log_p = completion_log_softmax(policy, batch, rows, args.temperature)
+                log_q = completion_log_softmax(q, batch, rows, args.temperature)
+            kl_per_position = (log_p.exp() * (log_p - log_q)).sum(-1)
+            kl += weight * (kl_per_position * mask[rows, : log_p.shape[1]]).sum()
+        sums.append(kl)
     samples = len(run.eval_prompts) * per_prompt
     means = all_reduce(torch.stack(sums).double()) / samples
     names = ["eval/pass@1", "eval/reward_mean", "eval/completion_len_mean"]
@@ -758,12 +760,14 @@ def reduce_stats(stats: list, steps: int) -> dict:
 # ---- PLUMBING: processes, run folders, checkpoints, resume, logging ----------------------------
 DEVICE = torch.device("cpu")  # this rank's GPU or the CPU: set once, by Run, from --cuda
 FULL_STATE = dist_state.StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors
+DCP = torch.distributed.checkpoint  # (imported with dist_state) torchrun's sharded optimizer state
 RESUMABLE = {"resume", "total_steps", "learning_rate", "weight_decay", "max_grad_norm"}
 RESUMABLE |= {"eval_every", "save_every", "keep_last"}  # the flags that may change on resume
 # flags that must be > 0 in every script (the other number flags >= 0); check_args adds its own
 POSITIVE = ("temperature", "max_prompt_length", "max_new_tokens", "total_steps", "prompts_per_step")
 POSITIVE += ("micro_batch_size", "gen_batch_size", "eval_num_prompts", "eval_samples_per_prompt")
 OPEN = []  # the run-folder lock and the progress bar, closed when main ends (tests rerun main)
+GATHERED = []  # the sharded models whole now (`gathered`)
 
 
 class UserError(Exception):
@@ -935,8 +939,8 @@ def autocast(args):
 
 def load_model(path: str, args, trainable: bool = False):
     """A causal LM with dropout off (ratios exactly 1 at theta = theta_old), frozen unless trained
-    (then float32: AdamW's master weights). A frozen one computes as the trained one does: in bf16
-    under FSDP with --bf16 (MixedPrecisionPolicy), else float32 under autocast (--lora_r: peft)."""
+    (then float32: AdamW's master weights). A frozen one computes as the trained one does (bf16
+    under FSDP with --bf16, else float32 under autocast) and is sharded under torchrun too."""
     from transformers import AutoModelForCausalLM
 
     lora = trainable and args.lora_r > 0
@@ -953,6 +957,8 @@ def load_model(path: str, args, trainable: bool = False):
         enable = getattr(model, "activation_checkpointing_enable", None)
         (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
     model = model.to(DEVICE).train(trainable).requires_grad_(trainable)
+    if not trainable:  # whole only while `gathered` (a phase) or in FSDP's forward (a layer)
+        return shard(model, args)
     if not lora:
         return model
     import peft  # only LoRA's adapters train; B starts at 0: the model starts as the base model
@@ -994,14 +1000,16 @@ def gathered(model, args):
     """FSDP2: all-gather the weights once for a whole inference phase (rollout, log-probs, eval),
     not per layer and forward; with no collective inside, ranks may run different forward counts."""
     root = getattr(model, "module", model)  # (WithoutAdapters: the trained model it runs)
-    modules = root.modules() if root is not None else []
+    modules = root.modules() if root not in GATHERED else []  # (whole already: the outer phase's)
     sharded = [m for m in modules if hasattr(m, "unshard")]
     for module in sharded:
         module.unshard()
     if sharded:
         root.set_reshard_after_forward(False)
+        GATHERED.append(root)
     yield
     if sharded:
+        GATHERED.remove(root)
         root.set_reshard_after_forward(args.reshard_after_forward)
     for module in sharded:
         module.reshard()
@@ -1137,9 +1145,13 @@ class Run:
         if self.checkpoint:
             path = os.path.join(self.checkpoint, "trainer_state.pt")
             self.state = torch.load(path, "cpu", weights_only=False)
-            optimizer_state = self.state.pop("optimizer")
-            restore = dist_state.set_optimizer_state_dict
-            restore(self.model, self.optimizer, optimizer_state, options=FULL_STATE)
+            adamw = self.state.pop("optimizer")  # whole: 1 process, or a torchrun of an older klrl
+            options = FULL_STATE
+            if adamw is None:  # torchrun's: each rank reads its part (any number of ranks)
+                adamw = dist_state.get_optimizer_state_dict(self.model, self.optimizer)
+                DCP.load({"optimizer": adamw}, checkpoint_id=f"{self.checkpoint}/optimizer")
+                options = None
+            dist_state.set_optimizer_state_dict(self.model, self.optimizer, adamw, options=options)
             for group in self.optimizer.param_groups:  # --weight_decay may change on resume
                 group["weight_decay"] = args.weight_decay
         self.log_path = os.path.join(self.run_dir, "metrics.jsonl")
@@ -1285,36 +1297,43 @@ class Run:
             raise Stop(f"{why}: step {step} saved; continue with --resume {self.run_dir}")
         if last and self.rank == 0:  # where the results are, and the last eval
             self.bar.close()
-            shown = [key for key in metrics if key.startswith("eval/")]
-            shown = [key for key in shown if key.count("/") == 1]  # (not Q#'s sweeps)
+            shown = [key for key in metrics if key.startswith("eval/") and key.count("/") == 1]
             values = [f"{key} {metrics[key]:.4g}" for key in shown]
             print(f"finished step {step}: {', '.join(values)}")
             print(f"results: {self.run_dir} (metrics.jsonl, final/)")
 
     def save(self, step: int) -> None:
-        """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt, written as
-        step_N.tmp, then renamed. Any failure to write (a full disk: OSError, RuntimeError or
-        SafetensorError) removes the .tmp folder and stops the run in one line; all else stays."""
+        """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt with the AdamW
+        state (under torchrun: in step_N/optimizer, each rank's part written by DCP), written as
+        step_N.tmp, then renamed. Any failure to write (a full disk: OSError, RuntimeError, DCP's or
+        safetensors' error) removes the .tmp folder and stops the run in one line."""
         from safetensors import SafetensorError
 
         self.state["step"] = step
         self.state["elapsed_s"] = time.time() - self.t0
-        states = dist_state.get_state_dict(self.model, self.optimizer, options=FULL_STATE)
-        model_state, optimizer_state = states
+        model_state = dist_state.get_model_state_dict(self.model, options=FULL_STATE)
+        options = None if self.world > 1 else FULL_STATE  # torchrun: this rank's part
+        adamw = dist_state.get_optimizer_state_dict(self.model, self.optimizer, options=options)
         path = os.path.join(self.run_dir, "checkpoints", f"step_{step:06d}")
         failure = None
-        if self.rank == 0:
-            try:
+        try:
+            if self.world > 1:  # a collective: every rank raises if any rank's part fails
+                DCP.save({"optimizer": adamw}, checkpoint_id=f"{path}.tmp/optimizer")
+                adamw = None  # (trainer_state.pt's: in optimizer/)
+            if self.rank == 0:
                 self.write_weights(path + ".tmp", model_state, step == self.args.total_steps)
                 self.tokenizer.save_pretrained(path + ".tmp")
-                trainer_state = self.state | {"optimizer": optimizer_state}
+                trainer_state = self.state | {"optimizer": adamw}
                 torch.save(trainer_state, os.path.join(path + ".tmp", "trainer_state.pt"))
                 os.replace(path + ".tmp", path)
-            except (OSError, RuntimeError, SafetensorError) as e:
+        except (OSError, RuntimeError, SafetensorError, DCP.CheckpointException) as e:
+            if self.rank == 0:
                 shutil.rmtree(path + ".tmp", ignore_errors=True)
-                free = shutil.disk_usage(self.run_dir).free / 2**20
-                why = getattr(e, "strerror", None) or first_line(e)[:80]
-                failure = f"could not save {path} ({why}; {free:.1f} MB free)"
+            free = shutil.disk_usage(self.run_dir).free / 2**20
+            failures = getattr(e, "failures", {0: (e, None)})  # (DCP's: each failed rank's error)
+            cause = list(failures.values())[0][0]
+            why = getattr(cause, "strerror", None) or first_line(cause)[:80]
+            failure = f"could not save {path} ({why}; {free:.1f} MB free)"
         if all_reduce(torch.tensor(failure is not None, device=DEVICE).int()).item():
             older = glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*[0-9]"))
             kept = f"{os.path.basename(max(older))} is intact" if older else "nothing was saved"

@@ -162,7 +162,7 @@ def worker(script: str, phase_out: str, flags: list) -> None:
 
 
 # ---- the memory model ---------------------------------------------------------------------------------------------
-def predict(script, world, phase, n_params, V, m, C, P, rank=0, rows=None, eval_rows=None, chunk=0):
+def predict(script, world, phase, n_params, V, m, C, P, rank=0, rows=None, eval_rows=None, chunk=0, sharded=False):
     """Predicted peak bytes of one rank in one phase, CPU float32, by docs/real_models.md's model: the trained model's
     weights W = 4N/w, gradients G = 4N/w and AdamW moments A = 8N/w (sharded by FSDP2 on w ranks, whole in one
     process), F = 4N per frozen model held whole on every rank (grpo 1: the reference, also the eval's initial
@@ -194,12 +194,26 @@ def predict(script, world, phase, n_params, V, m, C, P, rank=0, rows=None, eval_
               rank, then set_optimizer_state_dict first makes AdamW's own state by a step on zero gradients (torch's
               _init_optim_state: G, A) and copies this rank's share into it.
     The process's peak is the max of its run's phases (a resumed run: resume, load and sampling to save).
+
+    sharded (the tree shards the frozen models and the AdamW state under torchrun; w > 1 only): F becomes the frozen
+    models' shards F_s = F / w, and a frozen model is whole (4N more) only while it is gathered for its own inference
+    phase (grpo's reference pass) or while it is loaded and sharded; the eval's KL runs both models in lockstep (one
+    layer gathered at a time: no U); the teacher in GKD's update as well.
+    load      8N + F_s: the trained model whole (sharded later, in start), the last frozen model whole and its shards.
+    start     max(4N + 4N/w + F_s, W + U + F_s [the step-0 eval's sampling], W + F_s + eval copies [its KL]).
+    logprobs  W + A + F_s + 4N + (4 + k) L_c: the reference gathered for its pass.
+    eval      max(W + U + A + F_s, W + A + F_s + eval copies).
+    save      W + A + F_s, + 4N on rank 0 (the whole weights only: each rank writes its part of the AdamW state).
+    resume    max(load, W + F_s + G + A): each rank reads its part of the AdamW state into the state that
+              set_optimizer_state_dict's step on zero gradients made (G, A), in place.
     """
     N, w = n_params, world
     W, G, A = 4 * N / w, 4 * N / w, 8 * N / w
     U = 4 * N if w > 1 else 0
     f = FROZEN[script]
     F = 4 * N * f
+    if sharded and w > 1:
+        return predict_sharded(script, w, phase, N, V, m, C, rows, eval_rows, chunk)
     L = m * C * V * 4
     L_c = m * min(chunk or C, C) * V * 4
     k = 1 if (rows or m) > m else 0
@@ -225,6 +239,42 @@ def predict(script, world, phase, n_params, V, m, C, P, rank=0, rows=None, eval_
     if phase == "resume":
         return max(shard, W + F + 8 * N + G + A)
     raise ValueError(phase)
+
+
+def predict_sharded(script, w, phase, N, V, m, C, rows, eval_rows, chunk):
+    """`predict` for a tree that shards the frozen models and the AdamW state under torchrun (w > 1)."""
+    W, G, A, U = 4 * N / w, 4 * N / w, 8 * N / w, 4 * N
+    F_s = 4 * N * FROZEN[script] / w
+    L = m * C * V * 4
+    L_c = m * min(chunk or C, C) * V * 4
+    k = 1 if (rows or m) > m else 0
+    m_e = min(m, eval_rows or m)
+    eval_copies = (4 + FROZEN[script]) * m_e * C * V * 4
+    if phase == "load":
+        return 8 * N + F_s
+    if phase == "start":
+        return max(4 * N + 4 * N / w + F_s, W + U + F_s, W + F_s + eval_copies)
+    if phase == "sampling":
+        return W + U + A + F_s
+    if phase == "logprobs":
+        return W + A + F_s + 4 * N + (4 + k) * L_c if script == "grpo" else None
+    if phase == "teacher":
+        return W + A + F_s + k * G + 5 * L if script == "gkd" else None
+    if phase == "update":
+        return W + G + A + F_s + ((4 + k) * L_c if script == "grpo" else 11 * L)
+    if phase == "eval":
+        return max(W + U + A + F_s, W + A + F_s + eval_copies)
+    if phase == "save":
+        return W + A + F_s + (4 * N if w > 1 else 0)
+    if phase == "resume":
+        return max(8 * N + F_s, W + F_s + G + A)
+    raise ValueError(phase)
+
+
+def shards_state(tree: str) -> bool:
+    """Whether the tree's scripts shard the frozen models and the AdamW state under torchrun (this change)."""
+    with open(os.path.join(tree, "algorithms", "grpo.py")) as f:
+        return "DCP.save(" in f.read()
 
 
 def chunk_size(tree: str, given) -> int:
@@ -374,6 +424,7 @@ def measure(a, work: str, command: str) -> None:
     env["TOKENIZERS_PARALLELISM"] = "false"
     results = {"command": command, "tree": tree, "commit": commit, "tiny": a.tiny, "m": MICRO, **facts, "runs": {}}
     results["chunk"] = chunk_size(tree, a.logprob_chunk_size)
+    results["sharded"] = shards_state(tree)
     for script in a.scripts:
         flags = run_flags(script, model, train, held, a, script_flags(tree, script, env))
         for world in a.worlds:
@@ -424,7 +475,7 @@ def table_rows(results: dict) -> list:
                 expected = {}
                 for phase in modelled:
                     shape = (N, V, MICRO, C, P, rank, rows, eval_rows, results.get("chunk", 0))
-                    expected[phase] = predict(script, world, phase, *shape)
+                    expected[phase] = predict(script, world, phase, *shape, results.get("sharded", False))
                 expected["process"] = max(v for v in expected.values() if v is not None)
                 imports = record["rss_after_imports"] / GIB
                 lines.append(f"| {name} | {kind} | {rank} | imports | {imports:.2f} | | | {speed} |")

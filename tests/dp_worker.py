@@ -123,12 +123,13 @@ def checkpoint_roundtrip(algo, model, opt, tok, args, batch, out, ref):
     run.run_dir, run.state, run.t0 = out + ".run", {"step": 0}, 0.0
     args.total_steps, args.keep_last = 1, 0
     trained = algo.batched_logprobs(model, batch, args)  # FSDP: gathered once for the pass
+    initial = algo.batched_logprobs(ref, batch, args)  # (on every rank: the frozen model is sharded too)
     run.save(1)
     if run.rank != 0:
         return None
     loaded = AutoModelForCausalLM.from_pretrained(os.path.join(run.run_dir, "final"), dtype=torch.float64)
-    gap = lambda m: (algo.batched_logprobs(m, batch, args) - trained).abs().max().item()  # noqa: E731
-    return gap(loaded), gap(ref)
+    saved = algo.batched_logprobs(loaded, batch, args)
+    return (saved - trained).abs().max().item(), (initial - trained).abs().max().item()
 
 
 def flat(model):
@@ -218,8 +219,10 @@ def update(name, out, overrides, world):
         metrics = algo.update_policy(model, opt, shard, args, 7, algo.micro_loss, outputs)
     params = flat(model)  # a collective under FSDP: every rank gathers
     saved_gap = checkpoint_roundtrip(algo, model, opt, tok, args, batch, out, ref) if "save" in overrides else None
+    frozen_sharded = hasattr(next(ref.parameters()), "full_tensor")  # the frozen model: a DTensor per rank
     if rank == 0:
-        torch.save({"params": params, "init": init, "metrics": metrics, "saved_gap": saved_gap}, out)
+        result = {"params": params, "init": init, "metrics": metrics, "saved_gap": saved_gap}
+        torch.save(result | {"frozen_sharded": frozen_sharded}, out)
     del model, opt  # the sharded model goes before its process group (teardown collects it)
     if world > 1:  # (a collection in a big process, the pytest one, takes 0.3 s)
         gc.collect()

@@ -95,6 +95,8 @@ def differences(one, two) -> list:
     for k, v in one["metrics"].items():
         if not k.startswith("perf/") and abs(v - two["metrics"][k]) >= 1e-5 * max(1.0, abs(v)):  # (not timings)
             found.append(f"{k}: {v} vs {two['metrics'][k]}")
+    if "frozen_sharded" in two and (one["frozen_sharded"] or not two["frozen_sharded"]):  # (Q#'s: none)
+        found.append("the frozen reference is not sharded over the 2 ranks only")
     for processes, result in (("1 process", one), ("2 processes", two)):
         if result.get("saved_gap") is None:
             continue

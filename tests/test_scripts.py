@@ -4,6 +4,7 @@ chat templates and other architectures. Resume, determinism and bad input: tests
 import json
 import math
 import os
+import shutil
 import sys
 
 import pytest
@@ -111,13 +112,19 @@ KEYS = {
 RESUMED = ("grpo", "a_star_po", "q_sharp", "dpo_kl", "gkd")  # rpg_fkl, rpg_rkl, pmd_mean resume as grpo does
 
 
-def test_torchrun_two_processes(tmp_path):
+def test_torchrun_two_processes(tmp_path, capsys, monkeypatch):
     """Every script, a 2-rank FSDP2 run: it logs its metrics and writes its model. A copy of its folder cut back to
     the first checkpoint (what a kill after that checkpoint leaves, plus later rows and a dangling `final`), resumed on
     2 ranks, logs the same rows and ends with the same weights (SIGKILL itself: tests/test_reliability.py). The resume
     is checked for the scripts whose state differs (rpg_fkl, rpg_rkl and pmd_mean resume through the shared Run only,
-    as grpo does). The runs of each phase share one torchrun (tests/script_batch.py: one interpreter start-up per rank
-    for all of them); a failure names its script."""
+    as grpo does). Also grpo's sharded AdamW state across world sizes (`sharded_state_failures`). All runs and
+    resumes share one torchrun (tests/script_batch.py: one interpreter start-up per rank for all of them); a failure
+    names its script."""
+    # a 1-process run (its checkpoints hold the whole AdamW state, as torchrun's did before sharded saves)
+    one = tmp_path / "grpo_one"
+    flags = [*tiny_flags("grpo"), "--output_dir", str(one), "--total_steps", "2", "--save_every", "1"]
+    code, err = run_in_process("grpo", [*flags, "--run_name", "one"], capsys)
+    assert code == 0, err[-3000:]
     runs = []
     for script in SCRIPTS:
         flags = [*tiny_flags(script), "--output_dir", tmp_path / script, "--total_steps", "2", "--save_every", "1"]
@@ -125,9 +132,11 @@ def test_torchrun_two_processes(tmp_path):
     for script in RESUMED:
         cut = ["copy_without", [tmp_path / script / "ddp", tmp_path / script / "kill", "checkpoints/step_000002"]]
         runs += [cut, (script, ["--resume", tmp_path / script / "kill"])]
+    runs += [["copy_without", [one / "one", one / "on_two", "checkpoints/step_000002"]]]
+    runs += [("grpo", ["--resume", one / "on_two"])]  # the whole state read by 2 ranks
     codes, err = run_batch(tmp_path, runs)
     failures = {script: f"exit status {code}" for script, code in zip(SCRIPTS, codes) if code != 0}
-    assert not failures, (failures, err[-3000:])
+    assert not failures and codes[-2:] == [0, 0], (failures, codes[-2:], err[-3000:])
     for i, script in enumerate(RESUMED):
         found = smoke_failures(tmp_path / script / "ddp", script)
         start = len(SCRIPTS) + 2 * i  # (a copy_without entry, then the resume)
@@ -141,8 +150,91 @@ def test_torchrun_two_processes(tmp_path):
         failures[script] = found
     for script in set(SCRIPTS) - set(RESUMED):
         failures[script] = smoke_failures(tmp_path / script / "ddp", script)
+    failures["grpo"] += sharded_state_failures(
+        tmp_path / "grpo" / "ddp", one / "one", one / "on_two", capsys, monkeypatch
+    )
     failures = {script: found for script, found in failures.items() if found}
     assert not failures, (failures, err[-3000:])
+
+
+def sharded_state_failures(ddp, one, on_two, capsys, monkeypatch) -> list:
+    """What is wrong with grpo's AdamW state across world sizes. A 2-rank checkpoint holds it in optimizer/, one part
+    per rank (neither whole), not in trainer_state.pt. Read in 1 process (`adamw_read`: the parts into whole tensors),
+    it is the state of the step taken: theta_1 = theta_0 (1 - lr wd) - lr m^ / (sqrt(v^) + eps) with
+    m^ = m / (1 - b1), v^ = v / (1 - b2), exactly; not when the parts are not read (negative control). A 1-process
+    checkpoint (the whole state in trainer_state.pt, the older format) resumed on 2 ranks continues from its state:
+    the next step's state satisfies m_2 = b1 m_1 + (1 - b1) g, v_2 = b2 v_1 + (1 - b2) g^2 for one g."""
+    found = []
+    step_1 = ddp / "checkpoints" / "step_000001"
+    parts = sorted(os.listdir(step_1 / "optimizer"))
+    sizes = [os.path.getsize(step_1 / "optimizer" / p) for p in parts if p.endswith(".distcp")]
+    if parts != [".metadata", "__0_0.distcp", "__1_0.distcp"] or max(sizes) > 0.75 * sum(sizes):
+        found.append(f"optimizer/ holds {parts} ({sizes} bytes): not one part per rank")
+    if torch.load(step_1 / "trainer_state.pt", weights_only=False)["optimizer"] is not None:
+        found.append("trainer_state.pt of a 2-rank run holds an optimizer state")
+    theta_0 = weights(os.path.join(ROOT, "common", "models", "tiny-policy"))
+    theta_1 = weights(step_1)
+    lr = read_metrics(ddp)[1]["charts/learning_rate"]
+    for read in (True, False):
+        m, v = adamw_read(ddp, "cut" if read else "unread", read, capsys, monkeypatch)
+        gap = max((theta_1[k] - (theta_0[k] - lr * m[k] / 0.1 / ((v[k] / 1e-3).sqrt() + 1e-8))).abs().max() for k in m)
+        if read and gap > 1e-3 * lr:
+            found.append(f"the 2-rank state read in 1 process is not the step's: off by {gap:.3g} (lr {lr})")
+        if not read and gap < 0.1 * lr:
+            found.append(f"negative control: the step is explained without the state ({gap:.3g})")
+    whole = torch.load(one / "checkpoints" / "step_000001" / "trainer_state.pt", weights_only=False)["optimizer"]
+    m_1 = {k: state["exp_avg"].double() for k, state in whole["state"].items()}
+    v_1 = {k: state["exp_avg_sq"].double() for k, state in whole["state"].items()}
+    m_2, v_2 = adamw_read(on_two, "three", True, capsys, monkeypatch, ["--total_steps", "3"])  # its step-2 state
+    if m_2.keys() != m_1.keys():
+        found.append("the 1-process and 2-rank states name other parameters")
+        return found
+    for start, name in (((m_1, v_1), "whole state"), (({}, {}), "negative control: no state")):
+        m_0, v_0 = start
+        gap = 0.0
+        for k in m_2:
+            g = (m_2[k] - 0.9 * m_0.get(k, 0.0)) / 0.1  # the step's gradient, from the first moment
+            expected = 0.999 * v_0.get(k, 0.0) + 0.001 * g**2
+            gap = max(gap, ((v_2[k] - expected).abs().max() / v_2[k].abs().max()).item())
+        if (gap > 1e-4) == (name == "whole state"):
+            found.append(f"{name}: the 2 ranks' next AdamW state is off its chain by {gap:.3g} (relative)")
+    return found
+
+
+def weights(folder) -> dict:
+    """A save_pretrained folder's tensors, by name, in float64."""
+    tensors = safe_open(os.path.join(folder, "model.safetensors"), "pt")
+    return {k: tensors.get_tensor(k).double() for k in tensors.keys()}
+
+
+def adamw_read(run_dir, copy: str, read: bool, capsys, monkeypatch, flags=()) -> tuple:
+    """(m, v) by parameter name, float64: the AdamW state that grpo's --resume of a copy of run_dir (cut back to
+    step 1 unless `flags` go on) reads in 1 process; read False: with DCP's load doing nothing (a negative control)."""
+    target = run_dir.parent / copy
+    shutil.copytree(run_dir, target, symlinks=True)
+    if not flags:
+        shutil.rmtree(target / "checkpoints" / "step_000002")
+    algo = load_algorithm("grpo")
+    real_start = algo.Run.start
+    m, v = {}, {}
+
+    def start(self, policy, evaluate):  # the state as read, before the run goes on (float64 copies)
+        model, optimizer = real_start(self, policy, evaluate)
+        for name, p in model.named_parameters():
+            m[name] = optimizer.state[p]["exp_avg"].double()
+            v[name] = optimizer.state[p]["exp_avg_sq"].double()
+        return model, optimizer
+
+    def not_read(*args, **kwargs):
+        return None
+
+    with monkeypatch.context() as patch:
+        patch.setattr(algo.Run, "start", start)
+        if not read:
+            patch.setattr(algo.DCP, "load", not_read)
+        code, err = run_in_process("grpo", ["--resume", str(target), *flags], capsys)
+    assert code == 0, err[-3000:]
+    return m, v
 
 
 def smoke_failures(run_dir, script) -> list:

@@ -497,7 +497,8 @@ def q_log_pmf(qmodel, batch):
         return log_pmf[:, -C:]
     # Q-type [B, L, V, A]: the law of the state before y_t, in the row of the token y_t
     before = log_pmf[:, -C - 1 : -1]
-    index = completion[:, :, None, None].expand(-1, -1, 1, log_pmf.shape[-1])
+    A = log_pmf.shape[-1]
+    index = completion[:, :, None, None].expand(-1, -1, 1, A)
     return before.gather(2, index).squeeze(2)
 
 
@@ -1421,7 +1422,7 @@ def gathered(model, args):
     """FSDP2: all-gather the weights once for a whole inference phase (rollout, log-probs, eval),
     not per layer and forward; with no collective inside, ranks may run different forward counts."""
     root = getattr(model, "module", model)  # (WithoutAdapters: the trained model it runs)
-    modules = root.modules() if root not in GATHERED else []  # (whole already: the outer phase's)
+    modules = root.modules() if root not in [None, *GATHERED] else []  # (GATHERED: whole already)
     sharded = [m for m in modules if hasattr(m, "unshard")]
     for module in sharded:
         module.unshard()

@@ -1042,7 +1042,7 @@ def gathered(model, args):
     """FSDP2: all-gather the weights once for a whole inference phase (rollout, log-probs, eval),
     not per layer and forward; with no collective inside, ranks may run different forward counts."""
     root = getattr(model, "module", model)  # (WithoutAdapters: the trained model it runs)
-    modules = root.modules() if root not in GATHERED else []  # (whole already: the outer phase's)
+    modules = root.modules() if root not in [None, *GATHERED] else []  # (GATHERED: whole already)
     sharded = [m for m in modules if hasattr(m, "unshard")]
     for module in sharded:
         module.unshard()

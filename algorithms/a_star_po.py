@@ -244,7 +244,7 @@ def stage1_rewards(ref, prompts: list, run, eos, cache: str, meta: dict, done: d
         chunk = todo[start : start + chunk_size]
         mine = chunk[run.rank :: run.world]  # this rank's prompts of the chunk
         scores = []
-        if mine:  # pi_ref is whole on every rank: sampling has no collective
+        if mine:  # pi_ref is whole (gathered for all of stage 1): sampling has no collective
             rows = [p for p in mine for _ in range(N)]
             # the uniforms of each prompt's N samples come from (seed, prompt id) alone
             shape = (N, args.max_new_tokens)  # one uniform per sample and token

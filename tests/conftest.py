@@ -1,5 +1,8 @@
-"""The slowest tests (torchrun runs and long in-process runs, 10-90 s each) are collected first, so that under `pytest -n auto`
-no worker starts one of them while the other has nothing left to run (longest first: the suite's wall time drops)."""
+"""The slowest tests (torchrun runs and long in-process runs, 10-90 s each) are collected first, and pytest-xdist hands
+out tests one or two at a time (--maxschedchunk 1), so that under `pytest -n auto` the longest start first, spread over
+the workers, and no worker idles while another still has a queue (by default xdist gives each worker a block of a
+quarter of its share of CONSECUTIVE tests at once: the slow tests, collected first, all went to one worker, which ran
+them one after another while the other finished the rest and waited, 100 s and more)."""
 
 SLOW_FIRST = (
     "test_torchrun_two_processes",
@@ -25,3 +28,9 @@ def pytest_collection_modifyitems(config, items):
         return len(SLOW_FIRST)
 
     items.sort(key=rank)  # (a stable sort: the rest keep their order)
+
+
+def pytest_configure(config):
+    xdist_default = getattr(config.option, "maxschedchunk", "absent") is None  # (installed, not set by the caller)
+    if xdist_default:
+        config.option.maxschedchunk = 1

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from common import TINY_POLICY
 from tests.harness import (
     ROOT,
     SCRIPTS,
@@ -172,7 +173,7 @@ def sharded_state_failures(ddp, one, on_two, capsys, monkeypatch) -> list:
         found.append(f"optimizer/ holds {parts} ({sizes} bytes): not one part per rank")
     if torch.load(step_1 / "trainer_state.pt", weights_only=False)["optimizer"] is not None:
         found.append("trainer_state.pt of a 2-rank run holds an optimizer state")
-    theta_0 = weights(os.path.join(ROOT, "common", "models", "tiny-policy"))
+    theta_0 = weights(TINY_POLICY)
     theta_1 = weights(step_1)
     lr = read_metrics(ddp)[1]["charts/learning_rate"]
     for read in (True, False):
@@ -257,9 +258,8 @@ def smoke_failures(run_dir, script) -> list:
 
 
 def same_weights(a_dir, b_dir) -> bool:
-    a = safe_open(str(a_dir / "model.safetensors"), "pt")
-    b = safe_open(str(b_dir / "model.safetensors"), "pt")
-    return all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    a, b = weights(a_dir), weights(b_dir)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -496,8 +496,7 @@ def generate(model, prompt_ids, prompt_mask, rows, args, eos, pad, generator=Non
 
 
 def sample_batch(model, prompts: list, args, eos, pad, generator=None, uniforms=None) -> dict:
-    """One completion per entry of `prompts` (token lists; a group: G equal entries), generated
-    --gen_batch_size rows at a time. Returns the batch layout of `make_batch`."""
+    """One completion per entry of `prompts` (token lists), --gen_batch_size rows at a time."""
     batch = make_batch(prompts, None, eos, pad)
     completions = []
     with gathered(model, args):
@@ -599,8 +598,7 @@ def token_stats(logits, targets, temperature: float):
 
 class ChunkedHead(torch.nn.Module):
     """Stands in for lm_head in a `forward`: `token_stats` [m, n, 2] of lm_head(hidden) per chunk of
-    chunk_size positions (0: one). A chunk's logits live only while it is computed; the backward
-    recomputes them from the hidden states: no [m, C, V] tensor exists whole, forward or backward."""
+    chunk_size positions (0: one), recomputed in the backward: no [m, C, V] tensor exists whole."""
 
     def __init__(self, temperature: float, chunk_size: int):
         super().__init__()
@@ -623,8 +621,7 @@ class ChunkedHead(torch.nn.Module):
 
 @torch.no_grad()
 def batched_logprobs(model, batch: dict, args):
-    """No-grad log-probs [M, C] of every completion token (0 after the end), in micro-batches: the
-    rollout policy's (old) and the frozen models', computed once per rollout."""
+    """No-grad log-probs [M, C] of every completion token (0 after the end), once per rollout."""
     ids = batch["completion_ids"]
     out = []
     with gathered(model, args):
@@ -671,8 +668,7 @@ def evaluate(policy, kl_models: dict, run, eos) -> tuple:
     all_rows = torch.arange(len(mine), device=DEVICE)
     for q in kl_models.values():
         kl = rewards.new_zeros(())
-        # in lockstep (ranks hold different numbers of eval rows): under FSDP both models stay
-        # sharded, each forward gathering one layer at a time
+        # in lockstep: under FSDP both models stay sharded, each forward gathering a layer at a time
         for rows, weight in lockstep(all_rows, args.micro_batch_size):
             with autocast(args):
                 log_p = completion_log_softmax(policy, batch, rows, args.temperature)
@@ -763,8 +759,7 @@ def lockstep(rows, size: int) -> list:
 
 
 def optimizer_step(model, optimizer, args) -> dict:
-    """Clip the gradient norm (0: no clipping), stop on a non-finite norm, and step at the warm-up
-    learning rate (linear over --warmup_steps optimizer steps)."""
+    """Clip the gradient norm (0: off), stop if it is not finite, step at the warm-up's rate."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
     if hasattr(norm, "full_tensor"):  # FSDP: a distributed tensor
         norm = norm.full_tensor()
@@ -825,9 +820,8 @@ class Finished(Exception):
 
 
 def main() -> None:
-    """Parse the flags and train. Bad input: one `error:` line (exit status 1); SIGTERM or SIGINT: a
-    checkpoint and a `stopped:` line (143); a second Ctrl-C stops at once (130). Under torchrun rank
-    0 says it, once (a rank's own file-system errors: every rank)."""
+    """Parse the flags and train. Bad input: an `error:` line (exit status 1); SIGTERM or SIGINT: a
+    checkpoint, a `stopped:` line (143); a second Ctrl-C: at once (130). Under torchrun: rank 0."""
     rank = int(os.environ.get("RANK", 0))
     if rank > 0 and {"-h", "--help"} & set(sys.argv):
         return  # --help prints once, on rank 0
@@ -871,8 +865,7 @@ def first_line(error) -> str:
 
 
 def parse_args(argv: list) -> Args:
-    """The flags. With --resume DIR (read first), DIR/args.json gives every flag's default and only
-    the RESUMABLE flags may change."""
+    """The flags; --resume DIR: DIR/args.json gives the defaults, only RESUMABLE flags change."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--resume")
     folder = pre.parse_known_args(argv)[0].resume
@@ -916,8 +909,7 @@ def saved_args(folder: str) -> dict:
 
 
 def check_numbers(args, positive: tuple) -> None:
-    """Every number flag is finite (NaN or inf would pass every comparison) and not negative; those
-    named in `positive` must be > 0."""
+    """Every number flag is finite (NaN passes every comparison) and >= 0; > 0 if in `positive`."""
     for key, value in asdict(args).items():
         values = value if isinstance(value, tuple) else (value,)
         for number in [v for v in values if type(v) in (int, float)]:
@@ -930,8 +922,7 @@ def check_numbers(args, positive: tuple) -> None:
 
 
 def lock(run_dir: str) -> None:
-    """Rank 0 holds an flock on RUN/.lock while it runs (the OS drops it on any exit, SIGKILL too),
-    so a second process never writes into a run folder in use."""
+    """Rank 0's flock on RUN/.lock (freed on any exit, SIGKILL too): one process per run folder."""
     import fcntl
 
     handle = open(os.path.join(run_dir, ".lock"), "w")
@@ -1058,8 +1049,7 @@ def gathered(model, args):
 
 
 class WithoutAdapters(torch.nn.Module):
-    """--lora_r: the initial model (reference, anchor, eval KL to init) is the trained model with
-    its adapters off (no second copy); a submodule: train() and eval() reach it."""
+    """--lora_r: the initial model is the trained one with its adapters off (no second copy)."""
 
     def __init__(self, model):
         super().__init__()
@@ -1078,8 +1068,7 @@ def initial_model(policy, args):
 
 
 class Run:
-    """One training run: the task and its prompts, the processes, the run folder (exclusive),
-    checkpoints and resume, the logs, the progress bar and the stop signals."""
+    """One training run: its task, processes, run folder, checkpoints, logs and stop signals."""
 
     def __init__(self, args):
         from importlib.util import find_spec
@@ -1140,8 +1129,7 @@ class Run:
         return names[0]
 
     def find_checkpoint(self):
-        """The run folder's newest intact checkpoint (a corrupt one named and set aside; .tmp
-        folders removed), or None before the first (step 0 again, keeping A*-PO's stage-1 cache)."""
+        """The newest intact checkpoint (corrupt ones set aside, .tmp removed), or None: step 0."""
         resuming = not getattr(self.args, "sample_from", None)  # (Q#'s --sample_from only reads)
         acting = self.rank == 0 and resuming  # one rank warns and tidies; a reader changes nothing
         if acting:
@@ -1174,8 +1162,7 @@ class Run:
         return complete[-1]
 
     def start(self, policy, evaluate):
-        """Shard the trained model, make AdamW (restored when resuming), create the run folder
-        (exclusively: two runs never share one), evaluate at step 0. Returns (model, optimizer)."""
+        """Shard the model, make AdamW (restored on resume), lock the run folder, eval at step 0."""
         args = self.args
         self.evaluate = evaluate
         self.tb = None
@@ -1210,8 +1197,7 @@ class Run:
         return self.model, self.optimizer
 
     def create_folder(self) -> None:
-        """Rank 0: the run folder (locked), args.json (and the script that wrote it), and the logs
-        cut back to the checkpoint's step (step 0 redone from a step-0 checkpoint, or none)."""
+        """Rank 0: the run folder (locked), args.json, logs cut back to the checkpoint's step."""
         args = self.args
         os.makedirs(self.run_dir, exist_ok=bool(args.resume))
         if not args.resume:
@@ -1230,8 +1216,7 @@ class Run:
             self.tb = tensorboard(args, self.run_dir)
 
     def on_signal(self, signum, frame) -> None:
-        """A stop signal ends the run after the step in flight (and its checkpoint); a second
-        Ctrl-C stops at once."""
+        """A stop signal ends the run after the step in flight (saved); a second Ctrl-C at once."""
         if signum == signal.SIGINT and "SIGINT" in self.stop:
             raise KeyboardInterrupt
         self.stop.append(signal.Signals(signum).name)
@@ -1308,8 +1293,7 @@ class Run:
                 self.tb.add_scalar(key, value, step)
 
     def end_step(self, step: int, batch: dict, metrics: dict) -> None:
-        """Counters, the eval when due, the metrics row, and a checkpoint every --save_every steps,
-        at the end, or on SIGTERM / SIGINT (which then stops the run)."""
+        """Counters, the metrics row, and the eval and checkpoint when due (or on a stop signal)."""
         args = self.args
         elapsed = time.time() - self.clock["start"]
         rows = len(batch["completion_ids"]) * self.world
@@ -1346,9 +1330,8 @@ class Run:
 
     def save(self, step: int) -> None:
         """checkpoints/step_N: save_pretrained (model, tokenizer) and trainer_state.pt with the AdamW
-        state (under torchrun: in step_N/optimizer, each rank's part written by DCP), written as
-        step_N.tmp, then renamed. Any failure to write (a full disk: OSError, RuntimeError, DCP's or
-        safetensors' error) removes the .tmp folder and stops the run in one line."""
+        state (torchrun: each rank's part in step_N/optimizer, by DCP), written as step_N.tmp, then
+        renamed. A failure to write (a full disk) removes the .tmp folder and stops in one line."""
         from safetensors import SafetensorError
 
         self.state["step"] = step
@@ -1357,6 +1340,7 @@ class Run:
         options = None if self.world > 1 else FULL_STATE  # torchrun: this rank's part
         adamw = dist_state.get_optimizer_state_dict(self.model, self.optimizer, options=options)
         path = os.path.join(self.run_dir, "checkpoints", f"step_{step:06d}")
+        saved = os.path.join(self.run_dir, "checkpoints", "step_*[0-9]")  # (not .tmp, .corrupt)
         failure = None
         try:
             if self.world > 1:  # a collective: every rank raises if any rank's part fails
@@ -1377,12 +1361,11 @@ class Run:
             why = getattr(cause, "strerror", None) or first_line(cause)[:80]
             failure = f"could not save {path} ({why}; {free:.1f} MB free)"
         if all_reduce(torch.tensor(failure is not None, device=DEVICE).int()).item():
-            older = glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*[0-9]"))
+            older = glob.glob(saved)
             kept = f"{os.path.basename(max(older))} is intact" if older else "nothing was saved"
             raise UserError(f"{failure or 'rank 0 could not save'}: {kept}")
         if self.rank == 0 and self.args.keep_last:  # only the newest --keep_last checkpoints stay
-            pattern = os.path.join(self.run_dir, "checkpoints", "step_*[0-9]")
-            for old in sorted(glob.glob(pattern))[: -self.args.keep_last]:
+            for old in sorted(glob.glob(saved))[: -self.args.keep_last]:
                 shutil.rmtree(old)
         if self.rank == 0 and step == self.args.total_steps:  # `final` links to the last one
             link = os.path.join(self.run_dir, "final")
@@ -1393,8 +1376,7 @@ class Run:
             dist.barrier()
 
     def write_weights(self, folder: str, model_state: dict, last: bool) -> None:
-        """save_pretrained of the trained model; with --lora_r its adapters in folder/adapter (what
-        --resume reads), and at the last step also the merged model (what `final` loads as)."""
+        """save_pretrained (--lora_r: adapters in folder/adapter; at the last step, merged too)."""
         unwrapped = getattr(self.model, "module", self.model)
         weights = os.path.join(folder, "adapter") if self.args.lora_r else folder
         unwrapped.save_pretrained(weights, state_dict=model_state)
@@ -1409,8 +1391,7 @@ class Run:
 
 
 def append(path: str, text: str) -> None:
-    """Append to a log file. A failure to write (a full disk) stops the run in one line that names
-    the file; its complete lines stay, and a cut last line is dropped when it is read back."""
+    """Append to a log; a failure to write (a full disk) stops the run in one line naming it."""
     try:
         with open(path, "a") as f:
             f.write(text)

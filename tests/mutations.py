@@ -178,8 +178,8 @@ MUTATIONS = [
     (
         "grpo-keep-last-off-by-one",
         "algorithms/grpo.py",
-        "for old in sorted(glob.glob(pattern))[: -self.args.keep_last]:",
-        "for old in sorted(glob.glob(pattern))[: -self.args.keep_last - 1]:",
+        "for old in sorted(glob.glob(saved))[: -self.args.keep_last]:",
+        "for old in sorted(glob.glob(saved))[: -self.args.keep_last - 1]:",
         ["tests/test_flags.py::test_plumbing_counts_are_exact"],
     ),
     (
